@@ -1,0 +1,35 @@
+"""Runs the transformers model in eval mode under ``torch.inference_mode``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bertexport.backends.base import Runner
+
+
+class TorchRunner(Runner):
+    name = "pytorch"
+
+    def __init__(self, model, input_names: list[str], output_names: list[str], threads: int | None = None):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.threads = threads
+
+    def activate_impl(self):
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model.eval()
+
+    def infer_impl(self, feeds):
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return {n: out[n].float().numpy() if out[n].dtype != torch.float32 else out[n].numpy() for n in self.output_names}
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())

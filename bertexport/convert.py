@@ -1,0 +1,212 @@
+"""``convert``: checkpoint -> ONNX -> target passes -> validated artifact folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertexport import __version__
+from bertexport.artifact import StagedFolder, check_destination
+from bertexport.backends import get_backend
+from bertexport.cache import cache_dir
+from bertexport.checkpoint import Checkpoint, load_model, load_tokenizer, resolve_checkpoint, tokenizer_files
+from bertexport.encoding import make_encoder, model_max_length
+from bertexport.envinfo import environment
+from bertexport.errors import GateFailed, UserError
+from bertexport.export import ExportedModel, export_onnx
+from bertexport.latency import speedup, time_interleaved
+from bertexport.manifest import write_manifest
+from bertexport.parity import TASK_OUTPUTS, compare_runners, judge
+from bertexport.passes import ModelFile, PassContext, config_dict, get_pass
+from bertexport.profiles import TargetProfile, Tolerances, load_profile
+from bertexport.progress import Reporter
+from bertexport.report import render_report, summary_rows
+from bertexport.textdata import builtin_calibration, builtin_samples, load_texts, sample
+
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class ConvertResult:
+    artifact: Path
+    passed: bool
+    failures: list[str]
+    manifest: dict
+    rows: list[dict] = field(default_factory=list)
+
+
+def _copy_model(model: ModelFile, dest_dir: Path) -> Path:
+    """Copy the final model file(s) into the artifact; returns the main file's new path."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    for f in model.files:
+        shutil.copy2(f, dest_dir / f.name)
+    return dest_dir / model.path.name
+
+
+def _run_passes(profile: TargetProfile, exported: ExportedModel, ctx: PassContext, reporter: Reporter):
+    current = ModelFile(exported.path, "onnx")
+    history = []
+    for spec in profile.passes:
+        cls = get_pass(spec.type)
+        config = cls.make_config(spec.config)
+        if current.format != cls.input_format:
+            raise UserError(f"profile {profile.name}: pass '{spec.type}' takes {cls.input_format}, but the previous step made {current.format}")
+        step_dir = ctx.workdir / f"{len(history):02d}-{spec.type}"
+        step_dir.mkdir()
+        step_ctx = PassContext(**{**ctx.__dict__, "workdir": step_dir})
+        with reporter.step(f"pass {spec.type}"):
+            current = cls().run(current, config, step_ctx)
+        history.append({"type": spec.type, "config": config_dict(config), "notes": current.notes})
+    return current, history
+
+
+def _write_side_files(staging: Path, ckpt: Checkpoint, tokenizer, max_length: int) -> None:
+    tok_dir = staging / TOKENIZER_DIR
+    tokenizer.save_pretrained(tok_dir)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError("the tokenizer has no fast (tokenizer.json) form; the device runtime needs one")
+    for f in tok_dir.iterdir():  # keep what the runtime needs; slow-tokenizer vocab stays for transformers users
+        if f.name == "chat_template.jinja":
+            f.unlink()
+    keep = {k: ckpt.config[k] for k in ("model_type", "architectures", "hidden_size", "max_position_embeddings", "pad_token_id") if k in ckpt.config}
+    (staging / "config.json").write_text(json.dumps(keep | {"max_length": max_length}, indent=2) + "\n")
+    labels = ckpt.id2label
+    if labels:
+        (staging / "labels.json").write_text(json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2) + "\n")
+
+
+def _latency_feeds(encode, texts: list[str], batch: int, sequence: int) -> dict:
+    long_text = " ".join(texts)  # long enough to fill `sequence` tokens after truncation
+    return encode([long_text] * batch, padding="max_length", length=sequence)
+
+
+def convert(
+    model: str,
+    target: str | Path | TargetProfile,
+    out: str | Path,
+    *,
+    task: str | None = None,
+    calib: str | Path | None = None,
+    samples: str | Path | None = None,
+    force: bool = False,
+    threads: int = 1,
+    latency_runs: int | None = None,
+    calib_samples: int = 300,
+    seed: int = 0,
+    tolerances: Tolerances | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    reporter: Reporter | None = None,
+) -> ConvertResult:
+    """Compile ``model`` for ``target`` into the artifact folder ``out``.
+
+    Raises ``UserError`` for bad input (nothing written) and ``GateFailed`` when the
+    artifact misses its parity tolerances (then it is kept as ``<out>.rejected``).
+    """
+    reporter = reporter or Reporter()
+    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    backend = get_backend(profile.backend)
+    backend.check_available()  # fail fast (e.g. TensorRT without a GPU) before any export work
+    for spec in profile.passes:
+        get_pass(spec.type).make_config(spec.config)
+    out = Path(out).expanduser().resolve()
+    check_destination(out, force)
+    if threads < 1:
+        raise UserError("threads must be >= 1")
+    ckpt = resolve_checkpoint(model, task, revision=revision, allow_pickle=allow_pickle)
+    validation_texts = load_texts(samples).texts if samples else builtin_samples()
+    calib_set = load_texts(calib) if calib else None
+
+    with reporter.step(f"load {ckpt.family} checkpoint ({ckpt.task})"):
+        torch_model = load_model(ckpt, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
+    max_length = model_max_length(ckpt.config, tokenizer)
+    with reporter.step(f"export ONNX (opset {profile.opset})"):
+        exported = export_onnx(ckpt, torch_model, profile.opset, log=reporter.log)
+        if exported.cached:
+            reporter.log(f"export reused from cache: {exported.path.parent}")
+    encode = make_encoder(tokenizer, exported.input_names, max_length)
+    calibration_texts = sample(calib_set.texts if calib_set else builtin_calibration(), calib_samples, seed)
+    if profile.needs_calibration and len(calibration_texts) < 16:
+        raise UserError(f"profile {profile.name} calibrates on data: {len(calibration_texts)} texts are too few (need >= 16)")
+
+    with StagedFolder(out, force) as staged, tempfile.TemporaryDirectory(dir=cache_dir("work")) as work:
+        ctx = PassContext(
+            workdir=Path(work), input_names=exported.input_names, encode=encode,
+            calibration_texts=lambda: calibration_texts, threads=threads, log=reporter.log,
+            family=ckpt.family, task=ckpt.task, model_config=ckpt.config, profile=profile,
+        )
+        final, history = _run_passes(profile, exported, ctx, reporter)
+        if final.format != backend.MODEL_FORMAT:
+            raise UserError(f"profile {profile.name}: its passes end in {final.format}, but {profile.backend} runs {backend.MODEL_FORMAT}")
+        model_path = _copy_model(final, staged.staging / MODEL_DIR)
+        _write_side_files(staged.staging, ckpt, tokenizer, max_length)
+
+        from bertexport.backends.torch.runner import TorchRunner
+
+        reference = TorchRunner(torch_model, exported.input_names, list(TASK_OUTPUTS[ckpt.task]), threads=threads)
+        candidate = backend.make_runner(model_path, profile.runtime, threads)
+        tol = tolerances or profile.validation
+        with reference, candidate:
+            with reporter.step(f"validate parity on {len(validation_texts)} sentences"):
+                checks = compare_runners(reference, candidate, encode, validation_texts, ckpt.task, profile.validation.padded_length)
+            failures = judge(checks, tol)
+            runs = profile.latency.runs if latency_runs is None else latency_runs
+            latency = None
+            if runs > 0:
+                with reporter.step(f"latency b{profile.latency.batch}/s{profile.latency.sequence}, {runs} interleaved runs"):
+                    feeds = _latency_feeds(encode, validation_texts, profile.latency.batch, profile.latency.sequence)
+                    timed = time_interleaved({"pytorch": lambda: reference.infer(feeds), "artifact": lambda: candidate.infer(feeds)},
+                                             runs=runs, warmup=profile.latency.warmup)
+                    latency = {
+                        "batch": profile.latency.batch, "sequence": int(feeds["input_ids"].shape[1]), "threads": threads,
+                        "pytorch": timed["pytorch"].to_dict(), "artifact": timed["artifact"].to_dict(),
+                        "speedup": speedup(timed["pytorch"], timed["artifact"]),
+                    }
+            load_seconds = candidate.load_seconds
+        passed = not failures
+        env = environment()
+        manifest = {
+            "bertexport_version": __version__,
+            "status": "passed" if passed else "rejected",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": ckpt.describe(),
+            "family": ckpt.family,
+            "task": ckpt.task,
+            "max_length": max_length,
+            "model": {"path": model_path.relative_to(staged.staging).as_posix(), "format": final.format,
+                      "backend": profile.backend, "opset": exported.opset},
+            "tokenizer": TOKENIZER_DIR,
+            "labels": "labels.json" if ckpt.id2label else None,
+            "inputs": [t.to_dict() for t in exported.inputs],
+            "outputs": [t.to_dict() for t in exported.outputs],
+            "target": {"name": profile.name, "backend": profile.backend, "precision": profile.precision,
+                       "description": profile.description, "runtime": profile.runtime,
+                       "shapes": {"batch": profile.batch.__dict__, "sequence": profile.sequence.__dict__},
+                       "passes": history},
+            "calibration": {"source": calib_set.source if calib_set else "builtin:calib", "count": len(calibration_texts),
+                            "seed": seed} if any(get_pass(p.type).needs_calibration or "target_min_cosine" in p.config for p in profile.passes) else None,
+            "parity": {"texts": len(validation_texts), "source": str(samples) if samples else "builtin:samples",
+                       "tolerances": tol.__dict__, "checks": checks, "passed": passed, "failures": failures},
+            "latency": latency,
+            "load_seconds": load_seconds,
+            "sizes": {"source_weights_bytes": sum(p.stat().st_size for p in ckpt.weight_files),
+                      "model_bytes": sum((staged.staging / MODEL_DIR / f.name).stat().st_size for f in final.files)},
+            "threads": threads,
+            "versions": env["packages"] | backend.versions(),
+            "environment": {k: v for k, v in env.items() if k != "packages"},
+        }
+        rows = summary_rows(manifest)
+        (staged.staging / "report.md").write_text(render_report(manifest, rows))
+        manifest = write_manifest(staged.staging, manifest)
+        artifact = staged.publish(passed)
+    result = ConvertResult(artifact, passed, failures, manifest, rows)
+    if not passed:
+        raise GateFailed(failures, result)
+    return result

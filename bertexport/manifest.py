@@ -1,0 +1,89 @@
+"""``manifest.json``: what an artifact is, how it was built, and what it measured.
+
+The manifest lists every file of the artifact with its sha256 and size, so a device can
+refuse a tampered or truncated artifact before loading it. This module needs only the
+standard library: the device runtime imports it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bertexport.errors import UserError
+from bertexport.hashing import sha256_file
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def file_table(folder: Path) -> dict[str, dict]:
+    table = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            table[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return table
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Add the file table and write ``manifest.json`` (atomically, last)."""
+    manifest = dict(manifest)
+    manifest["schema_version"] = SCHEMA_VERSION
+    manifest["files"] = file_table(folder)
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return manifest
+
+
+def _jsonable(o):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:
+        pass
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def load_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} is not a bertexport artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from e
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise UserError(f"{path} has no schema_version")
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{path} uses manifest schema {version}, newer than this bertexport understands ({SCHEMA_VERSION}); upgrade bertexport")
+    return manifest
+
+
+def verify_files(folder: str | Path, manifest: dict | None = None) -> list[str]:
+    """Problems found: missing, changed or unlisted files. Empty when the artifact is intact."""
+    folder = Path(folder)
+    manifest = manifest or load_manifest(folder)
+    problems = []
+    listed = manifest.get("files", {})
+    for rel, meta in listed.items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"missing file: {rel}")
+        elif p.stat().st_size != meta["bytes"]:
+            problems.append(f"size mismatch: {rel} ({p.stat().st_size} bytes, manifest says {meta['bytes']})")
+        elif sha256_file(p) != meta["sha256"]:
+            problems.append(f"checksum mismatch: {rel}")
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed:
+            problems.append(f"unlisted file: {p.relative_to(folder).as_posix()}")
+    return problems

@@ -1,0 +1,5 @@
+"""Registered optimization passes (see ``bertexport.passes.base``)."""
+
+from bertexport.passes.base import CATALOG, ModelFile, Pass, PassContext, config_dict, get_pass
+
+__all__ = ["CATALOG", "ModelFile", "Pass", "PassContext", "config_dict", "get_pass"]

@@ -1,0 +1,107 @@
+"""Optimization passes: each step that turns one model file into another (fuse, quantize,
+convert to IR, build an engine) is a ``Pass`` subclass registered by name, with its own
+config dataclass. A target profile lists passes by name with their settings, so recipes
+are data, and a search can combine passes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from bertexport.errors import UserError
+
+
+@dataclass
+class ModelFile:
+    """A model on disk: ``path`` is the file a runtime opens; ``files`` every file it needs."""
+
+    path: Path
+    format: str  # onnx | openvino-ir | tensorrt-engine
+    files: list[Path] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.files:
+            self.files = [self.path]
+
+
+@dataclass
+class PassContext:
+    """What a pass may need besides its input model."""
+
+    workdir: Path
+    input_names: list[str]
+    encode: Callable[..., dict]  # encode(texts, padding=..., max_length=...) -> feeds
+    calibration_texts: Callable[[], list[str]]  # loaded on demand
+    threads: int = 1
+    log: Callable[[str], None] = print
+    family: str = ""
+    task: str = ""
+    model_config: dict = field(default_factory=dict)
+    profile: Any = None
+
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+# name -> module defining it; modules are imported only when a pass is asked for, so a
+# profile naming an OpenVINO pass can be validated without OpenVINO installed.
+CATALOG: dict[str, str] = {
+    "ort-transformers-optimize": "bertexport.passes.ort_optimize",
+    "ort-dynamic-quantize": "bertexport.passes.ort_quantize",
+    "ort-static-quantize": "bertexport.passes.ort_quantize",
+    "openvino-convert": "bertexport.passes.openvino_passes",
+    "openvino-compress-weights": "bertexport.passes.openvino_passes",
+    "nncf-quantize": "bertexport.passes.openvino_passes",
+    "tensorrt-build": "bertexport.passes.tensorrt_build",
+}
+
+
+class Pass:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    input_format: ClassVar[str] = "onnx"
+    output_format: ClassVar[str] = "onnx"
+    needs_calibration: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if getattr(cls, "name", None):
+            _REGISTRY[cls.name] = cls
+
+    @classmethod
+    def make_config(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"pass '{cls.name}': unknown option(s) {', '.join(sorted(unknown))}; options: {', '.join(sorted(known)) or 'none'}")
+        try:
+            cfg = cls.Config(**values)
+        except TypeError as e:
+            raise UserError(f"pass '{cls.name}': {e}") from e
+        validate = getattr(cfg, "validate", None)
+        if validate:
+            try:
+                validate()
+            except ValueError as e:
+                raise UserError(f"pass '{cls.name}': {e}") from e
+        return cfg
+
+    def run(self, model: ModelFile, config, ctx: PassContext) -> ModelFile:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def get_pass(name: str) -> type[Pass]:
+    if name not in _REGISTRY:
+        module = CATALOG.get(name)
+        if module is None:
+            raise UserError(f"unknown pass '{name}'; passes: {', '.join(CATALOG)}")
+        import importlib
+
+        importlib.import_module(module)
+    return _REGISTRY[name]
+
+
+def config_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

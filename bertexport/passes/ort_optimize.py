@@ -1,0 +1,50 @@
+"""ONNX Runtime's transformer optimizer: fuses attention, LayerNorm, GELU and
+embedding subgraphs of BERT-like graphs into ORT contrib ops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bertexport.passes.base import ModelFile, Pass, PassContext
+
+_HEADS_KEYS = ("num_attention_heads", "n_heads")
+_HIDDEN_KEYS = ("hidden_size", "dim")
+
+
+@dataclass
+class OrtOptimizeConfig:
+    opt_level: int = 1  # 0: none, 1: basic fusions (portable), 2: extended, 99: all (hardware-specific layouts)
+    enable_gelu_approximation: bool = False  # tanh GELU: faster, changes outputs slightly
+
+    def validate(self):
+        if self.opt_level not in (0, 1, 2, 99):
+            raise ValueError("opt_level must be 0, 1, 2 or 99")
+
+
+class OrtTransformersOptimize(Pass):
+    name = "ort-transformers-optimize"
+    Config = OrtOptimizeConfig
+
+    def run(self, model: ModelFile, config: OrtOptimizeConfig, ctx: PassContext) -> ModelFile:
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        cfg = ctx.model_config
+        heads = next((cfg[k] for k in _HEADS_KEYS if k in cfg), 0)
+        hidden = next((cfg[k] for k in _HIDDEN_KEYS if k in cfg), 0)
+        options = FusionOptions("bert")
+        options.enable_gelu_approximation = config.enable_gelu_approximation
+        optimized = optimize_model(
+            str(model.path),
+            model_type="bert",  # BertOnnxModel handles the encoder graphs of every family here
+            num_heads=heads,
+            hidden_size=hidden,
+            optimization_options=options,
+            opt_level=config.opt_level,
+            use_gpu=False,
+        )
+        fused = optimized.get_fused_operator_statistics()
+        ctx.log(f"fused operators: {', '.join(f'{k}={v}' for k, v in fused.items() if v) or 'none'}")
+        out = ctx.workdir / "model.optimized.onnx"
+        optimized.save_model_to_file(str(out))
+        return ModelFile(out, "onnx", notes={"fused_operators": {k: v for k, v in fused.items() if v}})

@@ -1,0 +1,158 @@
+"""Text sets: the built-in validation sentences and calibration text in ``calib/``, and
+loaders for user files (.txt one per line, .csv/.tsv with a named text column and an
+optional label column, .jsonl with a text field)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertexport.errors import UserError
+from bertexport.resources import data_dir
+
+TEXT_COLUMNS = ("text", "sentence", "review", "content")
+LABEL_COLUMNS = ("label", "labels", "class", "fresh")
+
+
+@dataclass
+class TextSet:
+    texts: list[str]
+    labels: list | None = None
+    pairs: list[str] | None = None  # second segment (text_pair) when the data has one
+    source: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def describe(self) -> dict:
+        return {"source": self.source, "count": len(self.texts), "skipped": self.skipped}
+
+
+def builtin_samples() -> list[str]:
+    """The validation sentences every convert checks parity on."""
+    return load_texts(data_dir("calib") / "samples.txt").texts
+
+
+def builtin_calibration(multilingual: bool = True) -> list[str]:
+    folder = data_dir("calib")
+    texts = load_texts(folder / "calibration_en.txt").texts
+    if multilingual:
+        texts += load_texts(folder / "calibration_multilingual.txt").texts
+    return texts
+
+
+def sample(texts: list[str], n: int | None, seed: int) -> list[str]:
+    """``n`` texts drawn reproducibly (all of them, shuffled, when n is None or larger)."""
+    rng = random.Random(seed)
+    picked = list(texts)
+    rng.shuffle(picked)
+    return picked if n is None else picked[:n]
+
+
+def _decode_lines(raw: bytes, path: Path) -> tuple[list[str], int]:
+    """Lines of a file; lines that are not valid UTF-8 are skipped and counted."""
+    lines, bad = [], 0
+    for line in raw.splitlines():
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad += 1
+    if lines and lines[0].startswith("\ufeff"):
+        lines[0] = lines[0][1:]
+    return lines, bad
+
+
+def load_texts(path: str | Path, text_column: str | None = None, label_column: str | None = None,
+               pair_column: str | None = None) -> TextSet:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"text file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    lines, bad = _decode_lines(raw, path)
+    skipped = {"non-utf8 lines": bad} if bad else {}
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        ts = _load_table(lines, "\t" if suffix == ".tsv" else ",", path, text_column, label_column, pair_column)
+    elif suffix == ".jsonl":
+        ts = _load_jsonl(lines, path, text_column, label_column, pair_column)
+    else:
+        ts = TextSet([l.strip() for l in lines if l.strip()])
+    ts.source = str(path)
+    ts.skipped = skipped | ts.skipped
+    if not ts.texts:
+        raise UserError(f"{path} has no usable text" + (f" ({bad} non-UTF-8 lines skipped)" if bad else ""))
+    return ts
+
+
+def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, path: Path, required: bool):
+    if wanted:
+        if wanted not in names:
+            raise UserError(f"{path}: no column '{wanted}' (columns: {', '.join(names)})")
+        return wanted
+    for d in defaults:
+        if d in names:
+            return d
+    if required:
+        raise UserError(f"{path}: no {what} column; name it with --text-column (columns: {', '.join(names)})")
+    return None
+
+
+def _load_table(lines, delim, path, text_col, label_col, pair_col) -> TextSet:
+    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delim)
+    names = reader.fieldnames or []
+    if not names:
+        raise UserError(f"{path} is empty")
+    tcol = _pick(names, text_col, TEXT_COLUMNS, "text", path, True)
+    lcol = _pick(names, label_col, LABEL_COLUMNS, "label", path, False)
+    pcol = _pick(names, pair_col, ("text_pair", "sentence2", "text2"), "pair", path, False)
+    return _rows(reader, tcol, lcol, pcol)
+
+
+def _load_jsonl(lines, path, text_col, label_col, pair_col) -> TextSet:
+    rows, bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+        else:
+            bad += 1
+    if not rows:
+        raise UserError(f"{path} has no JSON objects")
+    names = sorted({k for r in rows for k in r})
+    tcol = _pick(names, text_col, TEXT_COLUMNS, "text", path, True)
+    lcol = _pick(names, label_col, LABEL_COLUMNS, "label", path, False)
+    pcol = _pick(names, pair_col, ("text_pair", "sentence2", "text2"), "pair", path, False)
+    ts = _rows(rows, tcol, lcol, pcol)
+    if bad:
+        ts.skipped["invalid json lines"] = bad
+    return ts
+
+
+def _rows(rows, tcol, lcol, pcol) -> TextSet:
+    texts, labels, pairs, empty = [], [], [], 0
+    for r in rows:
+        t = (r.get(tcol) or "")
+        t = t.strip() if isinstance(t, str) else str(t)
+        if not t:
+            empty += 1
+            continue
+        texts.append(t)
+        if lcol:
+            labels.append(r.get(lcol))
+        if pcol:
+            pairs.append(str(r.get(pcol) or ""))
+    ts = TextSet(texts, labels if lcol else None, pairs if pcol else None)
+    if empty:
+        ts.skipped["empty text"] = empty
+    return ts

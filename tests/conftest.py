@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tinymodels import build_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Exports and work files go to a per-session cache, never the user's or the repo."""
+    os.environ["BERTEXPORT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(family, task) -> path of a tiny checkpoint, built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, task: str = "feature-extraction") -> Path:
+        key = (family, task)
+        if key not in built:
+            built[key] = build_checkpoint(family, task, root / f"{family}-{task}", root / "tokenizers")
+        return built[key]
+
+    return get

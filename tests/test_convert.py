@@ -1,0 +1,49 @@
+"""convert() end to end on tiny models of every family and task: real export, real ONNX
+Runtime, parity measured against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from bertexport.convert import convert
+from bertexport.manifest import load_manifest, verify_files
+from bertexport.profiles import Tolerances
+from tests.tinymodels import FAMILY_TASKS
+
+# RoBERTa-style models and DistilBERT take no segment ids; DeBERTa-v3 has type_vocab_size 0.
+TAKES_TOKEN_TYPES = {"bert", "electra", "mobilebert", "albert"}
+CASES = [(f, t) for f, tasks in FAMILY_TASKS.items() for t in tasks]
+
+
+@pytest.mark.parametrize("family,task", CASES, ids=[f"{f}-{t}" for f, t in CASES])
+def test_convert_fp32_and_int8(tiny, tmp_path, family, task):
+    ckpt = tiny(family, task)
+    fp32 = convert(str(ckpt), "ort-fp32", tmp_path / "fp32", latency_runs=0)
+    assert fp32.passed
+    m = load_manifest(fp32.artifact)
+    assert m["family"] == family and m["task"] == task
+    for check in m["parity"]["checks"].values():
+        assert check["cosine_min"] >= 0.9999 and check["max_abs_diff"] < 1e-3
+        if task != "feature-extraction":
+            assert check["top1_agreement"] == 1.0
+    names = [i["name"] for i in m["inputs"]]
+    assert names[:2] == ["input_ids", "attention_mask"]
+    # only the inputs a family really takes
+    assert ("token_type_ids" in names) == (family in TAKES_TOKEN_TYPES)
+    assert all(i["shape"][:2] == ["batch_size", "sequence_length"] for i in m["inputs"])
+    assert verify_files(fp32.artifact) == []
+
+    # int8: looser but real tolerances; tiny random heads have near-tied logits, so
+    # agreement is judged loosely here and strictly on the trained MiniLM (test_default_model).
+    int8 = convert(str(ckpt), "ort-int8", tmp_path / "int8", latency_runs=0,
+                   tolerances=Tolerances(min_cosine=0.95, min_top1_agreement=0.6))
+    q = load_manifest(int8.artifact)
+    assert q["target"]["passes"][0]["type"] == "ort-dynamic-quantize"
+    ops = {n.op_type for n in onnx.load(str(int8.artifact / q["model"]["path"])).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    if task in ("text-classification", "token-classification"):
+        labels = json.loads((int8.artifact / "labels.json").read_text())
+        assert len(labels) == (3 if task == "text-classification" else 5)

