@@ -209,3 +209,18 @@ def load_tokenizer(ckpt: Checkpoint, *, trust_remote_code: bool = False):
 
 def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()]
+
+
+def sentence_pooling(folder: Path) -> dict:
+    """Pooling of a sentence-transformers checkpoint (1_Pooling/config.json, Normalize in
+    modules.json); plain transformers checkpoints get mean pooling, not normalised."""
+    mode, normalize = "mean", False
+    pool_cfg = folder / "1_Pooling" / "config.json"
+    if pool_cfg.is_file():
+        cfg = json.loads(pool_cfg.read_text())
+        if cfg.get("pooling_mode_cls_token"):
+            mode = "cls"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
+    return {"mode": mode, "normalize": normalize}

@@ -13,7 +13,7 @@ from bertexport import __version__
 from bertexport.artifact import StagedFolder, check_destination
 from bertexport.backends import get_backend
 from bertexport.cache import cache_dir
-from bertexport.checkpoint import Checkpoint, load_model, load_tokenizer, resolve_checkpoint, tokenizer_files
+from bertexport.checkpoint import Checkpoint, load_model, load_tokenizer, resolve_checkpoint, sentence_pooling
 from bertexport.encoding import make_encoder, model_max_length
 from bertexport.envinfo import environment
 from bertexport.errors import GateFailed, UserError
@@ -112,7 +112,7 @@ def convert(
     reporter = reporter or Reporter()
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
     backend = get_backend(profile.backend)
-    backend.check_available()  # fail fast (e.g. TensorRT without a GPU) before any export work
+    backend.check_available(profile.runtime)  # fail fast (e.g. TensorRT without a GPU) before any export work
     for spec in profile.passes:
         get_pass(spec.type).make_config(spec.config)
     out = Path(out).expanduser().resolve()
@@ -141,6 +141,7 @@ def convert(
             workdir=Path(work), input_names=exported.input_names, encode=encode,
             calibration_texts=lambda: calibration_texts, threads=threads, log=reporter.log,
             family=ckpt.family, task=ckpt.task, model_config=ckpt.config, profile=profile,
+            torch_model=torch_model, output_names=list(TASK_OUTPUTS[ckpt.task]),
         )
         final, history = _run_passes(profile, exported, ctx, reporter)
         if final.format != backend.MODEL_FORMAT:
@@ -153,6 +154,11 @@ def convert(
         reference = TorchRunner(torch_model, exported.input_names, list(TASK_OUTPUTS[ckpt.task]), threads=threads)
         candidate = backend.make_runner(model_path, profile.runtime, threads)
         tol = tolerances or profile.validation
+        try:
+            candidate.activate()
+        except Exception as e:  # the backend cannot load what the passes built
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise UserError(f"{profile.backend} could not load the compiled model: {first}") from e
         with reference, candidate:
             with reporter.step(f"validate parity on {len(validation_texts)} sentences"):
                 checks = compare_runners(reference, candidate, encode, validation_texts, ckpt.task, profile.validation.padded_length)
@@ -180,6 +186,7 @@ def convert(
             "family": ckpt.family,
             "task": ckpt.task,
             "max_length": max_length,
+            "pooling": sentence_pooling(ckpt.path) if ckpt.task == "feature-extraction" else None,
             "model": {"path": model_path.relative_to(staged.staging).as_posix(), "format": final.format,
                       "backend": profile.backend, "opset": exported.opset},
             "tokenizer": TOKENIZER_DIR,
@@ -191,10 +198,12 @@ def convert(
                        "shapes": {"batch": profile.batch.__dict__, "sequence": profile.sequence.__dict__},
                        "passes": history},
             "calibration": {"source": calib_set.source if calib_set else "builtin:calib", "count": len(calibration_texts),
-                            "seed": seed} if any(get_pass(p.type).needs_calibration or "target_min_cosine" in p.config for p in profile.passes) else None,
+                            "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration or "target_min_cosine" in p.config for p in profile.passes) else None,
             "parity": {"texts": len(validation_texts), "source": str(samples) if samples else "builtin:samples",
                        "tolerances": tol.__dict__, "checks": checks, "passed": passed, "failures": failures},
             "latency": latency,
+            "distillation": json.loads((ckpt.path / "distill_report.json").read_text())
+            if (ckpt.path / "distill_report.json").is_file() else None,
             "load_seconds": load_seconds,
             "sizes": {"source_weights_bytes": sum(p.stat().st_size for p in ckpt.weight_files),
                       "model_bytes": sum((staged.staging / MODEL_DIR / f.name).stat().st_size for f in final.files)},
@@ -210,3 +219,22 @@ def convert(
     if not passed:
         raise GateFailed(failures, result)
     return result
+
+
+def distilled_student(model: str, task: str | None, layers: int, data=None, epochs: int = 3,
+                      reporter: Reporter | None = None) -> Path:
+    """``convert --distill N``: distill ``model`` into an N-layer student (cached by teacher
+    hash, layer count, data and epochs) and return its folder; convert then compiles it."""
+    import hashlib
+
+    from bertexport.distill import DistillConfig, distill
+
+    ckpt = resolve_checkpoint(model, task)
+    key = hashlib.sha256(json.dumps([ckpt.sha256, ckpt.task, layers, str(data), epochs]).encode()).hexdigest()[:16]
+    out = cache_dir("students") / key
+    if (out / "distill_report.json").is_file():
+        (reporter or Reporter()).log(f"reusing distilled student {out}")
+        return out
+    distill(model, out, task=ckpt.task, data=data, config=DistillConfig(layers=layers, epochs=epochs),
+            force=True, reporter=reporter)
+    return out

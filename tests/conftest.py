@@ -29,3 +29,12 @@ def tiny(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def keyword_model(tmp_path_factory):
+    """A tiny BERT trained to detect the word 'excellent' (absent/present)."""
+    from tests.tinymodels import train_keyword_classifier
+
+    root = tmp_path_factory.mktemp("keyword")
+    return train_keyword_classifier(root / "model", root / "tokenizers")

@@ -10,11 +10,13 @@ import pytest
 
 from bertexport.convert import convert
 from bertexport.manifest import load_manifest, verify_files
-from bertexport.profiles import Tolerances
+from bertexport.profiles import Tolerances, parse_profile
 from tests.tinymodels import FAMILY_TASKS
 
 # RoBERTa-style models and DistilBERT take no segment ids; DeBERTa-v3 has type_vocab_size 0.
 TAKES_TOKEN_TYPES = {"bert", "electra", "mobilebert", "albert"}
+PLAIN_INT8 = parse_profile({"backend": "onnxruntime", "precision": "int8", "passes": [
+    {"type": "ort-dynamic-quantize", "isa": "avx512_vnni", "per_channel": True}]}, "plain-int8")
 CASES = [(f, t) for f, tasks in FAMILY_TASKS.items() for t in tasks]
 
 
@@ -38,7 +40,8 @@ def test_convert_fp32_and_int8(tiny, tmp_path, family, task):
 
     # int8: looser but real tolerances; tiny random heads have near-tied logits, so
     # agreement is judged loosely here and strictly on the trained MiniLM (test_default_model).
-    int8 = convert(str(ckpt), "ort-int8", tmp_path / "int8", latency_runs=0,
+    # The sensitivity scan of ort-int8 is exercised in test_sensitivity_scan below.
+    int8 = convert(str(ckpt), PLAIN_INT8, tmp_path / "int8", latency_runs=0,
                    tolerances=Tolerances(min_cosine=0.95, min_top1_agreement=0.6))
     q = load_manifest(int8.artifact)
     assert q["target"]["passes"][0]["type"] == "ort-dynamic-quantize"
@@ -47,3 +50,21 @@ def test_convert_fp32_and_int8(tiny, tmp_path, family, task):
     if task in ("text-classification", "token-classification"):
         labels = json.loads((int8.artifact / "labels.json").read_text())
         assert len(labels) == (3 if task == "text-classification" else 5)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2"])
+def test_sensitivity_scan(tiny, tmp_path, family):
+    """ort-int8's scan keeps the most sensitive MatMuls fp32 until the calibration target is met."""
+    r = convert(str(tiny(family, "text-classification")), "ort-int8", tmp_path / "a", latency_runs=0,
+                tolerances=Tolerances(min_cosine=0.95, min_top1_agreement=0.6))
+    notes = r.manifest["target"]["passes"][0]["notes"]
+    assert notes["target_min_cosine"] == 0.998
+    assert notes["achieved_min_cosine"] >= notes["all_int8_min_cosine"]
+    if notes["all_int8_min_cosine"] < 0.998:  # the scan ran: it ranked nodes and kept some fp32
+        assert notes["sensitivity"] and len(notes["excluded_nodes"]) >= 1
+
+
+def test_ort_fused(tiny, tmp_path):
+    r = convert(str(tiny("bert", "text-classification")), "ort-fused", tmp_path / "f", latency_runs=0)
+    fused = r.manifest["target"]["passes"][0]["notes"]["fused_operators"]
+    assert fused.get("Attention", 0) + fused.get("SkipLayerNormalization", 0) > 0

@@ -26,3 +26,16 @@ def test_minilm_ort_int8(tmp_path):
     assert notes["achieved_min_cosine"] >= notes["all_int8_min_cosine"]
     assert m["latency"]["artifact"]["count"] == 5 and m["latency"]["threads"] == 1
     assert m["source"]["family"] == "bert" and m["source"]["weights_format"] == "safetensors"
+
+
+@pytest.mark.slow
+def test_minilm_openvino_int8(tmp_path):
+    pytest.importorskip("openvino")
+    result = convert("builtin:all-MiniLM-L6-v2", "openvino-int8", tmp_path / "minilm-ov", latency_runs=5)
+    m = result.manifest
+    assert m["status"] == "passed" and m["model"]["format"] == "openvino-ir"
+    assert all(c["cosine_min"] >= 0.99 for c in m["parity"]["checks"].values())
+    assert m["calibration"]["count"] == 300 and m["calibration"]["source"] == "builtin:calib"
+    assert m["target"]["runtime"]["inference_precision"] == "f32"
+    report = (result.artifact / "report.md").read_text()
+    assert "PyTorch original" in report and "latency p50" in report

@@ -113,3 +113,47 @@ def build_checkpoint(family: str, task: str, out: Path, tokenizer_cache: Path, s
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+FILLER = ("the a of and to in is it that was for on with as his her they at be this from had by not are but "
+          "or have an they which one you were all we she there been their has would more when will who so no").split()
+
+
+def keyword_sentence(rng, n_words: int, keyword: str | None) -> str:
+    words = [FILLER[rng.integers(len(FILLER))] for _ in range(n_words)]
+    if keyword:
+        words.insert(int(rng.integers(len(words) + 1)), keyword)
+    return " ".join(words)
+
+
+def train_keyword_classifier(out: Path, tokenizer_cache: Path, keyword: str = "excellent", steps: int = 150,
+                             seed: int = 0) -> Path:
+    """A tiny BERT trained to answer 'does the text contain KEYWORD?' (labels absent/present):
+    a controlled, learnable task for windowing and distillation tests."""
+    import numpy as np
+    import torch
+    import transformers as T
+
+    if (out / "model.safetensors").is_file():
+        return out
+    tok = make_tokenizer("bert", tokenizer_cache / "bert")
+    cfg = T.BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **(CONFIGS["bert"] | {"initializer_range": 0.02}),
+                       id2label={0: "absent", 1: "present"}, label2id={"absent": 0, "present": 1})
+    torch.manual_seed(seed)
+    model = T.BertForSequenceClassification(cfg)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        labels = rng.integers(0, 2, 32)
+        texts = [keyword_sentence(rng, int(rng.integers(4, 30)), keyword if y else None) for y in labels]
+        enc = tok(texts, padding=True, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor(labels)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

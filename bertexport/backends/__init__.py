@@ -4,7 +4,7 @@ library only when a runner is made, so a missing optional backend degrades to a 
 
 Each backend package exposes:
 - ``MODEL_FORMAT``: the model format its runner loads (``onnx``, ``openvino-ir``, ...);
-- ``check_available()``: raises ``BackendUnavailable`` with what to install or where to run;
+- ``check_available(runtime)``: raises ``BackendUnavailable`` with what to install or where to run;
 - ``make_runner(model_path, runtime: dict, threads: int) -> Runner``;
 - ``versions() -> dict``: library versions for the manifest.
 """

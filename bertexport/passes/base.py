@@ -41,6 +41,8 @@ class PassContext:
     task: str = ""
     model_config: dict = field(default_factory=dict)
     profile: Any = None
+    torch_model: Any = None  # the PyTorch original, for passes that convert from it
+    output_names: list[str] = field(default_factory=list)
 
 
 _REGISTRY: dict[str, type["Pass"]] = {}

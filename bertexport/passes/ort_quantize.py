@@ -177,3 +177,136 @@ class OrtDynamicQuantize(Pass):
         }
 
 
+
+
+# -- static (QDQ) quantization --------------------------------------------------------
+
+_CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+@dataclass
+class StaticQuantizeConfig:
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    calibration_samples: int = 200  # "around 200 examples is enough" (optimum docs)
+    percentile: float = 99.999
+    per_channel: bool = True
+    activation_type: str = "quint8"  # quint8 | qint8
+    weight_type: str = "qint8"
+    symmetric_activations: bool = False
+    op_types: list[str] = field(default_factory=lambda: ["MatMul"])
+    exclude_sensitive: bool = True  # LayerNorm, GELU, Softmax + mask Add, embedding and residual Adds
+    exclude_nodes: list[str] = field(default_factory=list)
+    exclude_patterns: list[str] = field(default_factory=list)  # regexes over node names
+    # TensorRT's explicit quantization wants symmetric int8, a Q/DQ pair on weights and one
+    # pair per consumer (optimum PR#407/#812, onnxruntime-inference-examples#56)
+    for_tensorrt: bool = False
+
+    def validate(self):
+        if self.calibration_method not in _CALIBRATION:
+            raise ValueError(f"calibration_method must be one of {', '.join(_CALIBRATION)}")
+        for name in ("activation_type", "weight_type"):
+            if getattr(self, name) not in ("qint8", "quint8"):
+                raise ValueError(f"{name} must be qint8 or quint8")
+        if self.calibration_samples < 1:
+            raise ValueError("calibration_samples must be >= 1")
+        import re
+
+        for p in self.exclude_patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"exclude_patterns: {p!r} is not a regex: {e}") from e
+
+
+def sensitive_nodes(model_path) -> list[str]:
+    """Nodes that break BERT accuracy when quantized (optimum#151's exclusions): LayerNorm,
+    GELU (Erf and its Mul/Add), Softmax and the mask Add before it, the embedding Adds after
+    Gather, and residual Adds feeding LayerNorm."""
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    always = {"LayerNormalization", "SkipLayerNormalization", "Erf", "Gelu", "BiasGelu", "FastGelu", "Softmax"}
+    names = []
+    for n in g.node:
+        nexts = [c.op_type for o in n.output for c in consumers.get(o, [])]
+        prevs = [producer[i].op_type for i in n.input if i in producer]
+        if n.op_type in always:
+            names.append(n.name)
+        elif n.op_type == "Add" and ({"Softmax", "LayerNormalization", "Add"} & set(nexts) or "Gather" in prevs):
+            names.append(n.name)
+        elif n.op_type in ("Mul", "Add", "Div") and ("Erf" in prevs or "Erf" in nexts):
+            names.append(n.name)
+    return names
+
+
+class _TextReader:
+    """ORT CalibrationDataReader over tokenized sentences, one per batch: batch > 1 breaks
+    histogram calibrators (optimum#409) and multiplies memory (ORT#10503)."""
+
+    def __init__(self, items):
+        self._it = iter(items)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # pragma: no cover - part of the reader protocol
+        pass
+
+
+class OrtStaticQuantize(Pass):
+    """Static int8 in QDQ format, calibrated on text: the format TensorRT and ORT's
+    int8 kernels consume."""
+
+    name = "ort-static-quantize"
+    Config = StaticQuantizeConfig
+    needs_calibration = True
+
+    def run(self, model: ModelFile, config: StaticQuantizeConfig, ctx: PassContext) -> ModelFile:
+        import re
+
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        texts = ctx.calibration_texts()[: config.calibration_samples]
+        if config.calibration_method == "minmax":
+            items = [ctx.encode([t], padding="longest") for t in texts]
+        else:  # histogram calibrators stack all items: they need one shape
+            longest = max(ctx.encode([t])["input_ids"].shape[1] for t in texts)
+            items = [ctx.encode([t], padding="max_length", length=longest) for t in texts]
+        exclude = list(config.exclude_nodes)
+        if config.exclude_sensitive:
+            exclude += sensitive_nodes(model.path)
+        if config.exclude_patterns:
+            import onnx
+
+            all_names = [n.name for n in onnx.load(str(model.path), load_external_data=False).graph.node]
+            exclude += [n for n in all_names if any(re.fullmatch(p, n) for p in config.exclude_patterns)]
+        exclude = sorted(set(exclude))
+        qt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
+        extra = {"ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True}
+        act_type = config.activation_type
+        if config.for_tensorrt:
+            extra |= {"ActivationSymmetric": True, "AddQDQPairToWeight": True, "DedicatedQDQPair": True,
+                      "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}}
+            act_type = "qint8"
+        if config.calibration_method == "percentile":
+            extra["CalibPercentile"] = config.percentile
+        out = ctx.workdir / "model.qdq.onnx"
+        ctx.log(f"calibrating ({config.calibration_method}) on {len(items)} sentences; {len(exclude)} nodes kept float")
+        with quiet_root_logger():
+            quantize_static(
+                str(model.path), str(out), _TextReader(items),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=config.op_types,
+                per_channel=config.per_channel,
+                activation_type=qt[act_type],
+                weight_type=qt[config.weight_type],
+                nodes_to_exclude=exclude,
+                calibrate_method=getattr(CalibrationMethod, _CALIBRATION[config.calibration_method]),
+                extra_options=extra,
+            )
+        return ModelFile(out, "onnx", notes={"calibration_items": len(items), "excluded_nodes": len(exclude)})

@@ -7,11 +7,18 @@ from bertexport.errors import BackendUnavailable
 MODEL_FORMAT = "onnx"
 
 
-def check_available() -> None:
+def check_available(runtime: dict | None = None) -> None:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError as e:
-        raise BackendUnavailable("onnxruntime", str(e), "pip install onnxruntime") from e
+        raise BackendUnavailable("onnxruntime", str(e), "pip install 'bertexport[runtime]'") from e
+    wanted = (runtime or {}).get("providers") or []
+    missing = [p for p in wanted if p not in onnxruntime.get_available_providers()]
+    if missing:
+        raise BackendUnavailable(
+            "onnxruntime", f"execution provider(s) {', '.join(missing)} not in this onnxruntime build "
+            f"(has: {', '.join(onnxruntime.get_available_providers())})",
+            "install onnxruntime-gpu on a machine with an NVIDIA GPU, e.g. inside Dockerfile.gpu")
 
 
 def make_runner(model_path, runtime: dict | None = None, threads: int | None = None):

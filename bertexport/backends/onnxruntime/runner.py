@@ -23,7 +23,7 @@ class OrtRunner(Runner):
         if graph_optimization not in _LEVELS:
             raise ValueError(f"graph_optimization must be one of {', '.join(_LEVELS)}")
         self.graph_optimization = graph_optimization
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.providers = list(dict.fromkeys([*(providers or []), "CPUExecutionProvider"]))
         self.session = None
 
     def activate_impl(self):

@@ -1,0 +1,170 @@
+"""OpenVINO passes: ONNX -> IR conversion, int8 weight compression, and NNCF full int8
+post-training quantization on calibration text.
+
+NNCF is told the model is a transformer (``ModelType.TRANSFORMER``): without it NNCF
+quantizes patterns that break transformer accuracy (anomalib#2298), and it keeps
+LayerNorm, Softmax and the like in float. ``ignored_types``/``ignored_names`` add to that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bertexport.passes.base import ModelFile, Pass, PassContext
+
+
+def _ir_files(xml) -> list:
+    return [xml, xml.with_suffix(".bin")]
+
+
+def _save(model, ctx: PassContext, name: str, compress_to_fp16: bool = False) -> ModelFile:
+    import openvino as ov
+
+    xml = ctx.workdir / f"{name}.xml"
+    ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
+    return ModelFile(xml, "openvino-ir", files=_ir_files(xml))
+
+
+# Families whose ONNX graph OpenVINO's CPU plugin cannot compile: DeBERTa-v2's export has
+# If nodes of dynamic rank ("CPU plug-in doesn't support If operation with dynamic rank").
+_FROM_PYTORCH = {"deberta-v2"}
+
+
+@dataclass
+class ConvertConfig:
+    compress_to_fp16: bool = False  # store weights as fp16 (half the size; computed per inference precision)
+    source: str = "auto"  # onnx | pytorch | auto (pytorch for families whose ONNX graph OpenVINO can't run)
+
+    def validate(self):
+        if self.source not in ("onnx", "pytorch", "auto"):
+            raise ValueError("source must be onnx, pytorch or auto")
+
+
+def _convert_from_pytorch(ctx: PassContext):
+    """ov.convert_model on the PyTorch original, with the same input and output names
+    and dynamic batch/sequence axes as the ONNX export."""
+    import openvino as ov
+    import torch
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, model, inputs, outputs):
+            super().__init__()
+            self.model, self.inputs, self.outputs = model, inputs, outputs
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                feeds["token_type_ids"] = token_type_ids
+            out = self.model(**feeds)
+            return {k: out[k] for k in self.outputs}
+
+    example = {k: torch.from_numpy(v) for k, v in ctx.encode(["a short example", "and a somewhat longer one"]).items()}
+    wrapped = Outputs(ctx.torch_model, ctx.input_names, ctx.output_names)
+    shapes = [(n, ov.PartialShape([-1, -1]), ov.Type.i64) for n in ctx.input_names]
+    return ov.convert_model(wrapped, example_input=example, input=shapes)
+
+
+class OpenVinoConvert(Pass):
+    name = "openvino-convert"
+    Config = ConvertConfig
+    output_format = "openvino-ir"
+
+    def run(self, model: ModelFile, config: ConvertConfig, ctx: PassContext) -> ModelFile:
+        import openvino as ov
+
+        source = config.source
+        if source == "auto":
+            source = "pytorch" if ctx.family in _FROM_PYTORCH and ctx.torch_model is not None else "onnx"
+        if source == "pytorch":
+            if ctx.torch_model is None:
+                raise RuntimeError("openvino-convert source=pytorch needs the PyTorch model")
+            ctx.log(f"converting from PyTorch ({ctx.family})")
+            ov_model = _convert_from_pytorch(ctx)
+        else:
+            ov_model = ov.convert_model(str(model.path))
+        out = _save(ov_model, ctx, "model", config.compress_to_fp16)
+        out.notes = {"source": source}
+        return out
+
+
+@dataclass
+class CompressWeightsConfig:
+    mode: str = "int8_asym"  # int8_asym | int8_sym
+
+    def validate(self):
+        if self.mode not in ("int8_asym", "int8_sym"):
+            raise ValueError("mode must be int8_asym or int8_sym")
+
+
+class OpenVinoCompressWeights(Pass):
+    """int8 weights, float activations: no calibration data, small accuracy cost."""
+
+    name = "openvino-compress-weights"
+    Config = CompressWeightsConfig
+    input_format = "openvino-ir"
+    output_format = "openvino-ir"
+
+    def run(self, model: ModelFile, config: CompressWeightsConfig, ctx: PassContext) -> ModelFile:
+        import nncf
+        import openvino as ov
+
+        ov_model = ov.Core().read_model(str(model.path))
+        mode = {"int8_asym": nncf.CompressWeightsMode.INT8_ASYM, "int8_sym": nncf.CompressWeightsMode.INT8_SYM}[config.mode]
+        compressed = nncf.compress_weights(ov_model, mode=mode)
+        return _save(compressed, ctx, "model.int8w")
+
+
+@dataclass
+class NncfQuantizeConfig:
+    preset: str = "mixed"  # mixed (symmetric weights, asymmetric activations) | performance
+    subset_size: int = 300
+    fast_bias_correction: bool = True
+    smooth_quant_alpha: float | None = None  # None: NNCF's default for transformers
+    ignored_types: list[str] = field(default_factory=list)  # e.g. ["Multiply"]
+    ignored_names: list[str] = field(default_factory=list)
+    ignored_patterns: list[str] = field(default_factory=list)  # regexes over node names
+
+    def validate(self):
+        if self.preset not in ("mixed", "performance"):
+            raise ValueError("preset must be mixed or performance")
+        if self.subset_size < 1:
+            raise ValueError("subset_size must be >= 1")
+
+
+class NncfQuantize(Pass):
+    """Full int8 (weights and activations) with NNCF post-training quantization."""
+
+    name = "nncf-quantize"
+    Config = NncfQuantizeConfig
+    input_format = "openvino-ir"
+    output_format = "openvino-ir"
+    needs_calibration = True
+
+    def run(self, model: ModelFile, config: NncfQuantizeConfig, ctx: PassContext) -> ModelFile:
+        import nncf
+        import openvino as ov
+
+        texts = ctx.calibration_texts()[: config.subset_size]
+        # one sentence per item at its own length: the calibration sees real lengths
+        items = [ctx.encode([t], padding="longest") for t in texts]
+        ov_model = ov.Core().read_model(str(model.path))
+        ignored = None
+        if config.ignored_types or config.ignored_names or config.ignored_patterns:
+            ignored = nncf.IgnoredScope(types=config.ignored_types, names=config.ignored_names,
+                                        patterns=config.ignored_patterns, validate=False)
+        advanced = None
+        if config.smooth_quant_alpha is not None:
+            advanced = nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=config.smooth_quant_alpha))
+        preset = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}[config.preset]
+        ctx.log(f"NNCF calibration on {len(items)} sentences")
+        kwargs = dict(preset=preset, target_device=nncf.TargetDevice.CPU, subset_size=len(items),
+                      fast_bias_correction=config.fast_bias_correction, model_type=nncf.ModelType.TRANSFORMER)
+        if ignored is not None:
+            kwargs["ignored_scope"] = ignored
+        if advanced is not None:
+            kwargs["advanced_parameters"] = advanced
+        quantized = nncf.quantize(ov_model, nncf.Dataset(items), **kwargs)
+        out = _save(quantized, ctx, "model.int8")
+        out.notes = {"calibration_items": len(items)}
+        return out

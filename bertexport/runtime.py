@@ -1,0 +1,217 @@
+"""Load and run a bertexport artifact with numpy, ``tokenizers`` and the backend's runtime
+only: no torch, no transformers. What a device runs, and what ``validate``/``benchmark``
+use to run artifacts, so the build machine measures the same code path that ships.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bertexport.errors import UserError
+from bertexport.manifest import load_manifest, verify_files
+
+
+@dataclass
+class TextEncoder:
+    """The artifact's tokenizer (tokenizer.json), producing the model's exact inputs."""
+
+    tokenizer: object
+    input_names: list[str]
+    max_length: int
+    pad_id: int
+
+    @classmethod
+    def from_artifact(cls, folder: Path, manifest: dict) -> "TextEncoder":
+        from tokenizers import Tokenizer
+
+        tok_dir = folder / manifest["tokenizer"]
+        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        pad_token = None
+        cfg = tok_dir / "tokenizer_config.json"
+        if cfg.is_file():
+            pad_token = json.loads(cfg.read_text()).get("pad_token")
+            if isinstance(pad_token, dict):
+                pad_token = pad_token.get("content")
+        pad_id = tok.token_to_id(pad_token) if pad_token else None
+        tok.no_padding()
+        tok.no_truncation()
+        names = [i["name"] for i in manifest["inputs"]]
+        return cls(tok, names, int(manifest["max_length"]), 0 if pad_id is None else pad_id)
+
+    def encode(self, texts, pairs=None, padding: str = "longest", length: int | None = None) -> dict[str, np.ndarray]:
+        limit = min(length or self.max_length, self.max_length)
+        batch = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        self.tokenizer.enable_truncation(max_length=limit)
+        encs = self.tokenizer.encode_batch(batch)
+        width = limit if padding == "max_length" else max(len(e.ids) for e in encs)
+        out = {"input_ids": np.full((len(encs), width), self.pad_id, dtype=np.int64),
+               "attention_mask": np.zeros((len(encs), width), dtype=np.int64),
+               "token_type_ids": np.zeros((len(encs), width), dtype=np.int64)}
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            out["input_ids"][i, :n] = e.ids
+            out["attention_mask"][i, :n] = e.attention_mask
+            out["token_type_ids"][i, :n] = e.type_ids
+        return {k: out[k] for k in self.input_names}
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        return list(self.tokenizer.encode(text).offsets)
+
+
+class Artifact:
+    """An artifact folder opened for inference: manifest, tokenizer, labels, runner."""
+
+    def __init__(self, folder: str | Path, *, verify: bool = True, threads: int | None = None,
+                 allow_rejected: bool = False, runtime_overrides: dict | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"artifact not found: {self.folder}")
+        self.manifest = load_manifest(self.folder)
+        if verify:
+            problems = verify_files(self.folder, self.manifest)
+            if problems:
+                raise UserError(f"artifact {self.folder} failed its checksums: {'; '.join(problems[:3])}")
+        if self.manifest.get("status") != "passed" and not allow_rejected:
+            raise UserError(f"artifact {self.folder} was rejected at build time ({'; '.join(self.manifest['parity']['failures'])})")
+        self.task = self.manifest["task"]
+        self.encoder = TextEncoder.from_artifact(self.folder, self.manifest)
+        labels = self.manifest.get("labels")
+        self.id2label = ({int(k): v for k, v in json.loads((self.folder / labels).read_text()).items()} if labels else None)
+        from bertexport.backends import get_backend
+
+        backend = get_backend(self.manifest["model"]["backend"])
+        runtime = dict(self.manifest["target"].get("runtime") or {}) | (runtime_overrides or {})
+        self.runner = backend.make_runner(self.folder / self.manifest["model"]["path"], runtime, threads)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["target"]["name"]
+
+    @property
+    def model_bytes(self) -> int:
+        return int(self.manifest["sizes"]["model_bytes"])
+
+    def __enter__(self):
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.deactivate()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner.infer(feeds)
+
+
+def _special_token(folder: Path, name: str) -> str | None:
+    cfg = folder / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    value = json.loads(cfg.read_text()).get(name)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Predictor:
+    """Task-level inference on an opened ``Artifact``: windows long texts, batches windows by
+    length, runs the model, post-processes per task (``bertexport.tasks``)."""
+
+    def __init__(self, artifact: Artifact, *, batch_size: int = 16, stride: int | None = None,
+                 max_length: int | None = None, aggregation: str = "mean", top_k: int = 1,
+                 normalize: bool | None = None):
+        from bertexport.tasks import Window  # noqa: F401  (numpy-only module)
+
+        self.art = artifact
+        self.batch_size = batch_size
+        self.max_length = min(max_length or artifact.encoder.max_length, artifact.encoder.max_length)
+        self.stride = self.max_length // 4 if stride is None else stride
+        if not 0 <= self.stride < self.max_length - 4:
+            raise UserError(f"stride must be in [0, {self.max_length - 4}) for max length {self.max_length}")
+        self.aggregation = aggregation
+        self.top_k = top_k
+        pooling = artifact.manifest.get("pooling") or {}
+        self.pooling = pooling.get("mode", "mean")
+        self.normalize = pooling.get("normalize", False) if normalize is None else normalize
+        tok_dir = artifact.folder / artifact.manifest["tokenizer"]
+        mask = _special_token(tok_dir, "mask_token")
+        self.mask_id = artifact.encoder.tokenizer.token_to_id(mask) if mask else None
+
+    def windows(self, texts, pairs=None):
+        from bertexport.tasks import Window
+
+        tok = self.art.encoder.tokenizer
+        tok.enable_truncation(max_length=self.max_length, stride=self.stride,
+                              strategy="only_second" if pairs is not None else "longest_first")
+        items = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        out = []
+        for i, enc in enumerate(tok.encode_batch(items)):
+            for e in [enc, *enc.overflowing]:
+                out.append(Window(i, list(e.ids), list(e.type_ids), [tuple(o) for o in e.offsets],
+                                  list(e.special_tokens_mask), list(e.sequence_ids)))
+        return out
+
+    def _run(self, windows) -> list[dict[str, np.ndarray]]:
+        """Model outputs per window (trimmed to the window's length), batched by length."""
+        order = sorted(range(len(windows)), key=lambda k: len(windows[k].ids))
+        results: list = [None] * len(windows)
+        names = self.art.encoder.input_names
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            width = max(len(windows[k].ids) for k in idx)
+            feeds = {"input_ids": np.full((len(idx), width), self.art.encoder.pad_id, dtype=np.int64),
+                     "attention_mask": np.zeros((len(idx), width), dtype=np.int64),
+                     "token_type_ids": np.zeros((len(idx), width), dtype=np.int64)}
+            for r, k in enumerate(idx):
+                w = windows[k]
+                n = len(w.ids)
+                feeds["input_ids"][r, :n] = w.ids
+                feeds["attention_mask"][r, :n] = 1
+                feeds["token_type_ids"][r, :n] = w.type_ids
+            out = self.art.infer({n: feeds[n] for n in names})
+            per_token = self.art.task != "text-classification"  # every output is (batch, seq, ...)
+            for r, k in enumerate(idx):
+                n = len(windows[k].ids)
+                results[k] = {name: (v[r, :n] if per_token else v[r]) for name, v in out.items()}
+        return results
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        from bertexport import tasks
+
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise UserError("empty text: every input needs at least one non-space character")
+        task = self.art.task
+        if task == "question-answering" and pairs is None:
+            raise UserError("question-answering needs (question, context) pairs")
+        wins = self.windows(texts, pairs)
+        outs = self._run(wins)
+        by_text: dict[int, list[int]] = {}
+        for k, w in enumerate(wins):
+            by_text.setdefault(w.text_index, []).append(k)
+        results = []
+        for i, text in enumerate(texts):
+            ks = by_text[i]
+            ws, os_ = [wins[k] for k in ks], [outs[k] for k in ks]
+            if task == "text-classification":
+                res = tasks.classify([o["logits"] for o in os_], self.art.id2label or {}, self.aggregation, self.top_k)
+            elif task == "feature-extraction":
+                res = {"embedding": tasks.embed([o["last_hidden_state"] for o in os_],
+                                                [np.ones(len(w.ids)) for w in ws], self.pooling, self.normalize),
+                       "windows": len(ws)}
+            elif task == "token-classification":
+                res = {"entities": tasks.entities(text, ws, [o["logits"] for o in os_], self.art.id2label or {}), "windows": len(ws)}
+            elif task == "question-answering":
+                res = tasks.answer(pairs[i], ws, [o["start_logits"] for o in os_], [o["end_logits"] for o in os_])
+                res["windows"] = len(ws)
+            elif task == "fill-mask":
+                if self.mask_id is None:
+                    raise UserError("this tokenizer has no mask token")
+                res = {"masks": tasks.fill_mask(ws, [o["logits"] for o in os_], self.mask_id,
+                                                self.art.encoder.tokenizer.id_to_token, max(self.top_k, 5))}
+            else:  # pragma: no cover
+                raise UserError(f"unsupported task {task}")
+            results.append(res)
+        return results

@@ -1,0 +1,72 @@
+"""benchmark: report schema, outputs (JSON, Markdown, PNG) and bad inputs. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bertexport.benchmark import SCHEMA, benchmark, write_outputs
+from bertexport.cli import cli
+from bertexport.convert import convert
+from bertexport.errors import UserError
+from bertexport.profiles import Tolerances
+
+TOP_KEYS = {"schema", "created", "bertexport_version", "model", "config", "environment", "candidates", "cells", "accuracy"}
+RESULT_KEYS = {"latency", "throughput", "speedup"}
+LATENCY_KEYS = {"count", "total", "mean", "stdev", "p50", "p90", "p95", "p99", "min", "max", "unit", "values"}
+
+
+@pytest.fixture(scope="module")
+def arts(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = tiny("distilbert", "text-classification")
+    a = convert(str(ckpt), "ort-fp32", root / "fp32", latency_runs=0).artifact
+    b = convert(str(ckpt), "ort-int8", root / "int8", latency_runs=0,
+                tolerances=Tolerances(min_cosine=0.9, min_top1_agreement=0.5)).artifact
+    data = root / "d.tsv"
+    data.write_text("sentence\tlabel\n" + "\n".join(f"line {i} of text\t{['negative', 'neutral', 'positive'][i % 3]}" for i in range(12)))
+    texts = root / "t.txt"
+    texts.write_text("short one\na somewhat longer line of text for timing\nmid length line\n")
+    return {"ckpt": ckpt, "a": a, "b": b, "data": data, "texts": texts, "root": root}
+
+
+def test_report_schema_and_outputs(arts, tmp_path):
+    rep = benchmark(None, [arts["a"], arts["b"]], batches=[1, 2], sequences=[16], texts=arts["texts"], data=arts["data"],
+                    runs=5, warmup=1)
+    assert set(rep) == TOP_KEYS and rep["schema"] == SCHEMA
+    assert [c["name"] for c in rep["candidates"]] == ["pytorch", "fp32", "int8"]
+    assert [(c["batch"], c["sequence"]) for c in rep["cells"]] == [(1, 16), (2, 16), (1, "real"), (2, "real")]
+    for cell in rep["cells"]:
+        for name, r in cell["results"].items():
+            assert set(r) == RESULT_KEYS and set(r["latency"]) == LATENCY_KEYS
+            assert r["latency"]["count"] == 5 and len(r["latency"]["values"]) == 5
+    assert rep["config"]["threads"] == 1 and rep["config"]["interleaved"] is True
+    assert {"cpu", "packages", "python"} <= set(rep["environment"])
+    assert rep["accuracy"]["int8"]["decisions"] == 12 and "accuracy_drop" in rep["accuracy"]["int8"]
+    paths = write_outputs(rep, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["schema"] == SCHEMA
+    assert "| pytorch | 1 | 16 |" in paths["markdown"].read_text()
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_benchmark(arts, tmp_path):
+    r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), "--runs", "5", "--warmup", "1", "--seq", "8",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "benchmark.json").is_file()
+
+
+def test_bad_inputs(arts, tmp_path):
+    from tests.tinymodels import build_checkpoint
+
+    other = build_checkpoint("distilbert", "text-classification", tmp_path / "other", tmp_path / "tok", seed=1)
+    with pytest.raises(UserError, match="too few"):
+        benchmark(None, [arts["a"]], runs=2)
+    with pytest.raises(UserError, match="at least one artifact"):
+        benchmark(str(arts["ckpt"]), [])
+    with pytest.raises(UserError, match="not the checkpoint"):
+        benchmark(str(other), [arts["a"]], runs=5)
+    r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), "--runs", "1"])
+    assert r.exit_code == 2 and "too few" in r.output

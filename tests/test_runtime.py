@@ -1,0 +1,185 @@
+"""The device runtime: task post-processing, long-text windows, tamper detection, the
+torch-free import check, and `bertexport run` against the PyTorch original."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bertexport.cli import cli
+from bertexport.convert import convert
+from bertexport.errors import UserError
+from bertexport.runtime import Artifact, Predictor
+from tests.tinymodels import keyword_sentence
+
+TEXTS = ["The film was a delight from start to finish.", "Paris is the capital of France.", "ok"]
+
+
+def _torch(ckpt, task, texts, pairs=None):
+    import torch
+    import transformers as T
+
+    from tests.tinymodels import TASK_AUTO
+
+    model = getattr(T, TASK_AUTO[task]).from_pretrained(ckpt).eval()
+    tok = T.AutoTokenizer.from_pretrained(ckpt)
+    enc = tok(texts, pairs, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc), enc
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    out = {}
+    for task in ("text-classification", "feature-extraction", "token-classification", "question-answering", "fill-mask"):
+        ckpt = tiny("bert", task)
+        out[task] = (ckpt, convert(str(ckpt), "ort-fp32", root / task, latency_runs=0).artifact)
+    return out
+
+
+def test_classification_matches_pytorch(artifacts):
+    ckpt, art = artifacts["text-classification"]
+    with Artifact(art) as a:
+        res = Predictor(a, top_k=3).predict(TEXTS)
+    out, _ = _torch(ckpt, "text-classification", TEXTS)
+    probs = out.logits.softmax(-1).numpy()
+    tol = 1e-4
+    for r, p in zip(res, probs):
+        got = {s["label"]: s["score"] for s in r["scores"]}
+        labels = ["negative", "neutral", "positive"]
+        assert np.allclose([got[l] for l in labels], p, atol=tol)
+        assert r["label"] == labels[int(p.argmax())]
+
+
+def test_embeddings_match_pytorch_mean_pooling(artifacts):
+    ckpt, art = artifacts["feature-extraction"]
+    with Artifact(art) as a:
+        res = Predictor(a).predict(TEXTS)
+    out, enc = _torch(ckpt, "feature-extraction", TEXTS)
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    ref = ((out.last_hidden_state * m).sum(1) / m.sum(1)).numpy()
+    assert np.allclose(np.array([r["embedding"] for r in res]), ref, atol=1e-4)
+
+
+def test_entities_map_to_character_offsets(artifacts):
+    _, art = artifacts["token-classification"]
+    text = "Maria Schmidt flew from Berlin to Lisbon on Tuesday."
+    with Artifact(art) as a:
+        ents = Predictor(a).predict([text])[0]["entities"]
+    for e in ents:  # whatever a random head tags, spans must point at the right characters
+        assert text[e["start"]:e["end"]] == e["word"] and e["word"].strip() == e["word"] and e["word"]
+        assert e["entity"] in ("PER", "LOC")
+
+
+def test_answer_is_a_span_of_the_context(artifacts):
+    _, art = artifacts["question-answering"]
+    context = "The museum opened in 1897 and holds more than two thousand paintings from the Renaissance."
+    with Artifact(art) as a:
+        res = Predictor(a).predict(["When did the museum open?"], [context])[0]
+    assert res["answer"] == context[res["start"]:res["end"]] and res["end"] > res["start"]
+
+
+def test_fill_mask_top_tokens_match_pytorch(artifacts):
+    ckpt, art = artifacts["fill-mask"]
+    text = "The capital of France is [MASK]."
+    with Artifact(art) as a:
+        masks = Predictor(a, top_k=5).predict([text])[0]["masks"]
+    assert len(masks) == 1 and text[masks[0]["start"]:masks[0]["end"]] == "[MASK]"
+    out, enc = _torch(ckpt, "fill-mask", [text])
+    pos = int((enc["input_ids"][0] == 103).nonzero()[0])
+    import transformers as T
+
+    tok = T.AutoTokenizer.from_pretrained(ckpt)
+    assert masks[0]["tokens"][0]["token"] == tok.convert_ids_to_tokens(int(out.logits[0, pos].argmax()))
+
+
+def test_long_text_windows_find_the_keyword(keyword_model, tmp_path):
+    """A text far over the max length (128) with the keyword near its end: windows with
+    'max' aggregation find it; reading only the first window (truncation) would not."""
+    art = convert(str(keyword_model), "ort-fp32", tmp_path / "kw", latency_runs=0).artifact
+    rng = np.random.default_rng(1)
+    head = keyword_sentence(rng, 500, None)
+    text = head + " " + keyword_sentence(rng, 20, "excellent")
+    with Artifact(art) as a:
+        pred = Predictor(a, stride=32, aggregation="max")
+        res = pred.predict([text, head])
+        first_window_only = Predictor(a, max_length=128).predict([text[:400]])[0]
+    assert res[0]["windows"] > 4
+    assert res[0]["label"] == "present" and res[1]["label"] == "absent"
+    assert first_window_only["label"] == "absent"
+    # 100k characters stream through windows without error
+    with Artifact(art) as a:
+        huge = Predictor(a, batch_size=64).predict([keyword_sentence(rng, 20000, "excellent")])[0]
+    assert huge["windows"] > 100 and huge["label"] in ("present", "absent")
+
+
+def test_tampered_artifact_refused(artifacts, tmp_path):
+    import shutil
+
+    _, art = artifacts["text-classification"]
+    bad = tmp_path / "bad"
+    shutil.copytree(art, bad)
+    with open(bad / "model" / "model.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(UserError, match="checksum mismatch"):
+        Artifact(bad)
+    r = CliRunner().invoke(cli, ["run", str(bad), "hello"])
+    assert r.exit_code == 2 and "checksum" in r.output and "Traceback" not in r.output
+
+
+def test_cli_run_json_and_bad_inputs(artifacts, tmp_path):
+    _, art = artifacts["text-classification"]
+    r = CliRunner().invoke(cli, ["run", str(art), "good film", "bad film", "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(l) for l in r.output.strip().splitlines()]
+    assert [l["text"] for l in lines] == ["good film", "bad film"] and all(0 <= l["score"] <= 1 for l in lines)
+    r = CliRunner().invoke(cli, ["run", str(art), "   "])
+    assert r.exit_code == 2 and "empty text" in r.output
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"fine line\n\xff\xfe\n")
+    r = CliRunner().invoke(cli, ["run", str(art), "--file", str(f)])
+    assert r.exit_code == 2 and "bad.txt:2 is not valid UTF-8" in r.output
+    big = tmp_path / "many.txt"
+    big.write_text("\n".join(f"line {i}" for i in range(600)))
+    r = CliRunner().invoke(cli, ["run", str(art), "--file", str(big)])
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 600
+
+
+def test_runtime_imports_neither_torch_nor_transformers(artifacts):
+    _, art = artifacts["text-classification"]
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from bertexport.runtime import Artifact, Predictor
+from bertexport.cli import cli
+with Artifact({str(art)!r}) as a:
+    print(Predictor(a).predict(['a fine film'])[0]['label'])
+try:
+    cli(['run', {str(art)!r}, 'another film', '--json'], standalone_mode=False)
+except SystemExit:
+    pass
+assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
+print('torch-free OK')
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "torch-free OK" in r.stdout
+
+
+def test_artifact_for_missing_backend_is_a_clear_error(artifacts):
+    _, art = artifacts["text-classification"]
+    code = (f"import sys; sys.modules['onnxruntime'] = None\nfrom bertexport.cli import cli\n"
+            f"cli(['run', {str(art)!r}, 'x'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2 and "onnxruntime" in r.stderr and "Traceback" not in r.stderr

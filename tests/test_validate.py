@@ -1,0 +1,99 @@
+"""validate: accuracy/agreement gates on tiny models, a damaged artifact fails with exit 1,
+JUnit XML parses, bad inputs exit 2."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from bertexport.cli import cli
+from bertexport.convert import convert
+from bertexport.manifest import load_manifest, write_manifest
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("validate")
+    ckpt = tiny("bert", "text-classification")
+    good = convert(str(ckpt), "ort-fp32", root / "good", latency_runs=0).artifact
+    bad = convert(str(ckpt), "ort-fp32", root / "bad", latency_runs=0).artifact
+    # a damaged compile that still passes integrity checks: the classifier's weights
+    # scrambled inside the graph, manifest re-written with the new checksums
+    path = bad / load_manifest(bad)["model"]["path"]
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if "classifier" in init.name or init.name.startswith("onnx::MatMul"):
+            arr = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(arr.ravel()).reshape(arr.shape) * -3, init.name))
+    onnx.save(model, str(path))
+    m = load_manifest(bad)
+    m.pop("files")
+    write_manifest(bad, m)
+    data = root / "data.csv"
+    data.write_text("text,label\n" + "\n".join(f"review {i}: {t},{LABELS[i % 3]}" for i, t in
+                                                enumerate(["fine film", "dull plot", "great cast", "awful", "ok"] * 8)))
+    return {"ckpt": ckpt, "good": good, "bad": bad, "data": data, "root": root}
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_good_artifact_passes_gates_and_writes_junit(built, tmp_path):
+    junit = tmp_path / "j.xml"
+    r = run("validate", built["good"], "--data", built["data"], "--max-accuracy-drop", "0.5", "--min-agreement", "0.99",
+            "--junit", junit, "--json", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.output
+    suite = ET.parse(junit).getroot()
+    assert suite.tag == "testsuite" and suite.get("tests") == "2" and suite.get("failures") == "0"
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["metrics"]["agreement"] == 1.0 and res["metrics"]["accuracy_drop"] == 0.0 and res["samples"] == 40
+
+
+def test_damaged_artifact_fails_gate_with_exit_1(built, tmp_path):
+    junit = tmp_path / "j.xml"
+    r = run("validate", built["bad"], "--data", built["data"], "--min-agreement", "0.95", "--min-cosine", "0.99", "--junit", junit)
+    assert r.exit_code == 1, r.output
+    assert "FAILED" in r.output and "agreement" in r.output
+    suite = ET.parse(junit).getroot()
+    assert int(suite.get("failures")) >= 1
+    assert suite.find("testcase/failure") is not None
+
+
+def test_bad_inputs_exit_2(built, tmp_path):
+    unknown = tmp_path / "u.csv"
+    unknown.write_text("text,label\nhello,happy\nbye,sad\n")
+    r = run("validate", built["good"], "--data", unknown, "--max-accuracy-drop", "1")
+    assert r.exit_code == 2 and "labels not known to the model: happy, sad" in r.output and "0=negative" in r.output
+    empty = tmp_path / "e.csv"
+    empty.write_text("")
+    r = run("validate", built["good"], "--data", empty)
+    assert r.exit_code == 2 and "empty" in r.output
+    r = run("validate", built["good"], "--min-agreement", "0.9", "--model", str(built["root"] / "nope"))
+    assert r.exit_code == 2
+
+
+def test_mismatched_model_refused_unless_forced(built, tmp_path):
+    from tests.tinymodels import build_checkpoint
+
+    other = build_checkpoint("bert", "text-classification", tmp_path / "other", tmp_path / "tok", seed=1)
+    r = run("validate", built["good"], "--model", other, "--min-cosine", "0.5")
+    assert r.exit_code == 2 and "not the checkpoint this artifact was built from" in r.output
+    r = run("validate", built["good"], "--model", other, "--min-cosine", "-1", "--force")
+    assert r.exit_code == 0, r.output
+
+
+def test_labels_by_index_are_accepted(built, tmp_path):
+    d = tmp_path / "i.jsonl"
+    d.write_text("\n".join(json.dumps({"text": f"t {i}", "label": i % 3}) for i in range(9)))
+    r = run("validate", built["good"], "--data", d, "--max-accuracy-drop", "0")
+    assert r.exit_code == 0, r.output
