@@ -122,6 +122,7 @@ def convert_all(model: Path, targets, calib: Path | None, folder: Path) -> list[
     from bertexport.convert import convert
 
     arts = []
+    folder.mkdir(parents=True, exist_ok=True)
     for t in targets:
         out = folder / t
         rejected = out.with_name(out.name + ".rejected")
