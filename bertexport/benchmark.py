@@ -190,10 +190,11 @@ def benchmark(
             ts.texts, ts.labels = ts.texts[:data_limit], (ts.labels[:data_limit] if ts.labels else None)
         labels = label_ids(ts.labels, opened[0].id2label) if ts.labels is not None and first["task"] == "text-classification" else None
         accuracy = {}
+        reference_outputs: dict = {}  # the PyTorch original runs once, shared by all artifacts
         with reporter.step(f"accuracy on {len(ts.texts)} labelled texts"):
             for a in opened:
                 accuracy[next(c.name for c in cands if c.artifact == str(a.folder))] = metrics_from(
-                    compare_on_data(a, cands[0].runner, ts), a.task, labels)
+                    compare_on_data(a, cands[0].runner, ts, reference_cache=reference_outputs), a.task, labels)
         accuracy[cands[0].name] = ({"accuracy": next(iter(accuracy.values())).get("accuracy_reference")} if labels is not None else {})
 
     for c in cands:

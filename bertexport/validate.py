@@ -67,14 +67,20 @@ def _batched(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
-def compare_on_data(artifact, reference, data: TextSet, batch_size: int = 16) -> dict:
-    """Run both sides on the data; returns raw per-sample material for metrics."""
+def compare_on_data(artifact, reference, data: TextSet, batch_size: int = 16, reference_cache: dict | None = None) -> dict:
+    """Run both sides on the data; returns raw per-sample material for metrics.
+
+    ``reference_cache`` (batch index -> outputs) lets several artifacts built from one
+    checkpoint share a single pass of the PyTorch original."""
     task = artifact.task
     preds_a, preds_r, cosines = [], [], []
-    for sl in _batched(len(data.texts), batch_size):
+    cache = reference_cache if reference_cache is not None else {}
+    for bi, sl in enumerate(_batched(len(data.texts), batch_size)):
         feeds = artifact.encoder.encode(data.texts[sl], data.pairs[sl] if data.pairs else None)
         out_a = artifact.infer(feeds)
-        out_r = reference.infer(feeds)
+        if bi not in cache:
+            cache[bi] = reference.infer(feeds)
+        out_r = cache[bi]
         mask = feeds["attention_mask"]
         if task == "feature-extraction":
             a, r = mean_pool(out_a["last_hidden_state"], mask), mean_pool(out_r["last_hidden_state"], mask)
