@@ -36,14 +36,24 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
 
 
+def _probs(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
 def primary_vectors(outputs: dict[str, np.ndarray], task: str, mask: np.ndarray) -> list[np.ndarray]:
-    """One vector per sample (or per real token for token-level tasks)."""
+    """One vector per sample (or per real token for token-level tasks): the mean-pooled
+    embedding; class probabilities for classification heads (the cosine of a 2-class logit
+    pair near the decision boundary swings between -1 and 1 for tiny changes, so raw
+    logits would make a meaningless gate); the vocabulary logits for fill-mask; the
+    start/end logits over real tokens for QA."""
     if task == "feature-extraction":
         return list(mean_pool(outputs["last_hidden_state"], mask))
     if task == "text-classification":
-        return list(outputs["logits"].astype(np.float64))
+        return list(_probs(outputs["logits"]))
     if task in _TOKEN_LEVEL:
-        logits = outputs["logits"]
+        logits = _probs(outputs["logits"]) if task == "token-classification" else outputs["logits"]
         return [logits[i, j] for i in range(mask.shape[0]) for j in range(mask.shape[1]) if mask[i, j]]
     if task == "question-answering":
         vecs = []

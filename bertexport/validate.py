@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bertexport.errors import GateFailed, UserError
-from bertexport.parity import TASK_OUTPUTS, decisions, mean_pool
+from bertexport.parity import TASK_OUTPUTS, decisions, mean_pool, primary_vectors
 from bertexport.textdata import TextSet, load_texts
 
 
@@ -88,9 +88,8 @@ def compare_on_data(artifact, reference, data: TextSet, batch_size: int = 16, re
         else:
             preds_a.append(decisions(out_a, task, mask))
             preds_r.append(decisions(out_r, task, mask))
-            for name in TASK_OUTPUTS[task][:1]:
-                a, r = out_a[name].reshape(len(mask), -1), out_r[name].reshape(len(mask), -1)
-                cosines.extend((a * r).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30))
+            va, vr = primary_vectors(out_a, task, mask), primary_vectors(out_r, task, mask)
+            cosines.extend(float(np.dot(a, r) / max(np.linalg.norm(a) * np.linalg.norm(r), 1e-30)) for a, r in zip(va, vr))
     return {
         "pred_artifact": np.concatenate(preds_a) if preds_a else None,
         "pred_reference": np.concatenate(preds_r) if preds_r else None,
