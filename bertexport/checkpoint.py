@@ -224,3 +224,14 @@ def sentence_pooling(folder: Path) -> dict:
     if modules.is_file():
         normalize = any(str(m.get("type", "")).endswith("Normalize") for m in json.loads(modules.read_text()))
     return {"mode": mode, "normalize": normalize}
+
+
+def model_max_length(config: dict, tokenizer=None) -> int:
+    """The longest sequence the model accepts (position embeddings, minus RoBERTa's offset)."""
+    n = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        n -= (config.get("pad_token_id") or 1) + 1
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 10**6:
+        n = min(n, int(tok_max))
+    return n

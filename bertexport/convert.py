@@ -13,8 +13,8 @@ from bertexport import __version__
 from bertexport.artifact import StagedFolder, check_destination
 from bertexport.backends import get_backend
 from bertexport.cache import cache_dir
-from bertexport.checkpoint import Checkpoint, load_model, load_tokenizer, resolve_checkpoint, sentence_pooling
-from bertexport.encoding import make_encoder, model_max_length
+from bertexport.checkpoint import (Checkpoint, load_model, load_tokenizer, model_max_length, resolve_checkpoint,
+                                   sentence_pooling)
 from bertexport.envinfo import environment
 from bertexport.errors import GateFailed, UserError
 from bertexport.export import ExportedModel, export_onnx
@@ -25,6 +25,7 @@ from bertexport.passes import ModelFile, PassContext, config_dict, get_pass
 from bertexport.profiles import TargetProfile, Tolerances, load_profile
 from bertexport.progress import Reporter
 from bertexport.report import render_report, summary_rows
+from bertexport.runtime import TextEncoder
 from bertexport.textdata import builtin_calibration, builtin_samples, load_texts, sample
 
 MODEL_DIR = "model"
@@ -131,12 +132,16 @@ def convert(
         exported = export_onnx(ckpt, torch_model, profile.opset, log=reporter.log)
         if exported.cached:
             reporter.log(f"export reused from cache: {exported.path.parent}")
-    encode = make_encoder(tokenizer, exported.input_names, max_length)
     calibration_texts = sample(calib_set.texts if calib_set else builtin_calibration(), calib_samples, seed)
     if profile.needs_calibration and len(calibration_texts) < 16:
         raise UserError(f"profile {profile.name} calibrates on data: {len(calibration_texts)} texts are too few (need >= 16)")
 
     with StagedFolder(out, force) as staged, tempfile.TemporaryDirectory(dir=cache_dir("work")) as work:
+        # The tokenizer ships first, and everything below (calibration, parity) tokenizes
+        # with that shipped tokenizer.json through the device runtime's encoder: what is
+        # validated is exactly what a device will feed.
+        _write_side_files(staged.staging, ckpt, tokenizer, max_length)
+        encode = TextEncoder.from_folder(staged.staging / TOKENIZER_DIR, exported.input_names, max_length).encode
         ctx = PassContext(
             workdir=Path(work), input_names=exported.input_names, encode=encode,
             calibration_texts=lambda: calibration_texts, threads=threads, log=reporter.log,
@@ -147,7 +152,6 @@ def convert(
         if final.format != backend.MODEL_FORMAT:
             raise UserError(f"profile {profile.name}: its passes end in {final.format}, but {profile.backend} runs {backend.MODEL_FORMAT}")
         model_path = _copy_model(final, staged.staging / MODEL_DIR)
-        _write_side_files(staged.staging, ckpt, tokenizer, max_length)
 
         from bertexport.backends.torch.runner import TorchRunner
 

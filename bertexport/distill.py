@@ -187,7 +187,7 @@ def _loss(student_out, teacher: dict, batch, task, cfg: DistillConfig):
         parts["kd"] = cfg.alpha_kd * kd
         if "labels" in batch and task == "text-classification":
             parts["ce"] = cfg.alpha_ce * F.cross_entropy(student_out.logits, batch["labels"])
-    return sum(parts.values()), {k: float(v) for k, v in parts.items()}
+    return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
 
 
 def _evaluate(model, batches, teacher_outs, task) -> dict:

@@ -26,9 +26,13 @@ class TextEncoder:
 
     @classmethod
     def from_artifact(cls, folder: Path, manifest: dict) -> "TextEncoder":
+        names = [i["name"] for i in manifest["inputs"]]
+        return cls.from_folder(folder / manifest["tokenizer"], names, int(manifest["max_length"]))
+
+    @classmethod
+    def from_folder(cls, tok_dir: Path, input_names: list[str], max_length: int) -> "TextEncoder":
         from tokenizers import Tokenizer
 
-        tok_dir = folder / manifest["tokenizer"]
         tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
         pad_token = None
         cfg = tok_dir / "tokenizer_config.json"
@@ -39,8 +43,7 @@ class TextEncoder:
         pad_id = tok.token_to_id(pad_token) if pad_token else None
         tok.no_padding()
         tok.no_truncation()
-        names = [i["name"] for i in manifest["inputs"]]
-        return cls(tok, names, int(manifest["max_length"]), 0 if pad_id is None else pad_id)
+        return cls(tok, list(input_names), int(max_length), 0 if pad_id is None else pad_id)
 
     def encode(self, texts, pairs=None, padding: str = "longest", length: int | None = None) -> dict[str, np.ndarray]:
         limit = min(length or self.max_length, self.max_length)
