@@ -44,7 +44,27 @@ def main(argv=None):
                             checkpoint_every=100)
         distill(str(teacher), student, data=train_csv, config=cfg, force=True)
     report = json.loads((student / "distill_report.json").read_text())
-    print(json.dumps({k: report[k] for k in ("teacher", "student", "final_eval", "latency", "train_seconds")}, indent=1))
+    # PyTorch teacher vs student at b1/s128 and b8/s128, interleaved, 1 thread
+    import torch
+
+    from bertexport.checkpoint import load_model, resolve_checkpoint
+    from bertexport.latency import speedup, time_interleaved
+
+    torch.set_num_threads(1)
+    t_model = load_model(resolve_checkpoint(str(teacher)))
+    s_model = load_model(resolve_checkpoint(str(student)))
+    torch_latency = {}
+    for b in (1, 8):
+        feeds = {"input_ids": torch.randint(1000, 20000, (b, 128)), "attention_mask": torch.ones(b, 128, dtype=torch.long)}
+        with torch.inference_mode():
+            timed = time_interleaved({"teacher": lambda: t_model(**feeds), "student": lambda: s_model(**feeds)},
+                                     runs=args.runs, warmup=3)
+        torch_latency[f"b{b}/s128"] = {"teacher_p50_ms": timed["teacher"].p50 * 1e3, "student_p50_ms": timed["student"].p50 * 1e3,
+                                       "speedup": speedup(timed["teacher"], timed["student"])}
+    report["latency_b_s128"] = torch_latency
+    (root / "student-results").mkdir(parents=True, exist_ok=True)
+    (root / "student-results" / "distill_summary.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("teacher", "student", "final_eval", "latency_b_s128", "train_seconds")}, indent=1))
 
     arts = convert_all(student, ["ort-fp32", "openvino-int8"], root / "calib.csv", root / "student-artifacts")
     bench = benchmark(str(student), arts, batches=[1, 8], sequences=[128], data=test_csv, runs=args.runs, threads=1)

@@ -372,6 +372,19 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def latency_feeds(eval_b, texts, max_length):
+    """One sequence of ``max_length`` real tokens (texts joined): a fixed, comparable cell
+    (b1/s128 by default) instead of whatever the first eval batch happens to be."""
+    import torch
+
+    ids = eval_b[0]["inputs"]
+    tok_ids = torch.cat([b["inputs"]["input_ids"][0] for b in eval_b])[:max_length].unsqueeze(0)
+    out = {"input_ids": tok_ids, "attention_mask": torch.ones_like(tok_ids)}
+    if "token_type_ids" in ids:
+        out["token_type_ids"] = torch.zeros_like(tok_ids)
+    return out
+
+
 def _report(ckpt, teacher, student, keep, teacher_layers, state, eval_b, teacher_eval, cfg, ts, seconds) -> dict:
     import torch
 
@@ -382,7 +395,7 @@ def _report(ckpt, teacher, student, keep, teacher_layers, state, eval_b, teacher
     if ckpt.task == "text-classification" and any("labels" in b for b in eval_b):
         correct = sum(int((torch.from_numpy(t["logits"]).argmax(-1) == b["labels"]).sum()) for b, t in zip(eval_b, teacher_eval))
         teacher_eval_metrics["accuracy"] = correct / sum(len(b["labels"]) for b in eval_b)
-    feeds = eval_b[0]["inputs"]
+    feeds = latency_feeds(eval_b, ts.texts, cfg.max_length)
     with torch.inference_mode():
         timed = time_interleaved({"teacher": lambda: teacher(**feeds), "student": lambda: student(**feeds)}, runs=20, warmup=3)
     h = state["history"]
