@@ -19,9 +19,11 @@ def check_destination(out: Path, force: bool) -> None:
         raise UserError(f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder")
-    parent = out.parent
-    if not parent.exists():
-        raise UserError(f"parent folder of {out} does not exist")
+    for parent in out.parents:  # missing parents are created; a file in the way is an error
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot create {out}: {parent} is not a folder")
+            break
 
 
 class StagedFolder:
@@ -35,6 +37,7 @@ class StagedFolder:
     def __enter__(self) -> "StagedFolder":
         if self.staging.exists():
             shutil.rmtree(self.staging)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True)
         return self
 

@@ -32,3 +32,12 @@ def test_staged_folder_publish_and_refuse(tmp_path):
         s.publish(True)
     assert sorted(p.name for p in out.iterdir()) == ["g"]
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_missing_parents_are_created_but_not_through_a_file(tmp_path):
+    with StagedFolder(tmp_path / "a" / "b" / "c") as s:
+        s.publish(True)
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is not a folder"):
+        StagedFolder(tmp_path / "f" / "out")
