@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bertexport.errors import UserError
@@ -19,10 +19,6 @@ DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
 
 _SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "sentencepiece.bpe.model", "spiece.model", "spm.model", "added_tokens.json",
-)
 
 
 @dataclass
@@ -37,12 +33,6 @@ class Checkpoint:
     safetensors: bool
     sha256: str  # over config.json + weight files
     revision: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_labels(self) -> int | None:
-        id2label = self.config.get("id2label")
-        return len(id2label) if id2label else None
 
     @property
     def id2label(self) -> dict[int, str] | None:
@@ -205,10 +195,6 @@ def load_tokenizer(ckpt: Checkpoint, *, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(ckpt.path, use_fast=True, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"could not load the tokenizer from {ckpt.path}: {type(e).__name__}: {e}") from e
-
-
-def tokenizer_files(folder: Path) -> list[Path]:
-    return [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()]
 
 
 def sentence_pooling(folder: Path) -> dict:
