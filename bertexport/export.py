@@ -75,7 +75,7 @@ def _cache_key(ckpt: Checkpoint, opset: int) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = True, log=print) -> ExportedModel:
+def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = True) -> ExportedModel:
     """ONNX export of ``model`` (the loaded PyTorch original of ``ckpt``)."""
     from optimum.exporters.onnx import onnx_export_from_model
 

@@ -70,3 +70,10 @@ def test_bad_inputs(arts, tmp_path):
         benchmark(str(other), [arts["a"]], runs=5)
     r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), "--runs", "1"])
     assert r.exit_code == 2 and "too few" in r.output
+
+
+def test_targets_are_converted_into_the_cache_and_reused(arts):
+    first = benchmark(str(arts["ckpt"]), [], targets=["ort-fp32"], runs=5, warmup=1, sequences=[8])
+    again = benchmark(str(arts["ckpt"]), [], targets=["ort-fp32"], runs=5, warmup=1, sequences=[8])
+    assert [c["target"] for c in first["candidates"]] == [None, "ort-fp32"]
+    assert first["candidates"][1]["artifact"] == again["candidates"][1]["artifact"]
