@@ -68,7 +68,7 @@ def main(argv=None):
 
     arts = convert_all(student, ["ort-fp32", "openvino-int8"], root / "calib.csv", root / "student-artifacts")
     bench = benchmark(str(student), arts, batches=[1, 8], sequences=[128], data=test_csv, runs=args.runs, threads=1)
-    write_outputs(bench, root / "student-results")
+    write_outputs(bench, root / "student-results", force=True)
     print(to_markdown(bench))
 
 

@@ -145,7 +145,7 @@ def main(argv=None):
     arts = convert_all(model, args.targets, calib_csv, root / "artifacts")
     report = benchmark(str(model), arts, batches=[1, 8], sequences=[128], texts=root / "texts.txt", data=test_csv,
                        runs=args.runs, threads=args.threads)
-    paths = write_outputs(report, root / "results")
+    paths = write_outputs(report, root / "results", force=True)
     print(to_markdown(report))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
@@ -162,7 +162,7 @@ def main(argv=None):
             AutoTokenizer.from_pretrained(builtin_model_path()).save_pretrained(bb)
         arts = convert_all(bb, BERT_BASE_TARGETS, None, bb.parent / "artifacts")
         report = benchmark(str(bb), arts, batches=[1, 8], sequences=[128], runs=args.runs, threads=args.threads)
-        paths = write_outputs(report, bb.parent / "results")
+        paths = write_outputs(report, bb.parent / "results", force=True)
         print(to_markdown(report))
 
 

@@ -108,9 +108,9 @@ def benchmark(
     reporter: Reporter | None = None,
 ) -> dict:
     """Returns the JSON-able report (see ``SCHEMA``)."""
-    from bertexport.backends.torch.runner import TorchRunner
     from bertexport.checkpoint import load_model, resolve_checkpoint
-    from bertexport.parity import TASK_OUTPUTS
+    from bertexport.compare import reference_runner
+    from bertexport.compare import fixed_cell_feeds
     from bertexport.runtime import Artifact
     from bertexport.textdata import builtin_samples, load_texts
 
@@ -134,7 +134,8 @@ def benchmark(
         if a.task != opened[0].task:
             raise UserError(f"{a.folder} serves {a.task}, {opened[0].folder} serves {opened[0].task}")
     src = model or first["source"]["path"]
-    ckpt = resolve_checkpoint(src, first["task"], allow_pickle=first["source"].get("weights_format") == "pickle")
+    ckpt = resolve_checkpoint(src, first["task"], allow_pickle=first["source"].get("weights_format") == "pickle",
+                              trust_remote_code=bool(first["source"].get("trust_remote_code")))
     if ckpt.sha256 != first["source"]["sha256"] and not force:
         raise UserError(f"{src} is not the checkpoint the artifacts were built from (sha256 differs); pass --force to compare anyway")
 
@@ -145,7 +146,7 @@ def benchmark(
         torch_model = load_model(ckpt)
         torch_load = (time.perf_counter() - t0, None if rss0 is None else round(_rss_mb() - rss0, 1))
         cands = [Candidate(_unique("pytorch", taken), "pytorch",
-                           TorchRunner(torch_model, input_names, list(TASK_OUTPUTS[first["task"]]), threads=threads),
+                           reference_runner(ckpt, input_names, threads, torch_model=torch_model),
                            sum(p.stat().st_size for p in ckpt.weight_files))]
         for a in opened:
             cands.append(Candidate(_unique(a.folder.name, taken), "artifact", a.runner, a.model_bytes,
@@ -164,8 +165,7 @@ def benchmark(
         if s == "real":  # cycle through the file's texts, each batch padded to its longest
             batches_feeds = [encoder.encode(real[i:i + b]) for i in range(0, len(real), b)]
         else:
-            long_text = " ".join(sample_texts)
-            batches_feeds = [encoder.encode([long_text] * b, padding="max_length", length=s)]
+            batches_feeds = [fixed_cell_feeds(encoder.encode, sample_texts, b, s)]
         calls = {}
         for c in cands:
             counter = {"i": 0}
@@ -189,7 +189,8 @@ def benchmark(
 
     accuracy = None
     if data:
-        from bertexport.validate import compare_on_data, label_ids, metrics_from
+        from bertexport.compare import compare_on_data, task_metrics
+        from bertexport.textdata import label_ids
 
         ts = load_texts(data)
         if data_limit:
@@ -199,9 +200,10 @@ def benchmark(
         reference_outputs: dict = {}  # the PyTorch original runs once, shared by all artifacts
         with reporter.step(f"accuracy on {len(ts.texts)} labelled texts"):
             for a in opened:
-                accuracy[next(c.name for c in cands if c.artifact == str(a.folder))] = metrics_from(
-                    compare_on_data(a, cands[0].runner, ts, reference_cache=reference_outputs), a.task, labels)
-        accuracy[cands[0].name] = ({"accuracy": next(iter(accuracy.values())).get("accuracy_reference")} if labels is not None else {})
+                accuracy[next(c.name for c in cands if c.artifact == str(a.folder))] = task_metrics(
+                    compare_on_data(a, cands[0].runner, a.encoder.encode, ts, a.task, reference_cache=reference_outputs), labels)
+        accuracy[cands[0].name] = ({"metric_candidate": next(iter(accuracy.values())).get("metric_reference")}
+                                   if labels is not None else {})
 
     for c in cands:
         c.runner.deactivate()
@@ -237,7 +239,7 @@ def rows(report: dict) -> list[dict]:
                 "stdev_ms": lat["stdev"] * 1e3, "throughput": r["throughput"],
                 "speedup": r["speedup"]["p50_ratio"], "speedup_p10": r["speedup"]["round_ratio_p10"],
                 "speedup_p90": r["speedup"]["round_ratio_p90"],
-                "accuracy": a.get("accuracy_artifact", a.get("accuracy")), "drop": a.get("accuracy_drop"),
+                "accuracy": a.get("metric_candidate"), "drop": a.get("metric_drop"),
                 "agreement": a.get("agreement"), "cosine_min": a.get("cosine_min"),
             })
     return out
@@ -276,7 +278,7 @@ def plot(report: dict, path: str | Path) -> Path:
     import numpy as np
 
     acc = report.get("accuracy") or {}
-    has_acc = any(v.get("accuracy_artifact") is not None or v.get("accuracy") is not None for v in acc.values())
+    has_acc = any(v.get("metric_candidate") is not None for v in acc.values())
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     names = [c["name"] for c in report["candidates"]]
@@ -297,7 +299,7 @@ def plot(report: dict, path: str | Path) -> Path:
         cell = report["cells"][0]
         for n in names:
             a = acc.get(n, {})
-            y = a.get("accuracy_artifact", a.get("accuracy"))
+            y = a.get("metric_candidate")
             if y is not None:
                 ax2.scatter(cell["results"][n]["latency"]["p50"] * 1e3, y)
                 ax2.annotate(n, (cell["results"][n]["latency"]["p50"] * 1e3, y))
@@ -311,14 +313,25 @@ def plot(report: dict, path: str | Path) -> Path:
     return path
 
 
-def write_outputs(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "benchmark.json", "markdown": out / "benchmark.md", "plot": out / "benchmark.png"}
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n")
-    paths["markdown"].write_text(to_markdown(report))
-    try:
-        plot(report, paths["plot"])
-    except ImportError:
-        paths.pop("plot")
-    return paths
+def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
+    """Before measuring: ``out_dir`` may be created, or replaced when it is a benchmark folder and ``force``."""
+    from bertexport.staging import check_destination, check_writable
+
+    check_destination(Path(out_dir), force, [], "benchmark folder")
+    check_writable(Path(out_dir), 10 << 20, "benchmark report")
+
+
+def write_outputs(report: dict, out_dir: str | Path, force: bool = False) -> dict[str, Path]:
+    """benchmark.json/.md/.png, published together (staged, then renamed into place)."""
+    from bertexport.staging import StagedFolder
+
+    names = {"json": "benchmark.json", "markdown": "benchmark.md", "plot": "benchmark.png"}
+    with StagedFolder(Path(out_dir), force, what="benchmark folder") as staged:
+        (staged.staging / names["json"]).write_text(json.dumps(report, indent=1) + "\n")
+        (staged.staging / names["markdown"]).write_text(to_markdown(report))
+        try:
+            plot(report, staged.staging / names["plot"])
+        except ImportError:
+            names.pop("plot")
+        out = staged.publish()
+    return {k: out / v for k, v in names.items()}

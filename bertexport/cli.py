@@ -1,34 +1,141 @@
-"""The command line: parses, calls the library, prints. No logic of its own."""
+"""The command line: parses, calls the library, prints. No logic of its own.
+
+Exit codes (the same for every command):
+  0   passed
+  1   a quality gate failed (and only that)
+  2   bad input, or an environment that cannot serve the request
+  3   internal error (a bug): one line, the traceback goes to a log file in the cache
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM); staging and work folders are removed
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
 from bertexport import __version__
-from bertexport.errors import BertExportError, GateFailed
+from bertexport.errors import BertExportError, GateFailed, Interrupted
+
+EXIT_CODES_HELP = ("Exit codes: 0 passed; 1 a quality gate failed; 2 bad input or an environment that cannot "
+                   "serve the request; 3 internal error (traceback in a log file); 130/143 interrupted.")
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EMFILE}
+TASK_CHOICE = click.Choice(["feature-extraction", "text-classification", "token-classification",
+                            "question-answering", "fill-mask"])  # == tasks.TASKS (tested; the CLI stays import-light)
+
+
+def _debug() -> bool:
+    return os.environ.get("BERTEXPORT_DEBUG", "") not in ("", "0")
+
+
+def write_crash_log(exc: BaseException) -> Path:
+    """The full traceback of an internal error, with the command and versions, in the cache."""
+    import datetime as dt
+    import tempfile
+    import traceback
+
+    from bertexport.envinfo import package_versions
+
+    text = (f"bertexport {__version__} internal error\ncommand: {' '.join(sys.argv)}\n"
+            f"versions: {package_versions()}\n\n" + "".join(traceback.format_exception(exc)))
+    name = f"crash-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        from bertexport.cache import cache_dir
+
+        path = cache_dir("logs") / name
+        path.write_text(text)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / name
+        path.write_text(text)
+    return path
 
 
 class _Group(click.Group):
-    """Maps library errors to one line on stderr and their exit code (2 input, 1 gate)."""
+    """Maps every outcome to the exit-code contract above, with one line on stderr."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except GateFailed as e:
             click.echo(f"FAILED: {e}", err=True)
             ctx.exit(e.exit_code)
         except BertExportError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted — nothing written (staging and work folders removed)", err=True)
+            ctx.exit(130)
+        except Interrupted as e:
+            click.echo(f"{e} — nothing written (staging and work folders removed)", err=True)
+            ctx.exit(e.exit_code)
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller batch, fewer texts or a machine with more memory", err=True)
+            ctx.exit(2)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRNOS:
+                self._internal(ctx, e)
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(f"error: cannot write{where}: {e.strerror or e} (a read-only, full or protected location?)", err=True)
+            ctx.exit(2)
+        except Exception as e:  # a bug: one line, the traceback in a log file
+            self._internal(ctx, e)
+
+    @staticmethod
+    def _internal(ctx, e: BaseException):
+        if _debug():
+            import traceback
+
+            traceback.print_exception(e)
+        try:
+            log = write_crash_log(e)
+            where = f"; full traceback in {log}"
+        except OSError:
+            where = ""
+        click.echo(f"internal error (a bug in bertexport, please report it): {type(e).__name__}: "
+                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}{where}", err=True)
+        ctx.exit(3)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def _set_debug(ctx, param, value):
+    if value:
+        os.environ["BERTEXPORT_DEBUG"] = "1"
+    return value
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="bertexport")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Print the traceback of internal errors (also BERTEXPORT_DEBUG=1).")
 def cli():
     """Compile BERT-family checkpoints into fast, verified deployment artifacts."""
+
+
+def json_option(what: str):
+    """``--json PATH|-``: the same meaning on every command (``-`` is standard output)."""
+    return click.option("--json", "json_out", metavar="PATH|-", help=f"Write {what} as JSON to PATH, or to standard output with '-'.")
+
+
+def emit_json(target: str | None, payload) -> None:
+    import json
+
+    if not target:
+        return
+    text = json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n"
+    if target == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(target).write_text(text)
+
+
+def _say(json_out, message: str) -> None:
+    """Human lines go to stderr when JSON goes to stdout."""
+    click.echo(message, err=json_out == "-")
 
 
 def _print_rows(rows, title):
@@ -40,61 +147,65 @@ def _print_rows(rows, title):
         table.add_column(col)
     for r in rows:
         table.add_row(r["metric"], r["original"], r["artifact"])
-    Console().print(table)
+    Console(stderr=True).print(table)
 
 
-@cli.command()
+def _threads_option(default=1, help="Threads for PyTorch and the artifact (pinned, reported)."):
+    return click.option("--threads", type=click.IntRange(min=1), default=default, show_default=default is not None, help=help)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", default="builtin:all-MiniLM-L6-v2")
 @click.option("--target", "-t", required=True, help="Target profile name (see `bertexport targets`) or path to a .toml profile.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
-                                          "question-answering", "fill-mask"]), help="Override the task detected from config.json.")
+@click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (.txt/.csv/.tsv/.jsonl); default: calib/ set.")
 @click.option("--samples", type=click.Path(path_type=Path), help="Validation sentences; default: calib/samples.txt.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for PyTorch and the artifact during validation and timing.")
-@click.option("--latency-runs", type=int, default=None, help="Timed runs per side (0 skips timing); default from the profile.")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@_threads_option()
+@click.option("--latency-runs", type=click.IntRange(min=0), default=None, help="Timed runs per side (0 skips timing); default from the profile.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a hub id.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin (pickle) weights, which can run code when loaded.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the checkpoint.")
-@click.option("--distill", "distill_layers", type=int, help="First distill MODEL to a student with this many layers, then convert the student.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint (auto_map, *.py).")
+@click.option("--distill", "distill_layers", type=click.IntRange(min=1), help="First distill MODEL to a student with this many layers, then convert the student.")
 @click.option("--distill-data", type=click.Path(path_type=Path), help="Transfer text for --distill (default: calib/).")
-@click.option("--distill-epochs", type=int, default=3, show_default=True)
+@click.option("--distill-epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs for --distill.")
+@json_option("the manifest of the build")
 def convert(model, target, out, task, calib, samples, threads, latency_runs, force, revision, allow_pickle, trust_remote_code,
-            distill_layers, distill_data, distill_epochs):
+            distill_layers, distill_data, distill_epochs, json_out):
     """Compile MODEL (a folder, a hub id, or the built-in all-MiniLM-L6-v2) for a target."""
     from bertexport.convert import convert as run_convert
     from bertexport.progress import RichReporter
 
     reporter = RichReporter()
-    if distill_layers:
-        from bertexport.convert import distilled_student
-
-        model = str(distilled_student(model, task, distill_layers, distill_data, distill_epochs, reporter))
     try:
         result = run_convert(model, target, out, task=task, calib=calib, samples=samples, force=force, threads=threads,
                              latency_runs=latency_runs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                             revision=revision, reporter=reporter)
+                             revision=revision, reporter=reporter, distill_layers=distill_layers,
+                             distill_data=distill_data, distill_epochs=distill_epochs)
     except GateFailed as e:
         if e.result is not None:
             _print_rows(e.result.rows, f"{e.result.artifact} (rejected)")
+            emit_json(json_out, e.result.manifest)
         raise
     _print_rows(result.rows, str(result.artifact))
-    click.echo(f"PASSED: {result.artifact}")
+    emit_json(json_out, result.manifest)
+    _say(json_out, f"PASSED: {result.artifact}")
 
 
 def _distill_options(f):
     for opt in reversed([
-        click.option("--layers", type=int, help="Student layer count (every k-th teacher layer kept)."),
+        click.option("--layers", type=click.IntRange(min=1), help="Student layer count (every k-th teacher layer kept)."),
         click.option("--keep-layers", help="Explicit teacher layer indices to keep, e.g. 1,3,5."),
         click.option("--student", help="A student checkpoint sharing the teacher's tokenizer (instead of --layers)."),
         click.option("--data", "distill_data", type=click.Path(path_type=Path), help="Transfer text (.txt/.csv/.tsv/.jsonl; labels used when present); default: calib/."),
-        click.option("--epochs", type=int, default=3, show_default=True),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--lr", type=float, default=5e-5, show_default=True),
-        click.option("--temperature", type=float, default=2.0, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--distill-threads", type=int, default=1, show_default=True, help="Training threads."),
+        click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch size."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True, help="Learning rate."),
+        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+                     help="Softmax temperature of the distillation loss."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (data split, order, init)."),
+        click.option("--distill-threads", type=click.IntRange(min=1), default=1, show_default=True, help="Training threads."),
     ]):
         f = opt(f)
     return f
@@ -113,16 +224,16 @@ def _distill_config(layers, keep_layers, student, epochs, batch_size, lr, temper
                          temperature=temperature, seed=seed, threads=distill_threads)
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("teacher")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Student checkpoint folder to create.")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
-                                          "question-answering", "fill-mask"]))
+@click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
 @_distill_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport student (never a folder of other files).")
+@json_option("the distillation report")
 def distill(teacher, out, task, layers, keep_layers, student, distill_data, epochs, batch_size, lr, temperature, seed,
-            distill_threads, resume, force):
+            distill_threads, resume, force, json_out):
     """Distill TEACHER into a smaller student checkpoint (same family and tokenizer)."""
     from bertexport.distill import distill as run_distill
     from bertexport.progress import RichReporter
@@ -131,90 +242,112 @@ def distill(teacher, out, task, layers, keep_layers, student, distill_data, epoc
     result = run_distill(teacher, out, task=task, data=distill_data, config=cfg, resume=resume, force=force,
                          reporter=RichReporter())
     r = result.report
-    click.echo(f"student: {result.student}")
-    click.echo(f"  layers {r['teacher']['layers']} -> {r['student']['layers']}, parameters "
-               f"{r['teacher']['parameters'] / 1e6:.1f}M -> {r['student']['parameters'] / 1e6:.1f}M")
-    click.echo(f"  PyTorch latency {r['latency']['teacher_p50_ms']:.2f} -> {r['latency']['student_p50_ms']:.2f} ms "
-               f"({r['latency']['speedup']['p50_ratio']:.2f}x); final eval: {r['final_eval']}")
+    emit_json(json_out, r)
+    _say(json_out, f"student: {result.student}")
+    _say(json_out, f"  layers {r['teacher']['layers']} -> {r['student']['layers']}, parameters "
+                   f"{r['teacher']['parameters'] / 1e6:.1f}M -> {r['student']['parameters'] / 1e6:.1f}M")
+    _say(json_out, f"  PyTorch latency {r['latency']['teacher_p50_ms']:.2f} -> {r['latency']['student_p50_ms']:.2f} ms "
+                   f"({r['latency']['speedup']['p50_ratio']:.2f}x); final eval: {r['final_eval']}")
 
 
 @cli.command()
-def targets():
-    """List the built-in target profiles."""
+@click.option("--describe", "describe_name", metavar="NAME", help="Describe one profile or pass: its settings and options.")
+def targets(describe_name):
+    """List the built-in target profiles (and, with --describe, a profile's or a pass's options)."""
     from bertexport.profiles import list_profiles, load_profile
 
+    if describe_name:
+        from bertexport.describe import describe_text
+
+        click.echo(describe_text(describe_name))
+        return
     for name, path in list_profiles().items():
         p = load_profile(path)
         click.echo(f"{name:24s} {p.backend:12s} {p.description}")
 
 
-@cli.command()
+def _trusted_key_option(f):
+    return click.option("--trusted-key", type=click.Path(path_type=Path), envvar="BERTEXPORT_TRUSTED_KEY",
+                        help="Public key (PEM) the artifact must be signed with (also BERTEXPORT_TRUSTED_KEY).")(f)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
-def verify(artifact):
-    """Check an artifact's files against its manifest checksums."""
+@json_option("the verification result")
+def verify(artifact, json_out):
+    """Check an artifact: every file against the manifest's checksums, and the manifest's own digest."""
     from bertexport.manifest import load_manifest, verify_files
 
     manifest = load_manifest(artifact)
     problems = verify_files(artifact, manifest)
+    emit_json(json_out, {"artifact": str(artifact), "passed": not problems, "problems": problems,
+                         "files": len(manifest.get("files", {})), "manifest_sha256": manifest.get("manifest_sha256")})
     if problems:
-        for p in problems:
-            click.echo(p, err=True)
-        click.echo(f"FAILED: {artifact}: {len(problems)} problem(s)", err=True)
-        sys.exit(1)
-    click.echo(f"PASSED: {artifact}: {len(manifest['files'])} files verified (status {manifest.get('status')})")
+        from bertexport.errors import UserError
+
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UserError(f"{artifact} failed verification: {'; '.join(problems[:5])}{more}")
+    _say(json_out, f"PASSED: {artifact}: {len(manifest['files'])} files and the manifest verified (status {manifest.get('status')})")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Labelled data (.csv/.tsv/.jsonl: text[, text_pair], label) or plain text; default: calib/samples.txt.")
 @click.option("--model", help="The PyTorch original (default: the checkpoint named in the manifest).")
-@click.option("--max-accuracy-drop", type=float, help="Gate: accuracy may drop at most this many points.")
-@click.option("--min-agreement", type=float, help="Gate: fraction of decisions equal to PyTorch's.")
-@click.option("--min-cosine", type=float, help="Gate: minimum per-sample cosine to PyTorch's outputs.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Gate: accuracy may drop at most this many points.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Gate: fraction of decisions equal to PyTorch's.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Gate: minimum per-sample cosine to PyTorch's outputs.")
+@click.option("--report-only", is_flag=True, help="No gate: measure and report only (exit 0 unless the input is bad).")
 @click.option("--text-column", help="Text column name (CSV/TSV/JSONL).")
 @click.option("--label-column", help="Label column name (CSV/TSV/JSONL).")
-@click.option("--limit", type=int, help="Use only the first N rows.")
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N rows.")
+@_threads_option()
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML report for CI systems.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result as JSON.")
+@json_option("the result")
 @click.option("--force", is_flag=True, help="Compare even if --model is not the checkpoint the artifact was built from.")
-def validate(artifact, data, model, max_accuracy_drop, min_agreement, min_cosine, text_column, label_column, limit,
-             threads, junit, json_out, force):
+def validate(artifact, data, model, max_accuracy_drop, min_agreement, min_cosine, report_only, text_column, label_column,
+             limit, threads, junit, json_out, force):
     """Task accuracy and agreement of ARTIFACT vs its PyTorch original, with CI gates (exit 1 on failure)."""
-    import json
-
-    from bertexport.validate import Gates
+    from bertexport.errors import UserError
+    from bertexport.compare import Gates
     from bertexport.validate import validate as run_validate
 
-    gates = Gates(max_accuracy_drop, min_agreement, min_cosine)
+    gates = Gates(min_cosine=min_cosine, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    if not gates.any() and not report_only:
+        raise UserError("no gate given: pass --max-accuracy-drop, --min-agreement and/or --min-cosine "
+                        "(or --report-only to measure without a gate)")
     try:
         result = run_validate(artifact, data, model=model, gates=gates, text_column=text_column, label_column=label_column,
                               limit=limit, threads=threads, force=force, junit=junit)
     except GateFailed as e:
-        if json_out and e.result is not None:
-            json_out.write_text(json.dumps(e.result.to_dict(), indent=2) + "\n")
         if e.result is not None:
-            _print_metrics(e.result)
+            emit_json(json_out, e.result.to_dict())
+            _print_metrics(e.result, json_out)
         raise
-    if json_out:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    _print_metrics(result)
-    click.echo(f"PASSED: {artifact} ({', '.join(f'{k}={v}' for k, v in result.gates.items()) or 'no gates'})")
+    emit_json(json_out, result.to_dict())
+    _print_metrics(result, json_out)
+    if result.gates:
+        _say(json_out, f"PASSED: {artifact} ({', '.join(f'{k}={v}' for k, v in result.gates.items())})")
+    else:
+        _say(json_out, f"REPORTED (no gate): {artifact}")
 
 
-def _print_metrics(result):
+def _print_metrics(result, json_out=None):
     for k, v in result.metrics.items():
-        click.echo(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
+        _say(json_out, f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
 
 
 def _int_list(ctx, param, value):
     try:
-        return [int(x) for x in value.split(",")] if value else []
+        out = [int(x) for x in value.split(",")] if value else []
     except ValueError as e:
         raise click.BadParameter("a comma-separated list of integers") from e
+    if any(v < 1 for v in out):
+        raise click.BadParameter("every value must be >= 1")
+    return out
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", required=False)
 @click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--target", "-t", "targets", multiple=True, help="Also convert MODEL for this profile (cached) and include it; repeatable.")
@@ -222,22 +355,25 @@ def _int_list(ctx, param, value):
 @click.option("--seq", "sequences", default="128", callback=_int_list, show_default=True, help="Sequence lengths, comma-separated.")
 @click.option("--texts", type=click.Path(path_type=Path), help="Also time a 'real lengths' cell over this text file.")
 @click.option("--data", type=click.Path(path_type=Path), help="Labelled data: adds accuracy per candidate.")
-@click.option("--data-limit", type=int, help="Use only the first N rows of --data.")
-@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per candidate per cell.")
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for every candidate (pinned, reported).")
+@click.option("--data-limit", type=click.IntRange(min=1), help="Use only the first N rows of --data.")
+@click.option("--runs", type=click.IntRange(min=5), default=30, show_default=True, help="Timed runs per candidate per cell (>= 5).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed warm-up runs per candidate per cell.")
+@_threads_option(help="Threads for every candidate (pinned, reported).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for benchmark.json/.md/.png.")
-@click.option("--force", is_flag=True, help="Compare artifacts built from different checkpoints.")
-def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_limit, runs, warmup, threads, out_dir, force):
+@json_option("the report")
+@click.option("--force", is_flag=True, help="Compare artifacts built from different checkpoints; replace an existing --out benchmark folder.")
+def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_limit, runs, warmup, threads, out_dir, json_out, force):
     """Latency/throughput (and accuracy) of the PyTorch original and each ARTIFACT, interleaved.
 
     MODEL may be omitted when ARTIFACTS are given (the manifest names the checkpoint)."""
     from bertexport.benchmark import benchmark as run_benchmark
-    from bertexport.benchmark import rows, write_outputs
+    from bertexport.benchmark import check_out_dir, rows, write_outputs
     from bertexport.progress import RichReporter
 
     if model and Path(model).joinpath("manifest.json").is_file():  # first positional is an artifact
         artifacts, model = (Path(model), *artifacts), None
+    if out_dir:
+        check_out_dir(out_dir, force)
     report = run_benchmark(model, list(artifacts), targets=list(targets), batches=batches, sequences=sequences, texts=texts,
                            data=data, data_limit=data_limit, runs=runs, warmup=warmup, threads=threads, force=force,
                            reporter=RichReporter())
@@ -251,27 +387,28 @@ def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_l
         table.add_row(r["candidate"], str(r["batch"]), str(r["sequence"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}", f"{r['speedup']:.2f}x",
                       "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}", "-" if r["drop"] is None else f"{r['drop']:+.2f}")
-    Console().print(table)
+    Console(stderr=json_out == "-").print(table)
+    emit_json(json_out, report)
     if out_dir:
-        for kind, p in write_outputs(report, out_dir).items():
-            click.echo(f"{kind}: {p}")
+        for kind, p in write_outputs(report, out_dir, force=force).items():
+            _say(json_out, f"{kind}: {p}")
 
 
-@cli.command("run")
+@cli.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
 @click.option("--file", "file_", type=click.Path(path_type=Path), help="Read texts from a file, one per line (streamed).")
 @click.option("--context", help="Question-answering: the context; TEXTS are the questions.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--top-k", type=int, default=1, show_default=True)
-@click.option("--stride", type=int, help="Tokens shared by consecutive windows of a long text (default: max_length/4).")
-@click.option("--max-length", type=int, help="Window length in tokens (default and maximum: the model's).")
+@json_option("one result object per line (JSON lines; each has the input's index and a short prefix, not the whole text)")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Labels (or tokens) to return per text (or mask).")
+@click.option("--stride", type=click.IntRange(min=0), help="Tokens shared by consecutive windows of a long text (default: max_length/4).")
+@click.option("--max-length", type=click.IntRange(min=8), help="Window length in tokens (default and maximum: the model's).")
 @click.option("--aggregation", type=click.Choice(["mean", "max"]), default="mean", show_default=True,
               help="Classification of long texts: mean of window logits, or the most confident window.")
 @click.option("--normalize/--no-normalize", default=None, help="Embeddings: L2-normalise (default: as the source model).")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--threads", type=int, default=None, help="Runtime threads (default: the runtime's own).")
-def run_cmd(artifact, texts, file_, context, as_json, top_k, stride, max_length, aggregation, normalize, batch_size, threads):
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Windows per inference call.")
+@_threads_option(default=None, help="Runtime threads (default: the runtime's own).")
+def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length, aggregation, normalize, batch_size, threads):
     """Run ARTIFACT on TEXTS (or --file) without torch: labels, embeddings, entities, answers, masks."""
     import json
 
@@ -280,43 +417,38 @@ def run_cmd(artifact, texts, file_, context, as_json, top_k, stride, max_length,
 
     if not texts and not file_:
         raise UserError("give TEXTS or --file")
-    if batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    with Artifact(artifact, threads=threads) as art:
-        pred = Predictor(art, batch_size=batch_size, stride=stride, max_length=max_length, aggregation=aggregation,
-                         top_k=top_k, normalize=normalize)
-        for chunk in _text_chunks(texts, file_, 256):
-            pairs = [context] * len(chunk) if context is not None else None
-            for text, res in zip(chunk, pred.predict(chunk, pairs)):
-                if as_json:
-                    click.echo(json.dumps({"text": text, **res}, ensure_ascii=False))
-                else:
-                    click.echo(_one_line(text, res))
+    sink = None
+    if json_out and json_out != "-":
+        sink = open(json_out, "w", encoding="utf-8")
+    try:
+        with Artifact(artifact, threads=threads) as art:
+            for w in art.warnings:
+                click.echo(f"warning: {w}", err=True)
+            pred = Predictor(art, batch_size=batch_size, stride=stride, max_length=max_length, aggregation=aggregation,
+                             top_k=top_k, normalize=normalize)
+            index = 0
+            for chunk in _text_chunks(texts, file_, 256):
+                pairs = [context] * len(chunk) if context is not None else None
+                for text, res in zip(chunk, pred.predict(chunk, pairs)):
+                    if json_out:
+                        line = json.dumps({"index": index, "text_prefix": text[:40], **res}, ensure_ascii=False)
+                        click.echo(line) if sink is None else sink.write(line + "\n")
+                    else:
+                        click.echo(_one_line(text, res))
+                    index += 1
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 def _text_chunks(texts, file_, size):
     """Texts in chunks, streaming a file so a huge one never sits in memory at once."""
-    from bertexport.errors import UserError
+    from bertexport.textdata import iter_text_lines
 
     if texts:
         yield list(texts)
     if file_:
-        if not file_.is_file():
-            raise UserError(f"file not found: {file_}")
-        chunk = []
-        with open(file_, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{file_}:{n} is not valid UTF-8 ({e.reason})") from e
-                if line.strip():
-                    chunk.append(line)
-                if len(chunk) == size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
+        yield from iter_text_lines(file_, size)
 
 
 def _one_line(text, res):
@@ -333,10 +465,10 @@ def _one_line(text, res):
     return "; ".join(" | ".join(f"{t['token']}:{t['score']:.3f}" for t in m["tokens"]) for m in res["masks"]) or "(no mask)"
 
 
-@cli.command("pack")
+@cli.command("pack", epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Pack file (default: ARTIFACT.tar.gz).")
-@click.option("--force", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport pack (never another file).")
 def pack_cmd(artifact, out, force):
     """Pack ARTIFACT into one .tar.gz (+ .sha256) for shipping."""
     from bertexport.packing import pack
@@ -345,10 +477,10 @@ def pack_cmd(artifact, out, force):
     click.echo(f"packed: {p} ({p.stat().st_size / 1e6:.1f} MB); checksum: {p}.sha256")
 
 
-@cli.command("unpack")
+@cli.command("unpack", epilog=EXIT_CODES_HELP)
 @click.argument("pack_file", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
-@click.option("--force", is_flag=True)
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
 def unpack_cmd(pack_file, out, force):
     """Unpack a pack safely (no path traversal, no links out) and verify its checksums."""
     from bertexport.packing import unpack
@@ -356,28 +488,68 @@ def unpack_cmd(pack_file, out, force):
     click.echo(f"PASSED: unpacked and verified {unpack(pack_file, out, force)}")
 
 
-@cli.command("inspect")
+@cli.command("inspect", epilog=EXIT_CODES_HELP)
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(path, as_json):
+@json_option("the summary")
+def inspect_cmd(path, json_out):
     """Summarise an artifact folder or pack: model, task, target, inputs, parity, latency, versions."""
-    import json
-
-    from bertexport.packing import inspect
+    from bertexport.packing import inspect, inspect_rows
 
     info = inspect(path)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
+    emit_json(json_out, info)
+    if json_out == "-":
         return
-    for k, v in info.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
-        elif isinstance(v, list):
-            v = "; ".join(v)
-        click.echo(f"{k:18s} {v}")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(path), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for k, v in inspect_rows(info):
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@cli.command("cache", epilog=EXIT_CODES_HELP)
+@click.option("--prune", is_flag=True, help="Remove orphaned work folders and entries not used for --older-than days.")
+@click.option("--older-than", type=click.IntRange(min=0), default=30, show_default=True, help="Days; with --prune.")
+@click.option("--clear", is_flag=True, help="Remove everything in the cache.")
+@json_option("the cache listing")
+def cache_cmd(prune, older_than, clear, json_out):
+    """Show what the cache holds (exports, students, work folders, logs...) and its size; prune it."""
+    from bertexport.cache import cache_summary, clear_cache, prune_cache
+
+    if clear:
+        freed = clear_cache()
+        _say(json_out, f"cleared the cache: {freed / 1e6:.1f} MB freed")
+    elif prune:
+        removed, freed = prune_cache(older_than_days=older_than)
+        _say(json_out, f"pruned {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}: {freed / 1e6:.1f} MB freed")
+    info = cache_summary()
+    emit_json(json_out, info)
+    _say(json_out, f"cache: {info['root']} ({info['bytes'] / 1e6:.1f} MB)")
+    for kind, v in info["kinds"].items():
+        _say(json_out, f"  {kind:16s} {v['entries']:5d} entries {v['bytes'] / 1e6:10.1f} MB")
+
+
+def _install_signal_handlers() -> None:
+    """SIGINT -> KeyboardInterrupt (130), SIGTERM -> Interrupted (143): both unwind through
+    every ``with`` block, so staging and work folders are removed. A second signal while
+    cleaning up is ignored so the cleanup finishes."""
+
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 def main():
+    _install_signal_handlers()
     cli(prog_name="bertexport")
 
 

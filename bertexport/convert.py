@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertexport import __version__
-from bertexport.artifact import StagedFolder, check_destination
+from bertexport.staging import (REJECTED_SUFFIX, StagedFolder, WorkFolder, check_destination, check_writable,
+                                made_by_bertexport)
 from bertexport.backends import get_backend
 from bertexport.cache import cache_dir
 from bertexport.checkpoint import (Checkpoint, load_model, load_tokenizer, model_max_length, resolve_checkpoint,
@@ -20,9 +20,10 @@ from bertexport.errors import GateFailed, UserError
 from bertexport.export import ExportedModel, export_onnx
 from bertexport.latency import speedup, time_interleaved
 from bertexport.manifest import write_manifest
-from bertexport.parity import TASK_OUTPUTS, compare_runners, judge
+from bertexport.compare import Gates, fixed_cell_feeds, judge_checks, parity_checks, reference_runner
+from bertexport.tasks import get_task
 from bertexport.passes import ModelFile, PassContext, config_dict, get_pass
-from bertexport.profiles import TargetProfile, Tolerances, load_profile
+from bertexport.profiles import TargetProfile, load_profile
 from bertexport.progress import Reporter
 from bertexport.report import render_report, summary_rows
 from bertexport.runtime import TextEncoder
@@ -81,9 +82,41 @@ def _write_side_files(staging: Path, ckpt: Checkpoint, tokenizer, max_length: in
         (staging / "labels.json").write_text(json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2) + "\n")
 
 
-def _latency_feeds(encode, texts: list[str], batch: int, sequence: int) -> dict:
-    long_text = " ".join(texts)  # long enough to fill `sequence` tokens after truncation
-    return encode([long_text] * batch, padding="max_length", length=sequence)
+@dataclass
+class ConvertPlan:
+    """Everything a convert needs, checked before any model loads (a bad input costs a
+    second, not minutes)."""
+
+    profile: TargetProfile
+    backend: object
+    out: Path
+    ckpt: Checkpoint
+    validation_texts: list[str]
+    calib_set: object
+
+
+def plan_convert(model: str, target, out, *, task=None, calib=None, samples=None, force=False, threads=1,
+                 allow_pickle=False, trust_remote_code=False, revision=None) -> ConvertPlan:
+    """Validate the profile, backend, checkpoint, destination, disk space and text inputs."""
+    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    backend = get_backend(profile.backend)
+    backend.check_available(profile.runtime)  # fail fast (e.g. TensorRT without a GPU) before any export work
+    if threads < 1:
+        raise UserError("threads must be >= 1")
+    out = Path(out).expanduser().resolve()
+    ckpt = resolve_checkpoint(model, task, revision=revision, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+    check_destination(out, force, [ckpt.path], "artifact folder")
+    rejected = out.with_name(out.name + REJECTED_SUFFIX)
+    if rejected.exists() and made_by_bertexport(rejected) is None:
+        raise UserError(f"refusing to use {out}: {rejected} exists and is not a bertexport build")
+    weights = sum(p.stat().st_size for p in ckpt.weight_files)
+    # the artifact holds at most a float copy of the weights; the cache an export + pass outputs
+    check_writable(out, int(weights * 1.2), "artifact")
+    check_writable(cache_dir(), int(weights * 3), "export cache (BERTEXPORT_CACHE)")
+    validation_texts = load_texts(samples).texts if samples else builtin_samples()
+    calib_set = load_texts(calib) if calib else None
+    return ConvertPlan(profile, backend, out, ckpt, validation_texts, calib_set)
 
 
 def convert(
@@ -99,34 +132,40 @@ def convert(
     latency_runs: int | None = None,
     calib_samples: int = 300,
     seed: int = 0,
-    tolerances: Tolerances | None = None,
+    gates: Gates | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
     reporter: Reporter | None = None,
+    distill_layers: int | None = None,
+    distill_data: str | Path | None = None,
+    distill_epochs: int = 3,
 ) -> ConvertResult:
     """Compile ``model`` for ``target`` into the artifact folder ``out``.
 
     Raises ``UserError`` for bad input (nothing written) and ``GateFailed`` when the
-    artifact misses its parity tolerances (then it is kept as ``<out>.rejected``).
+    artifact misses its parity gates (the profile's [validation], or ``gates``; then it is kept
+    as ``<out>.rejected``).
+    With ``distill_layers``, ``model`` is first distilled into a student of that many
+    layers (cached; see ``bertexport.distill.cached_student``) and the student compiled.
     """
     reporter = reporter or Reporter()
-    profile = target if isinstance(target, TargetProfile) else load_profile(target)
-    backend = get_backend(profile.backend)
-    backend.check_available(profile.runtime)  # fail fast (e.g. TensorRT without a GPU) before any export work
-    for spec in profile.passes:
-        get_pass(spec.type).make_config(spec.config)
-    out = Path(out).expanduser().resolve()
-    check_destination(out, force)
-    if threads < 1:
-        raise UserError("threads must be >= 1")
-    ckpt = resolve_checkpoint(model, task, revision=revision, allow_pickle=allow_pickle)
-    validation_texts = load_texts(samples).texts if samples else builtin_samples()
-    calib_set = load_texts(calib) if calib else None
+    if latency_runs is not None and latency_runs < 0:
+        raise UserError("latency_runs must be >= 0")
+    kw = dict(task=task, calib=calib, samples=samples, force=force, threads=threads, allow_pickle=allow_pickle,
+              trust_remote_code=trust_remote_code, revision=revision)
+    if distill_layers:
+        from bertexport.distill import cached_student
+
+        plan_convert(model, target, out, **kw)  # everything checked before the (long) distillation
+        model = str(cached_student(model, task, distill_layers, distill_data, distill_epochs, reporter))
+    plan = plan_convert(model, target, out, **kw)
+    profile, backend, out, ckpt = plan.profile, plan.backend, plan.out, plan.ckpt
+    validation_texts, calib_set = plan.validation_texts, plan.calib_set
 
     with reporter.step(f"load {ckpt.family} checkpoint ({ckpt.task})"):
-        torch_model = load_model(ckpt, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
+        torch_model = load_model(ckpt)
+        tokenizer = load_tokenizer(ckpt)
     max_length = model_max_length(ckpt.config, tokenizer)
     with reporter.step(f"export ONNX (opset {profile.opset})"):
         exported = export_onnx(ckpt, torch_model, profile.opset)
@@ -136,7 +175,7 @@ def convert(
     if profile.needs_calibration and len(calibration_texts) < 16:
         raise UserError(f"profile {profile.name} calibrates on data: {len(calibration_texts)} texts are too few (need >= 16)")
 
-    with StagedFolder(out, force) as staged, tempfile.TemporaryDirectory(dir=cache_dir("work")) as work:
+    with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged, WorkFolder("convert") as work:
         # The tokenizer ships first, and everything below (calibration, parity) tokenizes
         # with that shipped tokenizer.json through the device runtime's encoder: what is
         # validated is exactly what a device will feed.
@@ -146,18 +185,16 @@ def convert(
             workdir=Path(work), input_names=exported.input_names, encode=encode,
             calibration_texts=lambda: calibration_texts, threads=threads, log=reporter.log,
             family=ckpt.family, task=ckpt.task, model_config=ckpt.config, profile=profile,
-            torch_model=torch_model, output_names=list(TASK_OUTPUTS[ckpt.task]),
+            torch_model=torch_model, output_names=list(get_task(ckpt.task).outputs),
         )
         final, history = _run_passes(profile, exported, ctx, reporter)
         if final.format != backend.MODEL_FORMAT:
             raise UserError(f"profile {profile.name}: its passes end in {final.format}, but {profile.backend} runs {backend.MODEL_FORMAT}")
         model_path = _copy_model(final, staged.staging / MODEL_DIR)
 
-        from bertexport.backends.torch.runner import TorchRunner
-
-        reference = TorchRunner(torch_model, exported.input_names, list(TASK_OUTPUTS[ckpt.task]), threads=threads)
+        reference = reference_runner(ckpt, exported.input_names, threads, torch_model=torch_model)
         candidate = backend.make_runner(model_path, profile.runtime, threads)
-        tol = tolerances or profile.validation
+        gate = gates or profile.validation.gates()
         try:
             candidate.activate()
         except Exception as e:  # the backend cannot load what the passes built
@@ -165,13 +202,13 @@ def convert(
             raise UserError(f"{profile.backend} could not load the compiled model: {first}") from e
         with reference, candidate:
             with reporter.step(f"validate parity on {len(validation_texts)} sentences"):
-                checks = compare_runners(reference, candidate, encode, validation_texts, ckpt.task, profile.validation.padded_length)
-            failures = judge(checks, tol)
+                checks = parity_checks(reference, candidate, encode, validation_texts, ckpt.task, profile.validation.padded_length)
+            failures = judge_checks(checks, gate)
             runs = profile.latency.runs if latency_runs is None else latency_runs
             latency = None
             if runs > 0:
                 with reporter.step(f"latency b{profile.latency.batch}/s{profile.latency.sequence}, {runs} interleaved runs"):
-                    feeds = _latency_feeds(encode, validation_texts, profile.latency.batch, profile.latency.sequence)
+                    feeds = fixed_cell_feeds(encode, validation_texts, profile.latency.batch, profile.latency.sequence)
                     timed = time_interleaved({"pytorch": lambda: reference.infer(feeds), "artifact": lambda: candidate.infer(feeds)},
                                              runs=runs, warmup=profile.latency.warmup)
                     latency = {
@@ -204,7 +241,7 @@ def convert(
             "calibration": {"source": calib_set.source if calib_set else "builtin:calib", "count": len(calibration_texts),
                             "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration or "target_min_cosine" in p.config for p in profile.passes) else None,
             "parity": {"texts": len(validation_texts), "source": str(samples) if samples else "builtin:samples",
-                       "tolerances": tol.__dict__, "checks": checks, "passed": passed, "failures": failures},
+                       "gates": gate.given(), "checks": checks, "passed": passed, "failures": failures},
             "latency": latency,
             "distillation": json.loads((ckpt.path / "distill_report.json").read_text())
             if (ckpt.path / "distill_report.json").is_file() else None,
@@ -223,22 +260,3 @@ def convert(
     if not passed:
         raise GateFailed(failures, result)
     return result
-
-
-def distilled_student(model: str, task: str | None, layers: int, data=None, epochs: int = 3,
-                      reporter: Reporter | None = None) -> Path:
-    """``convert --distill N``: distill ``model`` into an N-layer student (cached by teacher
-    hash, layer count, data and epochs) and return its folder; convert then compiles it."""
-    import hashlib
-
-    from bertexport.distill import DistillConfig, distill
-
-    ckpt = resolve_checkpoint(model, task)
-    key = hashlib.sha256(json.dumps([ckpt.sha256, ckpt.task, layers, str(data), epochs]).encode()).hexdigest()[:16]
-    out = cache_dir("students") / key
-    if (out / "distill_report.json").is_file():
-        (reporter or Reporter()).log(f"reusing distilled student {out}")
-        return out
-    distill(model, out, task=ckpt.task, data=data, config=DistillConfig(layers=layers, epochs=epochs),
-            force=True, reporter=reporter)
-    return out

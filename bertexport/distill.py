@@ -25,13 +25,12 @@ from typing import Callable
 
 import numpy as np
 
-from bertexport.artifact import StagedFolder, check_destination
+from bertexport.staging import StagedFolder, check_destination
 from bertexport.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from bertexport.errors import UserError
+from bertexport.families import get_family
 from bertexport.progress import Reporter
 
-_LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layers")
 
 
 @dataclass
@@ -70,7 +69,7 @@ def keep_every(teacher_layers: int, student_layers: int) -> list[int]:
 
 
 def _layer_count(config) -> int:
-    for k in _LAYER_COUNT_KEYS:
+    for k in get_family(config.model_type).layers_key:
         if hasattr(config, k):
             return int(getattr(config, k))
     raise UserError(f"cannot find the layer count of {type(config).__name__}")
@@ -85,16 +84,18 @@ def shrink(teacher, keep: list[int]):
         raise UserError(f"keep_layers must be increasing indices in 0..{n - 1}, got {keep}")
     if len(keep) >= n:
         raise UserError(f"a student with {len(keep)} layers is not smaller than the teacher ({n})")
+    fam = get_family(teacher.config.model_type)
     cfg = copy.deepcopy(teacher.config)
-    for k in _LAYER_COUNT_KEYS:
+    for k in fam.layers_key:
         if hasattr(cfg, k):
             setattr(cfg, k, len(keep))
+    layer_key = re.compile(fam.layer_key)
     student = type(teacher)(cfg)
     remap = {old: new for new, old in enumerate(keep)}
     state = {}
     for key, value in teacher.state_dict().items():
-        m = _LAYER_KEY.match(key)
-        if m and ".albert_layer_groups." not in key:
+        m = layer_key.match(key)
+        if m and not fam.shared_layers:  # ALBERT shares one layer group: only the count changes
             old = int(m.group(2))
             if old not in remap:
                 continue
@@ -250,8 +251,9 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
     reporter = reporter or Reporter()
     out = Path(out).expanduser().resolve()
     work = out.parent / f".{out.name}.distill"
+    ckpt = resolve_checkpoint(teacher, task)
     if not resume:
-        check_destination(out, force)
+        check_destination(out, force, [ckpt.path], "student folder")
         if work.exists():
             shutil.rmtree(work)
     elif not (work / "checkpoint.pt").is_file():
@@ -264,7 +266,6 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
     if cfg.layers is None and cfg.keep_layers is None and cfg.student is None:
         raise UserError("say how small: --layers N, --keep-layers i,j,... or --student PATH")
 
-    ckpt = resolve_checkpoint(teacher, task)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -287,7 +288,7 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
             student = shrink(teacher_model, keep)
     labels = None
     if ts.labels is not None and ckpt.task == "text-classification":
-        from bertexport.validate import label_ids
+        from bertexport.textdata import label_ids
 
         labels = list(label_ids(ts.labels, ckpt.id2label))
 
@@ -359,7 +360,7 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
 
     best = type(student).from_pretrained(work / "best").eval()
     report = _report(ckpt, teacher_model, best, keep, teacher_layers, state, eval_b, teacher_eval, cfg, ts, train_seconds)
-    with StagedFolder(out, force=force or resume) as staged:
+    with StagedFolder(out, force=force or resume, protect=[ckpt.path], what="student folder") as staged:
         best.save_pretrained(staged.staging, safe_serialization=True)
         tok.save_pretrained(staged.staging)
         (staged.staging / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -416,3 +417,24 @@ def _report(ckpt, teacher, student, keep, teacher_layers, state, eval_b, teacher
                     "teacher_p50_ms": timed["teacher"].p50 * 1e3, "student_p50_ms": timed["student"].p50 * 1e3,
                     "speedup": speedup(timed["teacher"], timed["student"])},
     }
+
+
+def cached_student(model: str, task: str | None, layers: int, data=None, epochs: int = 3,
+                   reporter: Reporter | None = None) -> Path:
+    """An N-layer student of ``model``, distilled once and cached by teacher hash, layer
+    count, data and epochs (``convert --distill N`` compiles it)."""
+    import hashlib
+
+    from bertexport.cache import cache_dir
+    from bertexport.hashing import sha256_file
+
+    ckpt = resolve_checkpoint(model, task)
+    data_digest = sha256_file(data) if data else "builtin"
+    key = hashlib.sha256(json.dumps([ckpt.sha256, ckpt.task, layers, data_digest, epochs]).encode()).hexdigest()[:16]
+    out = cache_dir("students") / key
+    if (out / "distill_report.json").is_file():
+        (reporter or Reporter()).log(f"reusing distilled student {out}")
+        return out
+    distill(model, out, task=ckpt.task, data=data, config=DistillConfig(layers=layers, epochs=epochs),
+            force=True, reporter=reporter)
+    return out

@@ -3,6 +3,10 @@
 - ``UserError`` (exit 2): bad input or an environment that cannot do what was asked.
   Printed as one line, no traceback.
 - ``GateFailed`` (exit 1): the work ran, but a quality gate (parity, accuracy) failed.
+- ``Interrupted`` (exit 143): SIGTERM arrived; like KeyboardInterrupt (130) it is a
+  ``BaseException``, so every ``with`` block on the way out removes what it staged.
+
+Anything else that escapes to the CLI is a bug: exit 3, traceback to a log file.
 """
 
 from __future__ import annotations
@@ -40,3 +44,11 @@ class GateFailed(BertExportError):
         self.failures = failures
         self.result = result
         super().__init__("; ".join(failures))
+
+
+class Interrupted(BaseException):
+    """Raised by the SIGTERM handler so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int = 15):
+        self.exit_code = 128 + signum
+        super().__init__("terminated (SIGTERM)" if signum == 15 else f"interrupted by signal {signum}")

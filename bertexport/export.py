@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ def _cache_key(ckpt: Checkpoint, opset: int) -> str:
     from bertexport.envinfo import package_versions
 
     versions = package_versions(("torch", "transformers", "optimum", "optimum-onnx", "onnx"))
-    raw = json.dumps([ckpt.sha256, ckpt.task, opset, versions], sort_keys=True)
+    # the digest covers the checkpoint's code files; the flag decides whether that code ran
+    raw = json.dumps([ckpt.sha256, ckpt.task, opset, versions, ckpt.trust_remote_code], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -85,7 +87,10 @@ def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = T
         if (folder / "DONE").read_text().strip() == sha256_file(onnx_path):
             ins, outs = io_specs(onnx_path)
             return ExportedModel(onnx_path, opset, ins, outs, cached=True)
-    tmp = Path(tempfile.mkdtemp(prefix="export-", dir=folder.parent))
+    from bertexport.staging import sweep_work_orphans
+
+    sweep_work_orphans(folder.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-export-", dir=folder.parent))
     chatter = io.StringIO()
     try:
         # optimum and torch.onnx print a lot (warnings, traces); keep it for errors only.

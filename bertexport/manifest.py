@@ -14,8 +14,22 @@ from pathlib import Path
 from bertexport.errors import UserError
 from bertexport.hashing import sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest_sha256 (a digest of the manifest body)
 MANIFEST = "manifest.json"
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest field.
+
+    It catches a manifest edited after the build (a raised cosine, a changed status, a
+    file table patched to match a swapped model) by anyone who does not also recompute
+    it; a deliberate forger who does is caught only by a signature (``bertexport sign``)
+    or by comparing with the digest CI printed (``bertexport inspect``) when it built it."""
+    import hashlib
+
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=_jsonable).encode()).hexdigest()
 
 
 def file_table(folder: Path) -> dict[str, dict]:
@@ -31,6 +45,9 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
     manifest["files"] = file_table(folder)
+    manifest.pop(DIGEST_KEY, None)
+    manifest = json.loads(json.dumps(manifest, default=_jsonable))  # the digest covers exactly what is written
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=_jsonable) + "\n")
     os.replace(tmp, folder / MANIFEST)
@@ -61,6 +78,8 @@ def load_manifest(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is corrupt: {e}") from e
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is corrupt: not a JSON object")
     version = manifest.get("schema_version")
     if not isinstance(version, int):
         raise UserError(f"{path} has no schema_version")
@@ -74,6 +93,8 @@ def verify_files(folder: str | Path, manifest: dict | None = None) -> list[str]:
     folder = Path(folder)
     manifest = manifest or load_manifest(folder)
     problems = []
+    if manifest.get("schema_version", 1) >= 2 and manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        problems.append(f"{MANIFEST} was edited after the build (its digest does not match its content)")
     listed = manifest.get("files", {})
     for rel, meta in listed.items():
         p = folder / rel

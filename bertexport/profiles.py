@@ -4,12 +4,15 @@ the parity tolerances its validation must meet."""
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bertexport.compare import Gates
 from bertexport.errors import UserError
+from bertexport.options import build, option
 from bertexport.resources import data_dir
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
@@ -22,28 +25,34 @@ class Range:
     max: int
 
     def check(self, what: str) -> None:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.min, self.opt, self.max)):
+            raise ValueError(f"{what} range needs integers, got {self.min!r}/{self.opt!r}/{self.max!r}")
         if not (1 <= self.min <= self.opt <= self.max):
             raise ValueError(f"{what} range must satisfy 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
 
 
 @dataclass
-class Tolerances:
-    min_cosine: float = 0.999
-    max_abs_diff: float | None = None
-    min_top1_agreement: float | None = 0.99
+class ValidationSpec(Gates):
+    """The parity gate of a profile (built-in sentences vs the PyTorch original)."""
 
+    min_cosine: float | None = option(0.999, "lowest per-sample cosine to the PyTorch original", min=0, max=1, min_open=True)
+    min_agreement: float | None = option(0.99, "fraction of decisions equal to PyTorch's (none: not gated)", min=0, max=1)
+    padded_length: int = option(64, "length the padded-batch parity check pads to", min=1)
 
-@dataclass
-class ValidationSpec(Tolerances):
-    padded_length: int = 64
+    def validate(self):
+        if self.max_accuracy_drop is not None:
+            raise ValueError("max_accuracy_drop needs labelled data: gate it with `validate` or `optimize`, not in [validation]")
+
+    def gates(self) -> Gates:
+        return Gates(self.min_cosine, self.max_abs_diff, self.min_agreement, self.max_accuracy_drop)
 
 
 @dataclass
 class LatencySpec:
-    batch: int = 1
-    sequence: int = 128
-    runs: int = 30
-    warmup: int = 5
+    batch: int = option(1, "batch size of the build-time latency cell", min=1)
+    sequence: int = option(128, "sequence length of the build-time latency cell", min=1)
+    runs: int = option(30, "timed runs per side (0 skips timing)", min=0)
+    warmup: int = option(5, "untimed warm-up runs", min=0)
 
 
 @dataclass
@@ -80,25 +89,13 @@ def list_profiles() -> dict[str, Path]:
     return {p.stem: p for p in sorted(profiles_dir().glob("*.toml"))}
 
 
-def _table(raw: dict, key: str, cls, where: str):
-    values = raw.get(key, {})
-    if not isinstance(values, dict):
-        raise UserError(f"invalid profile {where}: [{key}] must be a table")
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise UserError(f"invalid profile {where}: unknown key(s) in [{key}]: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise UserError(f"invalid profile {where}: [{key}]: {e}") from e
-
-
 def _range(raw: dict, key: str, default: Range, where: str) -> Range:
     if key not in raw.get("shapes", {}):
         return default
     value = raw["shapes"][key]
     try:
+        if not isinstance(value, (dict, list)):
+            raise TypeError(f"{key} must be a table {{min, opt, max}} or a list [min, opt, max], got {value!r}")
         r = Range(**value) if isinstance(value, dict) else Range(*value)
         r.check(key)
     except (TypeError, ValueError) as e:
@@ -110,6 +107,25 @@ _TOP_KEYS = {"name", "backend", "description", "precision", "opset", "passes", "
              "validation", "latency", "needs_calibration"}
 
 
+def _validation_table(raw: dict, where: str):
+    """[validation], accepting the earlier name ``min_top1_agreement`` for ``min_agreement``."""
+    table = raw.get("validation", {})
+    if isinstance(table, dict) and "min_top1_agreement" in table:
+        if "min_agreement" in table:
+            raise UserError(f"invalid profile {where}: [validation] gives both min_agreement and min_top1_agreement (same gate)")
+        table = {("min_agreement" if k == "min_top1_agreement" else k): v for k, v in table.items()}
+    return table
+
+
+def _runtime(backend: str, table, where: str) -> dict:
+    """The [runtime] table checked against the backend's typed runtime record."""
+    from bertexport.backends import runtime_config_class
+
+    cfg = build(runtime_config_class(backend), table, f"invalid profile {where}: [runtime]")
+    given = table if isinstance(table, dict) else {}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in given}
+
+
 def parse_profile(raw: dict, where: str) -> TargetProfile:
     unknown = set(raw) - _TOP_KEYS
     if unknown:
@@ -117,6 +133,11 @@ def parse_profile(raw: dict, where: str) -> TargetProfile:
     backend = raw.get("backend")
     if backend not in BACKENDS:
         raise UserError(f"invalid profile {where}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    for key, kind in (("name", str), ("description", str), ("precision", str), ("needs_calibration", bool)):
+        if key in raw and not isinstance(raw[key], kind):
+            raise UserError(f"invalid profile {where}: {key} must be a {'string' if kind is str else 'boolean'}, got {raw[key]!r}")
+    if not isinstance(raw.get("passes", []), list):
+        raise UserError(f"invalid profile {where}: passes must be a list of [[passes]] tables")
     passes = []
     for i, p in enumerate(raw.get("passes", [])):
         if not isinstance(p, dict) or "type" not in p:
@@ -131,7 +152,7 @@ def parse_profile(raw: dict, where: str) -> TargetProfile:
         except UserError as e:
             raise UserError(f"invalid profile {where}: {e}") from e
     opset = raw.get("opset", 18)
-    if not isinstance(opset, int) or not 14 <= opset <= 21:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 14 <= opset <= 21:
         raise UserError(f"invalid profile {where}: opset must be an integer in 14..21, got {opset!r}")
     shapes = raw.get("shapes", {})
     if not isinstance(shapes, dict) or set(shapes) - {"batch", "sequence"}:
@@ -143,11 +164,11 @@ def parse_profile(raw: dict, where: str) -> TargetProfile:
         precision=str(raw.get("precision", "fp32")),
         opset=opset,
         passes=passes,
-        runtime=dict(raw.get("runtime", {})),
+        runtime=_runtime(backend, raw.get("runtime", {}), where),
         batch=_range(raw, "batch", Range(1, 1, 32), where),
         sequence=_range(raw, "sequence", Range(1, 128, 512), where),
-        validation=_table(raw, "validation", ValidationSpec, where),
-        latency=_table(raw, "latency", LatencySpec, where),
+        validation=build(ValidationSpec, _validation_table(raw, where), f"invalid profile {where}: [validation]"),
+        latency=build(LatencySpec, raw.get("latency", {}), f"invalid profile {where}: [latency]"),
         needs_calibration=bool(raw.get("needs_calibration", False)),
         source=where,
     )

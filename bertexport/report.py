@@ -24,10 +24,17 @@ def summary_rows(manifest: dict) -> list[dict]:
         sp = lat["speedup"]
         rows.append({"metric": "speedup (p50 ratio; p10-p90 of rounds)", "original": "1.00x",
                      "artifact": f"{sp['p50_ratio']:.2f}x ({sp['round_ratio_p10']:.2f}-{sp['round_ratio_p90']:.2f})"})
+    for step in manifest["target"].get("passes", []):
+        notes = step.get("notes") or {}
+        if "kept_fp32" in notes:
+            rows.append({"metric": f"{step['type']}: kept in float", "original": "-",
+                         "artifact": f"{notes['kept_fp32']} weight MatMul(s) (scan target {notes.get('target_min_cosine')}, "
+                                     f"achieved {notes.get('achieved_min_cosine', 0):.4f}; gate min_cosine "
+                                     f"{manifest['parity']['gates'].get('min_cosine')})"})
     for name, c in manifest["parity"]["checks"].items():
         text = f"cos min {c['cosine_min']:.5f} · max abs diff {c['max_abs_diff']:.2e}"
-        if c.get("top1_agreement") is not None:
-            text += f" · top-1 {c['top1_agreement'] * 100:.1f}%"
+        if c.get("agreement") is not None:
+            text += f" · top-1 {c['agreement'] * 100:.1f}%"
         rows.append({"metric": f"parity {name} ({c['samples']} seq)", "original": "reference", "artifact": text})
     return rows
 
@@ -42,13 +49,16 @@ def render_report(manifest: dict, rows: list[dict]) -> str:
         f"- family / task: {manifest['family']} / {manifest['task']} (max length {manifest['max_length']})",
         f"- backend: {tgt['backend']} ({tgt['precision']}); passes: {', '.join(x['type'] for x in tgt['passes']) or 'none'}",
         f"- checkpoint sha256: `{manifest['source']['sha256']}`",
-        f"- tolerances: {', '.join(f'{k}={v}' for k, v in p['tolerances'].items() if v is not None)}",
+        f"- parity gates: {', '.join(f'{k}={v}' for k, v in p['gates'].items())}",
         f"- threads pinned: {manifest['threads']}; CPU: {manifest['environment']['cpu'].get('model', '?')}",
         "",
         "| metric | PyTorch original | artifact |",
         "|---|---|---|",
     ]
     lines += [f"| {r['metric']} | {r['original']} | {r['artifact']} |" for r in rows]
+    whys = [f"- {x['type']}: {x['notes']['why']}" for x in tgt["passes"] if (x.get("notes") or {}).get("why")]
+    if whys:
+        lines += ["", "Mixed precision:"] + whys
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()), ""]
     lines.append("Latency was measured on the build machine, interleaved with the PyTorch original in one run; "
                  "compare the ratio, not the absolute figures, across machines.")

@@ -66,6 +66,23 @@ class TextEncoder:
         return list(self.tokenizer.encode(text).offsets)
 
 
+def version_warnings(manifest: dict) -> list[str]:
+    """The device tokenizes with its own ``tokenizers``: a different minor version than the
+    build machine's may split text differently, so the outputs validated at build time
+    would not be the ones served. Said, not refused (the artifact may still be fine)."""
+    import importlib.metadata
+
+    built = (manifest.get("versions") or {}).get("tokenizers")
+    try:
+        here = importlib.metadata.version("tokenizers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        return []
+    if built and built.split(".")[:2] != here.split(".")[:2]:
+        return [f"this artifact was built and validated with tokenizers {built}, this machine has {here}: "
+                f"install tokenizers=={built} to serve exactly what was validated"]
+    return []
+
+
 class Artifact:
     """An artifact folder opened for inference: manifest, tokenizer, labels, runner."""
 
@@ -82,6 +99,7 @@ class Artifact:
         if self.manifest.get("status") != "passed" and not allow_rejected:
             raise UserError(f"artifact {self.folder} was rejected at build time ({'; '.join(self.manifest['parity']['failures'])})")
         self.task = self.manifest["task"]
+        self.warnings = version_warnings(self.manifest)
         self.encoder = TextEncoder.from_artifact(self.folder, self.manifest)
         labels = self.manifest.get("labels")
         self.id2label = ({int(k): v for k, v in json.loads((self.folder / labels).read_text()).items()} if labels else None)
@@ -118,31 +136,64 @@ def _special_token(folder: Path, name: str) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+# Texts longer than this many characters are tokenized and run one overlapping segment at
+# a time, so memory stays bounded whatever the length (each window is reduced right after
+# inference, see ``bertexport.tasks``).
+SEGMENT_CHARS = 20_000
+SEGMENT_OVERLAP_CHARS = 2_000
+
+
+def segments(text: str, size: int = SEGMENT_CHARS, overlap: int = SEGMENT_OVERLAP_CHARS):
+    """(start, piece) pieces of ``text`` of about ``size`` characters, cut at white space,
+    each starting ``overlap`` characters before the previous one ended (context for the
+    windows at the seam; tokens seen twice are averaged by the task's aggregation)."""
+    if len(text) <= size:
+        yield 0, text
+        return
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + size // 2, end)
+            end = cut if cut > start else end
+        yield start, text[start:end]
+        if end >= len(text):
+            return
+        nxt = max(end - overlap, start + 1)
+        space = text.find(" ", nxt, end)
+        start = space + 1 if space != -1 else nxt
+
+
 class Predictor:
     """Task-level inference on an opened ``Artifact``: windows long texts, batches windows by
-    length, runs the model, post-processes per task (``bertexport.tasks``)."""
+    length, runs the model, reduces and aggregates per task (``bertexport.tasks``)."""
 
     def __init__(self, artifact: Artifact, *, batch_size: int = 16, stride: int | None = None,
                  max_length: int | None = None, aggregation: str = "mean", top_k: int = 1,
                  normalize: bool | None = None):
-        from bertexport.tasks import Window  # noqa: F401  (numpy-only module)
+        from bertexport.tasks import Post, get_task
 
         self.art = artifact
+        self.task = get_task(artifact.task)
         self.batch_size = batch_size
         self.max_length = min(max_length or artifact.encoder.max_length, artifact.encoder.max_length)
         self.stride = self.max_length // 4 if stride is None else stride
         if not 0 <= self.stride < self.max_length - 4:
             raise UserError(f"stride must be in [0, {self.max_length - 4}) for max length {self.max_length}")
-        self.aggregation = aggregation
-        self.top_k = top_k
+        if aggregation not in ("mean", "max"):
+            raise UserError("aggregation must be mean or max")
         pooling = artifact.manifest.get("pooling") or {}
-        self.pooling = pooling.get("mode", "mean")
-        self.normalize = pooling.get("normalize", False) if normalize is None else normalize
         tok_dir = artifact.folder / artifact.manifest["tokenizer"]
         mask = _special_token(tok_dir, "mask_token")
-        self.mask_id = artifact.encoder.tokenizer.token_to_id(mask) if mask else None
+        self.post = Post(id2label=artifact.id2label or {}, aggregation=aggregation, top_k=top_k,
+                         pooling=pooling.get("mode", "mean"),
+                         normalize=pooling.get("normalize", False) if normalize is None else normalize,
+                         mask_id=artifact.encoder.tokenizer.token_to_id(mask) if mask else None,
+                         id_to_token=artifact.encoder.tokenizer.id_to_token)
 
-    def windows(self, texts, pairs=None):
+    def windows(self, texts, pairs=None, shift: int = 0):
+        """Token windows of each text (or of each pair's second text, the QA context);
+        character offsets of the windowed text are shifted by ``shift``."""
         from bertexport.tasks import Window
 
         tok = self.art.encoder.tokenizer
@@ -152,12 +203,15 @@ class Predictor:
         out = []
         for i, enc in enumerate(tok.encode_batch(items)):
             for e in [enc, *enc.overflowing]:
-                out.append(Window(i, list(e.ids), list(e.type_ids), [tuple(o) for o in e.offsets],
-                                  list(e.special_tokens_mask), list(e.sequence_ids)))
+                seq = list(e.sequence_ids)
+                windowed = 1 if pairs is not None else 0
+                offsets = [(a + shift, b + shift) if sid == windowed and shift else (a, b)
+                           for (a, b), sid in zip(e.offsets, seq)]
+                out.append(Window(i, list(e.ids), list(e.type_ids), offsets, list(e.special_tokens_mask), seq))
         return out
 
-    def _run(self, windows) -> list[dict[str, np.ndarray]]:
-        """Model outputs per window (trimmed to the window's length), batched by length."""
+    def _run(self, windows) -> list:
+        """Each window's outputs, trimmed to its length and reduced per task, batched by length."""
         order = sorted(range(len(windows)), key=lambda k: len(windows[k].ids))
         results: list = [None] * len(windows)
         names = self.art.encoder.input_names
@@ -174,47 +228,31 @@ class Predictor:
                 feeds["attention_mask"][r, :n] = 1
                 feeds["token_type_ids"][r, :n] = w.type_ids
             out = self.art.infer({n: feeds[n] for n in names})
-            per_token = self.art.task != "text-classification"  # every output is (batch, seq, ...)
             for r, k in enumerate(idx):
                 n = len(windows[k].ids)
-                results[k] = {name: (v[r, :n] if per_token else v[r]) for name, v in out.items()}
+                raw = {name: (v[r, :n] if self.task.per_token else v[r]) for name, v in out.items()}
+                results[k] = self.task.reduce(windows[k], raw, self.post)
         return results
 
     def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
-        from bertexport import tasks
-
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise UserError("empty text: every input needs at least one non-space character")
-        task = self.art.task
-        if task == "question-answering" and pairs is None:
-            raise UserError("question-answering needs (question, context) pairs")
-        wins = self.windows(texts, pairs)
-        outs = self._run(wins)
-        by_text: dict[int, list[int]] = {}
-        for k, w in enumerate(wins):
-            by_text.setdefault(w.text_index, []).append(k)
-        results = []
-        for i, text in enumerate(texts):
-            ks = by_text[i]
-            ws, os_ = [wins[k] for k in ks], [outs[k] for k in ks]
-            if task == "text-classification":
-                res = tasks.classify([o["logits"] for o in os_], self.art.id2label or {}, self.aggregation, self.top_k)
-            elif task == "feature-extraction":
-                res = {"embedding": tasks.embed([o["last_hidden_state"] for o in os_],
-                                                [np.ones(len(w.ids)) for w in ws], self.pooling, self.normalize),
-                       "windows": len(ws)}
-            elif task == "token-classification":
-                res = {"entities": tasks.entities(text, ws, [o["logits"] for o in os_], self.art.id2label or {}), "windows": len(ws)}
-            elif task == "question-answering":
-                res = tasks.answer(pairs[i], ws, [o["start_logits"] for o in os_], [o["end_logits"] for o in os_])
-                res["windows"] = len(ws)
-            elif task == "fill-mask":
-                if self.mask_id is None:
-                    raise UserError("this tokenizer has no mask token")
-                res = {"masks": tasks.fill_mask(ws, [o["logits"] for o in os_], self.mask_id,
-                                                self.art.encoder.tokenizer.id_to_token, max(self.top_k, 5))}
-            else:  # pragma: no cover
-                raise UserError(f"unsupported task {task}")
-            results.append(res)
-        return results
+        if self.task.needs_pair and pairs is None:
+            raise UserError(f"{self.task.name} needs (question, context) pairs")
+        reduced: dict[int, list] = {i: [] for i in range(len(texts))}
+        long_ones = [i for i in range(len(texts)) if len((pairs or texts)[i]) > SEGMENT_CHARS]
+        short = [i for i in range(len(texts)) if i not in set(long_ones)]
+        if short:  # all short texts together: their windows batch across texts
+            wins = self.windows([texts[i] for i in short], [pairs[i] for i in short] if pairs is not None else None)
+            for w, r in zip(wins, self._run(wins)):
+                reduced[short[w.text_index]].append(r)
+        for i in long_ones:  # one segment at a time: bounded memory
+            for start, piece in segments((pairs or texts)[i]):
+                if pairs is not None:
+                    wins = self.windows([texts[i]], [piece], shift=start)
+                else:
+                    wins = self.windows([piece], shift=start)
+                reduced[i].extend(self._run(wins))
+        return [self.task.aggregate(texts[i], pairs[i] if pairs is not None else None, reduced[i], self.post)
+                for i in range(len(texts))]

@@ -51,22 +51,98 @@ def sample(texts: list[str], n: int | None, seed: int) -> list[str]:
     return picked if n is None else picked[:n]
 
 
+_CONTROL = {c for c in range(32) if c not in (9, 10, 13)} | {127}
+MAX_BAD_FRACTION = 0.05  # more bad lines than this (and more than 3): the file is not text
+
+
+def line_problem(raw: bytes) -> str | None:
+    """Why one raw line is not text (None when it is)."""
+    if b"\0" in raw:
+        return "NUL bytes (a binary file?)"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 ({e.reason})"
+    if any(ord(ch) in _CONTROL for ch in line.lstrip("\ufeff")):
+        return "control characters"
+    return None
+
+
 def _decode_lines(raw: bytes, path: Path) -> tuple[list[str], int]:
-    """Lines of a file; lines that are not valid UTF-8 are skipped and counted."""
-    lines, bad = [], 0
-    for line in raw.splitlines():
-        try:
+    """Lines of a text file. A few bad lines (not UTF-8, control characters) are skipped
+    and counted; a file with NUL bytes or with many bad lines is binary and refused."""
+    lines, bad, first_bad = [], 0, None
+    raw_lines = raw.splitlines()
+    for n, line in enumerate(raw_lines, 1):
+        problem = line_problem(line)
+        if problem is None:
             lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            bad += 1
+            continue
+        bad += 1
+        first_bad = first_bad or (n, problem)
+        if "NUL" in problem:
+            raise UserError(f"{path} is not a text file: line {n} has {problem}")
+    if bad > max(3, MAX_BAD_FRACTION * len(raw_lines)):
+        n, problem = first_bad
+        raise UserError(f"{path} is not a text file: {bad} of {len(raw_lines)} lines are not text "
+                        f"(first: line {n}, {problem})")
     if lines and lines[0].startswith("\ufeff"):
         lines[0] = lines[0][1:]
     return lines, bad
 
 
+def iter_text_lines(path: Path, chunk: int = 256):
+    """A text file's non-empty lines in chunks, streamed (bounded memory); the first line
+    that is not text is refused with its number."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a text file (one text per line)")
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n")
+            problem = line_problem(raw)
+            if problem:
+                raise UserError(f"{path}:{n} is not text: {problem}")
+            line = raw.decode("utf-8").lstrip("\ufeff") if n == 1 else raw.decode("utf-8")
+            if line.strip():
+                out.append(line)
+            if len(out) == chunk:
+                yield out
+                out = []
+    if out:
+        yield out
+
+
+def label_ids(labels: list, id2label: dict[int, str] | None):
+    """Map data labels to the model's ids: by name first, then by index; anything else is an error."""
+    import numpy as np
+
+    if not id2label:
+        raise UserError("the model has no labels, so labelled accuracy cannot be computed")
+    by_name = {str(v).lower(): k for k, v in id2label.items()}
+    ids, unknown = [], set()
+    for raw in labels:
+        s = str(raw).strip()
+        if s.lower() in by_name:
+            ids.append(by_name[s.lower()])
+        elif s.lstrip("-").isdigit() and int(s) in id2label:
+            ids.append(int(s))
+        else:
+            unknown.add(s)
+    if unknown:
+        raise UserError(f"labels not known to the model: {', '.join(sorted(unknown)[:10])}; "
+                        f"model labels: {', '.join(f'{k}={v}' for k, v in sorted(id2label.items()))}")
+    return np.asarray(ids)
+
+
 def load_texts(path: str | Path, text_column: str | None = None, label_column: str | None = None,
                pair_column: str | None = None) -> TextSet:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a text file (.txt, .csv, .tsv or .jsonl)")
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
     try:
@@ -74,7 +150,7 @@ def load_texts(path: str | Path, text_column: str | None = None, label_column: s
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}") from e
     lines, bad = _decode_lines(raw, path)
-    skipped = {"non-utf8 lines": bad} if bad else {}
+    skipped = {"lines not text (non-UTF-8 or control characters)": bad} if bad else {}
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         ts = _load_table(lines, "\t" if suffix == ".tsv" else ",", path, text_column, label_column, pair_column)
@@ -85,7 +161,7 @@ def load_texts(path: str | Path, text_column: str | None = None, label_column: s
     ts.source = str(path)
     ts.skipped = skipped | ts.skipped
     if not ts.texts:
-        raise UserError(f"{path} has no usable text" + (f" ({bad} non-UTF-8 lines skipped)" if bad else ""))
+        raise UserError(f"{path} has no usable text" + (f" ({bad} lines that are not text skipped)" if bad else ""))
     return ts
 
 
@@ -98,7 +174,8 @@ def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what:
         if d in names:
             return d
     if required:
-        raise UserError(f"{path}: no {what} column; name it with --text-column (columns: {', '.join(names)})")
+        raise UserError(f"{path}: no {what} column among {', '.join(names)}; expected one of {', '.join(defaults)} "
+                        f"(rename the column, or name it with --{what}-column where the command has that option)")
     return None
 
 

@@ -11,7 +11,7 @@ from bertexport.benchmark import SCHEMA, benchmark, write_outputs
 from bertexport.cli import cli
 from bertexport.convert import convert
 from bertexport.errors import UserError
-from bertexport.profiles import Tolerances
+from bertexport.compare import Gates
 
 TOP_KEYS = {"schema", "created", "bertexport_version", "model", "config", "environment", "candidates", "cells", "accuracy"}
 RESULT_KEYS = {"latency", "throughput", "speedup"}
@@ -24,7 +24,7 @@ def arts(tiny, tmp_path_factory):
     ckpt = tiny("distilbert", "text-classification")
     a = convert(str(ckpt), "ort-fp32", root / "fp32", latency_runs=0).artifact
     b = convert(str(ckpt), "ort-int8", root / "int8", latency_runs=0,
-                tolerances=Tolerances(min_cosine=0.9, min_top1_agreement=0.5)).artifact
+                gates=Gates(min_cosine=0.9, min_agreement=0.5)).artifact
     data = root / "d.tsv"
     data.write_text("sentence\tlabel\n" + "\n".join(f"line {i} of text\t{['negative', 'neutral', 'positive'][i % 3]}" for i in range(12)))
     texts = root / "t.txt"
@@ -44,7 +44,7 @@ def test_report_schema_and_outputs(arts, tmp_path):
             assert r["latency"]["count"] == 5 and len(r["latency"]["values"]) == 5
     assert rep["config"]["threads"] == 1 and rep["config"]["interleaved"] is True
     assert {"cpu", "packages", "python"} <= set(rep["environment"])
-    assert rep["accuracy"]["int8"]["decisions"] == 12 and "accuracy_drop" in rep["accuracy"]["int8"]
+    assert rep["accuracy"]["int8"]["decisions"] == 12 and "metric_drop" in rep["accuracy"]["int8"]
     paths = write_outputs(rep, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["schema"] == SCHEMA
     assert "| pytorch | 1 | 16 |" in paths["markdown"].read_text()
@@ -69,7 +69,7 @@ def test_bad_inputs(arts, tmp_path):
     with pytest.raises(UserError, match="not the checkpoint"):
         benchmark(str(other), [arts["a"]], runs=5)
     r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), "--runs", "1"])
-    assert r.exit_code == 2 and "too few" in r.output
+    assert r.exit_code == 2 and "x>=5" in r.output
 
 
 def test_targets_are_converted_into_the_cache_and_reused(arts):

@@ -109,8 +109,12 @@ def test_output_exists_needs_force(tiny, tmp_path):
     assert_usage_error(r, "already exists", "--force")
     assert (out / "keep.txt").exists()
     r = run("convert", tiny("bert"), "-t", "ort-fp32", "-o", out, "--force", "--latency-runs", "3")
+    assert_usage_error(r, "did not make")  # --force never replaces a folder of someone's files
+    assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose
+    r = run("convert", tiny("bert"), "-t", "ort-fp32", "-o", out, "--latency-runs", "3", "--force")
     assert r.exit_code == 0, r.output
-    assert "PASSED" in r.output and not (out / "keep.txt").exists()
+    assert "PASSED" in r.output
     assert json.loads((out / "manifest.json").read_text())["latency"]["artifact"]["count"] == 3
     v = run("verify", out)
     assert v.exit_code == 0 and "PASSED" in v.output
@@ -118,11 +122,37 @@ def test_output_exists_needs_force(tiny, tmp_path):
 
 def test_gate_failure_exits_1_and_publishes_rejected(tiny, tmp_path):
     prof = tmp_path / "strict.toml"
-    prof.write_text('backend = "onnxruntime"\n[validation]\nmin_cosine = 1.5\n[latency]\nruns = 0\n')
+    prof.write_text('backend = "onnxruntime"\n[validation]\nmin_cosine = 1.0\nmax_abs_diff = 1e-12\n[latency]\nruns = 0\n')
     out = tmp_path / "out"
     r = run("convert", tiny("bert"), "-t", prof, "-o", out)
     assert r.exit_code == 1, r.output
-    assert "FAILED" in r.output and "cosine_min" in r.output
+    assert "FAILED" in r.output and "max_abs_diff" in r.output
     assert not out.exists()
     rejected = tmp_path / "out.rejected"
     assert json.loads((rejected / "manifest.json").read_text())["status"] == "rejected"
+
+
+def test_every_option_has_help_and_every_command_states_exit_codes():
+    import click
+
+    for name, cmd in cli.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"{name} {p.opts} has no help text"
+    assert "Exit codes" in run("--help").output and "130/143" in run("convert", "--help").output
+
+
+def test_tokenizers_version_mismatch_is_reported():
+    from bertexport.runtime import version_warnings
+
+    assert version_warnings({"versions": {"tokenizers": "0.1.0"}})[0].startswith("this artifact was built")
+    import importlib.metadata
+
+    assert version_warnings({"versions": {"tokenizers": importlib.metadata.version("tokenizers")}}) == []
+
+
+def test_task_choices_are_the_task_registry():
+    from bertexport.cli import TASK_CHOICE
+    from bertexport.tasks import TASKS
+
+    assert list(TASK_CHOICE.choices) == list(TASKS)

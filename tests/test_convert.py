@@ -10,7 +10,8 @@ import pytest
 
 from bertexport.convert import convert
 from bertexport.manifest import load_manifest, verify_files
-from bertexport.profiles import Tolerances, parse_profile
+from bertexport.compare import Gates
+from bertexport.profiles import parse_profile
 from tests.tinymodels import FAMILY_TASKS
 
 # RoBERTa-style models and DistilBERT take no segment ids; DeBERTa-v3 has type_vocab_size 0.
@@ -30,7 +31,7 @@ def test_convert_fp32_and_int8(tiny, tmp_path, family, task):
     for check in m["parity"]["checks"].values():
         assert check["cosine_min"] >= 0.9999 and check["max_abs_diff"] < 1e-3
         if task != "feature-extraction":
-            assert check["top1_agreement"] == 1.0
+            assert check["agreement"] == 1.0
     names = [i["name"] for i in m["inputs"]]
     assert names[:2] == ["input_ids", "attention_mask"]
     # only the inputs a family really takes
@@ -42,7 +43,7 @@ def test_convert_fp32_and_int8(tiny, tmp_path, family, task):
     # agreement is judged loosely here and strictly on the trained MiniLM (test_default_model).
     # The sensitivity scan of ort-int8 is exercised in test_sensitivity_scan below.
     int8 = convert(str(ckpt), PLAIN_INT8, tmp_path / "int8", latency_runs=0,
-                   tolerances=Tolerances(min_cosine=0.95, min_top1_agreement=0.6))
+                   gates=Gates(min_cosine=0.95, min_agreement=0.6))
     q = load_manifest(int8.artifact)
     assert q["target"]["passes"][0]["type"] == "ort-dynamic-quantize"
     ops = {n.op_type for n in onnx.load(str(int8.artifact / q["model"]["path"])).graph.node}
@@ -56,7 +57,7 @@ def test_convert_fp32_and_int8(tiny, tmp_path, family, task):
 def test_sensitivity_scan(tiny, tmp_path, family):
     """ort-int8's scan keeps the most sensitive MatMuls fp32 until the calibration target is met."""
     r = convert(str(tiny(family, "text-classification")), "ort-int8", tmp_path / "a", latency_runs=0,
-                tolerances=Tolerances(min_cosine=0.95, min_top1_agreement=0.6))
+                gates=Gates(min_cosine=0.95, min_agreement=0.6))
     notes = r.manifest["target"]["passes"][0]["notes"]
     assert notes["target_min_cosine"] == 0.998
     assert notes["achieved_min_cosine"] >= notes["all_int8_min_cosine"]

@@ -10,7 +10,7 @@ import pytest
 from bertexport.convert import convert
 from bertexport.errors import BackendUnavailable
 from bertexport.manifest import load_manifest
-from bertexport.profiles import Tolerances
+from bertexport.compare import Gates
 
 pytest.importorskip("openvino")
 
@@ -20,7 +20,7 @@ INT8_RECIPES = ["openvino-int8-weights", "openvino-int8", "openvino-int8-accurat
 # Tiny random-init heads are not representative of trained int8 damage (it can be worse
 # or better); int8 profiles are judged with their own tolerances on the real MiniLM
 # (test_default_model). Here: the recipe runs, produces int8, and stays close.
-TINY_INT8 = Tolerances(min_cosine=0.8, min_top1_agreement=0.85)
+TINY_INT8 = Gates(min_cosine=0.8, min_agreement=0.85)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -30,9 +30,9 @@ def test_openvino_and_static_recipes(tiny, tmp_path, family):
         m = convert(ckpt, target, tmp_path / target, latency_runs=0).manifest
         assert m["model"]["format"] == "openvino-ir"
         assert m["target"]["runtime"]["inference_precision"] in ("f32", "f16")
-        assert all(c["top1_agreement"] == 1.0 for c in m["parity"]["checks"].values())
+        assert all(c["agreement"] == 1.0 for c in m["parity"]["checks"].values())
     for target in INT8_RECIPES:
-        m = convert(ckpt, target, tmp_path / target, latency_runs=0, tolerances=TINY_INT8, calib_samples=48).manifest
+        m = convert(ckpt, target, tmp_path / target, latency_runs=0, gates=TINY_INT8, calib_samples=48).manifest
         assert m["status"] == "passed"
         if target != "openvino-int8-weights":
             assert m["calibration"]["count"] == 48 and m["calibration"]["seed"] == 0
@@ -88,4 +88,4 @@ def test_calibration_bad_inputs(tiny, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(tiny("bert")), "-t", "openvino-int8-full", "-o", str(tmp_path / "ok"),
                                  "--latency-runs", "0", "--calib", str(tmp_path / "mixed.txt")])
     cal = load_manifest(tmp_path / "ok")["calibration"] if r.exit_code == 0 else load_manifest(tmp_path / "ok.rejected")["calibration"]
-    assert cal["count"] == 40 and cal["skipped"] == {"non-utf8 lines": 1}
+    assert cal["count"] == 40 and cal["skipped"] == {"lines not text (non-UTF-8 or control characters)": 1}

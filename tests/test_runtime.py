@@ -15,6 +15,7 @@ from bertexport.cli import cli
 from bertexport.convert import convert
 from bertexport.errors import UserError
 from bertexport.runtime import Artifact, Predictor
+from bertexport.runtime import SEGMENT_CHARS, segments
 from tests.tinymodels import keyword_sentence
 
 TEXTS = ["The film was a delight from start to finish.", "Paris is the capital of France.", "ok"]
@@ -113,10 +114,35 @@ def test_long_text_windows_find_the_keyword(keyword_model, tmp_path):
     assert res[0]["windows"] > 4
     assert res[0]["label"] == "present" and res[1]["label"] == "absent"
     assert first_window_only["label"] == "absent"
-    # 100k characters stream through windows without error
+    # a text several segments long (processed one segment at a time, bounded memory):
+    # the keyword in its last words is still found, and absent stays absent
+    long_head = keyword_sentence(rng, 20000, None)
+    assert len(long_head) > 3 * SEGMENT_CHARS
     with Artifact(art) as a:
-        huge = Predictor(a, batch_size=64).predict([keyword_sentence(rng, 20000, "excellent")])[0]
-    assert huge["windows"] > 100 and huge["label"] in ("present", "absent")
+        found, absent = Predictor(a, batch_size=64, aggregation="max").predict(
+            [long_head + " " + keyword_sentence(rng, 10, "excellent"), long_head])
+    assert found["windows"] > 100 and found["label"] == "present" and absent["label"] == "absent"
+
+
+def test_segments_cover_the_text_with_overlap():
+    text = " ".join(f"w{i}" for i in range(30000))
+    pieces = list(segments(text, size=5000, overlap=500))
+    assert pieces[0][0] == 0 and len(pieces) > 30
+    for (s0, p0), (s1, p1) in zip(pieces, pieces[1:]):
+        assert text[s0:s0 + len(p0)] == p0 and s1 < s0 + len(p0)  # each overlaps the one before
+    assert pieces[-1][0] + len(pieces[-1][1]) == len(text)
+
+
+def test_entity_offsets_in_later_segments_point_into_the_text(artifacts):
+    _, art = artifacts["token-classification"]
+    text = " ".join(["Paris and Berlin are cities"] * 2500)  # ~70k characters: several segments
+    with Artifact(art) as a:
+        (res,) = Predictor(a, batch_size=64).predict([text])
+    ents = res["entities"]
+    assert ents and all(text[e["start"]:e["end"]] == e["word"] for e in ents)
+    # the random head tags the repeated words the same way everywhere: entities come from
+    # every segment, at exact offsets
+    assert max(e["end"] for e in ents) > 3 * SEGMENT_CHARS and max(e["end"] for e in ents) <= len(text)
 
 
 def test_tampered_artifact_refused(artifacts, tmp_path):
@@ -136,16 +162,16 @@ def test_tampered_artifact_refused(artifacts, tmp_path):
 
 def test_cli_run_json_and_bad_inputs(artifacts, tmp_path):
     _, art = artifacts["text-classification"]
-    r = CliRunner().invoke(cli, ["run", str(art), "good film", "bad film", "--json"])
+    r = CliRunner().invoke(cli, ["run", str(art), "good film", "bad film", "--json", "-"])
     assert r.exit_code == 0, r.output
     lines = [json.loads(l) for l in r.output.strip().splitlines()]
-    assert [l["text"] for l in lines] == ["good film", "bad film"] and all(0 <= l["score"] <= 1 for l in lines)
+    assert [l["text_prefix"] for l in lines] == ["good film", "bad film"] and all(0 <= l["score"] <= 1 for l in lines)
     r = CliRunner().invoke(cli, ["run", str(art), "   "])
     assert r.exit_code == 2 and "empty text" in r.output
     f = tmp_path / "bad.txt"
     f.write_bytes(b"fine line\n\xff\xfe\n")
     r = CliRunner().invoke(cli, ["run", str(art), "--file", str(f)])
-    assert r.exit_code == 2 and "bad.txt:2 is not valid UTF-8" in r.output
+    assert r.exit_code == 2 and "bad.txt:2 is not text: not valid UTF-8" in r.output
     big = tmp_path / "many.txt"
     big.write_text("\n".join(f"line {i}" for i in range(600)))
     r = CliRunner().invoke(cli, ["run", str(art), "--file", str(big)])
@@ -166,7 +192,7 @@ from bertexport.cli import cli
 with Artifact({str(art)!r}) as a:
     print(Predictor(a).predict(['a fine film'])[0]['label'])
 try:
-    cli(['run', {str(art)!r}, 'another film', '--json'], standalone_mode=False)
+    cli(['run', {str(art)!r}, 'another film', '--json', '-'], standalone_mode=False)
 except SystemExit:
     pass
 assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bertexport.backends.tensorrt.profiles import ShapeRange, check_engine_compat, fp32_node_names, pick_profile, profile_ranges
+from bertexport.backends.tensorrt.profiles import ShapeRange, check_engine_compat, pick_profile, profile_ranges
+from bertexport.graph import fp32_node_names
 from bertexport.convert import convert
 from bertexport.errors import BackendUnavailable, UserError
 from bertexport.export import export_onnx

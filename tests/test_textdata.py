@@ -37,7 +37,7 @@ def test_bad_inputs(tmp_path):
 def test_non_utf8_lines_are_skipped_and_counted(tmp_path):
     (tmp_path / "x.txt").write_bytes(b"fine\n\xff\xfe broken\nalso fine\n")
     ts = load_texts(tmp_path / "x.txt")
-    assert ts.texts == ["fine", "also fine"] and ts.skipped == {"non-utf8 lines": 1}
+    assert ts.texts == ["fine", "also fine"] and ts.skipped == {"lines not text (non-UTF-8 or control characters)": 1}
 
 
 def test_sample_is_reproducible():

@@ -6,7 +6,8 @@ Each backend package exposes:
 - ``MODEL_FORMAT``: the model format its runner loads (``onnx``, ``openvino-ir``, ...);
 - ``check_available(runtime)``: raises ``BackendUnavailable`` with what to install or where to run;
 - ``make_runner(model_path, runtime: dict, threads: int) -> Runner``;
-- ``versions() -> dict``: library versions for the manifest.
+- ``versions() -> dict``: library versions for the manifest;
+- ``RuntimeConfig``: the typed record of its ``[runtime]`` profile table.
 """
 
 from __future__ import annotations
@@ -31,3 +32,8 @@ def get_backend(name: str) -> ModuleType:
 
 def backend_names() -> list[str]:
     return list(_MODULES)
+
+
+def runtime_config_class(name: str) -> type:
+    """The typed record of a backend's ``[runtime]`` settings (checked when a profile loads)."""
+    return get_backend(name).RuntimeConfig

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from bertexport.errors import UserError
+from bertexport.options import build
 
 
 @dataclass
@@ -74,24 +75,25 @@ class Pass:
 
     @classmethod
     def make_config(cls, values: dict[str, Any]):
-        known = {f.name for f in dataclasses.fields(cls.Config)}
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"pass '{cls.name}': unknown option(s) {', '.join(sorted(unknown))}; options: {', '.join(sorted(known)) or 'none'}")
-        try:
-            cfg = cls.Config(**values)
-        except TypeError as e:
-            raise UserError(f"pass '{cls.name}': {e}") from e
-        validate = getattr(cfg, "validate", None)
-        if validate:
-            try:
-                validate()
-            except ValueError as e:
-                raise UserError(f"pass '{cls.name}': {e}") from e
-        return cfg
+        """The pass's config from a profile table: unknown keys, wrong types and
+        out-of-range values are refused here, before any work (exit 2)."""
+        return build(cls.Config, values, f"pass '{cls.name}'")
 
     def run(self, model: ModelFile, config, ctx: PassContext) -> ModelFile:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def keep_float_nodes(model_path, specs: list[str], family: str) -> list[str]:
+    """ONNX node names of the named regions ``specs`` in this family's graph."""
+    if not specs:
+        return []
+    import re
+
+    from bertexport.families import get_family
+    from bertexport.graph import Graph
+
+    patterns = get_family(family).patterns(specs)
+    return [n for n in Graph.load(model_path).names if any(re.fullmatch(p, n) for p in patterns)]
 
 
 def get_pass(name: str) -> type[Pass]:

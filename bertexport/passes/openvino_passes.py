@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bertexport.families import check_region_spec, get_family
 from bertexport.passes.base import ModelFile, Pass, PassContext
 
 
@@ -25,9 +26,6 @@ def _save(model, ctx: PassContext, name: str, compress_to_fp16: bool = False) ->
     return ModelFile(xml, "openvino-ir", files=_ir_files(xml))
 
 
-# Families whose ONNX graph OpenVINO's CPU plugin cannot compile: DeBERTa-v2's export has
-# If nodes of dynamic rank ("CPU plug-in doesn't support If operation with dynamic rank").
-_FROM_PYTORCH = {"deberta-v2"}
 
 
 @dataclass
@@ -74,7 +72,9 @@ class OpenVinoConvert(Pass):
 
         source = config.source
         if source == "auto":
-            source = "pytorch" if ctx.family in _FROM_PYTORCH and ctx.torch_model is not None else "onnx"
+            # families.Family.openvino_source: DeBERTa-v2's ONNX export has If nodes of dynamic
+            # rank that OpenVINO's CPU plugin cannot compile
+            source = "pytorch" if get_family(ctx.family).openvino_source == "pytorch" and ctx.torch_model is not None else "onnx"
         if source == "pytorch":
             if ctx.torch_model is None:
                 raise RuntimeError("openvino-convert source=pytorch needs the PyTorch model")
@@ -122,9 +122,11 @@ class NncfQuantizeConfig:
     smooth_quant_alpha: float | None = None  # None: NNCF's default for transformers
     ignored_types: list[str] = field(default_factory=list)  # e.g. ["Multiply"]
     ignored_names: list[str] = field(default_factory=list)
-    ignored_patterns: list[str] = field(default_factory=list)  # regexes over node names
+    keep_float: list[str] = field(default_factory=list)  # named regions (families.REGIONS), e.g. ["ffn_output"]
 
     def validate(self):
+        for spec in self.keep_float:
+            check_region_spec(spec)
         if self.preset not in ("mixed", "performance"):
             raise ValueError("preset must be mixed or performance")
         if self.subset_size < 1:
@@ -149,9 +151,10 @@ class NncfQuantize(Pass):
         items = [ctx.encode([t], padding="longest") for t in texts]
         ov_model = ov.Core().read_model(str(model.path))
         ignored = None
-        if config.ignored_types or config.ignored_names or config.ignored_patterns:
+        patterns = get_family(ctx.family).patterns(config.keep_float) if config.keep_float else []
+        if config.ignored_types or config.ignored_names or patterns:
             ignored = nncf.IgnoredScope(types=config.ignored_types, names=config.ignored_names,
-                                        patterns=config.ignored_patterns, validate=False)
+                                        patterns=patterns, validate=False)
         advanced = None
         if config.smooth_quant_alpha is not None:
             advanced = nncf.AdvancedQuantizationParameters(

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bertexport.families import get_family
 from bertexport.passes.base import ModelFile, Pass, PassContext
 
-_HEADS_KEYS = ("num_attention_heads", "n_heads")
-_HIDDEN_KEYS = ("hidden_size", "dim")
 
 
 @dataclass
@@ -29,9 +28,9 @@ class OrtTransformersOptimize(Pass):
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
-        cfg = ctx.model_config
-        heads = next((cfg[k] for k in _HEADS_KEYS if k in cfg), 0)
-        hidden = next((cfg[k] for k in _HIDDEN_KEYS if k in cfg), 0)
+        fam = get_family(ctx.family)
+        heads = fam.config_value(ctx.model_config, fam.heads_key, 0)
+        hidden = fam.config_value(ctx.model_config, fam.hidden_key, 0)
         options = FusionOptions("bert")
         options.enable_gelu_approximation = config.enable_gelu_approximation
         optimized = optimize_model(

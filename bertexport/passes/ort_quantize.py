@@ -15,11 +15,16 @@ calibration data. What breaks BERT-family accuracy, and what this pass does abou
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 
 
-from bertexport.passes.base import ModelFile, Pass, PassContext
+from bertexport.families import check_region_spec
+from bertexport.graph import sensitive_nodes, weight_nodes
+from bertexport.passes.base import ModelFile, Pass, PassContext, keep_float_nodes
 
 
 @contextlib.contextmanager
@@ -45,11 +50,14 @@ class DynamicQuantizeConfig:
     weight_type: str = "qint8"  # qint8 | quint8
     op_types: list[str] = field(default_factory=lambda: ["MatMul"])  # Gather too would quantize embeddings
     exclude_nodes: list[str] = field(default_factory=list)
+    keep_float: list[str] = field(default_factory=list)  # named regions (families.REGIONS), e.g. ["ffn_output", "ffn_input@3"]
     target_min_cosine: float | None = None  # sensitivity scan: keep the worst MatMuls fp32 until met
     max_excluded_fraction: float = 0.35
     sensitivity_samples: int = 48
 
     def validate(self):
+        for spec in self.keep_float:
+            check_region_spec(spec)
         if self.isa not in _ISA_REDUCE_RANGE:
             raise ValueError(f"isa must be one of {', '.join(_ISA_REDUCE_RANGE)}")
         if self.weight_type not in ("qint8", "quint8"):
@@ -64,13 +72,16 @@ class DynamicQuantizeConfig:
         return _ISA_REDUCE_RANGE[self.isa] if self.reduce_range is None else self.reduce_range
 
 
-def weight_nodes(model_path, op_types: list[str]) -> list[str]:
-    """Nodes of the given op types that multiply by a constant weight (what int8 quantizes)."""
-    import onnx
+def _scan_cache_file(model_path, texts: list[str], config: DynamicQuantizeConfig):
+    """Where the sensitivity scan of this export, on these texts, with these settings is kept."""
+    import onnxruntime
 
-    m = onnx.load(str(model_path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    return [n.name for n in m.graph.node if n.op_type in op_types and any(x in inits for x in n.input)]
+    from bertexport.cache import cache_dir
+    from bertexport.hashing import sha256_file
+
+    key = json.dumps([sha256_file(model_path), hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+                      asdict(config), onnxruntime.__version__], sort_keys=True)
+    return cache_dir("sensitivity") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 class _Scorer:
@@ -78,7 +89,7 @@ class _Scorer:
 
     def __init__(self, fp32_path, ctx: PassContext, samples: int):
         from bertexport.backends.onnxruntime.runner import OrtRunner
-        from bertexport.parity import min_cosine
+        from bertexport.compare import min_cosine
 
         self._runner_cls, self._min_cosine = OrtRunner, min_cosine
         texts = ctx.calibration_texts()[:samples]
@@ -129,12 +140,23 @@ class OrtDynamicQuantize(Pass):
 
     def run(self, model: ModelFile, config: DynamicQuantizeConfig, ctx: PassContext) -> ModelFile:
         out = ctx.workdir / "model.int8.onnx"
-        exclude = list(config.exclude_nodes)
-        self._quantize(model.path, out, config, exclude)
+        exclude = list(config.exclude_nodes) + keep_float_nodes(model.path, config.keep_float, ctx.family)
         notes: dict = {"excluded_nodes": exclude, "reduce_range": config.effective_reduce_range}
-        if config.target_min_cosine is not None:
-            exclude, notes = self._sensitivity_exclusion(model, out, config, ctx, exclude)
-        return ModelFile(out, "onnx", notes=notes)
+        if config.target_min_cosine is None:
+            self._quantize(model.path, out, config, exclude)
+            return ModelFile(out, "onnx", notes=notes)
+        cache = _scan_cache_file(model.path, ctx.calibration_texts()[: config.sensitivity_samples], config)
+        if cache.is_file():  # same export, texts and settings: the scan's answer is known
+            notes = json.loads(cache.read_text())
+            self._quantize(model.path, out, config, notes["excluded_nodes"])
+            ctx.log(f"sensitivity scan reused from the cache: {len(notes['excluded_nodes'])} MatMul(s) kept fp32")
+            return ModelFile(out, "onnx", notes=notes | {"scan": "cached"})
+        self._quantize(model.path, out, config, exclude)
+        exclude, notes = self._sensitivity_exclusion(model, out, config, ctx, exclude)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(notes))
+        os.replace(tmp, cache)
+        return ModelFile(out, "onnx", notes=notes | {"scan": "ran"})
 
     def _sensitivity_exclusion(self, model, out, config, ctx: PassContext, exclude):
         score = _Scorer(model.path, ctx, config.sensitivity_samples)
@@ -167,11 +189,17 @@ class OrtDynamicQuantize(Pass):
                 break
             k = k + 1 if k < 4 else int(k * 1.5)
         if best[0] < config.target_min_cosine:
-            ctx.log(f"warning: target {config.target_min_cosine} not reached with up to {limit} fp32 nodes; best {best[0]:.4f}")
+            ctx.log(f"the scan's target {config.target_min_cosine} (how hard the fp32 fallback tries) was not reached with "
+                    f"up to {limit} fp32 MatMuls; best {best[0]:.4f} with {len(best[1])} kept fp32. "
+                    "The profile's parity gate (checked next) decides whether the build passes.")
         probe.unlink(missing_ok=True)
         final = exclude + best[1]
         return final, notes | {
             "excluded_nodes": final,
+            "kept_fp32": len(best[1]),
+            "why": (f"{len(best[1])} of {len(candidates)} weight MatMuls kept fp32: the most sensitive ones, restored one "
+                    f"by one until the calibration min cosine reached the scan target {config.target_min_cosine} "
+                    f"(achieved {best[0]:.4f}); the artifact's gate is the profile's [validation] tolerance"),
             "achieved_min_cosine": best[0],
             "sensitivity": {n: round(sensitivity[n], 6) for n in ranked[: max(len(best[1]), 8)]},
         }
@@ -196,7 +224,7 @@ class StaticQuantizeConfig:
     op_types: list[str] = field(default_factory=lambda: ["MatMul"])
     exclude_sensitive: bool = True  # LayerNorm, GELU, Softmax + mask Add, embedding and residual Adds
     exclude_nodes: list[str] = field(default_factory=list)
-    exclude_patterns: list[str] = field(default_factory=list)  # regexes over node names
+    keep_float: list[str] = field(default_factory=list)  # named regions (families.REGIONS), e.g. ["ffn_output"]
     # TensorRT's explicit quantization wants symmetric int8, a Q/DQ pair on weights and one
     # pair per consumer (optimum PR#407/#812, onnxruntime-inference-examples#56)
     for_tensorrt: bool = False
@@ -209,39 +237,8 @@ class StaticQuantizeConfig:
                 raise ValueError(f"{name} must be qint8 or quint8")
         if self.calibration_samples < 1:
             raise ValueError("calibration_samples must be >= 1")
-        import re
-
-        for p in self.exclude_patterns:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"exclude_patterns: {p!r} is not a regex: {e}") from e
-
-
-def sensitive_nodes(model_path) -> list[str]:
-    """Nodes that break BERT accuracy when quantized (optimum#151's exclusions): LayerNorm,
-    GELU (Erf and its Mul/Add), Softmax and the mask Add before it, the embedding Adds after
-    Gather, and residual Adds feeding LayerNorm."""
-    import onnx
-
-    g = onnx.load(str(model_path), load_external_data=False).graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    always = {"LayerNormalization", "SkipLayerNormalization", "Erf", "Gelu", "BiasGelu", "FastGelu", "Softmax"}
-    names = []
-    for n in g.node:
-        nexts = [c.op_type for o in n.output for c in consumers.get(o, [])]
-        prevs = [producer[i].op_type for i in n.input if i in producer]
-        if n.op_type in always:
-            names.append(n.name)
-        elif n.op_type == "Add" and ({"Softmax", "LayerNormalization", "Add"} & set(nexts) or "Gather" in prevs):
-            names.append(n.name)
-        elif n.op_type in ("Mul", "Add", "Div") and ("Erf" in prevs or "Erf" in nexts):
-            names.append(n.name)
-    return names
+        for spec in self.keep_float:
+            check_region_spec(spec)
 
 
 class _TextReader:
@@ -267,8 +264,6 @@ class OrtStaticQuantize(Pass):
     needs_calibration = True
 
     def run(self, model: ModelFile, config: StaticQuantizeConfig, ctx: PassContext) -> ModelFile:
-        import re
-
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         texts = ctx.calibration_texts()[: config.calibration_samples]
@@ -280,11 +275,7 @@ class OrtStaticQuantize(Pass):
         exclude = list(config.exclude_nodes)
         if config.exclude_sensitive:
             exclude += sensitive_nodes(model.path)
-        if config.exclude_patterns:
-            import onnx
-
-            all_names = [n.name for n in onnx.load(str(model.path), load_external_data=False).graph.node]
-            exclude += [n for n in all_names if any(re.fullmatch(p, n) for p in config.exclude_patterns)]
+        exclude += keep_float_nodes(model.path, config.keep_float, ctx.family)
         exclude = sorted(set(exclude))
         qt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
         extra = {"ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True}

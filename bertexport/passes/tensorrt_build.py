@@ -74,7 +74,8 @@ class TensorRtBuild(Pass):
     def run(self, model: ModelFile, config: TensorRtBuildConfig, ctx: PassContext) -> ModelFile:
         import tensorrt as trt
 
-        from bertexport.backends.tensorrt.profiles import current_device, fp32_node_names, profile_ranges
+        from bertexport.backends.tensorrt.profiles import current_device, profile_ranges
+        from bertexport.graph import fp32_node_names
 
         logger = _reporting_logger(trt, ctx.log)
         builder = trt.Builder(logger)

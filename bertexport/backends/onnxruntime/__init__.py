@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bertexport.errors import BackendUnavailable
+from bertexport.options import option
 
 MODEL_FORMAT = "onnx"
+
+
+@dataclass
+class RuntimeConfig:
+    graph_optimization: str = option("all", "ONNX Runtime graph optimization level at load",
+                                     choices=("disable", "basic", "extended", "all"))
+    providers: list[str] = option(help="execution providers before the CPU one, e.g. CUDAExecutionProvider",
+                                  default_factory=list)
 
 
 def check_available(runtime: dict | None = None) -> None:

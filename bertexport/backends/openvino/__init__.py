@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bertexport.errors import BackendUnavailable
+from bertexport.options import option
 
 MODEL_FORMAT = "openvino-ir"
+
+
+@dataclass
+class RuntimeConfig:
+    inference_precision: str = option("f32", "precision of the ops that are not int8 (bf16 only where the CPU has it natively)",
+                                      choices=("f32", "bf16", "f16"))
+    performance_hint: str = option("LATENCY", "OpenVINO performance hint", choices=("LATENCY", "THROUGHPUT"))
+    device: str = option("CPU", "OpenVINO device name")
 
 
 _NATIVE = {"bf16": "BF16", "f16": "FP16"}

@@ -9,9 +9,18 @@ selection on the ONNX graph) lives in ``tensorrt/profiles.py`` and is tested eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bertexport.errors import BackendUnavailable
+from bertexport.options import option
 
 MODEL_FORMAT = "tensorrt-engine"
+
+
+@dataclass
+class RuntimeConfig:
+    device: int = option(0, "CUDA device index", min=0)
+
 DOCKER_HINT = ("build and run inside the GPU container: docker build -f Dockerfile.gpu -t bertexport-gpu . && "
                "docker run --gpus all bertexport-gpu bertexport convert --target tensorrt-fp16 --out /out/minilm-trt")
 

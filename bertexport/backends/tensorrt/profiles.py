@@ -73,35 +73,3 @@ def current_device() -> dict:
         pass
     return {}
 
-
-_ALWAYS_FP32 = {"LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf"}
-
-
-def fp32_node_names(onnx_path) -> list[str]:
-    """ONNX nodes an fp16 engine must keep in fp32: LayerNorm (and its decomposed reduce/
-    pow/sqrt), Softmax, GELU's Erf, and the attention-mask arithmetic — every node on the
-    path from the attention_mask input to the node that feeds Softmax (the mask Add, or
-    Where for masked_fill), whose large negative
-    fill overflows fp16 (TensorRT#2564, #2466, transformers#9700)."""
-    import onnx
-
-    g = onnx.load(str(onnx_path), load_external_data=False).graph
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    keep = [n.name for n in g.node if n.op_type in _ALWAYS_FP32]
-    # forward walk from attention_mask until the Softmax-feeding Add (inclusive)
-    frontier = ["attention_mask"]
-    seen = set()
-    while frontier:
-        t = frontier.pop()
-        for n in consumers.get(t, []):
-            if n.name in seen:
-                continue
-            seen.add(n.name)
-            keep.append(n.name)
-            feeds_softmax = any(c.op_type == "Softmax" for o in n.output for c in consumers.get(o, []))
-            if not feeds_softmax and n.op_type not in ("MatMul", "Gemm"):
-                frontier.extend(n.output)
-    return sorted(set(keep))

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from bertexport.parity import Comparison, judge, mean_pool, min_cosine
-from bertexport.profiles import Tolerances
+from bertexport.compare import Comparison, Gates, judge, judge_checks, mean_pool, min_cosine, task_metrics
 
 
 def test_mean_pool_ignores_padding():
@@ -29,10 +28,10 @@ def test_classification_agreement_and_failure_messages():
     c = Comparison("text-classification")
     c.add(ref, out, np.ones((3, 4), dtype=np.int64))
     s = c.summary()
-    assert s["top1_agreement"] == pytest.approx(2 / 3)
-    fails = judge({"x": s}, Tolerances(min_cosine=0.99, min_top1_agreement=0.9))
-    assert any("top1_agreement" in f for f in fails) and any("cosine_min" in f for f in fails)
-    assert judge({"x": s}, Tolerances(min_cosine=0.5, min_top1_agreement=0.5)) == []
+    assert s["agreement"] == pytest.approx(2 / 3)
+    fails = judge_checks({"x": s}, Gates(min_cosine=0.99, min_agreement=0.9))
+    assert any("x: agreement" in f for f in fails) and any("x: cosine_min" in f for f in fails)
+    assert judge_checks({"x": s}, Gates(min_cosine=0.5, min_agreement=0.5)) == []
 
 
 def test_question_answering_decisions_only_over_real_tokens():
@@ -41,7 +40,7 @@ def test_question_answering_decisions_only_over_real_tokens():
     out = {"start_logits": np.array([[0.0, 1.0, -9.0]]), "end_logits": np.array([[1.0, 0.0, -9.0]])}
     c = Comparison("question-answering")
     c.add(ref, out, mask)
-    assert c.summary()["top1_agreement"] == 1.0
+    assert c.summary()["agreement"] == 1.0
     assert min_cosine(ref, out, "question-answering", mask) == pytest.approx(1.0)
 
 
@@ -50,4 +49,15 @@ def test_nan_output_fails():
     out = {"logits": np.array([[np.nan, 2.0]])}
     c = Comparison("text-classification")
     c.add(ref, out, np.ones((1, 2), dtype=np.int64))
-    assert judge({"x": c.summary()}, Tolerances(min_cosine=0.0, min_top1_agreement=None))
+    assert judge(c.summary(), Gates(min_cosine=1e-9))
+
+
+def test_task_metrics_with_labels_and_the_one_gate_vocabulary():
+    ref = {"logits": np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5], [0.2, 0.1]])}
+    out = {"logits": np.array([[2.0, 1.0], [0.0, 3.0], [0.5, 1.0], [0.2, 0.1]])}
+    c = Comparison("text-classification")
+    c.add(ref, out, np.ones((4, 3), dtype=np.int64))
+    m = task_metrics(c, np.array([0, 1, 0, 1]))  # reference right 3/4, candidate 2/4
+    assert m["metric_reference"] == 75.0 and m["metric_candidate"] == 50.0 and m["metric_drop"] == 25.0
+    assert judge(m, Gates(max_accuracy_drop=1.0)) == ["accuracy drop 25.00 points > 1.0"]
+    assert judge(m, Gates(max_accuracy_drop=30.0, min_agreement=0.75)) == []
