@@ -126,6 +126,8 @@ def benchmark(
             raise UserError("--target needs MODEL")
         artifacts = list(artifacts) + build_targets(model, list(targets), threads, reporter)
 
+    real = load_texts(texts).texts if texts else None  # text inputs are checked before anything loads
+    labelled = load_texts(data) if data else None
     opened = [Artifact(a, threads=threads, allow_rejected=True) for a in artifacts]
     first = opened[0].manifest
     for a in opened[1:]:
@@ -157,7 +159,6 @@ def benchmark(
 
     encoder = opened[0].encoder
     sample_texts = builtin_samples()
-    real = load_texts(texts).texts if texts else None
     cells = []
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     grid = [(b, s) for b in batches for s in sequences] + ([(b, "real") for b in batches] if real else [])
@@ -192,7 +193,7 @@ def benchmark(
         from bertexport.compare import compare_on_data, task_metrics
         from bertexport.textdata import label_ids
 
-        ts = load_texts(data)
+        ts = labelled
         if data_limit:
             ts.texts, ts.labels = ts.texts[:data_limit], (ts.labels[:data_limit] if ts.labels else None)
         labels = label_ids(ts.labels, opened[0].id2label) if ts.labels is not None and first["task"] == "text-classification" else None

@@ -194,6 +194,9 @@ def resolve_checkpoint(
             f"model_type '{model_type}' is not a supported BERT-family model; supported: {supported_families_text()}"
         )
 
+    for n in (*_SAFE_WEIGHTS, *_PICKLE_WEIGHTS):
+        if (path / n).exists() and not (path / n).is_file():
+            raise UserError(f"{path / n} is not a file")
     safe = [path / n for n in _SAFE_WEIGHTS if (path / n).exists()]
     safe += sorted(path.glob("model-*-of-*.safetensors"))
     pickled = [path / n for n in _PICKLE_WEIGHTS if (path / n).exists()] + sorted(path.glob("pytorch_model-*-of-*.bin"))

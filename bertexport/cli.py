@@ -372,6 +372,15 @@ def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_l
 
     if model and Path(model).joinpath("manifest.json").is_file():  # first positional is an artifact
         artifacts, model = (Path(model), *artifacts), None
+    for a in artifacts:
+        if not Path(a).exists():
+            from bertexport.errors import UserError
+
+            raise UserError(f"artifact not found: {a}")
+    if model and not artifacts and not targets:
+        from bertexport.errors import UserError
+
+        raise UserError(f"{model} is not an artifact (no manifest.json), and no --target was given: nothing to compare")
     if out_dir:
         check_out_dir(out_dir, force)
     report = run_benchmark(model, list(artifacts), targets=list(targets), batches=batches, sequences=sequences, texts=texts,

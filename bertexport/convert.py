@@ -239,7 +239,7 @@ def convert(
                        "shapes": {"batch": profile.batch.__dict__, "sequence": profile.sequence.__dict__},
                        "passes": history},
             "calibration": {"source": calib_set.source if calib_set else "builtin:calib", "count": len(calibration_texts),
-                            "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration or "target_min_cosine" in p.config for p in profile.passes) else None,
+                            "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration() or "target_min_cosine" in p.config for p in profile.passes) else None,
             "parity": {"texts": len(validation_texts), "source": str(samples) if samples else "builtin:samples",
                        "gates": gate.given(), "checks": checks, "passed": passed, "failures": failures},
             "latency": latency,

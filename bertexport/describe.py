@@ -24,7 +24,7 @@ def describe_pass(name: str) -> list[str]:
 
     cls = get_pass(name)
     lines = [f"pass {name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}",
-             f"  takes {cls.input_format}, makes {cls.output_format}; needs calibration text: {'yes' if cls.needs_calibration else 'no'}"]
+             f"  takes {cls.input_format}, makes {cls.output_format}; needs calibration text: {'yes' if cls.needs_calibration() else 'no'}"]
     cap = getattr(cls, "capability", None)
     if cap is not None:
         lines.append(f"  capability: {cap.describe()}")

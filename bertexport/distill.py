@@ -272,6 +272,15 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
     ts = load_texts(data) if data else TextSet(builtin_calibration(), source="builtin:calib")
     if len(ts.texts) < 16:
         raise UserError(f"{len(ts.texts)} texts are too few to distill on (need >= 16)")
+    if not cfg.student:  # the layer choice is checked from the config, before the teacher loads
+        fam = get_family(ckpt.family)
+        n_layers = int(fam.config_value(ckpt.config, fam.layers_key, 0))
+        if cfg.keep_layers:
+            bad = sorted(set(cfg.keep_layers)) != list(cfg.keep_layers) or cfg.keep_layers[0] < 0 or cfg.keep_layers[-1] >= n_layers
+            if bad or len(cfg.keep_layers) >= n_layers:
+                raise UserError(f"keep_layers must be fewer than {n_layers} increasing indices in 0..{n_layers - 1}, got {cfg.keep_layers}")
+        else:
+            keep_every(n_layers, cfg.layers)
     with reporter.step(f"load teacher {ckpt.family} ({ckpt.task})"):
         teacher_model = load_model(ckpt)
         tok = load_tokenizer(ckpt)

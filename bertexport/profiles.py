@@ -169,7 +169,8 @@ def parse_profile(raw: dict, where: str) -> TargetProfile:
         sequence=_range(raw, "sequence", Range(1, 128, 512), where),
         validation=build(ValidationSpec, _validation_table(raw, where), f"invalid profile {where}: [validation]"),
         latency=build(LatencySpec, raw.get("latency", {}), f"invalid profile {where}: [latency]"),
-        needs_calibration=bool(raw.get("needs_calibration", False)),
+        # derived from the passes' capability records (the TOML key is still accepted)
+        needs_calibration=bool(raw.get("needs_calibration", False)) or any(get_pass(p.type).needs_calibration() for p in passes),
         source=where,
     )
 

@@ -209,3 +209,26 @@ def test_artifact_for_missing_backend_is_a_clear_error(artifacts):
             f"cli(['run', {str(art)!r}, 'x'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2 and "onnxruntime" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runner_checks_feeds_against_the_declared_inputs(artifacts):
+    _, art = artifacts["text-classification"]
+    with Artifact(art) as a:
+        feeds = a.encoder.encode(["a film"])
+        a.infer(feeds)
+        with pytest.raises(ValueError, match="input_ids is int32, the model declares int64"):
+            a.infer({k: v.astype(np.int32) for k, v in feeds.items()})
+        with pytest.raises(ValueError, match="has 1 dimensions, the model declares 2"):
+            a.infer({k: v[0] for k, v in feeds.items()})
+        with pytest.raises(ValueError, match="missing input"):
+            a.infer({"input_ids": feeds["input_ids"]})
+
+
+def test_every_pass_has_a_capability_and_described_options():
+    from bertexport.options import describe
+    from bertexport.passes import CATALOG, get_pass
+
+    for name in CATALOG:
+        cls = get_pass(name)
+        assert cls.capability.backend in ("onnxruntime", "openvino", "tensorrt") and cls.__doc__
+        assert all(row["help"] for row in describe(cls.Config)), name

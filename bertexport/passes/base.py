@@ -46,6 +46,27 @@ class PassContext:
     output_names: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Capability:
+    """What a pass makes and needs, read by people (``targets --describe``) and by the
+    ``optimize`` search when it decides which candidates this machine can run."""
+
+    backend: str  # the backend that runs what the pass makes
+    precision: str  # fp32 | fp16 | bf16 | int8 | int8-weights | engine
+    needs_calibration: bool = False
+    fast_with: tuple[str, ...] = ()  # CPU features (any of) that make its output fast; empty: any CPU
+    needs_gpu: bool = False
+
+    def describe(self) -> str:
+        parts = [f"runs on {self.backend}", f"precision {self.precision}",
+                 "needs calibration text" if self.needs_calibration else "no calibration data"]
+        if self.fast_with:
+            parts.append(f"fast with {' or '.join(self.fast_with)}")
+        if self.needs_gpu:
+            parts.append("needs an NVIDIA GPU")
+        return ", ".join(parts)
+
+
 _REGISTRY: dict[str, type["Pass"]] = {}
 
 # name -> module defining it; modules are imported only when a pass is asked for, so a
@@ -66,7 +87,11 @@ class Pass:
     Config: ClassVar[type]
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
-    needs_calibration: ClassVar[bool] = False
+    capability: ClassVar[Capability]
+
+    @classmethod
+    def needs_calibration(cls) -> bool:
+        return cls.capability.needs_calibration
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -8,10 +8,11 @@ LayerNorm, Softmax and the like in float. ``ignored_types``/``ignored_names`` ad
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bertexport.families import check_region_spec, get_family
-from bertexport.passes.base import ModelFile, Pass, PassContext
+from bertexport.options import option
+from bertexport.passes.base import Capability, ModelFile, Pass, PassContext
 
 
 def _ir_files(xml) -> list:
@@ -30,12 +31,9 @@ def _save(model, ctx: PassContext, name: str, compress_to_fp16: bool = False) ->
 
 @dataclass
 class ConvertConfig:
-    compress_to_fp16: bool = False  # store weights as fp16 (half the size; computed per inference precision)
-    source: str = "auto"  # onnx | pytorch | auto (pytorch for families whose ONNX graph OpenVINO can't run)
-
-    def validate(self):
-        if self.source not in ("onnx", "pytorch", "auto"):
-            raise ValueError("source must be onnx, pytorch or auto")
+    compress_to_fp16: bool = option(False, "store weights as fp16 (half the size; computed at the inference precision)")
+    source: str = option("auto", "what OpenVINO converts: the ONNX export, the PyTorch model, or auto (the family's record decides)",
+                         choices=("onnx", "pytorch", "auto"))
 
 
 def _convert_from_pytorch(ctx: PassContext):
@@ -63,8 +61,11 @@ def _convert_from_pytorch(ctx: PassContext):
 
 
 class OpenVinoConvert(Pass):
+    """ONNX (or PyTorch, per the family's record) to OpenVINO IR."""
+
     name = "openvino-convert"
     Config = ConvertConfig
+    capability = Capability("openvino", "fp32")
     output_format = "openvino-ir"
 
     def run(self, model: ModelFile, config: ConvertConfig, ctx: PassContext) -> ModelFile:
@@ -89,11 +90,7 @@ class OpenVinoConvert(Pass):
 
 @dataclass
 class CompressWeightsConfig:
-    mode: str = "int8_asym"  # int8_asym | int8_sym
-
-    def validate(self):
-        if self.mode not in ("int8_asym", "int8_sym"):
-            raise ValueError("mode must be int8_asym or int8_sym")
+    mode: str = option("int8_asym", "int8 weight compression scheme", choices=("int8_asym", "int8_sym"))
 
 
 class OpenVinoCompressWeights(Pass):
@@ -101,6 +98,7 @@ class OpenVinoCompressWeights(Pass):
 
     name = "openvino-compress-weights"
     Config = CompressWeightsConfig
+    capability = Capability("openvino", "int8-weights")
     input_format = "openvino-ir"
     output_format = "openvino-ir"
 
@@ -116,21 +114,20 @@ class OpenVinoCompressWeights(Pass):
 
 @dataclass
 class NncfQuantizeConfig:
-    preset: str = "mixed"  # mixed (symmetric weights, asymmetric activations) | performance
-    subset_size: int = 300
-    fast_bias_correction: bool = True
-    smooth_quant_alpha: float | None = None  # None: NNCF's default for transformers
-    ignored_types: list[str] = field(default_factory=list)  # e.g. ["Multiply"]
-    ignored_names: list[str] = field(default_factory=list)
-    keep_float: list[str] = field(default_factory=list)  # named regions (families.REGIONS), e.g. ["ffn_output"]
+    preset: str = option("mixed", "mixed: symmetric weights, asymmetric activations; performance: symmetric both",
+                         choices=("mixed", "performance"))
+    subset_size: int = option(300, "calibration sentences", min=1)
+    fast_bias_correction: bool = option(True, "NNCF's fast bias correction (false: the slower full one)")
+    smooth_quant_alpha: float | None = option(None, "SmoothQuant alpha for MatMuls (none: NNCF's transformer default; -1 disables)",
+                                              min=-1, max=1)
+    ignored_types: list[str] = option(help="op types left float, e.g. Multiply", default_factory=list)
+    ignored_names: list[str] = option(help="node names left float", default_factory=list)
+    keep_float: list[str] = option(help="named regions left float: attention_qkv, attention_output, ffn_input, ffn_output, head "
+                                        "(optionally @LAYER)", default_factory=list)
 
     def validate(self):
         for spec in self.keep_float:
             check_region_spec(spec)
-        if self.preset not in ("mixed", "performance"):
-            raise ValueError("preset must be mixed or performance")
-        if self.subset_size < 1:
-            raise ValueError("subset_size must be >= 1")
 
 
 class NncfQuantize(Pass):
@@ -138,9 +135,9 @@ class NncfQuantize(Pass):
 
     name = "nncf-quantize"
     Config = NncfQuantizeConfig
+    capability = Capability("openvino", "int8", needs_calibration=True, fast_with=("avx512_vnni", "avx_vnni", "amx_int8"))
     input_format = "openvino-ir"
     output_format = "openvino-ir"
-    needs_calibration = True
 
     def run(self, model: ModelFile, config: NncfQuantizeConfig, ctx: PassContext) -> ModelFile:
         import nncf

@@ -6,23 +6,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bertexport.families import get_family
-from bertexport.passes.base import ModelFile, Pass, PassContext
+from bertexport.options import option
+from bertexport.passes.base import Capability, ModelFile, Pass, PassContext
 
 
 
 @dataclass
 class OrtOptimizeConfig:
-    opt_level: int = 1  # 0: none, 1: basic fusions (portable), 2: extended, 99: all (hardware-specific layouts)
-    enable_gelu_approximation: bool = False  # tanh GELU: faster, changes outputs slightly
-
-    def validate(self):
-        if self.opt_level not in (0, 1, 2, 99):
-            raise ValueError("opt_level must be 0, 1, 2 or 99")
+    opt_level: int = option(1, "0 none, 1 basic fusions (portable), 2 extended, 99 all (hardware-specific layouts)",
+                            choices=(0, 1, 2, 99))
+    enable_gelu_approximation: bool = option(False, "tanh GELU: faster, changes outputs slightly")
 
 
 class OrtTransformersOptimize(Pass):
+    """ONNX Runtime's transformer fusions (attention, LayerNorm, GELU, embeddings)."""
+
     name = "ort-transformers-optimize"
     Config = OrtOptimizeConfig
+    capability = Capability("onnxruntime", "fp32")
 
     def run(self, model: ModelFile, config: OrtOptimizeConfig, ctx: PassContext) -> ModelFile:
         from onnxruntime.transformers.fusion_options import FusionOptions

@@ -19,12 +19,13 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 from bertexport.families import check_region_spec
 from bertexport.graph import sensitive_nodes, weight_nodes
-from bertexport.passes.base import ModelFile, Pass, PassContext, keep_float_nodes
+from bertexport.options import option
+from bertexport.passes.base import Capability, ModelFile, Pass, PassContext, keep_float_nodes
 
 
 @contextlib.contextmanager
@@ -44,28 +45,23 @@ _ISA_REDUCE_RANGE = {"avx512_vnni": False, "arm64": False, "avx2": True, "avx512
 
 @dataclass
 class DynamicQuantizeConfig:
-    isa: str = "avx512_vnni"  # avx512_vnni | avx512 | avx2 | arm64
-    per_channel: bool = True
-    reduce_range: bool | None = None  # None: from isa
-    weight_type: str = "qint8"  # qint8 | quint8
-    op_types: list[str] = field(default_factory=lambda: ["MatMul"])  # Gather too would quantize embeddings
-    exclude_nodes: list[str] = field(default_factory=list)
-    keep_float: list[str] = field(default_factory=list)  # named regions (families.REGIONS), e.g. ["ffn_output", "ffn_input@3"]
-    target_min_cosine: float | None = None  # sensitivity scan: keep the worst MatMuls fp32 until met
-    max_excluded_fraction: float = 0.35
-    sensitivity_samples: int = 48
+    isa: str = option("avx512_vnni", "ORT's int8 preset for the CPU family (sets reduce_range)", choices=tuple(_ISA_REDUCE_RANGE))
+    per_channel: bool = option(True, "per-channel weight scales (per-tensor loses more: ORT#11286, #5644)")
+    reduce_range: bool | None = option(None, "7-bit weights (none: from isa)")
+    weight_type: str = option("qint8", "int8 weight type", choices=("qint8", "quint8"))
+    op_types: list[str] = option(help="op types to quantize (Gather too would quantize embeddings)",
+                                 default_factory=lambda: ["MatMul"])
+    exclude_nodes: list[str] = option(help="node names left fp32", default_factory=list)
+    keep_float: list[str] = option(help="named regions left fp32: attention_qkv, attention_output, ffn_input, ffn_output, head "
+                                        "(optionally @LAYER)", default_factory=list)
+    target_min_cosine: float | None = option(None, "sensitivity scan: keep the worst MatMuls fp32 until calibration cosine meets this",
+                                             min=0, max=1, min_open=True)
+    max_excluded_fraction: float = option(0.35, "most MatMuls the scan may keep fp32 (fraction)", min=0, max=1)
+    sensitivity_samples: int = option(48, "calibration sentences the scan scores on", min=1)
 
     def validate(self):
         for spec in self.keep_float:
             check_region_spec(spec)
-        if self.isa not in _ISA_REDUCE_RANGE:
-            raise ValueError(f"isa must be one of {', '.join(_ISA_REDUCE_RANGE)}")
-        if self.weight_type not in ("qint8", "quint8"):
-            raise ValueError("weight_type must be qint8 or quint8")
-        if self.target_min_cosine is not None and not 0 < self.target_min_cosine <= 1:
-            raise ValueError("target_min_cosine must be in (0, 1]")
-        if not 0 <= self.max_excluded_fraction <= 1:
-            raise ValueError("max_excluded_fraction must be in [0, 1]")
 
     @property
     def effective_reduce_range(self) -> bool:
@@ -111,8 +107,11 @@ class _Scorer:
 
 
 class OrtDynamicQuantize(Pass):
+    """Dynamic int8 (weights offline, activations per call), optional sensitivity-guided fp32 fallback."""
+
     name = "ort-dynamic-quantize"
     Config = DynamicQuantizeConfig
+    capability = Capability("onnxruntime", "int8", fast_with=("avx512_vnni", "avx_vnni", "amx_int8", "asimddp"))
 
     def _quantize(self, src, dst, config: DynamicQuantizeConfig, exclude, only=None):
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -214,29 +213,22 @@ _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percent
 
 @dataclass
 class StaticQuantizeConfig:
-    calibration_method: str = "minmax"  # minmax | entropy | percentile
-    calibration_samples: int = 200  # "around 200 examples is enough" (optimum docs)
-    percentile: float = 99.999
-    per_channel: bool = True
-    activation_type: str = "quint8"  # quint8 | qint8
-    weight_type: str = "qint8"
-    symmetric_activations: bool = False
-    op_types: list[str] = field(default_factory=lambda: ["MatMul"])
-    exclude_sensitive: bool = True  # LayerNorm, GELU, Softmax + mask Add, embedding and residual Adds
-    exclude_nodes: list[str] = field(default_factory=list)
-    keep_float: list[str] = field(default_factory=list)  # named regions (families.REGIONS), e.g. ["ffn_output"]
+    calibration_method: str = option("minmax", "activation range calibration", choices=tuple(_CALIBRATION))
+    calibration_samples: int = option(200, "calibration sentences (\"around 200 examples is enough\": optimum docs)", min=1)
+    percentile: float = option(99.999, "percentile calibration's cut", min=0, max=100, min_open=True)
+    per_channel: bool = option(True, "per-channel weight scales")
+    activation_type: str = option("quint8", "int8 activation type", choices=("qint8", "quint8"))
+    weight_type: str = option("qint8", "int8 weight type", choices=("qint8", "quint8"))
+    symmetric_activations: bool = option(False, "symmetric activation ranges")
+    op_types: list[str] = option(help="op types to quantize", default_factory=lambda: ["MatMul"])
+    exclude_sensitive: bool = option(True, "keep LayerNorm, GELU, Softmax + mask Add, embedding and residual Adds float (optimum#151)")
+    exclude_nodes: list[str] = option(help="node names left float", default_factory=list)
+    keep_float: list[str] = option(help="named regions left float (families.REGIONS, optionally @LAYER)", default_factory=list)
     # TensorRT's explicit quantization wants symmetric int8, a Q/DQ pair on weights and one
     # pair per consumer (optimum PR#407/#812, onnxruntime-inference-examples#56)
-    for_tensorrt: bool = False
+    for_tensorrt: bool = option(False, "TensorRT's explicit quantization: symmetric, Q/DQ on weights, dedicated pairs")
 
     def validate(self):
-        if self.calibration_method not in _CALIBRATION:
-            raise ValueError(f"calibration_method must be one of {', '.join(_CALIBRATION)}")
-        for name in ("activation_type", "weight_type"):
-            if getattr(self, name) not in ("qint8", "quint8"):
-                raise ValueError(f"{name} must be qint8 or quint8")
-        if self.calibration_samples < 1:
-            raise ValueError("calibration_samples must be >= 1")
         for spec in self.keep_float:
             check_region_spec(spec)
 
@@ -261,7 +253,7 @@ class OrtStaticQuantize(Pass):
 
     name = "ort-static-quantize"
     Config = StaticQuantizeConfig
-    needs_calibration = True
+    capability = Capability("onnxruntime", "int8", needs_calibration=True, fast_with=("avx512_vnni", "avx_vnni", "amx_int8"))
 
     def run(self, model: ModelFile, config: StaticQuantizeConfig, ctx: PassContext) -> ModelFile:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

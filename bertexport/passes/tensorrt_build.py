@@ -13,27 +13,23 @@ NOT VERIFIED ON A GPU HERE: exercised by Dockerfile.gpu.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bertexport.cache import cache_dir
-from bertexport.passes.base import ModelFile, Pass, PassContext
+from bertexport.options import option
+from bertexport.passes.base import Capability, ModelFile, Pass, PassContext
 
 
 @dataclass
 class TensorRtBuildConfig:
-    fp16: bool = True
-    int8: bool = False  # the input must be a QDQ graph
-    fp32_sensitive_layers: bool = True  # LayerNorm, Softmax, Erf, mask arithmetic stay fp32 when fp16
-    workspace_mb: int = 2048
-    extra_profiles: list[dict] = field(default_factory=list)
-    builder_optimization_level: int = 3
-    timing_cache: bool = True
-
-    def validate(self):
-        if self.workspace_mb < 64:
-            raise ValueError("workspace_mb must be >= 64")
-        if not 0 <= self.builder_optimization_level <= 5:
-            raise ValueError("builder_optimization_level must be 0..5")
+    fp16: bool = option(True, "allow fp16 kernels")
+    int8: bool = option(False, "allow int8 kernels (the input must be a QDQ graph)")
+    fp32_sensitive_layers: bool = option(True, "keep LayerNorm, Softmax, Erf and the mask arithmetic fp32 when fp16 (TensorRT#2564)")
+    workspace_mb: int = option(2048, "builder workspace pool limit (MB)", min=64)
+    extra_profiles: list[dict] = option(help="more optimization profiles: [{batch = [min, opt, max], sequence = [...]}]",
+                                        default_factory=list)
+    builder_optimization_level: int = option(3, "TensorRT builder optimization level", min=0, max=5)
+    timing_cache: bool = option(True, "reuse the timing cache kept in the bertexport cache")
 
 
 def _reporting_logger(trt, log):
@@ -67,9 +63,12 @@ def _progress_monitor(trt, log):
 
 
 class TensorRtBuild(Pass):
+    """A serialized TensorRT engine from the ONNX graph (NVIDIA GPUs)."""
+
     name = "tensorrt-build"
     Config = TensorRtBuildConfig
     output_format = "tensorrt-engine"
+    capability = Capability("tensorrt", "engine", needs_gpu=True)
 
     def run(self, model: ModelFile, config: TensorRtBuildConfig, ctx: PassContext) -> ModelFile:
         import tensorrt as trt

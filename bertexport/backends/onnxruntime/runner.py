@@ -38,6 +38,8 @@ class OrtRunner(Runner):
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=self.providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        dtypes = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32", "tensor(bool)": "bool"}
+        self.input_meta = {i.name: (dtypes.get(i.type), len(i.shape)) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def infer_impl(self, feeds):

@@ -41,6 +41,8 @@ class OpenVinoRunner(Runner):
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
         self.compiled = core.compile_model(core.read_model(str(self.model_path)), self.device, config)
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.input_meta = {i.get_any_name(): (i.get_element_type().to_dtype().name, i.get_partial_shape().rank.get_length())
+                           for i in self.compiled.inputs}
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self.request = self.compiled.create_infer_request()
 

@@ -22,6 +22,7 @@ class TorchRunner(Runner):
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        self.input_meta = {n: ("int64", 2) for n in self.input_names}  # transformers encoders take int64 ids
         self.model.eval()
 
     def infer_impl(self, feeds):
