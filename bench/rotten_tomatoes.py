@@ -117,6 +117,19 @@ def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int
     return out
 
 
+def bert_base_checkpoint() -> Path:
+    """A random-init BERT-base (latency only) with MiniLM's WordPiece tokenizer, cached."""
+    bb = cache_dir("bench", "bert-base") / "bert-base-random"
+    if not (bb / "model.safetensors").is_file():
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        torch.manual_seed(0)
+        BertModel(BertConfig()).save_pretrained(bb, safe_serialization=True)
+        AutoTokenizer.from_pretrained(builtin_model_path()).save_pretrained(bb)
+    return bb
+
+
 def convert_all(model: Path, targets, calib: Path | None, folder: Path) -> list[Path]:
     from bertexport.benchmark import build_targets
     from bertexport.progress import RichReporter
@@ -150,16 +163,7 @@ def main(argv=None):
     print(json.dumps({k: str(v) for k, v in paths.items()}))
 
     if args.bert_base:
-        from transformers import BertConfig, BertModel
-
-        bb = cache_dir("bench", "bert-base") / "bert-base-random"
-        if not (bb / "model.safetensors").is_file():
-            import torch
-            from transformers import AutoTokenizer
-
-            torch.manual_seed(0)
-            BertModel(BertConfig()).save_pretrained(bb, safe_serialization=True)
-            AutoTokenizer.from_pretrained(builtin_model_path()).save_pretrained(bb)
+        bb = bert_base_checkpoint()
         arts = convert_all(bb, BERT_BASE_TARGETS, None, bb.parent / "artifacts")
         report = benchmark(str(bb), arts, batches=[1, 8], sequences=[128], runs=args.runs, threads=args.threads)
         paths = write_outputs(report, bb.parent / "results", force=True)

@@ -250,6 +250,55 @@ def distill(teacher, out, task, layers, keep_layers, student, distill_data, epoc
                    f"({r['latency']['speedup']['p50_ratio']:.2f}x); final eval: {r['final_eval']}")
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", default="builtin:all-MiniLM-L6-v2")
+@click.option("--data", type=click.Path(path_type=Path), help="Your task data (.csv/.tsv/.jsonl with a text and, for classification, a label column; or .txt); default: calib/ text, unlabelled.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create (the winner).")
+@click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Gate: accuracy may drop at most this many points (labelled classification data). Default with labels: 1.0.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Gate: fraction of decisions equal to PyTorch's (embeddings: top-5 retrieval agreement). Default without labels: 0.98.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Gate: minimum per-sample cosine to PyTorch's outputs.")
+@click.option("--budget", default="20m", show_default=True, help="Time budget for the search, e.g. 90s, 20m, 1h.")
+@click.option("--distill", help="Also try layer-drop students with these layer counts (e.g. 3,4), or 'auto' (half the layers).")
+@click.option("--distill-epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Training epochs per student.")
+@click.option("--distill-data", type=click.Path(path_type=Path), help="Training text for students, e.g. your training set (default: the search slice).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for int8 recipes (default: calib/ set).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the latency cell the search minimises.")
+@click.option("--seq", "sequence", type=click.IntRange(min=1), default=128, show_default=True, help="Sequence length of the latency cell.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for every candidate (pinned, reported); default: all cores.")
+@click.option("--text-column", help="Text column name (CSV/TSV/JSONL).")
+@click.option("--label-column", help="Label column name (CSV/TSV/JSONL).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search/confirm split.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint (auto_map, *.py).")
+@json_option("the search report")
+def optimize(model, data, out, task, max_accuracy_drop, min_agreement, min_cosine, budget, distill, distill_epochs, distill_data, calib, batch,
+             sequence, threads, text_column, label_column, seed, force, trust_remote_code, json_out):
+    """Find the fastest artifact that keeps your task accuracy: backends, precisions, per-region float fallbacks, students."""
+    from bertexport.compare import Gates
+    from bertexport.optimize import optimize as run_optimize
+    from bertexport.progress import RichReporter
+
+    gates = Gates(min_cosine=min_cosine, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop)
+    try:
+        result = run_optimize(model, data, out, task=task, gates=gates if gates.any() else None, budget=budget, distill=distill,
+                              distill_epochs=distill_epochs, distill_data=distill_data, threads=threads, batch=batch, sequence=sequence, calib=calib,
+                              text_column=text_column, label_column=label_column, seed=seed, force=force,
+                              trust_remote_code=trust_remote_code, reporter=RichReporter())
+    except GateFailed as e:
+        if e.result is not None:
+            emit_json(json_out, e.result.report)
+            _say(json_out, f"search table: {e.result.artifact / 'search.md'}")
+        raise
+    emit_json(json_out, result.report)
+    w = result.report["winner"]
+    timing = result.report["final_timing"].get(w["name"], {})
+    _say(json_out, f"winner: {w['name']} — {timing.get('p50_ms', 0):.2f} ms p50, {timing.get('vs_pytorch', 0):.2f}x PyTorch"
+                   + (f", {timing['vs_anchor']:.2f}x the anchor" if timing.get("vs_anchor") else "")
+                   + f"; held-out: {w['confirm_metrics']}")
+    _say(json_out, f"PASSED: {result.artifact} (search table: {result.artifact / 'search.md'})")
+
+
 @cli.command()
 @click.option("--describe", "describe_name", metavar="NAME", help="Describe one profile or pass: its settings and options.")
 def targets(describe_name):

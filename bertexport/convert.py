@@ -19,7 +19,7 @@ from bertexport.envinfo import environment
 from bertexport.errors import GateFailed, UserError
 from bertexport.export import ExportedModel, export_onnx
 from bertexport.latency import speedup, time_interleaved
-from bertexport.manifest import write_manifest
+from bertexport.manifest import Manifest, write_manifest
 from bertexport.compare import Gates, fixed_cell_feeds, judge_checks, parity_checks, reference_runner
 from bertexport.tasks import get_task
 from bertexport.passes import ModelFile, PassContext, config_dict, get_pass
@@ -219,7 +219,7 @@ def convert(
             load_seconds = candidate.load_seconds
         passed = not failures
         env = environment()
-        manifest = {
+        manifest = Manifest(**{
             "bertexport_version": __version__,
             "status": "passed" if passed else "rejected",
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -251,7 +251,7 @@ def convert(
             "threads": threads,
             "versions": env["packages"] | backend.versions(),
             "environment": {k: v for k, v in env.items() if k != "packages"},
-        }
+        }).to_dict()
         rows = summary_rows(manifest)
         (staged.staging / "report.md").write_text(render_report(manifest, rows))
         manifest = write_manifest(staged.staging, manifest)

@@ -276,9 +276,11 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
         fam = get_family(ckpt.family)
         n_layers = int(fam.config_value(ckpt.config, fam.layers_key, 0))
         if cfg.keep_layers:
-            bad = sorted(set(cfg.keep_layers)) != list(cfg.keep_layers) or cfg.keep_layers[0] < 0 or cfg.keep_layers[-1] >= n_layers
-            if bad or len(cfg.keep_layers) >= n_layers:
-                raise UserError(f"keep_layers must be fewer than {n_layers} increasing indices in 0..{n_layers - 1}, got {cfg.keep_layers}")
+            keep = list(cfg.keep_layers)
+            if sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= n_layers:
+                raise UserError(f"keep_layers must be increasing indices in 0..{n_layers - 1}, got {keep}")
+            if len(keep) >= n_layers:
+                raise UserError(f"a student with {len(keep)} layers is not smaller than the teacher ({n_layers})")
         else:
             keep_every(n_layers, cfg.layers)
     with reporter.step(f"load teacher {ckpt.family} ({ckpt.task})"):

@@ -8,10 +8,7 @@ so converting one checkpoint to several targets exports once.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +19,7 @@ from bertexport.cache import cache_dir
 from bertexport.checkpoint import Checkpoint
 from bertexport.errors import UserError
 from bertexport.hashing import sha256_file
+from bertexport.progress import quiet
 
 _DTYPES = {1: "float32", 7: "int64", 6: "int32", 10: "float16", 16: "bfloat16", 9: "bool"}
 
@@ -91,19 +89,10 @@ def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = T
 
     sweep_work_orphans(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-export-", dir=folder.parent))
-    chatter = io.StringIO()
     try:
         # optimum and torch.onnx print a lot (warnings, traces); keep it for errors only.
-        loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-                onnx_export_from_model(model, tmp, opset=opset, task=ckpt.task, do_validation=False)
-        finally:
-            for lg, lvl in zip(loggers, levels):
-                lg.setLevel(lvl)
+        with quiet("optimum", "transformers", "torch.onnx") as chatter:
+            onnx_export_from_model(model, tmp, opset=opset, task=ckpt.task, do_validation=False)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join(chatter.getvalue().strip().splitlines()[-5:])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from bertexport.errors import UserError
@@ -32,6 +33,54 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=_jsonable).encode()).hexdigest()
 
 
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+
+
+@dataclass
+class Manifest:
+    """The typed manifest (``manifest.schema.json`` is the same contract for other languages).
+    Sections are plain dicts; the schema says what each holds."""
+
+    bertexport_version: str
+    status: str  # passed | rejected
+    created: str
+    source: dict
+    family: str
+    task: str
+    max_length: int
+    model: dict
+    tokenizer: str
+    inputs: list
+    outputs: list
+    target: dict
+    parity: dict
+    sizes: dict
+    versions: dict
+    pooling: dict | None = None
+    labels: str | None = None
+    calibration: dict | None = None
+    latency: dict | None = None
+    distillation: dict | None = None
+    search: dict | None = None
+    load_seconds: float | None = None
+    threads: int | None = None
+    environment: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    files: dict = field(default_factory=dict)
+    manifest_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
+        if missing:
+            raise UserError(f"manifest is missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def file_table(folder: Path) -> dict[str, dict]:
     table = {}
     for p in sorted(folder.rglob("*")):
@@ -40,9 +89,10 @@ def file_table(folder: Path) -> dict[str, dict]:
     return table
 
 
-def write_manifest(folder: Path, manifest: dict) -> dict:
+def write_manifest(folder: Path, manifest: dict | Manifest) -> dict:
     """Add the file table and write ``manifest.json`` (atomically, last)."""
-    manifest = dict(manifest)
+    manifest = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
+    Manifest.from_dict(manifest)  # every required field is there
     manifest["schema_version"] = SCHEMA_VERSION
     manifest["files"] = file_table(folder)
     manifest.pop(DIGEST_KEY, None)

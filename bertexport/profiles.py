@@ -15,7 +15,9 @@ from bertexport.errors import UserError
 from bertexport.options import build, option
 from bertexport.resources import data_dir
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+from bertexport.backends import backend_names  # noqa: E402
+
+BACKENDS = tuple(backend_names())  # one registry: bertexport.backends
 
 
 @dataclass

@@ -8,6 +8,26 @@ import contextlib
 import time
 
 
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """Silence a library's chatter (its loggers below ERROR, its stdout/stderr progress
+    bars) for the duration; what it printed is yielded as a StringIO for error messages."""
+    import io
+    import logging
+
+    chatter = io.StringIO()
+    objs = [logging.getLogger(n) if n != "root" else logging.getLogger() for n in loggers]
+    levels = [lg.level for lg in objs]
+    for lg in objs:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            yield chatter
+    finally:
+        for lg, lvl in zip(objs, levels):
+            lg.setLevel(lvl)
+
+
 class Reporter:
     """Quiet reporter: remembers what happened (``self.events``) and prints nothing."""
 

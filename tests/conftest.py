@@ -8,6 +8,11 @@ import pytest
 from tests.tinymodels import build_checkpoint
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``after_all`` run last (they check what the whole suite built)."""
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Exports and work files go to a per-session cache, never the user's or the repo."""

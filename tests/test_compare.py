@@ -61,3 +61,23 @@ def test_task_metrics_with_labels_and_the_one_gate_vocabulary():
     assert m["metric_reference"] == 75.0 and m["metric_candidate"] == 50.0 and m["metric_drop"] == 25.0
     assert judge(m, Gates(max_accuracy_drop=1.0)) == ["accuracy drop 25.00 points > 1.0"]
     assert judge(m, Gates(max_accuracy_drop=30.0, min_agreement=0.75)) == []
+
+
+def test_embeddings_agreement_is_top_k_retrieval_agreement():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(12, 3, 16))
+    mask = np.ones((12, 3), dtype=np.int64)
+    same = Comparison("feature-extraction")
+    same.add({"last_hidden_state": h}, {"last_hidden_state": h + 1e-6}, mask)
+    assert task_metrics(same, None)["retrieval_agreement"] == pytest.approx(1.0)
+    shuffled = Comparison("feature-extraction")
+    shuffled.add({"last_hidden_state": h}, {"last_hidden_state": rng.normal(size=h.shape)}, mask)
+    m = task_metrics(shuffled, None)
+    assert m["agreement"] < 0.8 and judge(m, Gates(min_agreement=0.95))
+
+
+def test_macro_f1_alongside_accuracy():
+    from bertexport.compare import macro_f1
+
+    assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])) == 1.0
+    assert macro_f1(np.array([0, 0, 0, 0]), np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 0) / 2)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +11,17 @@ def _artifact(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.onnx").write_bytes(b"graph" * 100)
     (tmp_path / "labels.json").write_text("{}")
-    write_manifest(tmp_path, {"status": "passed"})
+    write_manifest(tmp_path, MINIMAL)
     return tmp_path
+
+
+MINIMAL = {"bertexport_version": "test", "status": "passed", "created": "2026-01-01T00:00:00+00:00",
+           "source": {"source": "x", "path": "x", "sha256": "0" * 64}, "family": "bert", "task": "feature-extraction",
+           "max_length": 8, "model": {"path": "model/model.onnx", "format": "onnx", "backend": "onnxruntime"},
+           "tokenizer": "tokenizer", "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["b", "s"]}],
+           "outputs": [{"name": "last_hidden_state", "dtype": "float32", "shape": ["b", "s", 4]}],
+           "target": {"name": "t", "backend": "onnxruntime", "precision": "fp32", "runtime": {}, "passes": []},
+           "parity": {"gates": {}, "checks": {}, "passed": True, "failures": []}, "sizes": {"model_bytes": 1}, "versions": {}}
 
 
 def test_checksums_verify(tmp_path):
@@ -39,3 +49,36 @@ def test_newer_schema_refused(tmp_path):
     (art / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="newer"):
         load_manifest(art)
+
+
+@pytest.mark.after_all
+def test_every_artifact_the_suite_built_matches_the_published_schema(tmp_path_factory):
+    """The JSON Schema ships in the package; every manifest written during this session
+    (convert, optimize, unpack, the cache's builds) validates against it."""
+    import os
+
+    import jsonschema
+
+    from bertexport.manifest import SCHEMA_FILE, Manifest
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    roots = [tmp_path_factory.getbasetemp(), Path(os.environ["BERTEXPORT_CACHE"])]
+    manifests = [p for r in roots for p in r.rglob("manifest.json") if not any(x.startswith(".") for x in p.parts[-3:-1])]
+    validator = jsonschema.Draft202012Validator(schema)
+    bad, checked = {}, 0
+    for p in manifests:
+        m = json.loads(p.read_text())
+        if m.get("schema_version", 1) < 2 or not m.get("bertexport_version") or "manifest_sha256" not in m:
+            continue  # hand-made fixtures of other tests (tampering, old versions)
+        checked += 1
+        errors = [e.message for e in validator.iter_errors(m)]
+        if errors:
+            bad[str(p)] = errors[:3]
+        Manifest.from_dict(m)
+    assert checked >= 1 and not bad, (checked, bad)
+
+
+def test_incomplete_manifest_is_refused(tmp_path):
+    with pytest.raises(UserError, match="missing"):
+        write_manifest(tmp_path, {"status": "passed"})

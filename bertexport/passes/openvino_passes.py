@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from bertexport.families import check_region_spec, get_family
 from bertexport.options import option
+from bertexport.progress import quiet
 from bertexport.passes.base import Capability, ModelFile, Pass, PassContext
 
 
@@ -108,7 +109,8 @@ class OpenVinoCompressWeights(Pass):
 
         ov_model = ov.Core().read_model(str(model.path))
         mode = {"int8_asym": nncf.CompressWeightsMode.INT8_ASYM, "int8_sym": nncf.CompressWeightsMode.INT8_SYM}[config.mode]
-        compressed = nncf.compress_weights(ov_model, mode=mode)
+        with quiet("nncf"):
+            compressed = nncf.compress_weights(ov_model, mode=mode)
         return _save(compressed, ctx, "model.int8w")
 
 
@@ -164,7 +166,8 @@ class NncfQuantize(Pass):
             kwargs["ignored_scope"] = ignored
         if advanced is not None:
             kwargs["advanced_parameters"] = advanced
-        quantized = nncf.quantize(ov_model, nncf.Dataset(items), **kwargs)
+        with quiet("nncf"):
+            quantized = nncf.quantize(ov_model, nncf.Dataset(items), **kwargs)
         out = _save(quantized, ctx, "model.int8")
         out.notes = {"calibration_items": len(items)}
         return out

@@ -14,10 +14,8 @@ calibration data. What breaks BERT-family accuracy, and what this pass does abou
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass
 
@@ -25,19 +23,10 @@ from dataclasses import asdict, dataclass
 from bertexport.families import check_region_spec
 from bertexport.graph import sensitive_nodes, weight_nodes
 from bertexport.options import option
+from bertexport.progress import quiet
 from bertexport.passes.base import Capability, ModelFile, Pass, PassContext, keep_float_nodes
 
 
-@contextlib.contextmanager
-def quiet_root_logger():
-    """ORT's quantizer logs an advisory through the root logger on every call."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 # ISA presets for dynamic int8 (weights / reduce_range), as ORT and optimum use them.
 _ISA_REDUCE_RANGE = {"avx512_vnni": False, "arm64": False, "avx2": True, "avx512": True}
@@ -116,7 +105,7 @@ class OrtDynamicQuantize(Pass):
     def _quantize(self, src, dst, config: DynamicQuantizeConfig, exclude, only=None):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with quiet_root_logger():
+        with quiet("root"):  # ORT's quantizer logs an advisory on every call
             self._quantize_impl(quantize_dynamic, QuantType, src, dst, config, exclude, only)
 
     def _quantize_impl(self, quantize_dynamic, QuantType, src, dst, config, exclude, only):
@@ -280,7 +269,7 @@ class OrtStaticQuantize(Pass):
             extra["CalibPercentile"] = config.percentile
         out = ctx.workdir / "model.qdq.onnx"
         ctx.log(f"calibrating ({config.calibration_method}) on {len(items)} sentences; {len(exclude)} nodes kept float")
-        with quiet_root_logger():
+        with quiet("root"):  # ORT's quantizer logs an advisory on every call
             quantize_static(
                 str(model.path), str(out), _TextReader(items),
                 quant_format=QuantFormat.QDQ,

@@ -1,0 +1,683 @@
+"""``optimize``: the fastest artifact that keeps the user's task accuracy, found by search.
+
+What it does, in order:
+
+1. Checks everything first (checkpoint, data, gates, destination), then splits the data
+   into a *search* slice and a held-out *confirm* slice. The PyTorch original runs once
+   per slice; every candidate is scored against those outputs by the one comparison
+   engine (``bertexport.compare``) with the user's gate: accuracy drop in points on
+   labelled classification data, agreement (equal decisions; top-5 retrieval agreement
+   for embeddings) and/or cosine otherwise.
+2. Offers only candidates this machine runs natively (``candidate_recipes``): the
+   backends installed, int8 recipes, and float regions in bf16 only where the CPU has
+   AVX-512 BF16 / AMX. The first is the best anchor recipe (OpenVINO + NNCF int8 with
+   OpenVINO's default precision for this CPU).
+3. Tries them fastest-first. An int8 candidate that misses the gate is repaired region
+   by region: regions (per layer: attention projections, attention output, FFN in, FFN
+   out — named by the family's record) are ranked by how much quantizing each *alone*
+   moves the task outputs on the search slice (ONNX Runtime dynamic int8, seconds per
+   region), and the most harmful are restored to float (bf16 where native) 1, 2, 4, ...
+   at a time until the gate holds. A candidate whose quick latency cannot beat the best
+   passing one is pruned before its accuracy is measured, and restoring more regions only
+   makes a build slower, so a pruned restore stops its ladder.
+4. Optionally adds layer-drop students (``distill``), trained with ``bertexport.distill``
+   on the search slice and judged against the *original* model.
+5. Times the passing candidates, the anchor and PyTorch interleaved, confirms the fastest
+   on the held-out slice, and publishes it as a normal artifact whose manifest carries a
+   ``search`` section, with ``search.json``, ``search.md`` and ``search.png`` inside.
+   No candidate passing: the best-scoring one is kept as ``OUT.rejected`` (exit 1).
+
+Every build is cached by (checkpoint, recipe, calibration, bertexport version) and every
+evaluation by (build, data slice), so a rerun after an interruption costs little; each
+candidate is plain data (``Candidate.to_dict``), so candidates could run elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bertexport import __version__
+from bertexport.compare import Gates, check_gates_fit, compare_on_data, judge, task_metrics
+from bertexport.errors import GateFailed, UserError
+from bertexport.progress import Reporter
+
+SCHEMA = "bertexport.search/1"
+
+
+# -- candidates ------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """One build to try, described by data: which recipe, which regions stay float, on
+    which checkpoint (the original or a student)."""
+
+    recipe: str
+    backend: str
+    precision: str
+    passes: list[dict]  # [{"type": ..., **options}] as in a profile
+    runtime: dict
+    keep_float: list[str] = field(default_factory=list)
+    student_layers: int | None = None
+    anchor: bool = False
+
+    @property
+    def name(self) -> str:
+        n = self.recipe if not self.student_layers else f"student{self.student_layers}/{self.recipe}"
+        return n + (f"+float[{len(self.keep_float)}]" if self.keep_float else "")
+
+    @property
+    def int8(self) -> bool:
+        return self.precision == "int8"
+
+    def with_float(self, regions: list[str]) -> "Candidate":
+        return dataclasses.replace(self, keep_float=list(regions), anchor=False)
+
+    def profile(self):
+        from bertexport.profiles import parse_profile
+
+        passes = []
+        for p in self.passes:
+            p = dict(p)
+            if self.keep_float and p["type"] in ("nncf-quantize", "ort-dynamic-quantize"):
+                p["keep_float"] = list(self.keep_float)
+            passes.append(p)
+        raw = {"name": self.name, "backend": self.backend, "precision": self.precision, "passes": passes,
+               "runtime": self.runtime, "description": f"optimize candidate {self.name}"}
+        return parse_profile(raw, f"optimize:{self.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"name": self.name}
+
+
+def candidate_recipes(features: set[str], backends: set[str], calib_samples: int = 300) -> list[Candidate]:
+    """What this machine can run natively, fastest expected first. bf16 appears only with
+    native BF16 (emulated bf16 measured ~40x slower); without VNNI, ORT's int8 uses its
+    AVX2 preset (reduce_range)."""
+    bf16 = bool(features & {"avx512_bf16", "amx_bf16"})
+    vnni = bool(features & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    float_precision = "bf16" if bf16 else "f32"
+    out = []
+    if "openvino" in backends:
+        convert = {"type": "openvino-convert"}
+        nncf = {"type": "nncf-quantize", "preset": "mixed", "subset_size": calib_samples}
+        # the anchor: NNCF's documented BERT recipe with OpenVINO's default precision on this CPU
+        out.append(Candidate(f"ov-int8-{float_precision}", "openvino", "int8", [convert, nncf],
+                             {"inference_precision": float_precision}, anchor=True))
+        if bf16:
+            out.append(Candidate("ov-int8-f32", "openvino", "int8", [convert, nncf], {"inference_precision": "f32"}))
+    if "onnxruntime" in backends:
+        isa = "avx512_vnni" if vnni else "avx2"
+        out.append(Candidate(f"ort-int8-{isa}", "onnxruntime", "int8",
+                             [{"type": "ort-dynamic-quantize", "isa": isa, "per_channel": True}], {}))
+    if "openvino" in backends:
+        cw = {"type": "openvino-compress-weights"}
+        out.append(Candidate(f"ov-int8w-{float_precision}", "openvino", "int8-weights", [{"type": "openvino-convert"}, cw],
+                             {"inference_precision": float_precision}))
+        if bf16:
+            out.append(Candidate("ov-bf16", "openvino", "bf16", [{"type": "openvino-convert"}], {"inference_precision": "bf16"}))
+        out.append(Candidate("ov-fp32", "openvino", "fp32", [{"type": "openvino-convert"}], {"inference_precision": "f32"}))
+    if "onnxruntime" in backends:
+        out.append(Candidate("ort-fp32", "onnxruntime", "fp32", [], {}))
+    return out
+
+
+def available_backends() -> set[str]:
+    import importlib.util
+
+    return {b for b, mod in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")) if importlib.util.find_spec(mod)}
+
+
+# -- options and records -------------------------------------------------------------------------
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds from '20m', '90s', '1h', '1.5h' or a number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        t = str(text).strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        except ValueError as e:
+            raise UserError(f"budget {text!r}: give seconds or a number with s, m or h (e.g. 20m)") from e
+    if seconds <= 0:
+        raise UserError(f"budget must be positive, got {text!r}")
+    return seconds
+
+
+@dataclass
+class Trial:
+    """What happened to one candidate."""
+
+    candidate: Candidate
+    status: str  # passed | failed | pruned | skipped | error
+    reason: str = ""
+    latency_ms: float | None = None
+    metrics: dict = field(default_factory=dict)
+    artifact: str | None = None
+    build_seconds: float | None = None
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
+                "latency_ms": self.latency_ms, "metrics": self.metrics, "artifact": self.artifact,
+                "build_seconds": self.build_seconds, "cached": self.cached}
+
+
+@dataclass
+class SearchResult:
+    artifact: Path
+    passed: bool
+    report: dict
+
+
+# -- the search -------------------------------------------------------------------------------------
+
+_FLOAT_ACTIVATIONS = ("fp32", "bf16", "int8-weights")
+
+
+class _Slice:
+    """A data slice with its labels and the original model's outputs, computed once."""
+
+    def __init__(self, texts, labels, pairs, name):
+        from bertexport.textdata import TextSet
+
+        self.data = TextSet(texts, None, pairs, name)
+        self.labels = labels
+        self.reference_cache: dict = {}
+        self.digest = hashlib.sha256(json.dumps([texts, pairs, None if labels is None else labels.tolist()]).encode()).hexdigest()[:16]
+
+
+def _split(ts, labels, fraction: float, seed: int, max_search: int):
+    idx = list(range(len(ts.texts)))
+    random.Random(seed).shuffle(idx)
+    n_search = max(1, min(int(len(idx) * fraction), max_search))
+    parts = []
+    for name, ids in (("search", idx[:n_search]), ("confirm", idx[n_search:])):
+        parts.append(_Slice([ts.texts[i] for i in ids], None if labels is None else labels[ids],
+                            [ts.pairs[i] for i in ids] if ts.pairs else None, name))
+    return parts
+
+
+class _Search:
+    def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, budget_s, deadline, threads, batch, sequence,
+                 calib, reporter, trust_remote_code):
+        self.ckpt, self.task, self.gates, self.reference, self.encode = ckpt, task, gates, reference, encode
+        self.search = search_slice
+        self.budget_s, self.deadline, self.threads = budget_s, deadline, threads
+        self.batch, self.sequence, self.calib, self.reporter = batch, sequence, calib, reporter
+        self.trust_remote_code = trust_remote_code
+        self.trials: list[Trial] = []
+        self.best: Trial | None = None
+        self._feeds = None
+
+    # builds and measurements, each cached
+    def build(self, cand: Candidate, model_path: str) -> tuple[Path, bool, float]:
+        from bertexport.cache import cache_dir
+        from bertexport.convert import convert
+        from bertexport.hashing import sha256_file
+        from bertexport.staging import made_by_bertexport
+
+        calib_digest = sha256_file(self.calib) if self.calib else "builtin"
+        # the runtime (e.g. OpenVINO's bf16 vs f32 precision) is not part of the build: one IR
+        # serves both, opened with the candidate's runtime settings
+        key = hashlib.sha256(json.dumps([self._ckpt_sha(model_path), cand.backend, cand.profile().to_dict()["passes"],
+                                         calib_digest, __version__], sort_keys=True, default=str).encode()).hexdigest()[:20]
+        folder = cache_dir("builds") / key
+        if made_by_bertexport(folder) == "artifact":
+            return folder, True, 0.0
+        t0 = time.perf_counter()
+        try:
+            convert(model_path, cand.profile(), folder, task=self.task, calib=self.calib, force=True, threads=self.threads,
+                    latency_runs=0, gates=Gates(), trust_remote_code=self.trust_remote_code)
+        except GateFailed as e:  # no parity gate is set, so this would be a bug
+            raise RuntimeError(f"unexpected parity gate on a search build: {e}") from e
+        return folder, False, time.perf_counter() - t0
+
+    def _ckpt_sha(self, model_path: str) -> str:
+        from bertexport.checkpoint import resolve_checkpoint
+
+        return resolve_checkpoint(model_path, self.task, trust_remote_code=self.trust_remote_code).sha256
+
+    def quick_latency(self, art) -> float:
+        from bertexport.compare import fixed_cell_feeds
+        from bertexport.latency import time_interleaved
+        from bertexport.textdata import builtin_samples
+
+        if self._feeds is None:
+            self._feeds = fixed_cell_feeds(self.encode, builtin_samples(), self.batch, self.sequence)
+        timed = time_interleaved({"c": lambda: art.infer(self._feeds)}, runs=12, warmup=3)
+        return timed["c"].p50 * 1e3
+
+    def evaluate(self, art, folder: Path, sl: _Slice, runtime: dict | None = None) -> dict:
+        rt = hashlib.sha256(json.dumps(runtime or {}, sort_keys=True).encode()).hexdigest()[:8]
+        cached = folder.with_name(f"{folder.name}.eval-{sl.digest}-{rt}.json")
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        comp = compare_on_data(art, self.reference, self.encode, sl.data, self.task, reference_cache=sl.reference_cache)
+        m = task_metrics(comp, sl.labels)
+        cached.write_text(json.dumps(m))
+        return m
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def log_board(self, trial: Trial):
+        lat = "-" if trial.latency_ms is None else f"{trial.latency_ms:.2f} ms"
+        best = f"; best so far {self.best.candidate.name} {self.best.latency_ms:.2f} ms" if self.best else ""
+        self.reporter.log(f"{trial.status:7s} {trial.candidate.name:34s} {lat:>10s}  {trial.reason}{best}")
+
+    def try_candidate(self, cand: Candidate, model_path: str) -> Trial:
+        from bertexport.runtime import Artifact
+
+        if self.remaining() <= 0 and any(t.artifact for t in self.trials):  # the first build always runs
+            t = Trial(cand, "skipped", "time budget used up")
+            self.trials.append(t)
+            self.log_board(t)
+            return t
+        if self.best is not None and self.best.candidate.int8 and cand.precision in _FLOAT_ACTIVATIONS:
+            # predicted, not measured: float activations (fp32, bf16, int8 weights only) run
+            # their GEMMs in float, 1.7-2.4x slower than int8 in every measurement we have
+            t = Trial(cand, "pruned", f"predicted slower: {cand.precision} activations vs the passing int8 {self.best.candidate.name}")
+            self.trials.append(t)
+            self.log_board(t)
+            return t
+        try:
+            with self.reporter.step(f"build {cand.name}"):
+                folder, cached, seconds = self.build(cand, model_path)
+        except Exception as e:  # one recipe failing (a backend refusing this graph) must not end the search
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            t = Trial(cand, "error", f"{type(e).__name__}: {first}" if not isinstance(e, UserError) else first)
+            self.trials.append(t)
+            self.log_board(t)
+            return t
+        art = Artifact(folder, threads=self.threads, allow_rejected=True, runtime_overrides=cand.runtime)
+        with art:
+            lat = self.quick_latency(art)
+            t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached)
+            if self.best is not None and lat >= self.best.latency_ms:
+                t.status, t.reason = "pruned", f"slower ({lat:.2f} ms) than the best passing {self.best.latency_ms:.2f} ms"
+            else:
+                t.metrics = self.evaluate(art, folder, self.search, cand.runtime)
+                fails = judge(t.metrics, self.gates)
+                if fails:
+                    t.reason = "; ".join(fails)
+                else:
+                    t.status, t.reason = "passed", "meets the gate on the search slice"
+                    self.best = t
+        self.trials.append(t)
+        self.log_board(t)
+        return t
+
+    def restore_ladder(self, base: Candidate, ranking: list[str], model_path: str) -> None:
+        """Restore the most harmful regions to float 1, 2, 4, ... at a time until the gate holds."""
+        k = 1
+        while ranking:
+            k = min(k, len(ranking))
+            t = self.try_candidate(base.with_float(ranking[:k]), model_path)
+            if t.status in ("passed", "pruned", "skipped", "error") or k == len(ranking):
+                return
+            k *= 2
+
+
+def region_ranking(search: _Search, model_path: str, torch_model, samples: int = 64) -> list[dict]:
+    """Regions (``region@layer``) ranked by how much quantizing each alone (ORT dynamic
+    int8) moves the task outputs on the search slice: 1 - mean cosine to the original."""
+    from bertexport.backends.onnxruntime.runner import OrtRunner
+    from bertexport.checkpoint import resolve_checkpoint
+    from bertexport.export import export_onnx
+    from bertexport.families import get_family
+    from bertexport.graph import regions_in, weight_nodes
+    from bertexport.passes.ort_quantize import DynamicQuantizeConfig, OrtDynamicQuantize
+    from bertexport.staging import WorkFolder
+    from bertexport.textdata import TextSet
+
+    ckpt = resolve_checkpoint(model_path, search.task, trust_remote_code=search.trust_remote_code)
+    exported = export_onnx(ckpt, torch_model, 18)
+    fam = get_family(ckpt.family)
+    groups = regions_in(weight_nodes(exported.path, ["MatMul"]), fam.regions)
+    groups = {k: v for k, v in groups.items() if k[0] != "head"}
+    data = TextSet(search.search.data.texts[:samples], None, search.search.data.pairs[:samples] if search.search.data.pairs else None)
+    cache: dict = {}
+    rows = []
+    quant = OrtDynamicQuantize()
+    cfg = DynamicQuantizeConfig()
+    with WorkFolder("ranking") as work:
+        for (region, layer), nodes in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+            probe = work / "probe.onnx"
+            quant._quantize(exported.path, probe, cfg, [], only=nodes)
+            with OrtRunner(probe, threads=search.threads) as r:
+                comp = compare_on_data(r, search.reference, search.encode, data, search.task, reference_cache=cache)
+            s = comp.summary()
+            spec = region if layer is None else f"{region}@{layer}"
+            rows.append({"region": spec, "nodes": len(nodes), "harm": 1.0 - s["cosine_mean"], "cosine_min": s["cosine_min"]})
+    rows.sort(key=lambda r: -r["harm"])
+    return rows
+
+
+def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str | None = None, gates: Gates | None = None,
+             budget: str | float = "20m", distill: str | list[int] | None = None, distill_epochs: int = 2,
+             distill_data: str | Path | None = None,
+             threads: int | None = None, batch: int = 1, sequence: int = 128, calib: str | Path | None = None,
+             search_fraction: float = 0.5, max_search_rows: int = 600, seed: int = 0, text_column: str | None = None,
+             label_column: str | None = None, force: bool = False, trust_remote_code: bool = False,
+             backends: set[str] | None = None, features: set[str] | None = None,
+             reporter: Reporter | None = None) -> SearchResult:
+    """Search for the fastest artifact that meets ``gates`` on ``data``; see the module doc.
+
+    Raises ``UserError`` (exit 2) on bad input before any model loads, ``GateFailed``
+    (exit 1) when no candidate passes (the best-scoring one is kept as ``OUT.rejected``)."""
+    from bertexport.checkpoint import load_model, load_tokenizer, model_max_length, resolve_checkpoint
+    from bertexport.compare import reference_runner
+    from bertexport.envinfo import cpu_features
+    from bertexport.runtime import TextEncoder
+    from bertexport.staging import REJECTED_SUFFIX, StagedFolder, WorkFolder, check_destination, check_writable
+    from bertexport.textdata import label_ids, load_texts
+
+    reporter = reporter or Reporter()
+    budget_s = parse_budget(budget)
+    threads = threads or os.cpu_count() or 1
+    if threads < 1 or batch < 1 or sequence < 1:
+        raise UserError("threads, batch and sequence must be >= 1")
+    if not 0 < search_fraction < 1:
+        raise UserError("search_fraction must be between 0 and 1")
+    students = _distill_layers(distill)
+    ckpt = resolve_checkpoint(model, task, trust_remote_code=trust_remote_code)
+    out = Path(out).expanduser().resolve()
+    check_destination(out, force, [ckpt.path], "artifact folder")
+    weights = sum(p.stat().st_size for p in ckpt.weight_files)
+    check_writable(out, int(weights * 1.5), "artifact")
+    if calib:
+        load_texts(calib)  # refuse a bad calibration file now
+    if distill_data:
+        load_texts(distill_data)
+    ts = load_texts(data, text_column, label_column) if data else None
+    if ts is None:
+        from bertexport.textdata import TextSet, builtin_calibration
+
+        ts = TextSet(builtin_calibration(), source="builtin:calib")
+    labels = None
+    if ts.labels is not None and ckpt.task == "text-classification":
+        labels = label_ids(ts.labels, ckpt.id2label)
+    gates = gates or (Gates(max_accuracy_drop=1.0) if labels is not None else Gates(min_agreement=0.98))
+    check_gates_fit(gates, ckpt.task, labels is not None)
+    if len(ts.texts) < 20:
+        raise UserError(f"{len(ts.texts)} texts are too few to search on (need >= 20: a search and a confirm slice)")
+    backends = available_backends() if backends is None else set(backends)
+    features = cpu_features() if features is None else set(features)
+    recipes = candidate_recipes(features, backends)
+    if not recipes:
+        raise UserError("no backend to search over: install onnxruntime and/or openvino (bertexport[runtime], [openvino])")
+    search_slice, confirm_slice = _split(ts, labels, search_fraction, seed, max_search_rows)
+    t_start = time.monotonic()
+    deadline = t_start + budget_s
+    reporter.log(f"search slice {len(search_slice.data.texts)} texts, confirm slice {len(confirm_slice.data.texts)}; "
+                 f"gate {gates.given()}; budget {budget_s:.0f} s; CPU features {', '.join(sorted(features)) or 'none detected'}")
+
+    with reporter.step(f"load {ckpt.family} original ({ckpt.task})"):
+        torch_model = load_model(ckpt)
+        tokenizer = load_tokenizer(ckpt)
+    with WorkFolder("optimize") as work:
+        tok_dir = work / "tokenizer"
+        tokenizer.save_pretrained(tok_dir)
+        from bertexport.export import export_onnx
+
+        with reporter.step("export ONNX (cached)"):
+            exported = export_onnx(ckpt, torch_model, 18)
+        encoder = TextEncoder.from_folder(tok_dir, exported.input_names, model_max_length(ckpt.config, tokenizer))
+        reference = reference_runner(ckpt, exported.input_names, threads, torch_model=torch_model)
+        reference.activate()
+        search = _Search(ckpt=ckpt, task=ckpt.task, gates=gates, reference=reference, encode=encoder.encode,
+                         search_slice=search_slice, budget_s=budget_s, deadline=deadline, threads=threads, batch=batch,
+                         sequence=sequence, calib=calib, reporter=reporter, trust_remote_code=trust_remote_code)
+        ranking: list[dict] | None = None
+        for cand in recipes:
+            t = search.try_candidate(cand, str(ckpt.path))
+            if t.status == "failed" and cand.int8 and search.remaining() > 0:
+                if ranking is None:
+                    with reporter.step("rank regions by harm (each quantized alone)"):
+                        ranking = region_ranking(search, str(ckpt.path), torch_model)
+                    reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6]))
+                search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
+        for layers in students:
+            if search.remaining() <= 0:
+                search.trials.append(Trial(Candidate(f"student{layers}", "-", "-", [], {}, student_layers=layers),
+                                           "skipped", "time budget used up before distillation"))
+                continue
+            student_path = _student(model, ckpt, layers, search_slice, distill_epochs, work, reporter, distill_data)
+            for cand in recipes[:3]:  # a student's fastest recipes; it must meet the gate vs the original
+                search.try_candidate(dataclasses.replace(cand, student_layers=layers, anchor=False), str(student_path))
+
+        passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)
+        anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
+        final = _final_timing(passing[:4], anchor, reference, encoder, batch, sequence, threads, reporter)
+        winner, confirm = None, None
+        for t in sorted(passing[:4], key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms)):
+            from bertexport.runtime import Artifact
+
+            with Artifact(t.artifact, threads=threads, allow_rejected=True, runtime_overrides=t.candidate.runtime) as art, \
+                    reporter.step(f"confirm {t.candidate.name} on the held-out slice"):
+                confirm = search.evaluate(art, Path(t.artifact), confirm_slice, t.candidate.runtime) if confirm_slice.data.texts else {}
+            fails = judge(confirm, gates) if confirm else []
+            if not fails:
+                winner = t
+                break
+            t.status, t.reason = "failed", "held-out slice: " + "; ".join(fails)
+        reference.deactivate()
+        elapsed = time.monotonic() - t_start
+        chosen = winner or _best_scoring(search.trials)
+        report = _report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
+                         threads, batch, sequence, features, backends)
+        if chosen is None:
+            raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
+        with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
+            _publish(Path(chosen.artifact), staged.staging, report, winner is not None, chosen.candidate)
+            published = staged.publish(winner is not None)
+    result = SearchResult(published, winner is not None, report)
+    if winner is None:
+        raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
+    return result
+
+
+def _distill_layers(distill) -> list[int]:
+    if not distill:
+        return []
+    if isinstance(distill, (list, tuple)):
+        layers = list(distill)
+    elif str(distill) == "auto":
+        return [-1]  # resolved against the teacher's depth later
+    else:
+        try:
+            layers = [int(x) for x in str(distill).split(",")]
+        except ValueError as e:
+            raise UserError(f"--distill takes layer counts like 3,4 or auto, got {distill!r}") from e
+    if any(n < 1 for n in layers):
+        raise UserError("--distill layer counts must be >= 1")
+    return layers
+
+
+def _student(model, ckpt, layers: int, sl: _Slice, epochs: int, work: Path, reporter, distill_data=None) -> Path:
+    """A layer-drop student trained on ``distill_data`` (e.g. your training set) or else the
+    search slice (labels used when present); never on the held-out confirm slice."""
+    from bertexport.distill import cached_student
+    from bertexport.families import get_family
+
+    fam = get_family(ckpt.family)
+    n = int(fam.config_value(ckpt.config, fam.layers_key, 0))
+    if layers == -1:
+        layers = max(1, n // 2)
+    if layers >= n:
+        raise UserError(f"--distill {layers}: the model has only {n} layers")
+    if distill_data:
+        return cached_student(model, ckpt.task, layers, distill_data, epochs, reporter)
+    data = work / f"distill-{sl.digest}.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for i, text in enumerate(sl.data.texts):
+            row = {"text": text}
+            if sl.labels is not None:
+                row["label"] = int(sl.labels[i])
+            f.write(json.dumps(row) + "\n")
+    return cached_student(model, ckpt.task, layers, data, epochs, reporter)
+
+
+def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads, reporter) -> dict:
+    """Passing candidates, the anchor and PyTorch timed interleaved in one run (ratios are the comparable figures)."""
+    from bertexport.compare import fixed_cell_feeds
+    from bertexport.latency import speedup, time_interleaved
+    from bertexport.runtime import Artifact
+    from bertexport.textdata import builtin_samples
+
+    trials = {t.candidate.name: t for t in passing}
+    if anchor is not None:
+        trials.setdefault(anchor.candidate.name, anchor)
+    if not trials:
+        return {}
+    feeds = fixed_cell_feeds(encoder.encode, builtin_samples(), batch, sequence)
+    arts = {n: Artifact(t.artifact, threads=threads, allow_rejected=True, runtime_overrides=t.candidate.runtime)
+            for n, t in trials.items()}
+    for a in arts.values():
+        a.runner.activate()
+    try:
+        calls = {"pytorch": lambda: reference.infer(feeds)} | {n: (lambda a=a: a.infer(feeds)) for n, a in arts.items()}
+        with reporter.step(f"time {len(calls)} candidates interleaved, b{batch}/s{sequence}, {threads} thread(s)"):
+            timed = time_interleaved(calls, runs=30, warmup=5)
+    finally:
+        for a in arts.values():
+            a.runner.deactivate()
+    anchor_lat = timed.get(anchor.candidate.name) if anchor is not None else None
+    out = {}
+    for n, lat in timed.items():
+        out[n] = {"p50_ms": lat.p50 * 1e3, "p90_ms": lat.p90 * 1e3, "vs_pytorch": speedup(timed["pytorch"], lat)["p50_ratio"],
+                  "vs_anchor": (anchor_lat.p50 / lat.p50) if anchor_lat is not None else None}
+    return out
+
+
+def _best_scoring(trials: list[Trial]) -> Trial | None:
+    """The failed candidate closest to passing (lowest metric drop, then highest agreement/cosine)."""
+    scored = [t for t in trials if t.artifact and t.metrics]
+    if not scored:
+        return next((t for t in trials if t.artifact), None)
+    return min(scored, key=lambda t: (t.metrics.get("metric_drop", 0.0), -(t.metrics.get("agreement") or 0.0),
+                                      -t.metrics.get("cosine_min", 0.0)))
+
+
+def _report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
+            threads, batch, sequence, features, backends) -> dict:
+    from bertexport.envinfo import environment
+
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bertexport_version": __version__,
+        "model": {"source": ckpt.source, "sha256": ckpt.sha256, "family": ckpt.family, "task": ckpt.task},
+        "gate": gates.given(),
+        "data": {"search": {"rows": len(search_slice.data.texts), "digest": search_slice.digest},
+                 "confirm": {"rows": len(confirm_slice.data.texts), "digest": confirm_slice.digest}},
+        "budget_seconds": budget_s, "elapsed_seconds": round(elapsed, 1),
+        "cell": {"batch": batch, "sequence": sequence, "threads": threads},
+        "machine": {"cpu_features": sorted(features), "backends": sorted(backends)},
+        "region_ranking": ranking,
+        "candidates": [t.to_dict() for t in search.trials],
+        "final_timing": final,
+        "winner": None if winner is None else {"name": winner.candidate.name, "candidate": winner.candidate.to_dict(),
+                                               "search_metrics": winner.metrics, "confirm_metrics": confirm},
+        "environment": environment(),
+    }
+
+
+def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candidate) -> None:
+    """The chosen build as a normal artifact, with the search record in its manifest and
+    search.json/.md/.png beside the model (all listed in the file table)."""
+    from bertexport.manifest import MANIFEST, load_manifest, write_manifest
+
+    manifest = load_manifest(build)
+    for p in build.iterdir():
+        if p.name != MANIFEST:
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, staging / p.name)
+    (staging / "search.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (staging / "search.md").write_text(to_markdown(report))
+    try:
+        plot(report, staging / "search.png")
+    except ImportError:
+        pass
+    manifest["status"] = "passed" if passed else "rejected"
+    manifest["target"] |= {"name": cand.name, "runtime": cand.runtime, "description": f"optimize winner: {cand.name}"}
+    if not passed:
+        manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
+    manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner")} | {
+        "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
+                        "latency_ms": c["latency_ms"], "metrics": c["metrics"]} for c in report["candidates"]]}
+    manifest.pop("files", None)
+    write_manifest(staging, manifest)
+
+
+def _fmt(v, spec="", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def to_markdown(report: dict) -> str:
+    w = report["winner"]
+    lines = [f"# bertexport optimize: {report['model']['source']} ({report['model']['task']})", "",
+             f"- gate: {report['gate']} · search slice {report['data']['search']['rows']} rows, "
+             f"held-out confirm slice {report['data']['confirm']['rows']} rows",
+             f"- cell b{report['cell']['batch']}/s{report['cell']['sequence']}, {report['cell']['threads']} thread(s) · "
+             f"CPU features {', '.join(report['machine']['cpu_features']) or 'none'} · "
+             f"elapsed {report['elapsed_seconds']} s of {report['budget_seconds']:.0f} s",
+             f"- winner: **{w['name']}**" if w else "- winner: **none** (no candidate met the gate)", ""]
+    if report["final_timing"]:
+        lines += ["Interleaved timing (one run):", "", "| candidate | p50 ms | p90 ms | vs PyTorch | vs anchor |", "|---|---|---|---|---|"]
+        for n, f in sorted(report["final_timing"].items(), key=lambda kv: kv[1]["p50_ms"]):
+            lines.append(f"| {n} | {f['p50_ms']:.2f} | {f['p90_ms']:.2f} | {f['vs_pytorch']:.2f}x | {_fmt(f['vs_anchor'], '.2f')}x |")
+        lines.append("")
+    lines += ["| candidate | status | quick p50 ms | drop pts | agreement | cos min | reason |", "|---|---|---|---|---|---|---|"]
+    for c in report["candidates"]:
+        m = c["metrics"] or {}
+        lines.append(f"| {c['candidate']['name']} | {c['status']} | {_fmt(c['latency_ms'], '.2f')} | "
+                     f"{_fmt(m.get('metric_drop'), '+.2f')} | {_fmt(m.get('agreement'), '.4f')} | {_fmt(m.get('cosine_min'), '.4f')} | {c['reason']} |")
+    if report.get("region_ranking"):
+        lines += ["", "Regions ranked by harm when quantized alone (1 - mean cosine to the original):", ""]
+        lines += [f"- {r['region']}: {r['harm']:.5f}" for r in report["region_ranking"][:12]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Pareto plot: quick latency vs the gated metric, gate line drawn, winner marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gate = report["gate"]
+    key, label = (("metric_drop", "accuracy drop (points)") if "max_accuracy_drop" in gate
+                  else ("agreement", "agreement with PyTorch") if "min_agreement" in gate else ("cosine_min", "min cosine"))
+    limit = gate.get("max_accuracy_drop", gate.get("min_agreement", gate.get("min_cosine")))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    win = (report["winner"] or {}).get("name")
+    for c in report["candidates"]:
+        m = c["metrics"] or {}
+        if c["latency_ms"] is None or m.get(key) is None:
+            continue
+        colour = {"passed": "tab:green", "failed": "tab:red"}.get(c["status"], "tab:gray")
+        ax.scatter(c["latency_ms"], m[key], c=colour, s=90 if c["candidate"]["name"] == win else 30,
+                   marker="*" if c["candidate"]["name"] == win else "o", zorder=3)
+        ax.annotate(c["candidate"]["name"], (c["latency_ms"], m[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if limit is not None:
+        ax.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"gate {limit}")
+        ax.legend()
+    ax.set_xlabel(f"latency p50 (ms), b{report['cell']['batch']}/s{report['cell']['sequence']}, {report['cell']['threads']} thread(s)")
+    ax.set_ylabel(label)
+    ax.set_title(f"optimize: {report['model']['source']} (star: winner)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
