@@ -7,8 +7,8 @@
   OpenVINO's default precision hint), today's recommended ``openvino-int8`` profile, and
   the ``bertexport optimize`` winner (and a distilled winner with ``--distill``).
 
-Models: (a) random-init BERT-base (latency; embeddings gated on top-5 retrieval agreement
-over calibration text), (b) the Rotten Tomatoes MiniLM classifier of
+Models: (a) random-init BERT-base (latency; gated on min cosine 0.99 over calibration text:
+random weights make neighbour order meaningless), (b) the Rotten Tomatoes MiniLM classifier of
 bench/rotten_tomatoes.py, searched on its test split (split by movie) with a 1-point gate,
 students trained on its training split.
 
@@ -36,7 +36,6 @@ from bertexport.textdata import builtin_calibration, builtin_samples
 
 def gemm_roofline(threads: int, m: int = 1024, k: int = 768, n: int = 3072, runs: int = 20) -> dict:
     """GOPS of one int8 MatMulInteger and one fp32 MatMul as ONNX Runtime runs them."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -65,7 +64,6 @@ def gemm_roofline(threads: int, m: int = 1024, k: int = 768, n: int = 3072, runs
             sess.run(None, {"A": a})
             ts.append(time.perf_counter() - t0)
         out[kind] = 2 * m * k * n / float(np.median(ts)) / 1e9
-        del onnx
     return {"int8_gops": out["int8"], "fp32_gflops": out["fp32"], "shape": [m, k, n], "threads": threads}
 
 
@@ -178,7 +176,9 @@ def main(argv=None):
         gop = {f"b{b}/s128": bert_linear_gop(12, 768, 3072, b, 128) for b in (1, 8)}
         roof_ms = {c: g / roof["int8_gops"] * 1e3 for c, g in gop.items()}
         t0 = time.time()
-        res = optimize(str(model), None, root / "bert-base-winner", gates=Gates(min_agreement=0.98), budget=args.budget,
+        # random weights: embeddings are near-degenerate, so neighbour order (retrieval
+        # agreement) is noise; gate on cosine (latency is what this model measures)
+        res = optimize(str(model), None, root / "bert-base-winner", gates=Gates(min_cosine=0.99), budget=args.budget,
                        threads=args.threads, force=True, reporter=RichReporter())
         search_s = time.time() - t0
         recommended = convert(str(model), "openvino-int8", root / "bert-base-openvino-int8", force=True, latency_runs=0,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bertexport import __version__
@@ -24,6 +24,35 @@ from bertexport.progress import Reporter
 
 SCHEMA = "bertexport.benchmark/1"
 MIN_RUNS = 5
+
+
+@dataclass
+class BenchmarkReport:
+    """What ``benchmark`` measured (after optimum-benchmark's report): the model, the
+    settings, the environment (CPU, flags, versions, load), each candidate, one entry per
+    cell with every candidate's Latency record and speedup, and accuracy when data was given.
+    ``to_dict`` is the JSON written as benchmark.json (schema ``SCHEMA``)."""
+
+    model: dict
+    config: dict
+    environment: dict
+    candidates: list[dict]
+    cells: list[dict]
+    accuracy: dict | None = None
+    schema: str = SCHEMA
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    bertexport_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in ("schema", "created", "bertexport_version", "model", "config", "environment",
+                                              "candidates", "cells", "accuracy")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchmarkReport":
+        if not str(d.get("schema", "")).startswith("bertexport.benchmark/"):
+            raise UserError("not a bertexport benchmark report (no bertexport.benchmark schema)")
+        return cls(**{k: d[k] for k in ("model", "config", "environment", "candidates", "cells", "accuracy", "schema",
+                                        "created", "bertexport_version") if k in d})
 
 
 @dataclass
@@ -105,9 +134,17 @@ def benchmark(
     threads: int = 1,
     seed: int = 0,
     force: bool = False,
+    reference: bool | None = None,
+    trusted_key: str | Path | None = None,
     reporter: Reporter | None = None,
 ) -> dict:
-    """Returns the JSON-able report (see ``SCHEMA``)."""
+    """Returns the JSON-able report (see ``SCHEMA``).
+
+    ``reference``: time the PyTorch original too (speedups are against it). ``None`` means
+    "when PyTorch is installed": on a device (the torch-free runtime install) the artifacts
+    are timed alone, speedups against the first artifact, in the same report schema."""
+    import importlib.util
+
     from bertexport.checkpoint import load_model, resolve_checkpoint
     from bertexport.compare import reference_runner
     from bertexport.compare import fixed_cell_feeds
@@ -121,6 +158,16 @@ def benchmark(
         raise UserError("threads, batch sizes and sequence lengths must be >= 1")
     if not artifacts and not targets:
         raise UserError("name at least one artifact or --target to compare with PyTorch")
+    has_torch = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+    if reference is None:
+        reference = has_torch
+        if not has_torch:
+            reporter.log("PyTorch is not installed: timing the artifacts alone (device mode)")
+    elif reference and not has_torch:
+        raise UserError("timing the PyTorch original needs the compile extra (torch, transformers); "
+                        "on a device, benchmark the artifacts alone (--no-reference)")
+    if not reference and (data or targets):
+        raise UserError("--data and --target need the PyTorch original (the build machine); on a device, time artifacts only")
     if targets:
         if model is None:
             raise UserError("--target needs MODEL")
@@ -128,7 +175,7 @@ def benchmark(
 
     real = load_texts(texts).texts if texts else None  # text inputs are checked before anything loads
     labelled = load_texts(data) if data else None
-    opened = [Artifact(a, threads=threads, allow_rejected=True) for a in artifacts]
+    opened = [Artifact(a, threads=threads, allow_rejected=True, trusted_key=trusted_key) for a in artifacts]
     first = opened[0].manifest
     for a in opened[1:]:
         if a.manifest["source"]["sha256"] != first["source"]["sha256"] and not force:
@@ -136,26 +183,33 @@ def benchmark(
         if a.task != opened[0].task:
             raise UserError(f"{a.folder} serves {a.task}, {opened[0].folder} serves {opened[0].task}")
     src = model or first["source"]["path"]
-    ckpt = resolve_checkpoint(src, first["task"], allow_pickle=first["source"].get("weights_format") == "pickle",
-                              trust_remote_code=bool(first["source"].get("trust_remote_code")))
-    if ckpt.sha256 != first["source"]["sha256"] and not force:
-        raise UserError(f"{src} is not the checkpoint the artifacts were built from (sha256 differs); pass --force to compare anyway")
+    model_info = {"source": first["source"]["source"], "sha256": first["source"]["sha256"], "family": first["family"],
+                  "task": first["task"]}
+    if reference:
+        ckpt = resolve_checkpoint(src, first["task"], allow_pickle=first["source"].get("weights_format") == "pickle",
+                                  trust_remote_code=bool(first["source"].get("trust_remote_code")))
+        if ckpt.sha256 != first["source"]["sha256"] and not force:
+            raise UserError(f"{src} is not the checkpoint the artifacts were built from (sha256 differs); pass --force to compare anyway")
+        model_info = {"source": src, "sha256": ckpt.sha256, "family": ckpt.family, "task": ckpt.task}
 
-    with reporter.step("load PyTorch original and artifacts"):
+    with reporter.step("load PyTorch original and artifacts" if reference else "load artifacts"):
         input_names = [i["name"] for i in first["inputs"]]
         taken: set[str] = set()
-        rss0, t0 = _rss_mb(), time.perf_counter()
-        torch_model = load_model(ckpt)
-        torch_load = (time.perf_counter() - t0, None if rss0 is None else round(_rss_mb() - rss0, 1))
-        cands = [Candidate(_unique("pytorch", taken), "pytorch",
-                           reference_runner(ckpt, input_names, threads, torch_model=torch_model),
-                           sum(p.stat().st_size for p in ckpt.weight_files))]
+        cands = []
+        if reference:
+            rss0, t0 = _rss_mb(), time.perf_counter()
+            torch_model = load_model(ckpt)
+            torch_load = (time.perf_counter() - t0, None if rss0 is None else round(_rss_mb() - rss0, 1))
+            cands.append(Candidate(_unique("pytorch", taken), "pytorch",
+                                   reference_runner(ckpt, input_names, threads, torch_model=torch_model),
+                                   sum(p.stat().st_size for p in ckpt.weight_files)))
         for a in opened:
             cands.append(Candidate(_unique(a.folder.name, taken), "artifact", a.runner, a.model_bytes,
                                    artifact=str(a.folder), target=a.name))
         for c in cands:
             _activate(c)
-        cands[0].load_seconds, cands[0].rss_delta_mb = torch_load  # loading the weights is the PyTorch load
+        if reference:
+            cands[0].load_seconds, cands[0].rss_delta_mb = torch_load  # loading the weights is the PyTorch load
 
     encoder = opened[0].encoder
     sample_texts = builtin_samples()
@@ -209,21 +263,19 @@ def benchmark(
     for c in cands:
         c.runner.deactivate()
     env = environment()
-    return {
-        "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bertexport_version": __version__,
-        "model": {"source": src, "sha256": ckpt.sha256, "family": ckpt.family, "task": ckpt.task},
-        "config": {"batches": list(batches), "sequences": list(sequences), "real_texts": str(texts) if texts else None,
-                   "runs": runs, "warmup": warmup, "threads": threads, "seed": seed, "interleaved": True},
-        "environment": env | {"load_avg_before": load_before,
-                              "load_avg_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "candidates": [{"name": c.name, "kind": c.kind, "artifact": c.artifact, "target": c.target,
-                        "size_bytes": c.size_bytes, "load_seconds": c.load_seconds, "rss_delta_mb": c.rss_delta_mb}
-                       for c in cands],
-        "cells": cells,
-        "accuracy": accuracy,
-    }
+    return BenchmarkReport(
+        model=model_info,
+        config={"batches": list(batches), "sequences": list(sequences), "real_texts": str(texts) if texts else None,
+                "runs": runs, "warmup": warmup, "threads": threads, "seed": seed, "interleaved": True,
+                "reference": "pytorch" if reference else cands[0].name},
+        environment=env | {"load_avg_before": load_before,
+                           "load_avg_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        candidates=[{"name": c.name, "kind": c.kind, "artifact": c.artifact, "target": c.target,
+                     "size_bytes": c.size_bytes, "load_seconds": c.load_seconds, "rss_delta_mb": c.rss_delta_mb}
+                    for c in cands],
+        cells=cells,
+        accuracy=accuracy,
+    ).to_dict()
 
 
 def rows(report: dict) -> list[dict]:
@@ -336,3 +388,24 @@ def write_outputs(report: dict, out_dir: str | Path, force: bool = False) -> dic
             names.pop("plot")
         out = staged.publish()
     return {k: out / v for k, v in names.items()}
+
+
+def compare_reports(a: dict, b: dict, labels: tuple[str, str] = ("host", "device")) -> list[dict]:
+    """Rows pairing the same artifact (by target) and cell in two reports — e.g. the build
+    host's and a device's — with the device/host p50 ratio. Ratios inside one report are
+    interleaved; across reports they are not, so read them as a coarse machine factor."""
+    ra, rb = BenchmarkReport.from_dict(a), BenchmarkReport.from_dict(b)
+
+    def by_key(r: BenchmarkReport) -> dict:
+        targets = {c["name"]: c.get("target") or c["name"] for c in r.candidates}
+        return {(targets[name], cell["batch"], str(cell["sequence"])): res["latency"]["p50"] * 1e3
+                for cell in r.cells for name, res in cell["results"].items()}
+
+    ka, kb = by_key(ra), by_key(rb)
+    rows = []
+    for key in sorted(set(ka) & set(kb)):
+        rows.append({"candidate": key[0], "batch": key[1], "sequence": key[2], f"{labels[0]}_p50_ms": ka[key],
+                     f"{labels[1]}_p50_ms": kb[key], "ratio": kb[key] / ka[key]})
+    if not rows:
+        raise UserError("the two reports share no candidate and cell to compare")
+    return rows

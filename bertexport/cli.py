@@ -171,12 +171,17 @@ def _threads_option(default=1, help="Threads for PyTorch and the artifact (pinne
 @click.option("--distill-data", type=click.Path(path_type=Path), help="Transfer text for --distill (default: calib/).")
 @click.option("--distill-epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs for --distill.")
 @json_option("the manifest of the build")
+@click.option("--sign-key", type=click.Path(path_type=Path), help="Sign the artifact with this private key (PEM) when it passes.")
 def convert(model, target, out, task, calib, samples, threads, latency_runs, force, revision, allow_pickle, trust_remote_code,
-            distill_layers, distill_data, distill_epochs, json_out):
+            distill_layers, distill_data, distill_epochs, json_out, sign_key):
     """Compile MODEL (a folder, a hub id, or the built-in all-MiniLM-L6-v2) for a target."""
     from bertexport.convert import convert as run_convert
     from bertexport.progress import RichReporter
 
+    if sign_key:
+        from bertexport.signing import _key, _library
+
+        _key(sign_key, "private key"), _library()  # checked before any work
     reporter = RichReporter()
     try:
         result = run_convert(model, target, out, task=task, calib=calib, samples=samples, force=force, threads=threads,
@@ -190,6 +195,10 @@ def convert(model, target, out, task, calib, samples, threads, latency_runs, for
         raise
     _print_rows(result.rows, str(result.artifact))
     emit_json(json_out, result.manifest)
+    if sign_key:
+        from bertexport.signing import sign
+
+        _say(json_out, f"signed: {sign(result.artifact, sign_key)}")
     _say(json_out, f"PASSED: {result.artifact}")
 
 
@@ -322,13 +331,19 @@ def _trusted_key_option(f):
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
+@_trusted_key_option
 @json_option("the verification result")
-def verify(artifact, json_out):
-    """Check an artifact: every file against the manifest's checksums, and the manifest's own digest."""
+def verify(artifact, trusted_key, json_out):
+    """Check an artifact: every file against the manifest's checksums, the manifest's own digest,
+    and with --trusted-key its signature."""
     from bertexport.manifest import load_manifest, verify_files
 
     manifest = load_manifest(artifact)
     problems = verify_files(artifact, manifest)
+    if trusted_key and not problems:
+        from bertexport.signing import verify_signature
+
+        verify_signature(artifact, trusted_key)
     emit_json(json_out, {"artifact": str(artifact), "passed": not problems, "problems": problems,
                          "files": len(manifest.get("files", {})), "manifest_sha256": manifest.get("manifest_sha256")})
     if problems:
@@ -336,7 +351,19 @@ def verify(artifact, json_out):
 
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise UserError(f"{artifact} failed verification: {'; '.join(problems[:5])}{more}")
-    _say(json_out, f"PASSED: {artifact}: {len(manifest['files'])} files and the manifest verified (status {manifest.get('status')})")
+    signed = " and its signature by the trusted key" if trusted_key else ""
+    _say(json_out, f"PASSED: {artifact}: {len(manifest['files'])} files, the manifest{signed} verified (status {manifest.get('status')})")
+
+
+@cli.command("sign", epilog=EXIT_CODES_HELP)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--key", "key", required=True, type=click.Path(path_type=Path), help="Private key (PEM, elliptic curve, e.g. P-256).")
+@click.option("--password", envvar="BERTEXPORT_KEY_PASSWORD", help="Password of the private key (also BERTEXPORT_KEY_PASSWORD).")
+def sign_cmd(artifact, key, password):
+    """Sign ARTIFACT (OpenSSF model-signing, key-pair mode): devices then accept it only with the matching public key."""
+    from bertexport.signing import sign
+
+    click.echo(f"signed: {sign(artifact, key, password)}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -354,8 +381,9 @@ def verify(artifact, json_out):
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML report for CI systems.")
 @json_option("the result")
 @click.option("--force", is_flag=True, help="Compare even if --model is not the checkpoint the artifact was built from.")
+@_trusted_key_option
 def validate(artifact, data, model, max_accuracy_drop, min_agreement, min_cosine, report_only, text_column, label_column,
-             limit, threads, junit, json_out, force):
+             limit, threads, junit, json_out, force, trusted_key):
     """Task accuracy and agreement of ARTIFACT vs its PyTorch original, with CI gates (exit 1 on failure)."""
     from bertexport.errors import UserError
     from bertexport.compare import Gates
@@ -367,7 +395,7 @@ def validate(artifact, data, model, max_accuracy_drop, min_agreement, min_cosine
                         "(or --report-only to measure without a gate)")
     try:
         result = run_validate(artifact, data, model=model, gates=gates, text_column=text_column, label_column=label_column,
-                              limit=limit, threads=threads, force=force, junit=junit)
+                              limit=limit, threads=threads, force=force, junit=junit, trusted_key=trusted_key)
     except GateFailed as e:
         if e.result is not None:
             emit_json(json_out, e.result.to_dict())
@@ -411,14 +439,24 @@ def _int_list(ctx, param, value):
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Folder for benchmark.json/.md/.png.")
 @json_option("the report")
 @click.option("--force", is_flag=True, help="Compare artifacts built from different checkpoints; replace an existing --out benchmark folder.")
-def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_limit, runs, warmup, threads, out_dir, json_out, force):
+@click.option("--reference/--no-reference", default=None,
+              help="Time the PyTorch original too (default: when PyTorch is installed; a device times the artifacts alone).")
+@click.option("--compare", "compare_files", nargs=2, type=click.Path(path_type=Path), metavar="HOST.json DEVICE.json",
+              help="Print two benchmark reports side by side (e.g. the build host's and a device's) and exit.")
+@_trusted_key_option
+def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_limit, runs, warmup, threads, out_dir, json_out,
+              force, reference, compare_files, trusted_key):
     """Latency/throughput (and accuracy) of the PyTorch original and each ARTIFACT, interleaved.
 
-    MODEL may be omitted when ARTIFACTS are given (the manifest names the checkpoint)."""
+    MODEL may be omitted when ARTIFACTS are given (the manifest names the checkpoint). Without
+    PyTorch (a device), the artifacts are timed alone in the same report schema."""
     from bertexport.benchmark import benchmark as run_benchmark
     from bertexport.benchmark import check_out_dir, rows, write_outputs
     from bertexport.progress import RichReporter
 
+    if compare_files:
+        _compare_reports(*compare_files, json_out)
+        return
     if model and Path(model).joinpath("manifest.json").is_file():  # first positional is an artifact
         artifacts, model = (Path(model), *artifacts), None
     for a in artifacts:
@@ -434,7 +472,7 @@ def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_l
         check_out_dir(out_dir, force)
     report = run_benchmark(model, list(artifacts), targets=list(targets), batches=batches, sequences=sequences, texts=texts,
                            data=data, data_limit=data_limit, runs=runs, warmup=warmup, threads=threads, force=force,
-                           reporter=RichReporter())
+                           reference=reference, trusted_key=trusted_key, reporter=RichReporter())
     from rich.console import Console
     from rich.table import Table
 
@@ -452,6 +490,37 @@ def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_l
             _say(json_out, f"{kind}: {p}")
 
 
+def _compare_reports(host: Path, device: Path, json_out) -> None:
+    import json
+
+    from bertexport.benchmark import compare_reports
+    from bertexport.errors import UserError
+
+    def read(p):
+        try:
+            return json.loads(Path(p).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read benchmark report {p}: {e}") from e
+
+    a, b = read(host), read(device)
+    rows = compare_reports(a, b)
+    emit_json(json_out, rows)
+    if json_out == "-":
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    cpu = lambda r: r.get("environment", {}).get("cpu", {})  # noqa: E731
+    table = Table(title=f"host: {cpu(a).get('model', '?')} · {a['config']['threads']} thread(s)   vs   "
+                        f"device: {cpu(b).get('model', '?')} · {b['config']['threads']} thread(s)")
+    for col in ("candidate", "b", "seq", "host p50 ms", "device p50 ms", "device / host"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["candidate"], str(r["batch"]), r["sequence"], f"{r['host_p50_ms']:.2f}", f"{r['device_p50_ms']:.2f}",
+                      f"{r['ratio']:.2f}x")
+    Console().print(table)
+
+
 @cli.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
@@ -466,20 +535,51 @@ def benchmark(model, artifacts, targets, batches, sequences, texts, data, data_l
 @click.option("--normalize/--no-normalize", default=None, help="Embeddings: L2-normalise (default: as the source model).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Windows per inference call.")
 @_threads_option(default=None, help="Runtime threads (default: the runtime's own).")
-def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length, aggregation, normalize, batch_size, threads):
-    """Run ARTIFACT on TEXTS (or --file) without torch: labels, embeddings, entities, answers, masks."""
+@_trusted_key_option
+@click.option("--out", "-o", "out_file", type=click.Path(path_type=Path),
+              help="Bulk mode: write one row per input text of --file (.txt/.jsonl/.parquet) to this .jsonl or .parquet.")
+@click.option("--resume", is_flag=True, help="Bulk mode: continue an interrupted run after the rows already in --out.")
+@click.option("--force", is_flag=True, help="Bulk mode: replace --out if it exists.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Bulk mode on a Ray cluster through Ray Data (ADDRESS of a running cluster, or a local one).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="With --ray: Predictor actors.")
+def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length, aggregation, normalize, batch_size, threads,
+            trusted_key, out_file, resume, force, ray_address, workers):
+    """Run ARTIFACT on TEXTS (or --file) without torch: labels, embeddings, entities, answers, masks.
+
+    With --out, a whole file is processed in bulk: streamed on this machine (resumable), or on
+    a Ray cluster with --ray."""
     import json
 
     from bertexport.errors import UserError
     from bertexport.runtime import Artifact, Predictor
 
+    if out_file or ray_address:
+        if not file_ or texts or context is not None or json_out:
+            raise UserError("bulk mode (--out/--ray) takes --file and --out only (no TEXTS, --context or --json)")
+        if not out_file:
+            raise UserError("--ray writes to --out: give --out out.jsonl or out.parquet")
+        from bertexport import bulk
+
+        options = dict(stride=stride, max_length=max_length, aggregation=aggregation, top_k=top_k, normalize=normalize)
+        if ray_address:
+            if resume:
+                raise UserError("--resume is for single-machine runs; a Ray run rewrites --out")
+            stats = bulk.run_ray(artifact, file_, out_file, address=ray_address, workers=workers, batch_size=max(batch_size, 32),
+                                 threads=threads or 1, trusted_key=trusted_key, force=force, predictor_options=options)
+        else:
+            stats = bulk.run_local(artifact, file_, out_file, batch_size=batch_size, threads=threads, trusted_key=trusted_key,
+                                   resume=resume, force=force, predictor_options=options)
+        click.echo(f"PASSED: {stats['rows']} rows in {out_file} ({stats['new_rows']} new, {stats['rows_per_second']:.1f} rows/s"
+                   + (f", {stats['workers']} Ray workers" if ray_address else "") + ")")
+        return
     if not texts and not file_:
         raise UserError("give TEXTS or --file")
     sink = None
     if json_out and json_out != "-":
         sink = open(json_out, "w", encoding="utf-8")
     try:
-        with Artifact(artifact, threads=threads) as art:
+        with Artifact(artifact, threads=threads, trusted_key=trusted_key) as art:
             for w in art.warnings:
                 click.echo(f"warning: {w}", err=True)
             pred = Predictor(art, batch_size=batch_size, stride=stride, max_length=max_length, aggregation=aggregation,
@@ -539,11 +639,12 @@ def pack_cmd(artifact, out, force):
 @click.argument("pack_file", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
 @click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
-def unpack_cmd(pack_file, out, force):
-    """Unpack a pack safely (no path traversal, no links out) and verify its checksums."""
+@_trusted_key_option
+def unpack_cmd(pack_file, out, force, trusted_key):
+    """Unpack a pack safely (no path traversal, no links out) and verify its checksums (and signature)."""
     from bertexport.packing import unpack
 
-    click.echo(f"PASSED: unpacked and verified {unpack(pack_file, out, force)}")
+    click.echo(f"PASSED: unpacked and verified {unpack(pack_file, out, force, trusted_key)}")
 
 
 @cli.command("inspect", epilog=EXIT_CODES_HELP)

@@ -354,7 +354,7 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
                 sched.step()
                 opt.zero_grad()
                 state["step"] += 1
-                state["history"].append(round(float(loss), 6))
+                state["history"].append(round(float(loss.detach()), 6))
                 if state["step"] % cfg.checkpoint_every == 0:
                     checkpoint()
                 if on_step:

@@ -6,15 +6,10 @@ from dataclasses import dataclass, field
 
 from bertexport.tasks import TASKS  # noqa: F401  (the task registry; re-exported for checkpoint resolution)
 
-# Architecture-name suffix -> task. Order matters: the first suffix that matches wins.
-_ARCH_SUFFIX_TO_TASK = (
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForPreTraining", "fill-mask"),
-    ("Model", "feature-extraction"),
-)
+# Architecture-name suffix -> task, from the task records; the bare "Model" suffix is
+# checked last (every head's class name ends in something longer).
+_ARCH_SUFFIX_TO_TASK = tuple(sorted(((sfx, t.name) for t in TASKS.values() for sfx in t.arch_suffixes),
+                                    key=lambda st: st[0] == "Model"))
 
 
 # Named graph regions: what a recipe or a search keeps in float is said by region

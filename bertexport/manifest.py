@@ -17,6 +17,7 @@ from bertexport.hashing import sha256_file
 
 SCHEMA_VERSION = 2  # 2: manifest_sha256 (a digest of the manifest body)
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.sig"  # bertexport.signing: signs the manifest and every file, so it is not in the table
 DIGEST_KEY = "manifest_sha256"
 
 
@@ -84,7 +85,7 @@ class Manifest:
 def file_table(folder: Path) -> dict[str, dict]:
     table = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name not in (MANIFEST, SIGNATURE):
             table[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return table
 
@@ -155,6 +156,7 @@ def verify_files(folder: str | Path, manifest: dict | None = None) -> list[str]:
         elif sha256_file(p) != meta["sha256"]:
             problems.append(f"checksum mismatch: {rel}")
     for p in folder.rglob("*"):
-        if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed:
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in listed:
             problems.append(f"unlisted file: {p.relative_to(folder).as_posix()}")
     return problems

@@ -167,11 +167,12 @@ class Trial:
     artifact: str | None = None
     build_seconds: float | None = None
     cached: bool = False
+    confirm_metrics: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
-                "latency_ms": self.latency_ms, "metrics": self.metrics, "artifact": self.artifact,
-                "build_seconds": self.build_seconds, "cached": self.cached}
+                "latency_ms": self.latency_ms, "metrics": self.metrics, "confirm_metrics": self.confirm_metrics,
+                "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached}
 
 
 @dataclass
@@ -210,10 +211,10 @@ def _split(ts, labels, fraction: float, seed: int, max_search: int):
 
 
 class _Search:
-    def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, budget_s, deadline, threads, batch, sequence,
-                 calib, reporter, trust_remote_code):
+    def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, confirm_slice, budget_s, deadline, threads, batch,
+                 sequence, calib, reporter, trust_remote_code):
         self.ckpt, self.task, self.gates, self.reference, self.encode = ckpt, task, gates, reference, encode
-        self.search = search_slice
+        self.search, self.confirm = search_slice, confirm_slice
         self.budget_s, self.deadline, self.threads = budget_s, deadline, threads
         self.batch, self.sequence, self.calib, self.reporter = batch, sequence, calib, reporter
         self.trust_remote_code = trust_remote_code
@@ -313,8 +314,15 @@ class _Search:
                 if fails:
                     t.reason = "; ".join(fails)
                 else:
-                    t.status, t.reason = "passed", "meets the gate on the search slice"
-                    self.best = t
+                    # confirmed on the held-out slice at once: only a confirmed candidate may
+                    # become the best, which prunes others (an unconfirmed one must not)
+                    t.confirm_metrics = self.evaluate(art, folder, self.confirm, cand.runtime) if self.confirm.data.texts else {}
+                    held_out = judge(t.confirm_metrics, self.gates) if t.confirm_metrics else []
+                    if held_out:
+                        t.reason = "met the gate on the search slice, not on the held-out slice: " + "; ".join(held_out)
+                    else:
+                        t.status, t.reason = "passed", "meets the gate on the search and held-out slices"
+                        self.best = t
         self.trials.append(t)
         self.log_board(t)
         return t
@@ -354,6 +362,10 @@ def region_ranking(search: _Search, model_path: str, torch_model, samples: int =
     cfg = DynamicQuantizeConfig()
     with WorkFolder("ranking") as work:
         for (region, layer), nodes in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+            if search.remaining() <= 0:  # the budget holds here too: unmeasured regions rank last
+                spec = region if layer is None else f"{region}@{layer}"
+                rows.append({"region": spec, "nodes": len(nodes), "harm": None, "cosine_min": None})
+                continue
             probe = work / "probe.onnx"
             quant._quantize(exported.path, probe, cfg, [], only=nodes)
             with OrtRunner(probe, threads=search.threads) as r:
@@ -361,7 +373,8 @@ def region_ranking(search: _Search, model_path: str, torch_model, samples: int =
             s = comp.summary()
             spec = region if layer is None else f"{region}@{layer}"
             rows.append({"region": spec, "nodes": len(nodes), "harm": 1.0 - s["cosine_mean"], "cosine_min": s["cosine_min"]})
-    rows.sort(key=lambda r: -r["harm"])
+    rows.sort(key=lambda r: -1.0 if r["harm"] is None else -r["harm"])
+    rows.sort(key=lambda r: r["harm"] is None)  # measured first
     return rows
 
 
@@ -438,7 +451,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         reference = reference_runner(ckpt, exported.input_names, threads, torch_model=torch_model)
         reference.activate()
         search = _Search(ckpt=ckpt, task=ckpt.task, gates=gates, reference=reference, encode=encoder.encode,
-                         search_slice=search_slice, budget_s=budget_s, deadline=deadline, threads=threads, batch=batch,
+                         search_slice=search_slice, confirm_slice=confirm_slice, budget_s=budget_s, deadline=deadline, threads=threads, batch=batch,
                          sequence=sequence, calib=calib, reporter=reporter, trust_remote_code=trust_remote_code)
         ranking: list[dict] | None = None
         for cand in recipes:
@@ -447,7 +460,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
                 if ranking is None:
                     with reporter.step("rank regions by harm (each quantized alone)"):
                         ranking = region_ranking(search, str(ckpt.path), torch_model)
-                    reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6]))
+                    reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6] if r["harm"] is not None))
                 search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
         for layers in students:
             if search.remaining() <= 0:
@@ -458,21 +471,12 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
             for cand in recipes[:3]:  # a student's fastest recipes; it must meet the gate vs the original
                 search.try_candidate(dataclasses.replace(cand, student_layers=layers, anchor=False), str(student_path))
 
-        passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)
+        passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)  # all confirmed
         anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
         final = _final_timing(passing[:4], anchor, reference, encoder, batch, sequence, threads, reporter)
-        winner, confirm = None, None
-        for t in sorted(passing[:4], key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms)):
-            from bertexport.runtime import Artifact
-
-            with Artifact(t.artifact, threads=threads, allow_rejected=True, runtime_overrides=t.candidate.runtime) as art, \
-                    reporter.step(f"confirm {t.candidate.name} on the held-out slice"):
-                confirm = search.evaluate(art, Path(t.artifact), confirm_slice, t.candidate.runtime) if confirm_slice.data.texts else {}
-            fails = judge(confirm, gates) if confirm else []
-            if not fails:
-                winner = t
-                break
-            t.status, t.reason = "failed", "held-out slice: " + "; ".join(fails)
+        ranked = sorted(passing[:4], key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms))
+        winner = ranked[0] if ranked else None
+        confirm = winner.confirm_metrics if winner else None
         reference.deactivate()
         elapsed = time.monotonic() - t_start
         chosen = winner or _best_scoring(search.trials)
@@ -646,7 +650,7 @@ def to_markdown(report: dict) -> str:
                      f"{_fmt(m.get('metric_drop'), '+.2f')} | {_fmt(m.get('agreement'), '.4f')} | {_fmt(m.get('cosine_min'), '.4f')} | {c['reason']} |")
     if report.get("region_ranking"):
         lines += ["", "Regions ranked by harm when quantized alone (1 - mean cosine to the original):", ""]
-        lines += [f"- {r['region']}: {r['harm']:.5f}" for r in report["region_ranking"][:12]]
+        lines += [f"- {r['region']}: {_fmt(r['harm'], '.5f', 'not measured (budget)')}" for r in report["region_ranking"][:12]]
     return "\n".join(lines) + "\n"
 
 

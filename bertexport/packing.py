@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from bertexport.errors import UserError
 from bertexport.hashing import sha256_file
-from bertexport.manifest import DIGEST_KEY, MANIFEST, load_manifest, manifest_digest, verify_files
+from bertexport.manifest import DIGEST_KEY, MANIFEST, SIGNATURE, load_manifest, manifest_digest, verify_files
 from bertexport.staging import check_destination, sweep_orphans
 
 # what a damaged pack raises while being read: truncated (EOFError), not gzip
@@ -40,6 +40,8 @@ def pack(artifact: str | Path, out: str | Path | None = None, force: bool = Fals
             tar.add(folder / MANIFEST, arcname=MANIFEST)  # first member: inspect reads it cheaply
             for rel in sorted(manifest["files"]):
                 tar.add(folder / rel, arcname=rel)
+            if (folder / SIGNATURE).is_file():  # the signature travels with the artifact
+                tar.add(folder / SIGNATURE, arcname=SIGNATURE)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -73,7 +75,7 @@ def _verify_pack_members(path: Path, manifest: dict) -> list[str]:
     try:
         with tarfile.open(path, "r:gz") as tar:
             for m in tar:
-                if m.name == MANIFEST or not m.isfile():
+                if m.name in (MANIFEST, SIGNATURE) or not m.isfile():
                     continue
                 meta = listed.pop(m.name, None)
                 if meta is None:
@@ -99,7 +101,7 @@ def _check_pack_checksum(path: Path) -> bool | None:
     return expected == sha256_file(path)
 
 
-def unpack(pack_path: str | Path, dest: str | Path, force: bool = False) -> Path:
+def unpack(pack_path: str | Path, dest: str | Path, force: bool = False, trusted_key: str | Path | None = None) -> Path:
     pack_path, dest = Path(pack_path), Path(dest)
     if not pack_path.is_file():
         raise UserError(f"pack not found: {pack_path}")
@@ -117,6 +119,10 @@ def unpack(pack_path: str | Path, dest: str | Path, force: bool = False) -> Path
         problems = verify_files(staging)
         if problems:
             raise UserError(f"{pack_path} failed its checksums after unpacking: {'; '.join(problems[:3])}")
+        if trusted_key:
+            from bertexport.signing import verify_signature
+
+            verify_signature(staging, trusted_key)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

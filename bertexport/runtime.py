@@ -87,7 +87,7 @@ class Artifact:
     """An artifact folder opened for inference: manifest, tokenizer, labels, runner."""
 
     def __init__(self, folder: str | Path, *, verify: bool = True, threads: int | None = None,
-                 allow_rejected: bool = False, runtime_overrides: dict | None = None):
+                 allow_rejected: bool = False, runtime_overrides: dict | None = None, trusted_key=None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"artifact not found: {self.folder}")
@@ -96,6 +96,10 @@ class Artifact:
             problems = verify_files(self.folder, self.manifest)
             if problems:
                 raise UserError(f"artifact {self.folder} failed its checksums: {'; '.join(problems[:3])}")
+        if trusted_key:  # before anything of it is loaded
+            from bertexport.signing import verify_signature
+
+            verify_signature(self.folder, trusted_key)
         if self.manifest.get("status") != "passed" and not allow_rejected:
             raise UserError(f"artifact {self.folder} was rejected at build time ({'; '.join(self.manifest['parity']['failures'])})")
         self.task = self.manifest["task"]

@@ -180,6 +180,7 @@ class Task:
     decisions: Callable[[dict, np.ndarray], np.ndarray] | None  # what agreement counts (None: no decision)
     reduce: Callable[[Window, dict, Post], Any]  # one window's outputs -> what the answer needs
     aggregate: Callable[[str, str | None, list, Post], dict]  # a text's reduced windows -> its answer
+    arch_suffixes: tuple[str, ...] = ()  # config.architectures suffixes of checkpoints trained for it
     needs_pair: bool = False
     labelled: bool = False  # has an id2label (classes or tags)
 
@@ -200,7 +201,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          vectors=lambda o, m: list(mean_pool(o["last_hidden_state"], m)),
          decisions=None,
          reduce=_pool_window,
-         aggregate=lambda text, pair, ws, post: embed(ws, post)),
+         aggregate=lambda text, pair, ws, post: embed(ws, post),
+         arch_suffixes=("Model",)),
     Task("text-classification", "AutoModelForSequenceClassification", ("logits",), False,
          # class probabilities, not logits: a 2-class logit pair near the decision boundary
          # swings the cosine between -1 and 1 for tiny changes
@@ -208,24 +210,25 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          decisions=lambda o, m: o["logits"].argmax(-1),
          reduce=lambda w, out, post: out["logits"],
          aggregate=lambda text, pair, ws, post: classify(ws, post),
-         labelled=True),
+         arch_suffixes=("ForSequenceClassification",), labelled=True),
     Task("token-classification", "AutoModelForTokenClassification", ("logits",), True,
          vectors=lambda o, m: _real_tokens(softmax(o["logits"]), m),
          decisions=lambda o, m: o["logits"].argmax(-1)[m.astype(bool)],
          reduce=lambda w, out, post: (w.offsets, w.special, out["logits"]),
          aggregate=lambda text, pair, ws, post: entities(text, ws, post),
-         labelled=True),
+         arch_suffixes=("ForTokenClassification",), labelled=True),
     Task("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"), True,
          vectors=_qa_vectors,
          decisions=_qa_decisions,
          reduce=lambda w, out, post: (w.offsets, w.sequence_ids, out["start_logits"], out["end_logits"]),
          aggregate=lambda text, pair, ws, post: answer(pair, ws),
-         needs_pair=True),
+         arch_suffixes=("ForQuestionAnswering",), needs_pair=True),
     Task("fill-mask", "AutoModelForMaskedLM", ("logits",), True,
          vectors=lambda o, m: _real_tokens(o["logits"], m),
          decisions=lambda o, m: o["logits"].argmax(-1)[m.astype(bool)],
          reduce=_mask_rows,
-         aggregate=lambda text, pair, ws, post: fill_mask(ws, post)),
+         aggregate=lambda text, pair, ws, post: fill_mask(ws, post),
+         arch_suffixes=("ForMaskedLM", "ForPreTraining")),
 )}
 
 

@@ -48,12 +48,13 @@ def load_labelled(data: str | Path | None, text_column=None, label_column=None, 
 
 def validate(artifact: str | Path, data: str | Path | None = None, *, model: str | None = None, gates: Gates | None = None,
              text_column: str | None = None, label_column: str | None = None, limit: int | None = None,
-             threads: int = 1, force: bool = False, junit: str | Path | None = None, reference=None) -> ValidationResult:
+             threads: int = 1, force: bool = False, junit: str | Path | None = None, reference=None,
+             trusted_key: str | Path | None = None) -> ValidationResult:
     """Raises ``GateFailed`` (exit 1) when a gate fails, ``UserError`` (exit 2) on bad input."""
     from bertexport.runtime import Artifact
 
     gates = gates or Gates()
-    art = Artifact(artifact, threads=threads, allow_rejected=True)
+    art = Artifact(artifact, threads=threads, allow_rejected=True, trusted_key=trusted_key)
     ts = load_labelled(data, text_column, label_column, limit)
     labels = label_ids(ts.labels, art.id2label) if ts.labels is not None and art.task == "text-classification" else None
     check_gates_fit(gates, art.task, labels is not None)  # before the original is loaded

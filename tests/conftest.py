@@ -7,6 +7,10 @@ import pytest
 
 from tests.tinymodels import build_checkpoint
 
+# A local Ray instance (tests/test_bulk.py) stays on loopback: Ray's single-machine mode,
+# read when ray is first imported (by default Ray binds the machine's interface address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests marked ``after_all`` run last (they check what the whole suite built)."""

@@ -77,3 +77,42 @@ def test_targets_are_converted_into_the_cache_and_reused(arts):
     again = benchmark(str(arts["ckpt"]), [], targets=["ort-fp32"], runs=5, warmup=1, sequences=[8])
     assert [c["target"] for c in first["candidates"]] == [None, "ort-fp32"]
     assert first["candidates"][1]["artifact"] == again["candidates"][1]["artifact"]
+
+
+def test_device_benchmark_without_torch_and_host_comparison(arts, tmp_path):
+    """On a device (torch and transformers absent) the artifacts are timed alone, in the
+    same report schema; --compare pairs the host's and the device's figures."""
+    import subprocess
+    import sys
+
+    host = tmp_path / "host.json"
+    r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), str(arts["b"]), "--seq", "16", "--runs", "5", "--json", str(host)])
+    assert r.exit_code == 0, r.output
+    device = tmp_path / "device.json"
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import importlib.util
+importlib.util.find_spec = (lambda f: (lambda name, *a: None if name in ('torch', 'transformers') else f(name, *a)))(importlib.util.find_spec)
+from bertexport.cli import cli
+try:
+    cli(['benchmark', {str(arts['a'])!r}, {str(arts['b'])!r}, '--seq', '16', '--runs', '5', '--json', {str(device)!r}])
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(device.read_text())
+    assert set(rep) == TOP_KEYS and rep["schema"] == SCHEMA
+    assert [c["name"] for c in rep["candidates"]] == ["fp32", "int8"] and rep["config"]["reference"] == "fp32"
+    r = CliRunner().invoke(cli, ["benchmark", "--compare", str(host), str(device), "--json", "-"])
+    rows = json.loads(r.stdout)
+    assert r.exit_code == 0 and {row["candidate"] for row in rows} == {"ort-fp32", "ort-int8"}
+    assert all(row["host_p50_ms"] > 0 and row["device_p50_ms"] > 0 for row in rows)
+    r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), "--no-reference", "--data", str(arts["data"])])
+    assert r.exit_code == 2 and "PyTorch original" in r.stderr

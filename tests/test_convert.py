@@ -69,3 +69,4 @@ def test_ort_fused(tiny, tmp_path):
     r = convert(str(tiny("bert", "text-classification")), "ort-fused", tmp_path / "f", latency_runs=0)
     fused = r.manifest["target"]["passes"][0]["notes"]["fused_operators"]
     assert fused.get("Attention", 0) + fused.get("SkipLayerNormalization", 0) > 0
+

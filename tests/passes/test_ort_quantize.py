@@ -1,0 +1,74 @@
+"""ort-dynamic-quantize and ort-static-quantize: named regions stay float, the sensitivity
+scan is cached, sensitive nodes are excluded from static int8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bertexport.convert import convert
+from bertexport.errors import UserError
+from bertexport.graph import Graph
+from bertexport.passes import get_pass
+from bertexport.profiles import parse_profile
+
+
+def _graph(artifact: Path) -> Graph:
+    return Graph.load(next((artifact / "model").glob("*.onnx")))
+
+
+def _profile(passes: list[dict]):
+    return parse_profile({"backend": "onnxruntime", "precision": "int8", "passes": passes,
+                          "validation": {"min_cosine": 0.5, "min_agreement": 0.5}}, "test")
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_dynamic_int8_keeps_named_regions_float(tiny, tmp_path, family):
+    ckpt = str(tiny(family))
+    art = convert(ckpt, _profile([{"type": "ort-dynamic-quantize", "keep_float": ["ffn_output"]}]), tmp_path / "a",
+                  latency_runs=0).artifact
+    g = _graph(art)
+    float_matmuls = [n.name for n in g.nodes if n.op_type == "MatMul" and any(i in g.initializers for i in n.input)]
+    int8 = [n for n in g.nodes if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert len(float_matmuls) == 2  # one FFN output per layer, both layers
+    assert all(("output/dense" in n or "ffn/lin2" in n) for n in float_matmuls)
+    assert len(int8) >= 10  # the other weight MatMuls are int8
+
+
+def test_keep_float_accepts_one_layer_and_refuses_unknown_regions(tiny, tmp_path):
+    art = convert(str(tiny("bert")), _profile([{"type": "ort-dynamic-quantize", "keep_float": ["ffn_input@1"]}]),
+                  tmp_path / "a", latency_runs=0).artifact
+    g = _graph(art)
+    float_matmuls = [n.name for n in g.nodes if n.op_type == "MatMul" and any(i in g.initializers for i in n.input)]
+    assert len(float_matmuls) == 1 and float_matmuls[0].endswith("encoder/layer.1/intermediate/dense/MatMul")
+    with pytest.raises(UserError, match="not a region"):
+        get_pass("ort-dynamic-quantize").make_config({"keep_float": ["ffn"]})
+
+
+def test_static_int8_excludes_sensitive_nodes_and_regions(tiny, tmp_path):
+    art = convert(str(tiny("bert")), _profile([{"type": "ort-static-quantize", "keep_float": ["ffn_input", "ffn_output"],
+                                                "calibration_samples": 16}]), tmp_path / "s", latency_runs=0).artifact
+    g = _graph(art)
+    quantized_inputs = {i for n in g.nodes if n.op_type == "DequantizeLinear" for i in n.output}
+    for n in g.nodes:
+        ffn = n.op_type == "MatMul" and "attention" not in n.name and ("intermediate/dense" in n.name or "output/dense" in n.name)
+        if n.op_type in ("LayerNormalization", "Softmax") or ffn:
+            assert not any(i in quantized_inputs for i in n.input), n.name
+    assert any(n.op_type == "QuantizeLinear" for n in g.nodes)
+
+
+def test_sensitivity_scan_is_cached(tiny, tmp_path):
+    """Converting the same export again with the same calibration and settings reuses the
+    scan's answer instead of re-quantizing per node (the default command's ~50 s)."""
+    prof = tmp_path / "scan.toml"
+    prof.write_text('backend = "onnxruntime"\nprecision = "int8"\n[[passes]]\ntype = "ort-dynamic-quantize"\n'
+                    'target_min_cosine = 0.99999999\nmax_excluded_fraction = 0.5\n[validation]\nmin_cosine = 0.5\n'
+                    'min_agreement = 0.5\n')
+    ckpt = str(tiny("bert", "feature-extraction"))
+    first = convert(ckpt, prof, tmp_path / "a", latency_runs=0).manifest["target"]["passes"][0]["notes"]
+    again = convert(ckpt, prof, tmp_path / "b", latency_runs=0).manifest["target"]["passes"][0]["notes"]
+    assert first["scan"] == "ran" and again["scan"] == "cached"
+    assert again["excluded_nodes"] == first["excluded_nodes"] and "why" in first
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "Mixed precision:" in report and "kept fp32" in report
