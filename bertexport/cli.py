@@ -181,7 +181,8 @@ def convert(model, target, out, task, calib, samples, threads, latency_runs, for
     if sign_key:
         from bertexport.signing import _key, _library
 
-        _key(sign_key, "private key"), _library()  # checked before any work
+        _key(sign_key, "private key")  # checked before any work
+        _library()
     reporter = RichReporter()
     try:
         result = run_convert(model, target, out, task=task, calib=calib, samples=samples, force=force, threads=threads,

@@ -680,7 +680,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.legend()
     ax.set_xlabel(f"latency p50 (ms), b{report['cell']['batch']}/s{report['cell']['sequence']}, {report['cell']['threads']} thread(s)")
     ax.set_ylabel(label)
-    ax.set_title(f"optimize: {report['model']['source']} (star: winner)")
+    ax.set_title(f"optimize: {Path(str(report['model']['source'])).name} (green: passed, red: failed the gate, star: winner)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
