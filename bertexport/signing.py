@@ -72,15 +72,18 @@ def _reason(message: str) -> str:
     """model-signing's failure message, said in a line a person can act on."""
     if "Key mismatch" in message:
         return "it was signed by a different key than the trusted one"
-    m = re.search(r"Hash mismatch for '([^']+)'", message)
+    # the library reports inside a list's repr: quotes come escaped (\') or not, depending
+    # on whether the digest bytes happen to contain a double quote
+    q = r"\\?['\"]"
+    m = re.search(rf"Hash mismatch for {q}([^'\"\\]+){q}", message)
     if m:
         return f"{m.group(1)} changed after signing"
-    m = re.search(r"Extra files found in model '[^']*': (.+?)[\"'\]]", message)
+    m = re.search(rf"Extra files found in model {q}[^'\"\\]*{q}: ([^'\"\\\]]+)", message)
     if m:
-        return f"files were added after signing: {m.group(1)}"
-    m = re.search(r"Missing files in model '[^']*': (.+?)[\"'\]]", message)
+        return f"files were added after signing: {m.group(1).strip()}"
+    m = re.search(rf"Missing files in model {q}[^'\"\\]*{q}: ([^'\"\\\]]+)", message)
     if m:
-        return f"files were removed after signing: {m.group(1)}"
+        return f"files were removed after signing: {m.group(1).strip()}"
     return message.strip().splitlines()[0][:200]
 
 

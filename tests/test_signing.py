@@ -116,3 +116,16 @@ def test_bad_keys_are_refused_before_work(signed, tmp_path):
         from bertexport.signing import verify_signature
 
         verify_signature(signed["art"], tmp_path / "missing.pub")
+
+
+def test_failure_reasons_in_either_quoting():
+    """model-signing reports inside a list's repr; the quoting depends on the digest bytes."""
+    from bertexport.signing import _reason
+
+    escaped = str(["Hash mismatch for 'manifest.json': Expected 'Digest(b\'\\x82\"x\')'"])
+    plain = str(["Hash mismatch for 'model/model.onnx': Expected 'Digest(x)'"])
+    assert "\\'" in escaped and "\\'" not in plain
+    assert _reason(escaped) == "manifest.json changed after signing"
+    assert _reason(plain) == "model/model.onnx changed after signing"
+    assert _reason(str(["Extra files found in model 'art': extra.bin"])) == "files were added after signing: extra.bin"
+    assert _reason("Key mismatch: whatever") == "it was signed by a different key than the trusted one"
