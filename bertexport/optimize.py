@@ -221,6 +221,7 @@ class _Search:
         self.trials: list[Trial] = []
         self.best: Trial | None = None
         self._feeds = None
+        self._digests: dict[str, str] = {str(ckpt.path): ckpt.sha256}
 
     # builds and measurements, each cached
     def build(self, cand: Candidate, model_path: str) -> tuple[Path, bool, float]:
@@ -246,9 +247,12 @@ class _Search:
         return folder, False, time.perf_counter() - t0
 
     def _ckpt_sha(self, model_path: str) -> str:
+        """The checkpoint digest, computed once per checkpoint (it hashes every weight file)."""
         from bertexport.checkpoint import resolve_checkpoint
 
-        return resolve_checkpoint(model_path, self.task, trust_remote_code=self.trust_remote_code).sha256
+        if model_path not in self._digests:
+            self._digests[model_path] = resolve_checkpoint(model_path, self.task, trust_remote_code=self.trust_remote_code).sha256
+        return self._digests[model_path]
 
     def quick_latency(self, art) -> float:
         from bertexport.compare import fixed_cell_feeds

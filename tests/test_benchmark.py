@@ -12,6 +12,7 @@ from bertexport.cli import cli
 from bertexport.convert import convert
 from bertexport.errors import UserError
 from bertexport.compare import Gates
+from tests.torchfree import ASSERT_TORCH_FREE, BLOCK_TORCH
 
 TOP_KEYS = {"schema", "created", "bertexport_version", "model", "config", "environment", "candidates", "cells", "accuracy"}
 RESULT_KEYS = {"latency", "throughput", "speedup"}
@@ -89,22 +90,13 @@ def test_device_benchmark_without_torch_and_host_comparison(arts, tmp_path):
     r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), str(arts["b"]), "--seq", "16", "--runs", "5", "--json", str(host)])
     assert r.exit_code == 0, r.output
     device = tmp_path / "device.json"
-    code = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-import importlib.util
-importlib.util.find_spec = (lambda f: (lambda name, *a: None if name in ('torch', 'transformers') else f(name, *a)))(importlib.util.find_spec)
+    code = BLOCK_TORCH + f"""
 from bertexport.cli import cli
 try:
     cli(['benchmark', {str(arts['a'])!r}, {str(arts['b'])!r}, '--seq', '16', '--runs', '5', '--json', {str(device)!r}])
 except SystemExit as e:
     assert e.code in (0, None), e.code
-assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
-"""
+""" + ASSERT_TORCH_FREE
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     rep = json.loads(device.read_text())

@@ -81,3 +81,25 @@ def test_macro_f1_alongside_accuracy():
 
     assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])) == 1.0
     assert macro_f1(np.array([0, 0, 0, 0]), np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 0) / 2)
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "text-classification", "token-classification",
+                                  "question-answering", "fill-mask"])
+def test_every_task_has_a_gateable_metric(task):
+    """What optimize/validate gate on, for every task record: agreement (decisions; top-5
+    retrieval for embeddings) and cosine — and a perturbation that flips decisions fails it."""
+    from bertexport.tasks import TASKS
+
+    rng = np.random.default_rng(1)
+    shapes = {"last_hidden_state": (8, 6, 16), "logits": (8, 6, 5) if TASKS[task].per_token else (8, 3),
+              "start_logits": (8, 6), "end_logits": (8, 6)}
+    ref = {name: rng.normal(size=shapes[name]) for name in TASKS[task].outputs}
+    mask = np.ones((8, 6), dtype=np.int64)
+    same = Comparison(task)
+    same.add(ref, {k: v + 1e-7 for k, v in ref.items()}, mask)
+    m = task_metrics(same, None)
+    assert m["agreement"] == pytest.approx(1.0) and m["cosine_min"] > 0.9999
+    assert judge(m, Gates(min_agreement=0.99, min_cosine=0.999)) == []
+    other = Comparison(task)
+    other.add(ref, {k: rng.normal(size=v.shape) for k, v in ref.items()}, mask)
+    assert judge(task_metrics(other, None), Gates(min_agreement=0.99)), task

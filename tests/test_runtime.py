@@ -16,6 +16,7 @@ from bertexport.convert import convert
 from bertexport.errors import UserError
 from bertexport.runtime import Artifact, Predictor
 from bertexport.runtime import SEGMENT_CHARS, segments
+from tests.torchfree import ASSERT_TORCH_FREE, BLOCK_TORCH
 from tests.tinymodels import keyword_sentence
 
 TEXTS = ["The film was a delight from start to finish.", "Paris is the capital of France.", "ok"]
@@ -180,13 +181,7 @@ def test_cli_run_json_and_bad_inputs(artifacts, tmp_path):
 
 def test_runtime_imports_neither_torch_nor_transformers(artifacts):
     _, art = artifacts["text-classification"]
-    code = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = BLOCK_TORCH + f"""
 from bertexport.runtime import Artifact, Predictor
 from bertexport.cli import cli
 with Artifact({str(art)!r}) as a:
@@ -195,7 +190,7 @@ try:
     cli(['run', {str(art)!r}, 'another film', '--json', '-'], standalone_mode=False)
 except SystemExit:
     pass
-assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules), 'torch was imported'
+""" + ASSERT_TORCH_FREE + """
 print('torch-free OK')
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
