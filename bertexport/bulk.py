@@ -68,22 +68,21 @@ def read_texts(path: Path, chunk: int = 256) -> Iterator[list[str]]:
 
         yield from iter_text_lines(path, chunk)
     elif kind == ".jsonl":
-        buf = []
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line).get("text")
-                except (ValueError, AttributeError) as e:
-                    raise UserError(f"{path}:{n} is not a JSON object with a text field") from e
-                if isinstance(text, str) and text.strip():
-                    buf.append(text)
-                if len(buf) == chunk:
-                    yield buf
-                    buf = []
-        if buf:
-            yield buf
+        from bertexport.textdata import in_chunks
+
+        def texts():
+            with open(path, encoding="utf-8", errors="strict") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line).get("text")
+                    except (ValueError, AttributeError) as e:
+                        raise UserError(f"{path}:{n} is not a JSON object with a text field") from e
+                    if isinstance(text, str) and text.strip():
+                        yield text
+
+        yield from in_chunks(texts(), chunk)
     else:
         import pyarrow.parquet as pq
 

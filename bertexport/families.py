@@ -66,7 +66,6 @@ class Family:
     shared_layers: bool = False  # ALBERT: one layer group shared by every layer
     position_offset: bool = False  # RoBERTa-style: positions start after pad_token_id
     openvino_source: str = "onnx"  # what OpenVINO converts from: onnx | pytorch
-    token_type_ids: bool = True  # whether the export takes token_type_ids (optimum decides; recorded for people)
 
     def config_value(self, config: dict, keys: tuple[str, ...], default=None):
         return next((config[k] for k in keys if k in config), default)
@@ -83,20 +82,20 @@ FAMILIES: dict[str, Family] = {
         Family("bert", "BERT (incl. MiniLM, TinyBERT)", "wordpiece"),
         Family("distilbert", "DistilBERT", "wordpiece",
                regions=_regions("layer", rf"attention{_S}(q_lin|k_lin|v_lin)", rf"attention{_S}out_lin",
-                                rf"ffn{_S}lin1", rf"ffn{_S}lin2"), token_type_ids=False),
-        Family("roberta", "RoBERTa", "bpe", position_offset=True, token_type_ids=False),
-        Family("xlm-roberta", "XLM-RoBERTa", "sentencepiece", position_offset=True, token_type_ids=False),
-        Family("camembert", "CamemBERT", "sentencepiece", position_offset=True, token_type_ids=False),
+                                rf"ffn{_S}lin1", rf"ffn{_S}lin2")),
+        Family("roberta", "RoBERTa", "bpe", position_offset=True),
+        Family("xlm-roberta", "XLM-RoBERTa", "sentencepiece", position_offset=True),
+        Family("camembert", "CamemBERT", "sentencepiece", position_offset=True),
         Family("albert", "ALBERT", "sentencepiece", shared_layers=True,
                regions=_regions("albert_layers", rf"attention{_S}(query|key|value)", rf"attention{_S}dense",
                                 "ffn", "ffn_output")),
         Family("electra", "ELECTRA", "wordpiece"),
         # OpenVINO's CPU plugin rejects DeBERTa-v2's ONNX export (If nodes of dynamic rank):
         # it converts from PyTorch instead
-        Family("deberta-v2", "DeBERTa-v2/v3", "sentencepiece", openvino_source="pytorch", token_type_ids=False),
+        Family("deberta-v2", "DeBERTa-v2/v3", "sentencepiece", openvino_source="pytorch"),
         Family("mpnet", "MPNet", "wordpiece",
                regions=_regions("layer", rf"attention{_S}attn{_S}(q|k|v)", rf"attention{_S}attn{_S}o",
-                                rf"intermediate{_S}dense", rf"output{_S}dense"), token_type_ids=False),
+                                rf"intermediate{_S}dense", rf"output{_S}dense")),
         Family("mobilebert", "MobileBERT", "wordpiece",
                regions=_regions("layer", rf"attention{_S}self{_S}(query|key|value)", rf"attention{_S}output{_S}dense",
                                 rf"(ffn\.\d+{_S})?intermediate{_S}dense", rf"(ffn\.\d+{_S}output|output){_S}dense")),

@@ -211,11 +211,11 @@ def _split(ts, labels, fraction: float, seed: int, max_search: int):
 
 
 class _Search:
-    def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, confirm_slice, budget_s, deadline, threads, batch,
+    def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, confirm_slice, deadline, threads, batch,
                  sequence, calib, reporter, trust_remote_code):
         self.ckpt, self.task, self.gates, self.reference, self.encode = ckpt, task, gates, reference, encode
         self.search, self.confirm = search_slice, confirm_slice
-        self.budget_s, self.deadline, self.threads = budget_s, deadline, threads
+        self.deadline, self.threads = deadline, threads
         self.batch, self.sequence, self.calib, self.reporter = batch, sequence, calib, reporter
         self.trust_remote_code = trust_remote_code
         self.trials: list[Trial] = []
@@ -455,7 +455,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         reference = reference_runner(ckpt, exported.input_names, threads, torch_model=torch_model)
         reference.activate()
         search = _Search(ckpt=ckpt, task=ckpt.task, gates=gates, reference=reference, encode=encoder.encode,
-                         search_slice=search_slice, confirm_slice=confirm_slice, budget_s=budget_s, deadline=deadline, threads=threads, batch=batch,
+                         search_slice=search_slice, confirm_slice=confirm_slice, deadline=deadline, threads=threads, batch=batch,
                          sequence=sequence, calib=calib, reporter=reporter, trust_remote_code=trust_remote_code)
         ranking: list[dict] | None = None
         for cand in recipes:

@@ -139,11 +139,6 @@ def build(cls, values: dict | None, where: str):
     return obj
 
 
-def check(obj, where: str) -> None:
-    """Re-check a record made in code (ranges and ``validate``), e.g. one a caller built."""
-    build(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}, where)
-
-
 def describe(cls) -> list[dict]:
     """One row per option: name, type, default, allowed values, description."""
     hints = typing.get_type_hints(cls)

@@ -182,7 +182,6 @@ class Task:
     aggregate: Callable[[str, str | None, list, Post], dict]  # a text's reduced windows -> its answer
     arch_suffixes: tuple[str, ...] = ()  # config.architectures suffixes of checkpoints trained for it
     needs_pair: bool = False
-    labelled: bool = False  # has an id2label (classes or tags)
 
 
 def _qa_vectors(o, mask):
@@ -210,13 +209,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          decisions=lambda o, m: o["logits"].argmax(-1),
          reduce=lambda w, out, post: out["logits"],
          aggregate=lambda text, pair, ws, post: classify(ws, post),
-         arch_suffixes=("ForSequenceClassification",), labelled=True),
+         arch_suffixes=("ForSequenceClassification",)),
     Task("token-classification", "AutoModelForTokenClassification", ("logits",), True,
          vectors=lambda o, m: _real_tokens(softmax(o["logits"]), m),
          decisions=lambda o, m: o["logits"].argmax(-1)[m.astype(bool)],
          reduce=lambda w, out, post: (w.offsets, w.special, out["logits"]),
          aggregate=lambda text, pair, ws, post: entities(text, ws, post),
-         arch_suffixes=("ForTokenClassification",), labelled=True),
+         arch_suffixes=("ForTokenClassification",)),
     Task("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"), True,
          vectors=_qa_vectors,
          decisions=_qa_decisions,

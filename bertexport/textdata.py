@@ -91,6 +91,18 @@ def _decode_lines(raw: bytes, path: Path) -> tuple[list[str], int]:
     return lines, bad
 
 
+def in_chunks(items, size: int):
+    """Lists of up to ``size`` items from any iterable (streamed)."""
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
 def iter_text_lines(path: Path, chunk: int = 256):
     """A text file's non-empty lines in chunks, streamed (bounded memory); the first line
     that is not text is refused with its number."""
@@ -99,21 +111,18 @@ def iter_text_lines(path: Path, chunk: int = 256):
         raise UserError(f"{path} is a folder; give a text file (one text per line)")
     if not path.is_file():
         raise UserError(f"file not found: {path}")
-    out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            raw = raw.rstrip(b"\r\n")
-            problem = line_problem(raw)
-            if problem:
-                raise UserError(f"{path}:{n} is not text: {problem}")
-            line = raw.decode("utf-8").lstrip("\ufeff") if n == 1 else raw.decode("utf-8")
-            if line.strip():
-                out.append(line)
-            if len(out) == chunk:
-                yield out
-                out = []
-    if out:
-        yield out
+    def lines():
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                raw = raw.rstrip(b"\r\n")
+                problem = line_problem(raw)
+                if problem:
+                    raise UserError(f"{path}:{n} is not text: {problem}")
+                line = raw.decode("utf-8").lstrip("\ufeff") if n == 1 else raw.decode("utf-8")
+                if line.strip():
+                    yield line
+
+    yield from in_chunks(lines(), chunk)
 
 
 def label_ids(labels: list, id2label: dict[int, str] | None):
