@@ -3,7 +3,9 @@ PyTorch original and every artifact, side by side, in one interleaved run.
 
 Every cell (batch x sequence) times all candidates round-robin so drift on a shared
 machine hits them alike; threads are pinned and recorded; raw timings are kept in the
-JSON report together with the environment.
+JSON report together with the environment. Candidates are named by what they are (profile
+or recipe, precision, student shape; ``bertexport.report.artifact_label``), never by their
+folder, and every table and plot refers to them by one number with a key of full names.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from bertexport.envinfo import environment
 from bertexport.errors import UserError
 from bertexport.latency import speedup, time_interleaved
 from bertexport.progress import Reporter
+from bertexport.report import (artifact_label, interval_level, interval_note, interval_of, student_shape, unique_labels,
+                               with_interval)
 
 SCHEMA = "bertexport.benchmark/1"
 MIN_RUNS = 5
@@ -57,12 +61,14 @@ class BenchmarkReport:
 
 @dataclass
 class Candidate:
-    name: str
+    name: str  # what it is (``bertexport.report.artifact_label``), unique in the report
     kind: str  # pytorch | artifact
     runner: object
     size_bytes: int
     artifact: str | None = None
     target: str | None = None
+    precision: str | None = None
+    student_shape: str | None = None
     load_seconds: float | None = None
     rss_delta_mb: float | None = None
 
@@ -84,12 +90,9 @@ def _activate(c: Candidate) -> None:
     c.rss_delta_mb = None if before is None else round(after - before, 1)
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    out, i = name, 2
-    while out in taken:
-        out, i = f"{name}#{i}", i + 1
-    taken.add(out)
-    return out
+def _load_avg() -> float | None:
+    """The 1-minute load average to 2 decimals (the kernel's own precision)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def build_targets(model: str, targets: list[str], threads: int, reporter: Reporter, *,
@@ -194,18 +197,20 @@ def benchmark(
 
     with reporter.step("load PyTorch original and artifacts" if reference else "load artifacts"):
         input_names = [i["name"] for i in first["inputs"]]
-        taken: set[str] = set()
+        labels = unique_labels((["pytorch fp32"] if reference else []) + [artifact_label(a.manifest, a.folder) for a in opened],
+                               ([None] if reference else []) + [a.folder for a in opened])
         cands = []
         if reference:
             rss0, t0 = _rss_mb(), time.perf_counter()
             torch_model = load_model(ckpt)
             torch_load = (time.perf_counter() - t0, None if rss0 is None else round(_rss_mb() - rss0, 1))
-            cands.append(Candidate(_unique("pytorch", taken), "pytorch",
+            cands.append(Candidate(labels.pop(0), "pytorch",
                                    reference_runner(ckpt, input_names, threads, torch_model=torch_model),
-                                   sum(p.stat().st_size for p in ckpt.weight_files)))
-        for a in opened:
-            cands.append(Candidate(_unique(a.folder.name, taken), "artifact", a.runner, a.model_bytes,
-                                   artifact=str(a.folder), target=a.name))
+                                   sum(p.stat().st_size for p in ckpt.weight_files), precision="fp32"))
+        for a, label in zip(opened, labels):
+            cands.append(Candidate(label, "artifact", a.runner, a.model_bytes, artifact=str(a.folder), target=a.name,
+                                   precision=a.manifest["target"].get("precision"),
+                                   student_shape=student_shape(a.manifest, a.folder)))
         for c in cands:
             _activate(c)
         if reference:
@@ -214,7 +219,7 @@ def benchmark(
     encoder = opened[0].encoder
     sample_texts = builtin_samples()
     cells = []
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = _load_avg()
     grid = [(b, s) for b in batches for s in sequences] + ([(b, "real") for b in batches] if real else [])
     for b, s in grid:
         if s == "real":  # cycle through the file's texts, each batch padded to its longest
@@ -244,13 +249,12 @@ def benchmark(
 
     accuracy = None
     if data:
-        from bertexport.compare import compare_on_data, task_metrics
-        from bertexport.textdata import label_ids
+        from bertexport.compare import compare_on_data, task_labels, task_metrics
 
         ts = labelled
         if data_limit:
             ts.texts, ts.labels = ts.texts[:data_limit], (ts.labels[:data_limit] if ts.labels else None)
-        labels = label_ids(ts.labels, opened[0].id2label) if ts.labels is not None and first["task"] == "text-classification" else None
+        labels = task_labels(ts, first["task"], opened[0].id2label)  # classes, or groups for retrieval precision
         accuracy = {}
         reference_outputs: dict = {}  # the PyTorch original runs once, shared by all artifacts
         with reporter.step(f"accuracy on {len(ts.texts)} labelled texts"):
@@ -268,10 +272,10 @@ def benchmark(
         config={"batches": list(batches), "sequences": list(sequences), "real_texts": str(texts) if texts else None,
                 "runs": runs, "warmup": warmup, "threads": threads, "seed": seed, "interleaved": True,
                 "reference": "pytorch" if reference else cands[0].name},
-        environment=env | {"load_avg_before": load_before,
-                           "load_avg_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        candidates=[{"name": c.name, "kind": c.kind, "artifact": c.artifact, "target": c.target,
-                     "size_bytes": c.size_bytes, "load_seconds": c.load_seconds, "rss_delta_mb": c.rss_delta_mb}
+        environment=env | {"load_avg_before": load_before, "load_avg_after": _load_avg()},
+        candidates=[{"name": c.name, "kind": c.kind, "artifact": c.artifact, "target": c.target, "precision": c.precision,
+                     "student_shape": c.student_shape, "size_bytes": c.size_bytes, "load_seconds": c.load_seconds,
+                     "rss_delta_mb": c.rss_delta_mb}
                     for c in cands],
         cells=cells,
         accuracy=accuracy,
@@ -279,7 +283,9 @@ def benchmark(
 
 
 def rows(report: dict) -> list[dict]:
-    """Flat rows (one per cell x candidate) for tables."""
+    """Flat latency rows (one per cell x candidate) for tables; ``key`` is the candidate's
+    number in the key table (``candidate_rows``)."""
+    keys = {c["name"]: i for i, c in enumerate(report["candidates"], 1)}
     out = []
     acc = report.get("accuracy") or {}
     for cell in report["cells"]:
@@ -287,7 +293,7 @@ def rows(report: dict) -> list[dict]:
             lat = r["latency"]
             a = acc.get(name, {})
             out.append({
-                "candidate": name, "batch": cell["batch"], "sequence": cell["sequence"],
+                "key": keys.get(name), "candidate": name, "batch": cell["batch"], "sequence": cell["sequence"],
                 "p50_ms": lat["p50"] * 1e3, "p90_ms": lat["p90"] * 1e3, "p99_ms": lat["p99"] * 1e3,
                 "stdev_ms": lat["stdev"] * 1e3, "throughput": r["throughput"],
                 "speedup": r["speedup"]["p50_ratio"], "speedup_p10": r["speedup"]["round_ratio_p10"],
@@ -298,43 +304,129 @@ def rows(report: dict) -> list[dict]:
     return out
 
 
+def candidate_rows(report: dict) -> list[dict]:
+    """One row per candidate: its number, full label and what it is, and its accuracy
+    figures (with intervals when the metrics carry them) as text."""
+    acc = report.get("accuracy") or {}
+    out = []
+    for i, c in enumerate(report["candidates"], 1):
+        m = acc.get(c["name"]) or {}
+        out.append({
+            "key": i, "candidate": c["name"], "kind": c["kind"],
+            "folder": Path(c["artifact"]).name if c.get("artifact") else "-",
+            "size_mb": c["size_bytes"] / 1e6, "load_s": c.get("load_seconds"), "rss_mb": c.get("rss_delta_mb"),
+            "accuracy": _fmt(m.get("metric_candidate"), ".2f"),
+            "drop": with_interval(m, "metric_drop", "+.2f"),
+            "agreement": with_interval(m, "agreement", ".4f"),
+            "macro_f1": _fmt(m.get("macro_f1_candidate"), ".4f"),
+            "rows": _fmt(m.get("decisions") if m.get("decisions") is not None else m.get("samples"), "d"),
+            "note": interval_note(m, "metric_drop", " pts") or interval_note(m, "agreement"),
+            "metrics": m,
+        })
+    return out
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def _has_accuracy(report: dict) -> bool:
+    return any(v for v in (report.get("accuracy") or {}).values())
+
+
+def _metric_name(report: dict) -> str:
+    """The task metric on the labelled data (accuracy, retrieval precision@5, ...)."""
+    return next((v["metric_name"] for v in (report.get("accuracy") or {}).values() if v and v.get("metric_name")), "accuracy")
+
+
+def _load(env: dict) -> str:
+    return f"{_fmt(env.get('load_avg_before'), '.2f')} / {_fmt(env.get('load_avg_after'), '.2f')}"
 
 
 def to_markdown(report: dict) -> str:
     env = report["environment"]
     cpu = env["cpu"]
+    cands = candidate_rows(report)
+    level = interval_level(*[c["metrics"] for c in cands])
     lines = [f"# bertexport benchmark: {report['model']['source']} ({report['model']['task']})", "",
-             f"CPU: {cpu.get('model', '?')} · {cpu.get('cores')} cores · flags {', '.join(cpu.get('flags', []))} · "
+             f"CPU: {cpu.get('model', '?')} · {cpu.get('cores')} cores · flags {', '.join(cpu.get('flags', [])) or 'none'} · "
              f"threads pinned: {report['config']['threads']} · {report['config']['runs']} interleaved runs per cell, "
-             f"{report['config']['warmup']} warm-up · load avg before/after {env.get('load_avg_before')}/{env.get('load_avg_after')}", "",
-             "| candidate | batch | seq | p50 ms | p90 ms | p99 ms | seq/s | speedup (p10-p90) | accuracy % | drop pts | agreement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{report['config']['warmup']} warm-up · load average before / after {_load(env)}", "",
+             "Candidates (the numbers are the plot's):", "",
+             "| # | candidate | kind | folder | size MB | load s | RSS +MB |", "|---|---|---|---|---|---|---|"]
+    for c in cands:
+        lines.append(f"| {c['key']} | {c['candidate']} | {c['kind']} | {c['folder']} | {c['size_mb']:.1f} | "
+                     f"{_fmt(c['load_s'], '.2f')} | {_fmt(c['rss_mb'], '.1f')} |")
+    lines += ["", "| # | candidate | batch | seq | p50 ms | p90 ms | p99 ms | seq/s | speedup (p10-p90) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows(report):
-        lines.append(f"| {r['candidate']} | {r['batch']} | {r['sequence']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['throughput']:.1f} | {r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}) | "
-                     f"{_fmt(r['accuracy'], '.2f')} | {_fmt(r['drop'], '+.2f')} | {_fmt(r['agreement'], '.4f')} |")
-    lines += ["", "| candidate | size MB | load s | RSS +MB |", "|---|---|---|---|"]
-    for c in report["candidates"]:
-        lines.append(f"| {c['name']} | {c['size_bytes'] / 1e6:.1f} | {_fmt(c['load_seconds'], '.2f')} | {_fmt(c['rss_delta_mb'], '.1f')} |")
+        lines.append(f"| {r['key']} | {r['candidate']} | {r['batch']} | {r['sequence']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['throughput']:.1f} | {r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}) |")
+    if _has_accuracy(report):
+        metric = _metric_name(report)
+        lines += ["", f"Task metric ({metric}) on the labelled data; brackets: {level} interval of the paired difference to "
+                      "the original (same rows, see the README).", "",
+                  f"| # | candidate | {metric} % | drop pts [{level}] | agreement [{level}] | macro-F1 | rows | interval rests on |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in cands:
+            lines.append(f"| {c['key']} | {c['candidate']} | {c['accuracy']} | {c['drop']} | {c['agreement']} | {c['macro_f1']} | "
+                         f"{c['rows']} | {c['note'] or '-'} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str | Path) -> Path:
-    """PNG: p50 latency per candidate with p10-p90 spread for each cell; accuracy vs latency
-    when labelled data was given."""
-    import matplotlib
+def console_tables(report: dict, width: int = 80) -> list:
+    """The tables ``benchmark`` prints (rich) for a terminal ``width`` columns wide: a key of
+    candidates with their full labels, then latency and accuracy by number. A label stays
+    on one line whenever the terminal can hold it, else it wraps; it is never cut."""
+    from rich.table import Table
+    from rich.text import Text
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    cands = candidate_rows(report)
+    longest = max(len(c["candidate"]) for c in cands)
+    one_line = longest + 22 <= width  # '#', size and borders need ~22 columns
+    key = Table(title=Text(f"{report['model']['source']} · {report['config']['threads']} thread(s) · "
+                           f"{report['config']['runs']} interleaved runs · load avg {_load(report['environment'])}"),
+                title_justify="left")
+    key.add_column("#", justify="right")
+    key.add_column("candidate", no_wrap=one_line, min_width=longest if one_line else None, overflow="fold")
+    key.add_column("folder", overflow="fold")
+    key.add_column("MB", justify="right")
+    for c in cands:  # Text, not markup: a label's "[folder]" is not a style
+        key.add_row(str(c["key"]), Text(c["candidate"]), Text(c["folder"]), f"{c['size_mb']:.1f}")
+    lat = Table(title="latency (by candidate #)", title_justify="left")
+    for col in ("#", "b", "seq", "p50 ms", "p90 ms", "p99 ms", "seq/s", "speedup (p10-p90)"):
+        lat.add_column(col, justify="right", overflow="fold")
+    for r in rows(report):
+        lat.add_row(str(r["key"]), str(r["batch"]), str(r["sequence"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}",
+                    f"{r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f})")
+    tables = [key, lat]
+    if _has_accuracy(report):
+        level = interval_level(*[c["metrics"] for c in cands])
+        acc = Table(title=f"{_metric_name(report)} (by candidate #; brackets: {level} paired interval)", title_justify="left")
+        for col in ("#", "%", "drop pts", "agreement", "rows"):
+            acc.add_column(col, justify="right", overflow="fold")
+        for c in cands:
+            acc.add_row(str(c["key"]), c["accuracy"], Text(c["drop"]), Text(c["agreement"]), c["rows"])
+        tables.append(acc)
+    return tables
+
+
+def figure(report: dict):
+    """The benchmark plot: p50 latency per candidate and cell (p10-p90 bars) on a log axis;
+    with labelled data, accuracy vs latency (log axis, bars: the paired interval). Every
+    candidate is a number; the key under the plot names it in full."""
     import numpy as np
 
+    from bertexport.plots import key, log_latency_axis, place_numbers, pyplot
+
+    plt = pyplot()
     acc = report.get("accuracy") or {}
     has_acc = any(v.get("metric_candidate") is not None for v in acc.values())
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.8), squeeze=False, layout="constrained")
     ax = axes[0][0]
     names = [c["name"] for c in report["candidates"]]
+    colours = [plt.get_cmap("tab10")(i % 10) for i in range(len(names))]
     width = 0.8 / max(len(report["cells"]), 1)
     for i, cell in enumerate(report["cells"]):
         vals = [np.asarray(cell["results"][n]["latency"]["values"]) * 1e3 for n in names]
@@ -343,27 +435,42 @@ def plot(report: dict, path: str | Path) -> Path:
         hi = [np.percentile(v, 90) - p for p, v in zip(p50, vals)]
         ax.bar(np.arange(len(names)) + i * width, p50, width, yerr=[lo, hi], capsize=3, label=f"b{cell['batch']}/s{cell['sequence']}")
     ax.set_xticks(np.arange(len(names)) + width * (len(report["cells"]) - 1) / 2)
-    ax.set_xticklabels(names, rotation=20, ha="right")
-    ax.set_ylabel("latency p50 (ms), bars p10-p90")
-    ax.set_title(f"{report['model']['source']} · {report['config']['threads']} thread(s)")
-    ax.legend()
+    ax.set_xticklabels([str(i) for i in range(1, len(names) + 1)])
+    ax.set_xlabel("candidate # (key below)")
+    log_latency_axis(ax, "y", "latency p50 (ms), bars p10-p90")
+    ax.set_title(f"{Path(str(report['model']['source'])).name} · {report['config']['threads']} thread(s)", fontsize=10)
+    ax.legend(fontsize=8, title="cell", title_fontsize=8)
     if has_acc:
         ax2 = axes[0][1]
         cell = report["cells"][0]
-        for n in names:
+        points = []
+        for i, n in enumerate(names, 1):
             a = acc.get(n, {})
             y = a.get("metric_candidate")
-            if y is not None:
-                ax2.scatter(cell["results"][n]["latency"]["p50"] * 1e3, y)
-                ax2.annotate(n, (cell["results"][n]["latency"]["p50"] * 1e3, y))
-        ax2.set_xlabel(f"latency p50 (ms), b{cell['batch']}/s{cell['sequence']}")
-        ax2.set_ylabel("accuracy (%)")
-        ax2.set_title("accuracy vs latency")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            if y is None:
+                continue
+            x = cell["results"][n]["latency"]["p50"] * 1e3
+            st = interval_of(a, "metric_drop")  # accuracy = reference - drop: its paired interval
+            yerr = None if st is None else [[max(st["high"] - a["metric_drop"], 0.0)], [max(a["metric_drop"] - st["low"], 0.0)]]
+            ax2.errorbar(x, y, yerr=yerr, fmt="o", color=colours[i - 1], capsize=3, markersize=6, zorder=3)
+            points.append((x, y, i, colours[i - 1]))
+        log_latency_axis(ax2, "x", f"latency p50 (ms), b{cell['batch']}/s{cell['sequence']}")
+        metric = _metric_name(report)
+        ax2.set_ylabel(f"{metric} (%)")
+        level = interval_level(*acc.values())
+        ax2.set_title(f"{metric} vs latency (bars: {level} interval of the paired difference to the original)", fontsize=9)
+        ax2.margins(x=0.15, y=0.15)
+    key(fig, [(i, n, colours[i - 1]) for i, n in enumerate(names, 1)])
+    if has_acc:
+        place_numbers(ax2, points)
+    return fig
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """benchmark.png (see ``figure``)."""
+    from bertexport.plots import save
+
+    return save(figure(report), path)
 
 
 def check_out_dir(out_dir: str | Path, force: bool = False) -> None:
@@ -397,7 +504,9 @@ def compare_reports(a: dict, b: dict, labels: tuple[str, str] = ("host", "device
     ra, rb = BenchmarkReport.from_dict(a), BenchmarkReport.from_dict(b)
 
     def by_key(r: BenchmarkReport) -> dict:
-        targets = {c["name"]: c.get("target") or c["name"] for c in r.candidates}
+        # reports that name candidates by what they are pair by that name (two builds of one
+        # profile stay apart); older ones, named by folder, pair by profile
+        targets = {c["name"]: c["name"] if "precision" in c else (c.get("target") or c["name"]) for c in r.candidates}
         return {(targets[name], cell["batch"], str(cell["sequence"])): res["latency"]["p50"] * 1e3
                 for cell in r.cells for name, res in cell["results"].items()}
 

@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from bertexport.orphans import pid_alive, sweep_work_orphans, work_owner
+
 # every top-level folder bertexport makes in the cache, with what it holds
 KINDS = {
     "exports": "ONNX exports (by checkpoint hash, task, opset, versions)",
@@ -64,8 +66,6 @@ def cache_summary() -> dict:
 def prune_cache(older_than_days: float = 30) -> tuple[list[Path], int]:
     """Remove orphaned work folders (their process is gone) and entries not used for
     ``older_than_days``. Work folders of running processes are kept."""
-    from bertexport.staging import sweep_work_orphans
-
     root = cache_root()
     removed, freed = [], 0
     work = root / "work"
@@ -89,8 +89,6 @@ def prune_cache(older_than_days: float = 30) -> tuple[list[Path], int]:
 
 def clear_cache() -> int:
     """Remove every entry of every cache folder bertexport makes (nothing else under the root)."""
-    from bertexport.staging import pid_alive
-
     root = cache_root()
     freed = 0
     for kind in KINDS:
@@ -98,8 +96,8 @@ def clear_cache() -> int:
         if not folder.is_dir():
             continue
         for entry in list(folder.iterdir()):
-            head = entry.name.split("-", 1)[0]
-            if kind == "work" and head.isdigit() and pid_alive(int(head)):
+            owner = work_owner(entry)
+            if kind == "work" and owner is not None and pid_alive(owner):
                 continue  # a running command's work folder
             freed += _size(entry)
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)

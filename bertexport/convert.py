@@ -20,7 +20,7 @@ from bertexport.errors import GateFailed, UserError
 from bertexport.export import ExportedModel, export_onnx
 from bertexport.latency import speedup, time_interleaved
 from bertexport.manifest import Manifest, write_manifest
-from bertexport.compare import Gates, fixed_cell_feeds, judge_checks, parity_checks, reference_runner
+from bertexport.compare import Gates, batch_invariance, fixed_cell_feeds, judge_checks, parity_checks, reference_runner
 from bertexport.tasks import get_task
 from bertexport.passes import ModelFile, PassContext, config_dict, get_pass
 from bertexport.profiles import TargetProfile, load_profile
@@ -75,7 +75,10 @@ def _write_side_files(staging: Path, ckpt: Checkpoint, tokenizer, max_length: in
     for f in tok_dir.iterdir():  # keep what the runtime needs; slow-tokenizer vocab stays for transformers users
         if f.name == "chat_template.jinja":
             f.unlink()
-    keep = {k: ckpt.config[k] for k in ("model_type", "architectures", "hidden_size", "max_position_embeddings", "pad_token_id") if k in ckpt.config}
+    # the few fields a runtime needs, and the shape fields that say what a (student) model is
+    shape = ("num_hidden_layers", "n_layers", "num_attention_heads", "n_heads", "intermediate_size", "hidden_dim", "dim")
+    keep = {k: ckpt.config[k] for k in ("model_type", "architectures", "hidden_size", "max_position_embeddings", "pad_token_id")
+            + shape if k in ckpt.config}
     (staging / "config.json").write_text(json.dumps(keep | {"max_length": max_length}, indent=2) + "\n")
     labels = ckpt.id2label
     if labels:
@@ -203,7 +206,12 @@ def convert(
         with reference, candidate:
             with reporter.step(f"validate parity on {len(validation_texts)} sentences"):
                 checks = parity_checks(reference, candidate, encode, validation_texts, ckpt.task, profile.validation.padded_length)
+                invariance = batch_invariance(candidate, encode, validation_texts, ckpt.task)
             failures = judge_checks(checks, gate)
+            if not invariance["invariant"]:
+                reporter.log(f"outputs move with the batch: a text alone vs in a mixed batch differs by up to "
+                             f"{invariance['max_abs_diff']:.2g} (cosine {invariance['cosine_min']:.6f}); "
+                             "declared in the manifest (batch_invariance)")
             runs = profile.latency.runs if latency_runs is None else latency_runs
             latency = None
             if runs > 0:
@@ -239,9 +247,11 @@ def convert(
                        "shapes": {"batch": profile.batch.__dict__, "sequence": profile.sequence.__dict__},
                        "passes": history},
             "calibration": {"source": calib_set.source if calib_set else "builtin:calib", "count": len(calibration_texts),
-                            "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration() or "target_min_cosine" in p.config for p in profile.passes) else None,
+                            "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration() or "target_min_cosine" in p.config
+                                                                      or "target_agreement" in p.config for p in profile.passes) else None,
             "parity": {"texts": len(validation_texts), "source": str(samples) if samples else "builtin:samples",
                        "gates": gate.given(), "checks": checks, "passed": passed, "failures": failures},
+            "batch_invariance": invariance,
             "latency": latency,
             "distillation": json.loads((ckpt.path / "distill_report.json").read_text())
             if (ckpt.path / "distill_report.json").is_file() else None,

@@ -33,7 +33,7 @@ def cpu_info() -> dict:
     except OSError:
         pass
     try:
-        info["load_avg_1m"] = os.getloadavg()[0]
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # the kernel keeps 2 decimals
     except OSError:
         pass
     return info

@@ -40,9 +40,10 @@ class GateFailed(BertExportError):
 
     exit_code = 1
 
-    def __init__(self, failures: list[str], result=None):
+    def __init__(self, failures: list[str], result=None, verdict: str = "failed"):
         self.failures = failures
         self.result = result
+        self.verdict = verdict  # "failed", or "undecided" (--confidence: the data cannot decide)
         super().__init__("; ".join(failures))
 
 

@@ -85,7 +85,7 @@ def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = T
         if (folder / "DONE").read_text().strip() == sha256_file(onnx_path):
             ins, outs = io_specs(onnx_path)
             return ExportedModel(onnx_path, opset, ins, outs, cached=True)
-    from bertexport.staging import sweep_work_orphans
+    from bertexport.orphans import sweep_work_orphans
 
     sweep_work_orphans(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-export-", dir=folder.parent))

@@ -107,3 +107,51 @@ def regions_in(names: list[str], regions: dict[str, str]) -> dict[tuple[str, int
         if r is not None:
             out.setdefault(r, []).append(n)
     return out
+
+
+# Fused ops that hold one region's weights: ORT's transformer optimizer folds a layer's
+# Q/K/V projections into one Attention node (weights concatenated), so "attention_qkv@3"
+# is that node in a fused graph.
+_FUSED_QKV = ("Attention", "MultiHeadAttention", "QAttention")
+
+
+def node_regions(path, regions: dict[str, str]) -> dict[str, tuple[str, int | None]]:
+    """(region, layer) of every weight node of a graph, fused or not: MatMul/Gemm nodes by
+    their names under the family's patterns; a fused Attention node is the ``attention_qkv``
+    of the layer whose attention output projection consumes its output (its own name,
+    ``Attention_N``, counts fusions, not layers)."""
+    g = Graph.load(path)
+    out: dict[str, tuple[str, int | None]] = {}
+    for n in g.nodes:
+        r = region_of(n.name, regions)
+        if r is not None:
+            out[n.name] = r
+    for n in g.nodes:
+        if n.op_type not in _FUSED_QKV:
+            continue
+        frontier, seen = list(n.output), set()
+        while frontier:  # forward to the first node that names a region (the attention output MatMul)
+            consumers = [c for t in frontier for c in g.consumers.get(t, []) if c.name not in seen]
+            seen.update(c.name for c in consumers)
+            owner = next((out[c.name] for c in consumers if out.get(c.name, ("",))[0] == "attention_output"), None)
+            if owner is not None:
+                out[n.name] = ("attention_qkv", owner[1])
+                break
+            frontier = [o for c in consumers if c.op_type not in ("MatMul", "Gemm", *_FUSED_QKV) for o in c.output]
+    return out
+
+
+def region_nodes(path, specs: list[str], regions: dict[str, str]) -> list[str]:
+    """Node names of the named regions ``specs`` (``ffn_output``, ``attention_qkv@3``) in
+    this graph, fused or not (see ``node_regions``)."""
+    if not specs:
+        return []
+    from bertexport.families import check_region_spec
+
+    wanted = set()
+    for spec in specs:
+        check_region_spec(spec)
+        region, _, layer = spec.partition("@")
+        wanted.add((region, int(layer) if layer else None))
+    return [name for name, (region, layer) in node_regions(path, regions).items()
+            if (region, layer) in wanted or (region, None) in wanted]

@@ -63,6 +63,7 @@ class Manifest:
     latency: dict | None = None
     distillation: dict | None = None
     search: dict | None = None
+    batch_invariance: dict | None = None  # compare.batch_invariance: does an output depend on its batch?
     load_seconds: float | None = None
     threads: int | None = None
     environment: dict = field(default_factory=dict)

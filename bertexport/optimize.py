@@ -47,94 +47,12 @@ from pathlib import Path
 import numpy as np
 
 from bertexport import __version__
-from bertexport.compare import Gates, check_gates_fit, compare_on_data, judge, task_metrics
+from bertexport.candidates import Candidate, available_backends, candidate_recipes, check_backends  # noqa: F401  (re-exported)
+from bertexport.compare import (BATCH_TOLERANCE, Gates, check_gates_fit, check_gates_resolvable, compare_on_data, decide,
+                                rows_needed, task_labels, task_metrics)
 from bertexport.errors import GateFailed, UserError
 from bertexport.progress import Reporter
-
-SCHEMA = "bertexport.search/1"
-
-
-# -- candidates ------------------------------------------------------------------------------
-
-@dataclass
-class Candidate:
-    """One build to try, described by data: which recipe, which regions stay float, on
-    which checkpoint (the original or a student)."""
-
-    recipe: str
-    backend: str
-    precision: str
-    passes: list[dict]  # [{"type": ..., **options}] as in a profile
-    runtime: dict
-    keep_float: list[str] = field(default_factory=list)
-    student_layers: int | None = None
-    anchor: bool = False
-
-    @property
-    def name(self) -> str:
-        n = self.recipe if not self.student_layers else f"student{self.student_layers}/{self.recipe}"
-        return n + (f"+float[{len(self.keep_float)}]" if self.keep_float else "")
-
-    @property
-    def int8(self) -> bool:
-        return self.precision == "int8"
-
-    def with_float(self, regions: list[str]) -> "Candidate":
-        return dataclasses.replace(self, keep_float=list(regions), anchor=False)
-
-    def profile(self):
-        from bertexport.profiles import parse_profile
-
-        passes = []
-        for p in self.passes:
-            p = dict(p)
-            if self.keep_float and p["type"] in ("nncf-quantize", "ort-dynamic-quantize"):
-                p["keep_float"] = list(self.keep_float)
-            passes.append(p)
-        raw = {"name": self.name, "backend": self.backend, "precision": self.precision, "passes": passes,
-               "runtime": self.runtime, "description": f"optimize candidate {self.name}"}
-        return parse_profile(raw, f"optimize:{self.name}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"name": self.name}
-
-
-def candidate_recipes(features: set[str], backends: set[str], calib_samples: int = 300) -> list[Candidate]:
-    """What this machine can run natively, fastest expected first. bf16 appears only with
-    native BF16 (emulated bf16 measured ~40x slower); without VNNI, ORT's int8 uses its
-    AVX2 preset (reduce_range)."""
-    bf16 = bool(features & {"avx512_bf16", "amx_bf16"})
-    vnni = bool(features & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    float_precision = "bf16" if bf16 else "f32"
-    out = []
-    if "openvino" in backends:
-        convert = {"type": "openvino-convert"}
-        nncf = {"type": "nncf-quantize", "preset": "mixed", "subset_size": calib_samples}
-        # the anchor: NNCF's documented BERT recipe with OpenVINO's default precision on this CPU
-        out.append(Candidate(f"ov-int8-{float_precision}", "openvino", "int8", [convert, nncf],
-                             {"inference_precision": float_precision}, anchor=True))
-        if bf16:
-            out.append(Candidate("ov-int8-f32", "openvino", "int8", [convert, nncf], {"inference_precision": "f32"}))
-    if "onnxruntime" in backends:
-        isa = "avx512_vnni" if vnni else "avx2"
-        out.append(Candidate(f"ort-int8-{isa}", "onnxruntime", "int8",
-                             [{"type": "ort-dynamic-quantize", "isa": isa, "per_channel": True}], {}))
-    if "openvino" in backends:
-        cw = {"type": "openvino-compress-weights"}
-        out.append(Candidate(f"ov-int8w-{float_precision}", "openvino", "int8-weights", [{"type": "openvino-convert"}, cw],
-                             {"inference_precision": float_precision}))
-        if bf16:
-            out.append(Candidate("ov-bf16", "openvino", "bf16", [{"type": "openvino-convert"}], {"inference_precision": "bf16"}))
-        out.append(Candidate("ov-fp32", "openvino", "fp32", [{"type": "openvino-convert"}], {"inference_precision": "f32"}))
-    if "onnxruntime" in backends:
-        out.append(Candidate("ort-fp32", "onnxruntime", "fp32", [], {}))
-    return out
-
-
-def available_backends() -> set[str]:
-    import importlib.util
-
-    return {b for b, mod in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")) if importlib.util.find_spec(mod)}
+from bertexport.search_report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
 
 
 # -- options and records -------------------------------------------------------------------------
@@ -160,7 +78,7 @@ class Trial:
     """What happened to one candidate."""
 
     candidate: Candidate
-    status: str  # passed | failed | pruned | skipped | error
+    status: str  # passed | failed | undecided | pruned | excluded | skipped | error
     reason: str = ""
     latency_ms: float | None = None
     metrics: dict = field(default_factory=dict)
@@ -168,10 +86,13 @@ class Trial:
     build_seconds: float | None = None
     cached: bool = False
     confirm_metrics: dict = field(default_factory=dict)
+    noise: list[str] = field(default_factory=list)  # verdicts its data could not resolve (interval straddled the gate)
+    batch_invariance: dict | None = None
 
     def to_dict(self) -> dict:
         return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
                 "latency_ms": self.latency_ms, "metrics": self.metrics, "confirm_metrics": self.confirm_metrics,
+                "within_noise": bool(self.noise), "noise": self.noise, "batch_invariance": self.batch_invariance,
                 "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached}
 
 
@@ -183,9 +104,6 @@ class SearchResult:
 
 
 # -- the search -------------------------------------------------------------------------------------
-
-_FLOAT_ACTIVATIONS = ("fp32", "bf16", "int8-weights")
-
 
 class _Slice:
     """A data slice with its labels and the original model's outputs, computed once."""
@@ -200,11 +118,22 @@ class _Slice:
 
 
 def _split(ts, labels, fraction: float, seed: int, max_search: int):
-    idx = list(range(len(ts.texts)))
-    random.Random(seed).shuffle(idx)
-    n_search = max(1, min(int(len(idx) * fraction), max_search))
+    """Search and held-out confirm slices, stratified by label (each label keeps its share
+    in both slices, so a rare class is not all on one side)."""
+    rng = random.Random(seed)
+    n = len(ts.texts)
+    n_search = max(1, min(int(n * fraction), max_search))
+    strata = [list(range(n))] if labels is None else [list(np.nonzero(labels == v)[0]) for v in np.unique(labels)]
+    search_ids, confirm_ids = [], []
+    for ids in strata:
+        rng.shuffle(ids)
+        k = int(round(len(ids) * n_search / n))
+        search_ids += ids[:k]
+        confirm_ids += ids[k:]
+    rng.shuffle(search_ids)
+    rng.shuffle(confirm_ids)
     parts = []
-    for name, ids in (("search", idx[:n_search]), ("confirm", idx[n_search:])):
+    for name, ids in (("search", search_ids), ("confirm", confirm_ids)):
         parts.append(_Slice([ts.texts[i] for i in ids], None if labels is None else labels[ids],
                             [ts.pairs[i] for i in ids] if ts.pairs else None, name))
     return parts
@@ -212,12 +141,13 @@ def _split(ts, labels, fraction: float, seed: int, max_search: int):
 
 class _Search:
     def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, confirm_slice, deadline, threads, batch,
-                 sequence, calib, reporter, trust_remote_code):
+                 sequence, calib, reporter, trust_remote_code, batch_invariant=False):
         self.ckpt, self.task, self.gates, self.reference, self.encode = ckpt, task, gates, reference, encode
         self.search, self.confirm = search_slice, confirm_slice
         self.deadline, self.threads = deadline, threads
         self.batch, self.sequence, self.calib, self.reporter = batch, sequence, calib, reporter
         self.trust_remote_code = trust_remote_code
+        self.batch_invariant = batch_invariant
         self.trials: list[Trial] = []
         self.best: Trial | None = None
         self._feeds = None
@@ -265,12 +195,13 @@ class _Search:
         return timed["c"].p50 * 1e3
 
     def evaluate(self, art, folder: Path, sl: _Slice, runtime: dict | None = None) -> dict:
-        rt = hashlib.sha256(json.dumps(runtime or {}, sort_keys=True).encode()).hexdigest()[:8]
+        # the metrics' schema (intervals, at the gate's level) is part of the key
+        rt = hashlib.sha256(json.dumps([runtime or {}, "metrics/2", self.gates.level], sort_keys=True).encode()).hexdigest()[:8]
         cached = folder.with_name(f"{folder.name}.eval-{sl.digest}-{rt}.json")
         if cached.is_file():
             return json.loads(cached.read_text())
         comp = compare_on_data(art, self.reference, self.encode, sl.data, self.task, reference_cache=sl.reference_cache)
-        m = task_metrics(comp, sl.labels)
+        m = task_metrics(comp, sl.labels, self.gates.level)
         cached.write_text(json.dumps(m))
         return m
 
@@ -290,13 +221,6 @@ class _Search:
             self.trials.append(t)
             self.log_board(t)
             return t
-        if self.best is not None and self.best.candidate.int8 and cand.precision in _FLOAT_ACTIVATIONS:
-            # predicted, not measured: float activations (fp32, bf16, int8 weights only) run
-            # their GEMMs in float, 1.7-2.4x slower than int8 in every measurement we have
-            t = Trial(cand, "pruned", f"predicted slower: {cand.precision} activations vs the passing int8 {self.best.candidate.name}")
-            self.trials.append(t)
-            self.log_board(t)
-            return t
         try:
             with self.reporter.step(f"build {cand.name}"):
                 folder, cached, seconds = self.build(cand, model_path)
@@ -307,29 +231,44 @@ class _Search:
             self.log_board(t)
             return t
         art = Artifact(folder, threads=self.threads, allow_rejected=True, runtime_overrides=cand.runtime)
+        invariance = art.manifest.get("batch_invariance")
         with art:
             lat = self.quick_latency(art)
-            t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached)
-            if self.best is not None and lat >= self.best.latency_ms:
-                t.status, t.reason = "pruned", f"slower ({lat:.2f} ms) than the best passing {self.best.latency_ms:.2f} ms"
+            t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached,
+                      batch_invariance=invariance)
+            if self.batch_invariant and not (invariance or {}).get("invariant"):
+                t.status = "excluded"
+                t.reason = ("--batch-invariant: a text's output moves with its batch by up to "
+                            f"{(invariance or {}).get('max_abs_diff', float('nan')):.2g} (tolerance {BATCH_TOLERANCE:g})")
+            elif self.best is not None and lat >= self.best.latency_ms:
+                t.status, t.reason = "pruned", f"measured slower ({lat:.2f} ms) than the best passing {self.best.latency_ms:.2f} ms"
             else:
-                t.metrics = self.evaluate(art, folder, self.search, cand.runtime)
-                fails = judge(t.metrics, self.gates)
-                if fails:
-                    t.reason = "; ".join(fails)
-                else:
-                    # confirmed on the held-out slice at once: only a confirmed candidate may
-                    # become the best, which prunes others (an unconfirmed one must not)
-                    t.confirm_metrics = self.evaluate(art, folder, self.confirm, cand.runtime) if self.confirm.data.texts else {}
-                    held_out = judge(t.confirm_metrics, self.gates) if t.confirm_metrics else []
-                    if held_out:
-                        t.reason = "met the gate on the search slice, not on the held-out slice: " + "; ".join(held_out)
-                    else:
-                        t.status, t.reason = "passed", "meets the gate on the search and held-out slices"
-                        self.best = t
+                self._judge(t, art, folder, cand)
         self.trials.append(t)
         self.log_board(t)
         return t
+
+    def _judge(self, t: Trial, art, folder: Path, cand: Candidate) -> None:
+        """The search slice may only reject a candidate its interval puts clearly outside the
+        gate; anything else is decided on the held-out confirm slice (every row of it), by the
+        user's rule: the point estimate, or the interval with ``--confidence``."""
+        t.metrics = self.evaluate(art, folder, self.search, cand.runtime)
+        first = decide(t.metrics, dataclasses.replace(self.gates, confidence=self.gates.level))
+        if first.status == "failed":
+            t.reason = "; ".join(first.failures)
+            return
+        if first.status == "undecided":
+            t.noise.append("search slice: " + "; ".join(first.undecided))
+        t.confirm_metrics = self.evaluate(art, folder, self.confirm, cand.runtime)
+        held_out = decide(t.confirm_metrics, self.gates)
+        t.noise += [f"confirm slice: {n}" for n in held_out.within_noise + held_out.undecided]
+        if held_out.status == "passed":
+            # only a confirmed candidate may become the best, which prunes others
+            t.status, t.reason = "passed", "meets the gate on the held-out slice"
+            self.best = t
+        else:
+            t.status = held_out.status
+            t.reason = "held-out slice: " + "; ".join(held_out.reasons())
 
     def restore_ladder(self, base: Candidate, ranking: list[str], model_path: str) -> None:
         """Restore the most harmful regions to float 1, 2, 4, ... at a time until the gate holds."""
@@ -337,7 +276,7 @@ class _Search:
         while ranking:
             k = min(k, len(ranking))
             t = self.try_candidate(base.with_float(ranking[:k]), model_path)
-            if t.status in ("passed", "pruned", "skipped", "error") or k == len(ranking):
+            if t.status not in ("failed", "undecided") or k == len(ranking):
                 return
             k *= 2
 
@@ -388,7 +327,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
              threads: int | None = None, batch: int = 1, sequence: int = 128, calib: str | Path | None = None,
              search_fraction: float = 0.5, max_search_rows: int = 600, seed: int = 0, text_column: str | None = None,
              label_column: str | None = None, force: bool = False, trust_remote_code: bool = False,
-             backends: set[str] | None = None, features: set[str] | None = None,
+             backends: set[str] | None = None, features: set[str] | None = None, batch_invariant: bool = False,
              reporter: Reporter | None = None) -> SearchResult:
     """Search for the fastest artifact that meets ``gates`` on ``data``; see the module doc.
 
@@ -399,7 +338,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     from bertexport.envinfo import cpu_features
     from bertexport.runtime import TextEncoder
     from bertexport.staging import REJECTED_SUFFIX, StagedFolder, WorkFolder, check_destination, check_writable
-    from bertexport.textdata import label_ids, load_texts
+    from bertexport.textdata import load_texts
 
     reporter = reporter or Reporter()
     budget_s = parse_budget(budget)
@@ -409,7 +348,10 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     if not 0 < search_fraction < 1:
         raise UserError("search_fraction must be between 0 and 1")
     students = _distill_layers(distill)
+    requested_backends = None if backends is None else sorted(backends)
+    backends = check_backends(backends)  # --backend: unknown or not installed -> exit 2 before any work
     ckpt = resolve_checkpoint(model, task, trust_remote_code=trust_remote_code)
+    students = _check_student_depths(students, ckpt)  # against the model's depth, before any work
     out = Path(out).expanduser().resolve()
     check_destination(out, force, [ckpt.path], "artifact folder")
     weights = sum(p.stat().st_size for p in ckpt.weight_files)
@@ -423,19 +365,24 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         from bertexport.textdata import TextSet, builtin_calibration
 
         ts = TextSet(builtin_calibration(), source="builtin:calib")
-    labels = None
-    if ts.labels is not None and ckpt.task == "text-classification":
-        labels = label_ids(ts.labels, ckpt.id2label)
-    gates = gates or (Gates(max_accuracy_drop=1.0) if labels is not None else Gates(min_agreement=0.98))
+    labels = task_labels(ts, ckpt.task, ckpt.id2label)
+    gates = gates or Gates()
+    if not gates.any():  # the defaults: 1 point of the labelled task metric, else 98 % agreement
+        gates = dataclasses.replace(gates, **({"max_accuracy_drop": 1.0} if labels is not None else {"min_agreement": 0.98}))
     check_gates_fit(gates, ckpt.task, labels is not None)
     if len(ts.texts) < 20:
         raise UserError(f"{len(ts.texts)} texts are too few to search on (need >= 20: a search and a confirm slice)")
-    backends = available_backends() if backends is None else set(backends)
     features = cpu_features() if features is None else set(features)
     recipes = candidate_recipes(features, backends)
     if not recipes:
         raise UserError("no backend to search over: install onnxruntime and/or openvino (bertexport[runtime], [openvino])")
     search_slice, confirm_slice = _split(ts, labels, search_fraction, seed, max_search_rows)
+    # the held-out verdict must be one its rows can resolve (refused now, not after the search)
+    need = max(rows_needed(gates).values(), default=0)
+    total = next((m for m in range(need, 100 * need + 2) if m - min(max(1, int(m * search_fraction)), max_search_rows) >= need), need)
+    check_gates_resolvable(gates, len(confirm_slice.data.texts), "the held-out confirm slice",
+                           f" (give >= {total} rows in all: {search_fraction:.0%} of them, at most {max_search_rows}, "
+                           "go to the search slice)")
     t_start = time.monotonic()
     deadline = t_start + budget_s
     reporter.log(f"search slice {len(search_slice.data.texts)} texts, confirm slice {len(confirm_slice.data.texts)}; "
@@ -456,11 +403,12 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         reference.activate()
         search = _Search(ckpt=ckpt, task=ckpt.task, gates=gates, reference=reference, encode=encoder.encode,
                          search_slice=search_slice, confirm_slice=confirm_slice, deadline=deadline, threads=threads, batch=batch,
-                         sequence=sequence, calib=calib, reporter=reporter, trust_remote_code=trust_remote_code)
+                         sequence=sequence, calib=calib, reporter=reporter, trust_remote_code=trust_remote_code,
+                         batch_invariant=batch_invariant)
         ranking: list[dict] | None = None
         for cand in recipes:
             t = search.try_candidate(cand, str(ckpt.path))
-            if t.status == "failed" and cand.int8 and search.remaining() > 0:
+            if t.status in ("failed", "undecided") and cand.int8 and search.remaining() > 0:
                 if ranking is None:
                     with reporter.step("rank regions by harm (each quantized alone)"):
                         ranking = region_ranking(search, str(ckpt.path), torch_model)
@@ -468,7 +416,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
                 search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
         for layers in students:
             if search.remaining() <= 0:
-                search.trials.append(Trial(Candidate(f"student{layers}", "-", "-", [], {}, student_layers=layers),
+                search.trials.append(Trial(Candidate("student", "-", "-", [], {}, student_layers=layers),
                                            "skipped", "time budget used up before distillation"))
                 continue
             student_path = _student(model, ckpt, layers, search_slice, distill_epochs, work, reporter, distill_data)
@@ -484,8 +432,13 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         reference.deactivate()
         elapsed = time.monotonic() - t_start
         chosen = winner or _best_scoring(search.trials)
-        report = _report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
+        report = build_report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
                          threads, batch, sequence, features, backends)
+        # the backends searched; "restricted": the user named them (--backend), e.g. the device's runtime
+        report["backends"] = sorted(backends)
+        report["backends_restricted"] = requested_backends is not None
+        report["batch_invariant"] = batch_invariant
+        report["within_noise"] = [t.candidate.name for t in search.trials if t.noise]
         if chosen is None:
             raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
         with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
@@ -495,6 +448,22 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     if winner is None:
         raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
     return result
+
+
+def _check_student_depths(layers: list[int], ckpt) -> list[int]:
+    """Student depths against the teacher's (``auto``: half of it), before any work."""
+    from bertexport.families import get_family
+
+    if not layers:
+        return []
+    fam = get_family(ckpt.family)
+    n = int(fam.config_value(ckpt.config, fam.layers_key, 0))
+    resolved = [max(1, n // 2) if k == -1 else k for k in layers]
+    too_deep = [k for k in resolved if k >= n]
+    if too_deep:
+        raise UserError(f"--distill {','.join(map(str, too_deep))}: the model has {n} layers; a student needs fewer "
+                        f"(1..{n - 1})")
+    return sorted(set(resolved))
 
 
 def _distill_layers(distill) -> list[int]:
@@ -518,21 +487,14 @@ def _student(model, ckpt, layers: int, sl: _Slice, epochs: int, work: Path, repo
     """A layer-drop student trained on ``distill_data`` (e.g. your training set) or else the
     search slice (labels used when present); never on the held-out confirm slice."""
     from bertexport.distill import cached_student
-    from bertexport.families import get_family
 
-    fam = get_family(ckpt.family)
-    n = int(fam.config_value(ckpt.config, fam.layers_key, 0))
-    if layers == -1:
-        layers = max(1, n // 2)
-    if layers >= n:
-        raise UserError(f"--distill {layers}: the model has only {n} layers")
     if distill_data:
         return cached_student(model, ckpt.task, layers, distill_data, epochs, reporter)
     data = work / f"distill-{sl.digest}.jsonl"
     with open(data, "w", encoding="utf-8") as f:
         for i, text in enumerate(sl.data.texts):
             row = {"text": text}
-            if sl.labels is not None:
+            if sl.labels is not None and ckpt.task == "text-classification":  # class labels; not embeddings' groups
                 row["label"] = int(sl.labels[i])
             f.write(json.dumps(row) + "\n")
     return cached_student(model, ckpt.task, layers, data, epochs, reporter)
@@ -588,30 +550,6 @@ def _best_scoring(trials: list[Trial]) -> Trial | None:
                                       -t.metrics.get("cosine_min", 0.0)))
 
 
-def _report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
-            threads, batch, sequence, features, backends) -> dict:
-    from bertexport.envinfo import environment
-
-    return {
-        "schema": SCHEMA,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bertexport_version": __version__,
-        "model": {"source": ckpt.source, "sha256": ckpt.sha256, "family": ckpt.family, "task": ckpt.task},
-        "gate": gates.given(),
-        "data": {"search": {"rows": len(search_slice.data.texts), "digest": search_slice.digest},
-                 "confirm": {"rows": len(confirm_slice.data.texts), "digest": confirm_slice.digest}},
-        "budget_seconds": budget_s, "elapsed_seconds": round(elapsed, 1),
-        "cell": {"batch": batch, "sequence": sequence, "threads": threads},
-        "machine": {"cpu_features": sorted(features), "backends": sorted(backends)},
-        "region_ranking": ranking,
-        "candidates": [t.to_dict() for t in search.trials],
-        "final_timing": final,
-        "winner": None if winner is None else {"name": winner.candidate.name, "candidate": winner.candidate.to_dict(),
-                                               "search_metrics": winner.metrics, "confirm_metrics": confirm},
-        "environment": environment(),
-    }
-
-
 def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candidate) -> None:
     """The chosen build as a normal artifact, with the search record in its manifest and
     search.json/.md/.png beside the model (all listed in the file table)."""
@@ -631,70 +569,9 @@ def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candi
     manifest["target"] |= {"name": cand.name, "runtime": cand.runtime, "description": f"optimize winner: {cand.name}"}
     if not passed:
         manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
-    manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner")} | {
+    manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
+                                                 "backends", "backends_restricted")} | {
         "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
                         "latency_ms": c["latency_ms"], "metrics": c["metrics"]} for c in report["candidates"]]}
     manifest.pop("files", None)
     write_manifest(staging, manifest)
-
-
-def _fmt(v, spec="", none="-"):
-    return none if v is None else format(v, spec)
-
-
-def to_markdown(report: dict) -> str:
-    w = report["winner"]
-    lines = [f"# bertexport optimize: {report['model']['source']} ({report['model']['task']})", "",
-             f"- gate: {report['gate']} · search slice {report['data']['search']['rows']} rows, "
-             f"held-out confirm slice {report['data']['confirm']['rows']} rows",
-             f"- cell b{report['cell']['batch']}/s{report['cell']['sequence']}, {report['cell']['threads']} thread(s) · "
-             f"CPU features {', '.join(report['machine']['cpu_features']) or 'none'} · "
-             f"elapsed {report['elapsed_seconds']} s of {report['budget_seconds']:.0f} s",
-             f"- winner: **{w['name']}**" if w else "- winner: **none** (no candidate met the gate)", ""]
-    if report["final_timing"]:
-        lines += ["Interleaved timing (one run):", "", "| candidate | p50 ms | p90 ms | vs PyTorch | vs anchor |", "|---|---|---|---|---|"]
-        for n, f in sorted(report["final_timing"].items(), key=lambda kv: kv[1]["p50_ms"]):
-            lines.append(f"| {n} | {f['p50_ms']:.2f} | {f['p90_ms']:.2f} | {f['vs_pytorch']:.2f}x | {_fmt(f['vs_anchor'], '.2f')}x |")
-        lines.append("")
-    lines += ["| candidate | status | quick p50 ms | drop pts | agreement | cos min | reason |", "|---|---|---|---|---|---|---|"]
-    for c in report["candidates"]:
-        m = c["metrics"] or {}
-        lines.append(f"| {c['candidate']['name']} | {c['status']} | {_fmt(c['latency_ms'], '.2f')} | "
-                     f"{_fmt(m.get('metric_drop'), '+.2f')} | {_fmt(m.get('agreement'), '.4f')} | {_fmt(m.get('cosine_min'), '.4f')} | {c['reason']} |")
-    if report.get("region_ranking"):
-        lines += ["", "Regions ranked by harm when quantized alone (1 - mean cosine to the original):", ""]
-        lines += [f"- {r['region']}: {_fmt(r['harm'], '.5f', 'not measured (budget)')}" for r in report["region_ranking"][:12]]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> Path:
-    """Pareto plot: quick latency vs the gated metric, gate line drawn, winner marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gate = report["gate"]
-    key, label = (("metric_drop", "accuracy drop (points)") if "max_accuracy_drop" in gate
-                  else ("agreement", "agreement with PyTorch") if "min_agreement" in gate else ("cosine_min", "min cosine"))
-    limit = gate.get("max_accuracy_drop", gate.get("min_agreement", gate.get("min_cosine")))
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    win = (report["winner"] or {}).get("name")
-    for c in report["candidates"]:
-        m = c["metrics"] or {}
-        if c["latency_ms"] is None or m.get(key) is None:
-            continue
-        colour = {"passed": "tab:green", "failed": "tab:red"}.get(c["status"], "tab:gray")
-        ax.scatter(c["latency_ms"], m[key], c=colour, s=90 if c["candidate"]["name"] == win else 30,
-                   marker="*" if c["candidate"]["name"] == win else "o", zorder=3)
-        ax.annotate(c["candidate"]["name"], (c["latency_ms"], m[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if limit is not None:
-        ax.axhline(limit, color="k", linestyle="--", linewidth=1, label=f"gate {limit}")
-        ax.legend()
-    ax.set_xlabel(f"latency p50 (ms), b{report['cell']['batch']}/s{report['cell']['sequence']}, {report['cell']['threads']} thread(s)")
-    ax.set_ylabel(label)
-    ax.set_title(f"optimize: {Path(str(report['model']['source'])).name} (green: passed, red: failed the gate, star: winner)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

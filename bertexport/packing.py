@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 from bertexport.errors import UserError
 from bertexport.hashing import sha256_file
 from bertexport.manifest import DIGEST_KEY, MANIFEST, SIGNATURE, load_manifest, manifest_digest, verify_files
-from bertexport.staging import check_destination, sweep_orphans
+from bertexport.orphans import sweep_orphans
+from bertexport.staging import check_destination
 
 # what a damaged pack raises while being read: truncated (EOFError), not gzip
 # (gzip.BadGzipFile, an OSError), bad deflate data (zlib.error), not a tar (TarError)

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
+from bertexport.cache import cache_dir
 from bertexport.errors import UserError
+from bertexport.orphans import sweep_orphans, sweep_work_orphans
 
 REJECTED_SUFFIX = ".rejected"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:partial|old|unpack)-(?P<pid>\d+)$")
 
 
 # -- what bertexport made -----------------------------------------------------------
@@ -132,56 +132,13 @@ def check_writable(out: Path, need_bytes: int = 0, what: str = "output") -> None
                             f"about {need_bytes / 1e6:.0f} MB needed")
 
 
-# -- orphans --------------------------------------------------------------------------
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_orphans(folder: Path) -> list[Path]:
-    """Remove staging/old/unpack folders (and files) in ``folder`` whose owning process is gone."""
-    removed = []
-    try:
-        entries = list(Path(folder).iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        m = _TEMP.match(p.name)
-        if m and not pid_alive(int(m.group("pid"))):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def sweep_work_orphans(work_root: Path) -> list[Path]:
-    """Remove cache work folders (named ``<pid>-...``) whose owning process is gone."""
-    removed = []
-    for p in Path(work_root).glob("*"):
-        head = p.name.split("-", 1)[0]
-        if head.isdigit() and not pid_alive(int(head)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
+# -- work folders -------------------------------------------------------------------------
 
 class WorkFolder:
     """A temporary folder in the cache's ``work/``, named after this process so that an
     orphan (``kill -9``) is recognised and removed by the next run; removed on exit."""
 
     def __init__(self, prefix: str = "job"):
-        from bertexport.cache import cache_dir
-
         root = cache_dir("work")
         sweep_work_orphans(root)
         self.path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{prefix}-", dir=root))

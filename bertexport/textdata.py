@@ -189,14 +189,35 @@ def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what:
 
 
 def _load_table(lines, delim, path, text_col, label_col, pair_col) -> TextSet:
-    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delim)
-    names = reader.fieldnames or []
+    # strict: a broken quote is an error, not a field that swallows the rest of the file
+    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delim, strict=True)
+    try:
+        names = reader.fieldnames or []
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num} is not valid CSV ({e})") from None
     if not names:
         raise UserError(f"{path} is empty")
     tcol = _pick(names, text_col, TEXT_COLUMNS, "text", path, True)
     lcol = _pick(names, label_col, LABEL_COLUMNS, "label", path, False)
     pcol = _pick(names, pair_col, ("text_pair", "sentence2", "text2"), "pair", path, False)
-    return _rows(reader, tcol, lcol, pcol)
+    return _rows(_checked_rows(reader, path), tcol, lcol, pcol)
+
+
+def _checked_rows(reader: csv.DictReader, path: Path):
+    """The rows of a CSV; a malformed one (broken quote, more fields than the header) is
+    refused with its line number rather than read as shifted columns."""
+    while True:
+        line = reader.line_num + 1  # where the next record starts (after blank lines, a bit later)
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path}:{line} is not valid CSV ({e})") from None
+        if None in row:  # DictReader's key for fields beyond the header
+            raise UserError(f"{path}:{reader.line_num} has {len(reader.fieldnames) + len(row[None])} fields where the "
+                            f"header has {len(reader.fieldnames)} (an unquoted delimiter or a broken quote?)")
+        yield row
 
 
 def _load_jsonl(lines, path, text_col, label_col, pair_col) -> TextSet:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bertexport.compare import (Gates, check_gates_fit, compare_on_data, judge, reference_for_manifest, task_metrics,
-                                write_junit)
+from bertexport.compare import (Gates, check_gates_fit, check_gates_resolvable, compare_on_data, decide,
+                                reference_for_manifest, task_labels, task_metrics, write_junit)
 from bertexport.errors import GateFailed
-from bertexport.textdata import TextSet, label_ids, load_texts
+from bertexport.textdata import TextSet, load_texts
 
 
 @dataclass
@@ -25,14 +25,21 @@ class ValidationResult:
     metrics: dict
     gates: dict
     failures: list[str] = field(default_factory=list)
+    undecided: list[str] = field(default_factory=list)  # --confidence: the interval straddles a threshold
+    within_noise: list[str] = field(default_factory=list)  # decided on the point estimate, interval straddles
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.undecided
+
+    @property
+    def verdict(self) -> str:
+        return "failed" if self.failures else "undecided" if self.undecided else "passed"
 
     def to_dict(self) -> dict:
         return {"artifact": self.artifact, "task": self.task, "samples": self.samples, "metrics": self.metrics,
-                "gates": self.gates, "failures": self.failures, "passed": self.passed}
+                "gates": self.gates, "verdict": self.verdict, "failures": self.failures, "undecided": self.undecided,
+                "within_noise": self.within_noise, "passed": self.passed}
 
 
 def load_labelled(data: str | Path | None, text_column=None, label_column=None, limit: int | None = None) -> TextSet:
@@ -56,15 +63,20 @@ def validate(artifact: str | Path, data: str | Path | None = None, *, model: str
     gates = gates or Gates()
     art = Artifact(artifact, threads=threads, allow_rejected=True, trusted_key=trusted_key)
     ts = load_labelled(data, text_column, label_column, limit)
-    labels = label_ids(ts.labels, art.id2label) if ts.labels is not None and art.task == "text-classification" else None
+    labels = task_labels(ts, art.task, art.id2label)
     check_gates_fit(gates, art.task, labels is not None)  # before the original is loaded
+    check_gates_resolvable(gates, len(ts.texts), f"--data ({ts.source})" if data else "the built-in sentences",
+                           "" if data else ": pass --data")
     ref = reference or reference_for_manifest(art.manifest, model, force, threads)[1]
     with art, ref:
         comp = compare_on_data(art, ref, art.encoder.encode, ts, art.task)
-    metrics = task_metrics(comp, labels)
-    result = ValidationResult(str(artifact), art.task, len(ts.texts), metrics, gates.given(), judge(metrics, gates))
+    metrics = task_metrics(comp, labels, gates.level)
+    d = decide(metrics, gates)
+    result = ValidationResult(str(artifact), art.task, len(ts.texts), metrics, gates.given(), d.failures, d.undecided,
+                              d.within_noise)
     if junit:
-        write_junit(Path(artifact).name, art.task, gates, metrics, result.failures, junit)
+        write_junit(Path(artifact).name, art.task, gates, metrics, d, junit)
     if not result.passed:
-        raise GateFailed(result.failures, result)
+        raise GateFailed(d.reasons(), result, result.verdict)
     return result
+

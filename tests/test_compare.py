@@ -103,3 +103,76 @@ def test_every_task_has_a_gateable_metric(task):
     other = Comparison(task)
     other.add(ref, {k: rng.normal(size=v.shape) for k, v in ref.items()}, mask)
     assert judge(task_metrics(other, None), Gates(min_agreement=0.99)), task
+
+
+def _near_duplicate_corpus(seed=0, clusters=80, size=3, dim=64, spread=0.02):
+    """Short-message-like embeddings: topics, clusters inside them, and near-duplicates
+    (similarity ~0.999) inside each cluster, so the exact top-5 is decided by ties."""
+    rng = np.random.default_rng(seed)
+    topic = rng.normal(size=(8, dim))
+    centres = topic[rng.integers(0, 8, clusters)] + rng.normal(size=(clusters, dim)) * 0.6
+    return np.concatenate([c + rng.normal(size=(size, dim)) * spread * np.linalg.norm(c) / np.sqrt(dim) for c in centres])
+
+
+def _perturbed(v, eps, seed=1):
+    rng = np.random.default_rng(seed)
+    return v + rng.normal(size=v.shape) * eps * np.linalg.norm(v, axis=1, keepdims=True) / np.sqrt(v.shape[1])
+
+
+def test_retrieval_gate_measures_retrieval_not_ties():
+    from bertexport.compare import Comparison, decide, retrieval_agreement
+
+    ref = _near_duplicate_corpus()
+    close, damaged = _perturbed(ref, 0.045), _perturbed(ref, 0.2)
+    cos = lambda a, b: (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+    assert cos(ref, close).min() > 0.998 and cos(ref, damaged).min() < 0.98
+    # plain top-5 overlap fails the artifact that keeps every embedding at cosine > 0.998 ...
+    assert retrieval_agreement(list(ref), list(close), tolerance=0.0) < 0.95
+    # ... the tie-robust measure does not, and still fails the damaged one
+    gates = Gates(min_agreement=0.98)
+    for cand, ok in ((close, True), (damaged, False)):
+        comp = Comparison("feature-extraction")
+        comp.vec_reference, comp.vec_candidate = list(ref), list(cand)
+        comp.cosines, comp.samples = list(cos(ref, cand)), len(ref)
+        m = task_metrics(comp, None)
+        assert (m["retrieval_agreement"] >= 0.98) is ok
+        assert (decide(m, gates).status == "passed") is ok
+        assert m["stats"]["retrieval_agreement"]["rows"] == len(ref)
+
+
+def test_labelled_embeddings_gate_on_retrieval_precision():
+    from bertexport.compare import Comparison
+
+    ref = _near_duplicate_corpus()
+    labels = np.repeat(np.arange(80) % 8, 3)
+    comp = Comparison("feature-extraction")
+    comp.vec_reference, comp.vec_candidate, comp.samples = list(ref), list(_perturbed(ref, 0.5)), len(ref)
+    m = task_metrics(comp, labels)
+    assert m["metric_name"] == "retrieval precision@5" and m["metric_drop"] > 0
+    assert m["stats"]["metric_drop"]["low"] <= m["metric_drop"] <= m["stats"]["metric_drop"]["high"]
+
+
+def test_confidence_gate_pass_fail_undecided_on_constructed_outcomes():
+    from bertexport.compare import Comparison, decide
+
+    def metrics(ref_right, cand_right):
+        comp = Comparison("text-classification")
+        labels = np.zeros(len(ref_right), int)
+        pr, pc = np.where(ref_right, 0, 1), np.where(cand_right, 0, 1)
+        comp.pred_reference, comp.pred_candidate = [pr], [pc]
+        comp.pred_rows, comp.decided, comp.agree = [np.arange(len(pr))], len(pr), int((pr == pc).sum())
+        comp.samples = len(pr)
+        return task_metrics(comp, labels)
+
+    n = 1000
+    same = metrics(np.ones(n, bool), np.ones(n, bool))  # drop 0 [-0.38, 0.38]
+    worse = metrics(np.ones(n, bool), np.r_[np.zeros(60, bool), np.ones(n - 60, bool)])  # drop 6 [4.6, 7.7]
+    close = metrics(np.ones(n, bool), np.r_[np.zeros(8, bool), np.ones(n - 8, bool)])  # drop 0.8 [0.4, 1.6]
+    g = Gates(max_accuracy_drop=1.0, confidence=0.95)
+    assert decide(same, g).status == "passed"
+    assert decide(worse, g).status == "failed"
+    d = decide(close, g)
+    assert d.status == "undecided" and "rows would decide it" in d.undecided[0]
+    # without --confidence the point estimate decides, and the report says it was within noise
+    d = decide(close, Gates(max_accuracy_drop=1.0))
+    assert d.status == "passed" and d.within_noise and "within noise" in d.within_noise[0]

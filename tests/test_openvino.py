@@ -10,7 +10,7 @@ import pytest
 from bertexport.convert import convert
 from bertexport.errors import BackendUnavailable
 from bertexport.manifest import load_manifest
-from bertexport.compare import Gates
+from tests.tinymodels import tiny_int8_gates
 
 pytest.importorskip("openvino")
 
@@ -20,7 +20,7 @@ INT8_RECIPES = ["openvino-int8-weights", "openvino-int8", "openvino-int8-accurat
 # Tiny random-init heads are not representative of trained int8 damage (it can be worse
 # or better); int8 profiles are judged with their own tolerances on the real MiniLM
 # (test_default_model). Here: the recipe runs, produces int8, and stays close.
-TINY_INT8 = Gates(min_cosine=0.8, min_agreement=0.85)
+TINY_INT8 = tiny_int8_gates()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -23,7 +23,7 @@ def labelled(tmp_path_factory):
     rng = np.random.default_rng(5)
     path = tmp_path_factory.mktemp("data") / "kw.jsonl"
     with open(path, "w") as f:
-        for _ in range(120):
+        for _ in range(500):  # the default 1-point gate needs >= 200 held-out rows
             y = int(rng.integers(0, 2))
             f.write(json.dumps({"text": keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if y else None),
                                 "label": ["absent", "present"][y]}) + "\n")
@@ -46,7 +46,7 @@ def test_candidates_follow_cpu_features():
     assert any(c.recipe == "ov-bf16" for c in zen5)
     assert not any("bf16" in json.dumps(c.to_dict()) for c in xeon)  # no emulated bf16, ever
     assert xeon[0].anchor and xeon[0].runtime["inference_precision"] == "f32"
-    assert [c.recipe for c in avx2] == ["ort-int8-avx2", "ort-fp32"]  # no VNNI: ORT's AVX2 int8 preset
+    assert [c.recipe for c in avx2] == ["ort-fused-int8-pt-avx2", "ort-fused-int8-pc-avx2", "ort-int8-avx2", "ort-fp32"]
     assert candidate_recipes({"avx512_bf16"}, set()) == []
 
 
@@ -63,10 +63,13 @@ def test_regions_restored_until_the_gate_holds(tiny, texts, tmp_path):
     res = optimize(str(tiny("bert")), texts, tmp_path / "emb", gates=Gates(min_cosine=0.99995), budget="5m",
                    backends={"onnxruntime"}, threads=1)
     trials = res.report["candidates"]
-    ladder = [len(t["candidate"]["keep_float"]) for t in trials if t["candidate"]["recipe"].startswith("ort-int8")]
+    recipes = [t["candidate"]["recipe"] for t in trials if t["candidate"]["keep_float"]]
+    assert recipes, "no candidate was restored region by region"
+    ladder = [len(t["candidate"]["keep_float"]) for t in trials if t["candidate"]["recipe"] == recipes[0]]
     assert ladder[0] == 0 and ladder == sorted(ladder) and len(ladder) > 1
     assert all(a * 2 == b or b == ladder[-1] for a, b in zip(ladder[1:], ladder[2:]))  # 1, 2, 4, ...
-    assert trials[0]["status"] == "failed" and "cosine_min" in trials[0]["reason"]
+    first = next(t for t in trials if t["candidate"]["recipe"] == recipes[0])
+    assert first["status"] == "failed" and "cosine_min" in first["reason"]
     ranking = res.report["region_ranking"]
     assert ranking and all(r["region"].split("@")[0] in ("attention_qkv", "attention_output", "ffn_input", "ffn_output")
                            for r in ranking)
@@ -83,10 +86,13 @@ def test_labelled_search_manifest_and_rerun(keyword_model, labelled, tmp_path):
     assert m["status"] == "passed" and verify_files(res.artifact, m) == []
     s = m["search"]
     assert s["gate"] == {"max_accuracy_drop": 1.0} and s["winner"]["name"] == res.report["winner"]["name"]
-    assert s["data"]["search"]["rows"] + s["data"]["confirm"]["rows"] == 120
+    assert s["data"]["search"]["rows"] + s["data"]["confirm"]["rows"] == 500
     assert s["winner"]["confirm_metrics"]["metric_drop"] <= 1.0 and "macro_f1_candidate" in s["winner"]["confirm_metrics"]
-    assert {c["status"] for c in s["candidates"]} <= {"passed", "failed", "pruned", "skipped", "error"}
-    assert any(c["status"] == "pruned" for c in s["candidates"])  # float recipes cannot beat a passing int8 one
+    assert {c["status"] for c in s["candidates"]} <= {"passed", "failed", "undecided", "pruned", "skipped", "error"}
+    # nothing is pruned by prediction: every pruned candidate was built and measured slower
+    assert all(c["latency_ms"] is not None and "measured slower" in c["reason"] for c in s["candidates"] if c["status"] == "pruned")
+    stats = s["winner"]["confirm_metrics"]["stats"]["metric_drop"]
+    assert stats["rows"] == s["data"]["confirm"]["rows"] and stats["low"] <= stats["estimate"] <= stats["high"]
     assert (res.artifact / "search.md").is_file() and (res.artifact / "search.png").is_file()
     anchor = [c for c in res.report["candidates"] if c["candidate"]["anchor"]]
     assert anchor and res.report["final_timing"][anchor[0]["candidate"]["name"]]["vs_anchor"] == pytest.approx(1.0)
@@ -140,3 +146,98 @@ def test_distilled_student_is_judged_against_the_original(keyword_model, labelle
     teacher = next(c for c in res.report["candidates"] if c["candidate"]["recipe"] == student["candidate"]["recipe"]
                    and not c["candidate"]["student_layers"] and c["artifact"])
     assert matmuls(teacher) > 0 and matmuls(student) * 2 == matmuls(teacher)
+
+
+def test_split_is_stratified_by_label():
+    from bertexport.optimize import _split
+    from bertexport.textdata import TextSet
+
+    labels = np.array([0] * 270 + [1] * 30)
+    ts = TextSet([f"t{i}" for i in range(300)], None)
+    search, confirm = _split(ts, labels, 0.5, 0, 600)
+    assert (search.labels == 1).sum() == 15 and (confirm.labels == 1).sum() == 15
+    assert len(search.data.texts) + len(confirm.data.texts) == 300
+    assert not set(search.data.texts) & set(confirm.data.texts)
+
+
+def test_too_small_data_and_too_deep_students_are_refused_before_any_work(tiny, keyword_model, labelled, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(labelled.read_text().splitlines()[:300]))
+    r = CliRunner().invoke(cli, ["optimize", str(keyword_model), "--data", str(small), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "150 rows" in r.stderr and "needs >= 200 rows" in r.stderr and "give >= 399 rows" in r.stderr
+    r = CliRunner().invoke(cli, ["optimize", str(tiny("bert")), "--distill", "99", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "the model has 2 layers" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_search_measures_float_recipes_instead_of_predicting_them(tiny, texts, tmp_path, monkeypatch):
+    """A strict gate makes int8 restore most regions; the float recipe is then measured, not
+    pruned by its class, and wins because it is faster. Latency comes from an injected
+    clock (tests never time): int8 1.0 ms + 0.4 ms per float region, fp32 2.0 ms."""
+    import bertexport.optimize as opt
+
+    def fake_ms(cand):
+        return 2.0 if cand.precision == "fp32" else 1.0 + 0.4 * len(cand.keep_float)
+
+    monkeypatch.setattr(opt._Search, "quick_latency", lambda self, art: fake_ms(self._current))
+    real_try = opt._Search.try_candidate
+
+    def try_candidate(self, cand, model_path):
+        self._current = cand
+        return real_try(self, cand, model_path)
+
+    monkeypatch.setattr(opt._Search, "try_candidate", try_candidate)
+    monkeypatch.setattr(opt, "_final_timing", lambda passing, anchor, *a, **k: {
+        t.candidate.name: {"p50_ms": fake_ms(t.candidate), "p90_ms": fake_ms(t.candidate), "vs_pytorch": 1.0, "vs_anchor": None}
+        for t in passing})
+    res = optimize(str(tiny("bert")), texts, tmp_path / "f", gates=Gates(min_cosine=0.99995), budget="5m",
+                   backends={"onnxruntime"}, threads=1)
+    trials = res.report["candidates"]
+    fp32 = [t for t in trials if t["candidate"]["precision"] == "fp32"]
+    assert fp32 and fp32[0]["status"] == "passed" and fp32[0]["latency_ms"] == 2.0
+    restored = [t for t in trials if t["candidate"]["keep_float"] and t["status"] == "passed"]
+    assert all(t["latency_ms"] > 2.0 for t in restored)
+    assert res.report["winner"]["name"] == fp32[0]["candidate"]["name"]
+
+
+def test_a_rejection_within_noise_is_marked(tiny, texts, tmp_path):
+    """The held-out verdict failed on its point estimate while its interval straddles the
+    gate: the candidate is rejected, and the report says the rejection was within noise."""
+    import bertexport.optimize as opt
+    from bertexport.compare import Comparison, task_metrics
+    from bertexport.search_report import to_markdown
+
+    def metrics(discordant_ref_only, n=400):
+        comp = Comparison("text-classification")
+        pr = np.zeros(n, int)
+        pc = np.r_[np.ones(discordant_ref_only, int), np.zeros(n - discordant_ref_only, int)]
+        comp.pred_reference, comp.pred_candidate, comp.pred_rows = [pr], [pc], [np.arange(n)]
+        comp.decided, comp.agree, comp.samples = n, int((pr == pc).sum()), n
+        return task_metrics(comp, np.zeros(n, int))
+
+    search = object.__new__(opt._Search)
+    search.gates, search.best = Gates(max_accuracy_drop=1.0), None
+    search.search = search.confirm = None
+    outcomes = iter([metrics(5), metrics(6)])  # search slice: 1.25 [0.4, 2.9]; held out: 1.5 [0.6, 3.2]
+    search.evaluate = lambda *a, **k: next(outcomes)
+    t = opt.Trial(opt.Candidate("ort-int8", "onnxruntime", "int8", [], {}), "failed")
+    search._judge(t, None, tmp_path, t.candidate)
+    assert t.status == "failed" and t.noise and t.to_dict()["within_noise"]
+    assert "search slice" in t.noise[0] and any("within noise" in n for n in t.noise)
+    report = {"model": {"source": "m", "task": "text-classification"}, "gate": {"max_accuracy_drop": 1.0},
+              "data": {"search": {"rows": 400}, "confirm": {"rows": 400}}, "cell": {"batch": 1, "sequence": 128, "threads": 1},
+              "machine": {"cpu_features": []}, "elapsed_seconds": 1, "budget_seconds": 60, "winner": None,
+              "final_timing": {}, "candidates": [t.to_dict()], "region_ranking": None}
+    assert "within noise" in to_markdown(report)
+
+
+def test_batch_invariant_keeps_only_candidates_whose_outputs_ignore_the_batch(tiny, texts, tmp_path):
+    res = optimize(str(tiny("bert")), texts, tmp_path / "bi", gates=Gates(min_cosine=0.99), budget="5m",
+                   backends={"onnxruntime"}, threads=1, batch_invariant=True)
+    trials = [t for t in res.report["candidates"] if t["batch_invariance"] is not None]
+    assert trials and res.report["batch_invariant"]
+    for t in trials:
+        if not t["batch_invariance"]["invariant"]:
+            assert t["status"] == "excluded" and "--batch-invariant" in t["reason"]
+    assert any(t["status"] == "excluded" for t in trials)  # ORT dynamic int8: one activation scale per batch
+    assert load_manifest(res.artifact)["batch_invariance"]["invariant"]

@@ -77,3 +77,58 @@ def test_missing_parents_are_created_but_not_through_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="is not a folder"):
         StagedFolder(tmp_path / "f" / "out")
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_orphans_of_dead_processes_are_swept_and_the_living_kept(tmp_path):
+    import os
+
+    from bertexport.orphans import sweep_orphans, sweep_work_orphans
+
+    dead, me = _dead_pid(), os.getpid()
+    for name in (f".art.partial-{dead}", f".art.old-{dead}", f".art.partial-{me}", "art"):
+        (tmp_path / name).mkdir()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("x")
+    (tmp_path / f".art.unpack-{dead}").symlink_to(theirs)  # a link is removed, never followed
+    assert sorted(p.name for p in sweep_orphans(tmp_path)) == sorted([f".art.partial-{dead}", f".art.old-{dead}",
+                                                                       f".art.unpack-{dead}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".art.partial-{me}", "art", "theirs"])
+    assert (theirs / "keep.txt").read_text() == "x"
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in (f"{dead}-convert-abc", f"{me}-optimize-def", "notes"):
+        (work / name).mkdir()
+    assert [p.name for p in sweep_work_orphans(work)] == [f"{dead}-convert-abc"]
+    assert sorted(p.name for p in work.iterdir()) == sorted([f"{me}-optimize-def", "notes"])
+
+
+def test_cache_and_staging_do_not_import_each_other():
+    """One owner for the shared piece (bertexport.orphans): cache imports neither staging nor
+    anything that does; each of the three modules imports alone in a fresh interpreter."""
+    import ast
+    import subprocess
+    import sys
+
+    import bertexport
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((Path(bertexport.__file__).parent / f"{module}.py").read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "bertexport.staging" not in imported("cache")  # not even lazily, inside a function
+    assert not {"bertexport.staging", "bertexport.cache"} & imported("orphans")
+    for module, absent in (("cache", "bertexport.staging"), ("orphans", "bertexport.cache"), ("staging", None)):
+        code = f"import sys, bertexport.{module}; assert {absent!r} not in sys.modules"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr

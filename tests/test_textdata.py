@@ -43,3 +43,14 @@ def test_non_utf8_lines_are_skipped_and_counted(tmp_path):
 def test_sample_is_reproducible():
     data = [str(i) for i in range(100)]
     assert sample(data, 10, 1) == sample(data, 10, 1) != sample(data, 10, 2)
+
+
+@pytest.mark.parametrize("content,says", [
+    ('text,label\ngood,1\n"never closed,0\nbad,1\n', "b.csv:3 is not valid CSV (unexpected end of data)"),
+    ('text,label\ngood,1\nnot, quoted,0\n', "b.csv:3 has 3 fields where the header has 2"),
+    ('text,label\n"a"b,1\n', "b.csv:2 is not valid CSV"),
+])
+def test_corrupt_csv_is_refused_with_its_line(tmp_path, content, says):
+    (tmp_path / "b.csv").write_text(content)
+    with pytest.raises(UserError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        load_texts(tmp_path / "b.csv")

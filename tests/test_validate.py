@@ -39,7 +39,7 @@ def built(tiny, tmp_path_factory):
     write_manifest(bad, m)
     data = root / "data.csv"
     data.write_text("text,label\n" + "\n".join(f"review {i}: {t},{LABELS[i % 3]}" for i, t in
-                                                enumerate(["fine film", "dull plot", "great cast", "awful", "ok"] * 8)))
+                                                enumerate(["fine film", "dull plot", "great cast", "awful", "ok"] * 80)))
     return {"ckpt": ckpt, "good": good, "bad": bad, "data": data, "root": root}
 
 
@@ -56,7 +56,31 @@ def test_good_artifact_passes_gates_and_writes_junit(built, tmp_path):
     suite = ET.parse(junit).getroot()
     assert suite.tag == "testsuite" and suite.get("tests") == "2" and suite.get("failures") == "0"
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["metrics"]["agreement"] == 1.0 and res["metrics"]["metric_drop"] == 0.0 and res["samples"] == 40
+    assert res["metrics"]["agreement"] == 1.0 and res["metrics"]["metric_drop"] == 0.0 and res["samples"] == 400
+    # every gated figure carries its paired interval: 400 agreeing rows still allow ~0.95 points
+    drop = res["metrics"]["stats"]["metric_drop"]
+    assert drop["rows"] == 400 and drop["discordant"] == 0 and drop["resolution"] == 0.25
+    assert drop["low"] == pytest.approx(-drop["high"]) and drop["high"] == pytest.approx(100 * 1.959964 ** 2 / (400 + 1.959964 ** 2), rel=1e-4)
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert props["metric_drop.rows"] == "400" and float(props["agreement.low"]) < 1.0 and "metric_drop.high" in props
+
+
+def test_too_small_data_is_refused_with_the_rows_it_needs(built, tmp_path):
+    r = run("validate", built["good"], "--data", built["data"], "--limit", "150", "--max-accuracy-drop", "1.0")
+    assert r.exit_code == 2 and "150 rows" in r.output and "needs >= 200 rows" in r.output, r.output
+    r = run("validate", built["good"], "--data", built["data"], "--limit", "30", "--min-agreement", "0.98")
+    assert r.exit_code == 2 and "needs >= 100 rows" in r.output, r.output
+
+
+def test_confidence_gate_passes_only_when_the_interval_is_inside(built, tmp_path):
+    # 400 identical decisions: the drop's upper bound (0.95 points) is inside 1.0 but not inside 0.5
+    r = run("validate", built["good"], "--data", built["data"], "--max-accuracy-drop", "1.0", "--confidence", "0.95")
+    assert r.exit_code == 0 and "PASSED" in r.output, r.output
+    r = run("validate", built["good"], "--data", built["data"], "--max-accuracy-drop", "0.5", "--confidence", "0.95")
+    assert r.exit_code == 1 and "UNDECIDED" in r.output and "rows would decide it" in r.output, r.output
+    assert "Traceback" not in r.output
+    r = run("validate", built["bad"], "--data", built["data"], "--min-agreement", "0.95", "--confidence", "0.95")
+    assert r.exit_code == 1 and r.output.count("FAILED") == 1 and "entirely <" in r.output, r.output
 
 
 def test_damaged_artifact_fails_gate_with_exit_1(built, tmp_path):

@@ -2,14 +2,26 @@
 
 Dynamic quantization (weights int8 offline, activations quantized per call) needs no
 calibration data. What breaks BERT-family accuracy, and what this pass does about it:
-- ``reduce_range`` (7-bit weights) is what ORT's AVX2/AVX-512 (non-VNNI) preset uses to
-  avoid saturation; on all-MiniLM-L6-v2 it dropped min cosine to 0.60 here. The ``isa``
-  option picks it deliberately per CPU family.
-- per-tensor weights lose more than per-channel (ORT#11286, ORT#5644): per-channel is the default.
+- the weight range. On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) ORT multiplies u8
+  activations by s8 weights with VPMADDUBSW, whose 16-bit pair sums can saturate; ORT's
+  documented remedies are ``reduce_range`` (7-bit weights) or U8U8 kernels. Measured on an
+  AVX2-only AMD Zen 3 (ORT 1.32, all-MiniLM-L6-v2, built-in calibration text, min cosine to
+  fp32): saturation cost nothing measurable — the same s8 model run through ORT's exact U8U8
+  rewrite (session option ``session.x64quantprecision``) scored 0.947 vs 0.949 per channel,
+  0.738 vs 0.738 per tensor — while ``reduce_range`` cost a lot (per tensor 0.74 -> 0.55,
+  per channel 0.949 -> 0.937; 0.60 on a Zen 5 earlier). So every preset quantizes
+  full-range s8 weights (U8S8, ORT's fast kernels); ``reduce_range`` stays an explicit option.
+- per-tensor weights lose more than per-channel (ORT#11286, ORT#5644; MiniLM here: min
+  cosine 0.74 vs 0.95); which is faster depends on the CPU, so ``optimize`` measures both.
 - some MatMuls of a trained model are far more sensitive than others (FFN in/out, value
-  projections): ``target_min_cosine`` runs a sensitivity scan over calibration sentences and
-  keeps the most sensitive MatMuls in fp32 until the target is met (mixed precision),
-  instead of shipping a collapsed model (ORT#9599, pytorch#27949).
+  projections). Two fallbacks keep a few in float instead of shipping a collapsed model
+  (ORT#9599, pytorch#27949): ``target_agreement`` decides on what the outputs are for —
+  the task's decisions (class, tags, answer start/end, token) or, for embeddings, tie-robust
+  top-5 retrieval agreement, both from ``bertexport.compare`` — with at most ``max_float``
+  nodes kept float; ``target_min_cosine`` (the older proxy) restores until the calibration
+  cosine meets a target.
+- named regions (``keep_float``) map onto fused graphs too: a fused Attention node is its
+  layer's ``attention_qkv`` (``bertexport.graph.region_nodes``).
 """
 
 from __future__ import annotations
@@ -20,16 +32,19 @@ import os
 from dataclasses import asdict, dataclass
 
 
-from bertexport.families import check_region_spec
-from bertexport.graph import sensitive_nodes, weight_nodes
+from bertexport.families import check_region_spec, get_family
+from bertexport.graph import region_nodes, sensitive_nodes, weight_nodes
 from bertexport.options import option
 from bertexport.progress import quiet
-from bertexport.passes.base import Capability, ModelFile, Pass, PassContext, keep_float_nodes
+from bertexport.passes.base import Capability, ModelFile, Pass, PassContext
 
 
 
-# ISA presets for dynamic int8 (weights / reduce_range), as ORT and optimum use them.
-_ISA_REDUCE_RANGE = {"avx512_vnni": False, "arm64": False, "avx2": True, "avx512": True}
+# ISA presets for dynamic int8 -> reduce_range. ORT's own presets (and optimum's) use 7-bit
+# weights on AVX2/AVX-512 without VNNI against VPMADDUBSW saturation; measured here that
+# costs far more accuracy than the saturation it avoids (see the module doc), so no preset
+# reduces the range. The isa stays recorded so a CPU where that differs gets its own entry.
+_ISA_REDUCE_RANGE = {"avx512_vnni": False, "arm64": False, "avx2": False, "avx512": False}
 
 
 @dataclass
@@ -38,19 +53,26 @@ class DynamicQuantizeConfig:
     per_channel: bool = option(True, "per-channel weight scales (per-tensor loses more: ORT#11286, #5644)")
     reduce_range: bool | None = option(None, "7-bit weights (none: from isa)")
     weight_type: str = option("qint8", "int8 weight type", choices=("qint8", "quint8"))
-    op_types: list[str] = option(help="op types to quantize (Gather too would quantize embeddings)",
-                                 default_factory=lambda: ["MatMul"])
+    op_types: list[str] = option(help="op types to quantize (Attention: the fused attention's Q/K/V weights; Gather too "
+                                      "would quantize embeddings)", default_factory=lambda: ["MatMul"])
     exclude_nodes: list[str] = option(help="node names left fp32", default_factory=list)
     keep_float: list[str] = option(help="named regions left fp32: attention_qkv, attention_output, ffn_input, ffn_output, head "
                                         "(optionally @LAYER)", default_factory=list)
-    target_min_cosine: float | None = option(None, "sensitivity scan: keep the worst MatMuls fp32 until calibration cosine meets this",
+    target_agreement: float | None = option(
+        None, "decision fallback: restore to float the weight nodes that bring back most decisions (class, tags, answer "
+              "start/end, token; tie-robust top-5 retrieval for embeddings) until agreement with fp32 on the calibration "
+              "sentences reaches this", min=0, max=1)
+    max_float: int = option(4, "most weight nodes the decision fallback keeps float", min=0)
+    target_min_cosine: float | None = option(None, "cosine fallback: keep the worst MatMuls fp32 until calibration cosine meets this",
                                              min=0, max=1, min_open=True)
-    max_excluded_fraction: float = option(0.35, "most MatMuls the scan may keep fp32 (fraction)", min=0, max=1)
-    sensitivity_samples: int = option(48, "calibration sentences the scan scores on", min=1)
+    max_excluded_fraction: float = option(0.35, "most MatMuls the cosine fallback may keep fp32 (fraction)", min=0, max=1)
+    sensitivity_samples: int = option(48, "calibration sentences the fallback scores on", min=1)
 
     def validate(self):
         for spec in self.keep_float:
             check_region_spec(spec)
+        if self.target_agreement is not None and self.target_min_cosine is not None:
+            raise ValueError("target_agreement and target_min_cosine are two fallbacks: set one")
 
     @property
     def effective_reduce_range(self) -> bool:
@@ -58,7 +80,7 @@ class DynamicQuantizeConfig:
 
 
 def _scan_cache_file(model_path, texts: list[str], config: DynamicQuantizeConfig):
-    """Where the sensitivity scan of this export, on these texts, with these settings is kept."""
+    """Where the fallback's answer for this input graph, on these texts, with these settings is kept."""
     import onnxruntime
 
     from bertexport.cache import cache_dir
@@ -95,8 +117,61 @@ class _Scorer:
                    for ref, out, b in zip(self.reference, outs, self.batches))
 
 
+class _DecisionScorer:
+    """How many of the fp32 input model's decisions a candidate keeps on the calibration
+    sentences: the task's decisions, or tie-robust top-5 retrieval agreement for embeddings
+    (``compare.task_metrics``). Scored on padded batches (as a server sends them: dynamic
+    int8 scales activations over the whole batch) and on each sentence alone; the lower counts."""
+
+    def __init__(self, fp32_path, ctx: PassContext, samples: int):
+        from bertexport.backends.onnxruntime.runner import OrtRunner
+        from bertexport.tasks import get_task
+
+        self._runner_cls = OrtRunner
+        texts = ctx.calibration_texts()[:samples]
+        self.sentences = len(texts)
+        self.measure = "decisions" if get_task(ctx.task).decisions is not None else "retrieval agreement (tie-robust top-5)"
+        self.views = {"padded": [ctx.encode(texts[i:i + 16], padding="max_length", length=64) for i in range(0, len(texts), 16)],
+                      "alone": [ctx.encode([t], padding="longest") for t in texts]}
+        self.task, self.threads = ctx.task, ctx.threads
+        self.reference = self._run(fp32_path)
+
+    def _run(self, path) -> dict:
+        with self._runner_cls(path, threads=self.threads) as r:
+            return {v: [r.infer(b) for b in feeds] for v, feeds in self.views.items()}
+
+    def __call__(self, path) -> dict:
+        from bertexport.compare import Comparison, task_metrics
+
+        outs = self._run(path)
+        worst = None
+        for view, feeds in self.views.items():
+            comp = Comparison(self.task)
+            for f, ref, out in zip(feeds, self.reference[view], outs[view]):
+                comp.add(ref, out, f["attention_mask"])
+            m = task_metrics(comp, None)
+            iv = (m.get("stats") or {}).get("agreement") or {}
+            figures = {"agreement": float(m.get("agreement", 1.0)), "cosine_mean": float(m["cosine_mean"]),
+                       "discordant": iv.get("discordant"), "rows": iv.get("rows"), "view": view}
+            if worst is None or (figures["agreement"], figures["cosine_mean"]) < (worst["agreement"], worst["cosine_mean"]):
+                worst = figures
+        return worst
+
+
+def _private_copy(src):
+    """The model to quantize, in memory. Given a path, ORT's quantizer writes
+    ``<model>-inferred.onnx`` beside it and deletes it again; beside a cached export, two
+    builds at once (two CI jobs, optimize and convert) then delete each other's file
+    ("Failed to find proper ai.onnx domain", FileNotFoundError). Given a ModelProto it works
+    in a private temporary folder."""
+    import onnx
+
+    return onnx.load(str(src))
+
+
 class OrtDynamicQuantize(Pass):
-    """Dynamic int8 (weights offline, activations per call), optional sensitivity-guided fp32 fallback."""
+    """Dynamic int8 (weights offline, activations per call), optional float fallback decided
+    on the task's decisions (or on calibration cosine)."""
 
     name = "ort-dynamic-quantize"
     Config = DynamicQuantizeConfig
@@ -113,7 +188,7 @@ class OrtDynamicQuantize(Pass):
         if only is not None:
             kwargs["nodes_to_quantize"] = only
         quantize_dynamic(
-            str(src),
+            _private_copy(src),
             str(dst),
             per_channel=config.per_channel,
             reduce_range=config.effective_reduce_range,
@@ -128,23 +203,81 @@ class OrtDynamicQuantize(Pass):
 
     def run(self, model: ModelFile, config: DynamicQuantizeConfig, ctx: PassContext) -> ModelFile:
         out = ctx.workdir / "model.int8.onnx"
-        exclude = list(config.exclude_nodes) + keep_float_nodes(model.path, config.keep_float, ctx.family)
+        regions = get_family(ctx.family).regions if ctx.family else {}
+        exclude = list(config.exclude_nodes) + region_nodes(model.path, config.keep_float, regions)
         notes: dict = {"excluded_nodes": exclude, "reduce_range": config.effective_reduce_range}
-        if config.target_min_cosine is None:
+        fallback = "decisions" if config.target_agreement is not None else "cosine" if config.target_min_cosine is not None else None
+        if fallback is None:
             self._quantize(model.path, out, config, exclude)
-            return ModelFile(out, "onnx", notes=notes)
+            return ModelFile(out, "onnx", notes=notes | {"float_weight_nodes": len(exclude)})
         cache = _scan_cache_file(model.path, ctx.calibration_texts()[: config.sensitivity_samples], config)
-        if cache.is_file():  # same export, texts and settings: the scan's answer is known
+        if cache.is_file():  # same graph, texts and settings: the fallback's answer is known
             notes = json.loads(cache.read_text())
             self._quantize(model.path, out, config, notes["excluded_nodes"])
-            ctx.log(f"sensitivity scan reused from the cache: {len(notes['excluded_nodes'])} MatMul(s) kept fp32")
+            ctx.log(f"float fallback reused from the cache: {len(notes['excluded_nodes'])} weight node(s) kept float")
             return ModelFile(out, "onnx", notes=notes | {"scan": "cached"})
         self._quantize(model.path, out, config, exclude)
-        exclude, notes = self._sensitivity_exclusion(model, out, config, ctx, exclude)
+        if fallback == "decisions":
+            exclude, notes = self._decision_fallback(model, out, config, ctx, exclude)
+        else:
+            exclude, notes = self._sensitivity_exclusion(model, out, config, ctx, exclude)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
         tmp.write_text(json.dumps(notes))
         os.replace(tmp, cache)
         return ModelFile(out, "onnx", notes=notes | {"scan": "ran"})
+
+    def _decision_fallback(self, model, out, config: DynamicQuantizeConfig, ctx: PassContext, exclude):
+        """Keep float only what the task's decisions need: nothing when all-int8 keeps them;
+        else the weight nodes whose float restores most decisions (each tried alone, ties
+        broken by mean cosine), 1, 2, ... up to ``max_float``, until ``target_agreement``."""
+        score = _DecisionScorer(model.path, ctx, config.sensitivity_samples)
+        target = config.target_agreement
+        before = score(out)
+        what = f"{score.measure} on {score.sentences} calibration sentences"
+        notes = {"fallback": "decisions", "measure": score.measure, "sentences": score.sentences, "target_agreement": target,
+                 "max_float": config.max_float, "reduce_range": config.effective_reduce_range, "all_int8": before}
+        if before["agreement"] >= target:
+            ctx.log(f"all-int8 keeps {what}: {before['agreement']:.4f} >= {target}; nothing kept float")
+            return exclude, notes | {"excluded_nodes": exclude, "kept_float": 0, "float_weight_nodes": len(exclude), "after": before,
+                                     "why": f"all-int8 kept {what} at {before['agreement']:.4f} (target {target}): "
+                                            f"no weight node kept float"}
+        candidates = [n for n in weight_nodes(model.path, config.op_types) if n not in exclude]
+        limit = min(config.max_float, len(candidates))
+        ctx.log(f"all-int8 {score.measure} {before['agreement']:.4f} < {target}: ranking {len(candidates)} weight nodes "
+                f"(each restored to float alone), keeping at most {limit} float")
+        probe = ctx.workdir / "probe.onnx"
+        alone = {}
+        for node in candidates if limit else []:
+            self._quantize(model.path, probe, config, exclude + [node])
+            alone[node] = score(probe)
+        ranked = sorted(alone, key=lambda n: (-alone[n]["agreement"], -alone[n]["cosine_mean"]))
+        best, kept = before, []
+        for k in range(1, limit + 1):
+            trial = ranked[:k]
+            got = alone[trial[0]] if k == 1 else None
+            self._quantize(model.path, probe, config, exclude + trial)
+            got = got or score(probe)
+            ctx.log(f"{k} weight node(s) float: {score.measure} {got['agreement']:.4f}")
+            if got["agreement"] > best["agreement"]:  # more float only when it buys decisions
+                best, kept = got, trial
+                probe.replace(out)
+            if got["agreement"] >= target:
+                break
+        probe.unlink(missing_ok=True)
+        if kept:
+            why = (f"all-int8 (faster, no weight node float) was rejected: it kept {what} at {before['agreement']:.4f} < "
+                   f"target {target} ({before['discordant']} discordant); {len(kept)} weight node(s) restored to float "
+                   f"(those that bring back most decisions) give {best['agreement']:.4f}")
+        else:
+            why = (f"all-int8 kept {what} at {before['agreement']:.4f} < target {target}, and no restore of up to {limit} "
+                   f"weight node(s) to float did better: kept all-int8 (the parity gate decides)")
+        if kept and best["agreement"] < target:
+            why += f"; the target was not reached within max_float={config.max_float}"
+        ctx.log(why)
+        final = exclude + kept
+        return final, notes | {"excluded_nodes": final, "kept_float": len(kept), "float_weight_nodes": len(final),
+                               "after": best, "why": why,
+                               "ranking": {n: alone[n]["agreement"] for n in ranked[: max(len(kept), 6)]}}
 
     def _sensitivity_exclusion(self, model, out, config, ctx: PassContext, exclude):
         score = _Scorer(model.path, ctx, config.sensitivity_samples)
@@ -256,7 +389,7 @@ class OrtStaticQuantize(Pass):
         exclude = list(config.exclude_nodes)
         if config.exclude_sensitive:
             exclude += sensitive_nodes(model.path)
-        exclude += keep_float_nodes(model.path, config.keep_float, ctx.family)
+        exclude += region_nodes(model.path, config.keep_float, get_family(ctx.family).regions if ctx.family else {})
         exclude = sorted(set(exclude))
         qt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
         extra = {"ActivationSymmetric": config.symmetric_activations, "WeightSymmetric": True}
@@ -271,7 +404,7 @@ class OrtStaticQuantize(Pass):
         ctx.log(f"calibrating ({config.calibration_method}) on {len(items)} sentences; {len(exclude)} nodes kept float")
         with quiet("root"):  # ORT's quantizer logs an advisory on every call
             quantize_static(
-                str(model.path), str(out), _TextReader(items),
+                _private_copy(model.path), str(out), _TextReader(items),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=config.op_types,
                 per_channel=config.per_channel,

@@ -72,3 +72,36 @@ def test_sensitivity_scan_is_cached(tiny, tmp_path):
     assert again["excluded_nodes"] == first["excluded_nodes"] and "why" in first
     report = (tmp_path / "a" / "report.md").read_text()
     assert "Mixed precision:" in report and "kept fp32" in report
+
+
+@pytest.mark.parametrize("profile", ["ort-int8", "ort-fused-int8"])
+def test_decision_fallback_keeps_nothing_float_when_decisions_hold(keyword_model, tmp_path, profile):
+    """A trained classifier whose decisions all-int8 does not move: the profiles' fallback
+    (decided on decisions, not on a cosine target) keeps no weight node float, and says so."""
+    res = convert(str(keyword_model), profile, tmp_path / profile, latency_runs=0)
+    notes = res.manifest["target"]["passes"][-1]["notes"]
+    assert notes["fallback"] == "decisions" and notes["measure"] == "decisions"
+    assert notes["all_int8"]["agreement"] == 1.0 and notes["kept_float"] == 0 and notes["float_weight_nodes"] == 0
+    assert notes["excluded_nodes"] == [] and "no weight node kept float" in notes["why"]
+    g = _graph(res.artifact)
+    float_weights = [n.name for n in g.nodes if n.op_type in ("MatMul", "Attention") and any(i in g.initializers for i in n.input)]
+    assert float_weights == []  # every weight MatMul (and fused Attention) is int8
+    assert res.manifest["status"] == "passed" and res.manifest["parity"]["checks"]["real-lengths"]["agreement"] == 1.0
+    assert "no weight node kept float" in (res.artifact / "report.md").read_text()
+
+
+def test_decision_fallback_restores_when_decisions_move_and_says_why(tiny, tmp_path):
+    """Token decisions of a random-init tagger sit on ties, so 7-bit per-tensor int8 moves
+    some: the fallback restores at most max_float nodes, only when that brings decisions back,
+    and records the rejected all-int8 build with its figures."""
+    prof = _profile([{"type": "ort-dynamic-quantize", "per_channel": False, "reduce_range": True, "target_agreement": 1.0,
+                      "max_float": 2}])
+    res = convert(str(tiny("bert", "token-classification")), prof, tmp_path / "t", latency_runs=0)
+    n = res.manifest["target"]["passes"][0]["notes"]
+    before, after = n["all_int8"]["agreement"], n["after"]["agreement"]
+    assert n["fallback"] == "decisions" and 0 <= n["kept_float"] <= 2 and n["float_weight_nodes"] == n["kept_float"]
+    if before < 1.0:
+        assert after >= before and (n["kept_float"] == 0) == (after == before)
+        assert ("rejected" in n["why"]) == (n["kept_float"] > 0)
+    else:
+        pytest.skip("int8 moved no token decision of this tiny model: nothing to restore")
