@@ -570,8 +570,9 @@ def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candi
     if not passed:
         manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
     manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
-                                                 "backends", "backends_restricted")} | {
+                                                 "backends", "backends_restricted", "batch_invariant")} | {
         "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
-                        "latency_ms": c["latency_ms"], "metrics": c["metrics"]} for c in report["candidates"]]}
+                        "latency_ms": c["latency_ms"], "metrics": c["metrics"], "within_noise": c["within_noise"],
+                        "batch_invariance": c["batch_invariance"]} for c in report["candidates"]]}
     manifest.pop("files", None)
     write_manifest(staging, manifest)

@@ -91,6 +91,7 @@ def test_labelled_search_manifest_and_rerun(keyword_model, labelled, tmp_path):
     assert {c["status"] for c in s["candidates"]} <= {"passed", "failed", "undecided", "pruned", "skipped", "error"}
     # nothing is pruned by prediction: every pruned candidate was built and measured slower
     assert all(c["latency_ms"] is not None and "measured slower" in c["reason"] for c in s["candidates"] if c["status"] == "pruned")
+    assert all("within_noise" in c and "batch_invariance" in c for c in s["candidates"]) and s["batch_invariant"] is False
     stats = s["winner"]["confirm_metrics"]["stats"]["metric_drop"]
     assert stats["rows"] == s["data"]["confirm"]["rows"] and stats["low"] <= stats["estimate"] <= stats["high"]
     assert (res.artifact / "search.md").is_file() and (res.artifact / "search.png").is_file()

@@ -108,19 +108,6 @@ class Pass:
         raise NotImplementedError
 
 
-def keep_float_nodes(model_path, specs: list[str], family: str) -> list[str]:
-    """ONNX node names of the named regions ``specs`` in this family's graph."""
-    if not specs:
-        return []
-    import re
-
-    from bertexport.families import get_family
-    from bertexport.graph import Graph
-
-    patterns = get_family(family).patterns(specs)
-    return [n for n in Graph.load(model_path).names if any(re.fullmatch(p, n) for p in patterns)]
-
-
 def get_pass(name: str) -> type[Pass]:
     if name not in _REGISTRY:
         module = CATALOG.get(name)
