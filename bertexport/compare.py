@@ -83,10 +83,6 @@ class Decision:
     def reasons(self) -> list[str]:
         return self.failures + self.undecided
 
-    def to_dict(self) -> dict:
-        return {"status": self.status, "failures": self.failures, "undecided": self.undecided,
-                "within_noise": self.within_noise}
-
 
 # gate -> (metric key in the figures, its stats key, the side the candidate must stay on, unit scale for messages)
 _INTERVAL_GATES = {"max_accuracy_drop": ("metric_drop", "metric_drop", "high"),

@@ -65,9 +65,6 @@ class Interval:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def within(self, low: float | None = None, high: float | None = None) -> bool:
-        return (low is None or self.low >= low) and (high is None or self.high <= high)
-
 
 def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval for a proportion."""
