@@ -137,6 +137,15 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, cells
     return results
 
 
+def artifact_bytes(folder: Path) -> int:
+    """The bytes a device needs: every file the artifact's manifest lists (model, tokenizer,
+    config), without the search record and plots beside them."""
+    from bertexport.manifest import load_manifest
+
+    files = load_manifest(folder).get("files", {})
+    return sum((folder / f).stat().st_size for f in files if not f.startswith("search."))
+
+
 def table(results: dict, roof_ms: dict | None = None) -> str:
     lines = []
     for cell, rows in results.items():
@@ -156,7 +165,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bert-base", action="store_true")
     ap.add_argument("--rotten-tomatoes", action="store_true")
-    ap.add_argument("--distill", default=None, help="student layer counts for the Rotten Tomatoes search, e.g. 3")
+    ap.add_argument("--distill", default=None, help="students for the Rotten Tomatoes search: auto (the grid), depths "
+                    "like 3,4 or shapes like L3-H256-F1024")
+    ap.add_argument("--only-distill", action="store_true", help="skip the search without students")
     ap.add_argument("--distill-epochs", type=int, default=1)
     ap.add_argument("--budget", default="15m")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -206,7 +217,7 @@ def main(argv=None):
         test_csv, train_csv = write_csv(test, rt / "test.csv"), write_csv(train, rt / "train.csv")
         runs = {}
         for label, distill in (("no distillation", None), (f"distill {args.distill}", args.distill)):
-            if label != "no distillation" and not distill:
+            if (label != "no distillation" and not distill) or (label == "no distillation" and args.only_distill):
                 continue
             t0 = time.time()
             res = optimize(str(model), test_csv, root / f"rt-winner-{'d' if distill else 'nod'}", gates=Gates(max_accuracy_drop=1.0),
@@ -218,12 +229,19 @@ def main(argv=None):
         arts = {f"optimize winner, {k} ({v['winner']['name']})": Path(v["artifact"]) for k, v in runs.items()}
         arts["openvino-int8 (profile)"] = recommended
         cells = run_cells(model, arts, anchor_ir(model, rt, [r["text"] for r in train]), [(1, 128), (8, 128)], args.runs, args.threads)
-        report["rotten_tomatoes"] = {"searches": runs, "cells": cells}
+        fp32_bytes = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+        for v in runs.values():
+            v["artifact_bytes"] = artifact_bytes(Path(v["artifact"]))
+            v["artifact_fraction_of_fp32"] = v["artifact_bytes"] / fp32_bytes
+        report["rotten_tomatoes"] = {"searches": runs, "cells": cells, "fp32_checkpoint_bytes": fp32_bytes}
         for k, v in runs.items():
             c = v["winner"]["confirm_metrics"]
+            iv = c.get("stats", {}).get("metric_drop", {})
             print(f"\nRotten Tomatoes, {k}: search {v['search_seconds']:.0f} s, winner {v['winner']['name']}, held-out accuracy "
                   f"{c.get('metric_candidate', float('nan')):.2f} % vs PyTorch {c.get('metric_reference', float('nan')):.2f} % "
-                  f"(drop {c.get('metric_drop', float('nan')):+.2f}) on {c.get('samples')} snippets")
+                  f"(drop {c.get('metric_drop', float('nan')):+.2f} [{iv.get('low', float('nan')):+.2f}, "
+                  f"{iv.get('high', float('nan')):+.2f}]) on {c.get('samples')} snippets; artifact "
+                  f"{v['artifact_bytes'] / 1e6:.1f} MB = {v['artifact_fraction_of_fp32']:.1%} of the fp32 checkpoint")
         print(table(cells))
     (root / "results.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwritten: {root / 'results.json'}")

@@ -19,6 +19,7 @@ KINDS = {
     "sensitivity": "int8 sensitivity scans (by export hash, calibration, pass config)",
     "students": "distilled students",
     "builds": "candidate builds of `optimize` searches",
+    "costs": "student-shape latencies measured on this machine (optimize's cost model)",
     "bench-artifacts": "artifacts built by `benchmark --target`",
     "bench": "data and models of the bench/ scripts",
     "tensorrt": "TensorRT timing caches",

@@ -25,12 +25,16 @@ class Candidate:
     passes: list[dict]  # [{"type": ..., **options}] as in a profile
     runtime: dict
     keep_float: list[str] = field(default_factory=list)
-    student_layers: int | None = None
+    student_layers: int | None = None  # the student's depth (kept beside ``student`` for older readers)
     anchor: bool = False
+    student: str | None = None  # the student's shape, e.g. L3-H256-A8-F768 (``students.StudentShape.name``)
 
     @property
     def name(self) -> str:
-        n = self.recipe if not self.student_layers else f"student-L{self.student_layers}/{self.recipe}"
+        if self.student:
+            n = f"{self.student}/{self.recipe}"
+        else:
+            n = self.recipe if not self.student_layers else f"student-L{self.student_layers}/{self.recipe}"
         return n + (f"+float[{len(self.keep_float)}]" if self.keep_float else "")
 
     @property

@@ -198,7 +198,9 @@ class Comparison:
         task = get_task(self.task)
         valid = mask.astype(bool)
         for name in task.outputs:
-            a, b = ref[name].astype(np.float64), out[name].astype(np.float64)
+            # float32 differences (the outputs' own precision; float64 copies of a fill-mask
+            # batch's vocabulary logits took half a conversion's time), summed in float64
+            a, b = np.asarray(ref[name], dtype=np.float32), np.asarray(out[name], dtype=np.float32)
             if a.shape != b.shape:
                 raise ValueError(f"output {name}: shape {b.shape} differs from the reference {a.shape}")
             diff = np.abs(a - b)[valid] if task.per_token else np.abs(a - b)
@@ -206,7 +208,7 @@ class Comparison:
                 self.max_abs_diff = float("inf")
             if diff.size:
                 self.max_abs_diff = max(self.max_abs_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
-                self._abs_sum += float(np.nan_to_num(diff, nan=1e30).sum())
+                self._abs_sum += float(np.nan_to_num(diff, nan=1e30).sum(dtype=np.float64))
                 self._abs_count += diff.size
         vr, vc = task.vectors(ref, mask), task.vectors(out, mask)
         self.cosines.extend(float(c) for c in (_cos(a, b) for a, b in zip(vr, vc)))

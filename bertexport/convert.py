@@ -109,6 +109,8 @@ def plan_convert(model: str, target, out, *, task=None, calib=None, samples=None
     out = Path(out).expanduser().resolve()
     ckpt = resolve_checkpoint(model, task, revision=revision, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
+    for spec in profile.passes:  # a pass that cannot serve this family/task says so now
+        get_pass(spec.type).check_checkpoint(ckpt.family, ckpt.task, ckpt.config)
     check_destination(out, force, [ckpt.path], "artifact folder")
     rejected = out.with_name(out.name + REJECTED_SUFFIX)
     if rejected.exists() and made_by_bertexport(rejected) is None:
@@ -188,7 +190,7 @@ def convert(
             workdir=Path(work), input_names=exported.input_names, encode=encode,
             calibration_texts=lambda: calibration_texts, threads=threads, log=reporter.log,
             family=ckpt.family, task=ckpt.task, model_config=ckpt.config, profile=profile,
-            torch_model=torch_model, output_names=list(get_task(ckpt.task).outputs),
+            torch_model=torch_model, output_names=list(get_task(ckpt.task).outputs), checkpoint=ckpt,
         )
         final, history = _run_passes(profile, exported, ctx, reporter)
         if final.format != backend.MODEL_FORMAT:

@@ -64,22 +64,24 @@ def io_specs(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return [spec(v) for v in m.graph.input], [spec(v) for v in m.graph.output]
 
 
-def _cache_key(ckpt: Checkpoint, opset: int) -> str:
+def _cache_key(ckpt: Checkpoint, opset: int, variant: str = "") -> str:
     import hashlib
 
     from bertexport.envinfo import package_versions
 
     versions = package_versions(("torch", "transformers", "optimum", "optimum-onnx", "onnx"))
     # the digest covers the checkpoint's code files; the flag decides whether that code ran
-    raw = json.dumps([ckpt.sha256, ckpt.task, opset, versions, ckpt.trust_remote_code], sort_keys=True)
+    key = [ckpt.sha256, ckpt.task, opset, versions, ckpt.trust_remote_code] + ([variant] if variant else [])
+    raw = json.dumps(key, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = True) -> ExportedModel:
-    """ONNX export of ``model`` (the loaded PyTorch original of ``ckpt``)."""
+def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = True, variant: str = "") -> ExportedModel:
+    """ONNX export of ``model`` (the loaded PyTorch original of ``ckpt``). ``variant`` names a
+    rewrite of the model (e.g. ``first-token-skip/v1``): its export is cached apart."""
     from optimum.exporters.onnx import onnx_export_from_model
 
-    folder = cache_dir("exports") / _cache_key(ckpt, opset)
+    folder = cache_dir("exports") / _cache_key(ckpt, opset, variant)
     onnx_path = folder / "model.onnx"
     if use_cache and onnx_path.is_file() and (folder / "DONE").is_file():
         if (folder / "DONE").read_text().strip() == sha256_file(onnx_path):

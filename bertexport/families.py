@@ -111,6 +111,16 @@ def get_family(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
+def layer_count(config) -> int:
+    """A transformers config's transformer layer count, by its family's key."""
+    for k in get_family(config.model_type).layers_key:
+        if hasattr(config, k):
+            return int(getattr(config, k))
+    from bertexport.errors import UserError
+
+    raise UserError(f"cannot find the layer count of {type(config).__name__}")
+
+
 def supported_families_text() -> str:
     return ", ".join(FAMILIES)
 

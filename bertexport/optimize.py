@@ -20,8 +20,9 @@ What it does, in order:
    at a time until the gate holds. A candidate whose quick latency cannot beat the best
    passing one is pruned before its accuracy is measured, and restoring more regions only
    makes a build slower, so a pruned restore stops its ladder.
-4. Optionally adds layer-drop students (``distill``), trained with ``bertexport.distill``
-   on the search slice and judged against the *original* model.
+4. Optionally searches students (``distill``; ``bertexport.student_search``): shapes ordered
+   by a latency cost model measured on this machine, hopeless ones never trained, the rest
+   trained within the budget and judged against the *original* model.
 5. Times the passing candidates, the anchor and PyTorch interleaved, confirms the fastest
    on the held-out slice, and publishes it as a normal artifact whose manifest carries a
    ``search`` section, with ``search.json``, ``search.md`` and ``search.png`` inside.
@@ -53,6 +54,7 @@ from bertexport.compare import (BATCH_TOLERANCE, Gates, check_gates_fit, check_g
 from bertexport.errors import GateFailed, UserError
 from bertexport.progress import Reporter
 from bertexport.search_report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
+from bertexport.student_search import plan_students, search_students
 
 
 # -- options and records -------------------------------------------------------------------------
@@ -88,10 +90,12 @@ class Trial:
     confirm_metrics: dict = field(default_factory=dict)
     noise: list[str] = field(default_factory=list)  # verdicts its data could not resolve (interval straddled the gate)
     batch_invariance: dict | None = None
+    predicted_ms: float | None = None  # a student's latency predicted by the cost model before it was built
 
     def to_dict(self) -> dict:
         return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
-                "latency_ms": self.latency_ms, "metrics": self.metrics, "confirm_metrics": self.confirm_metrics,
+                "latency_ms": self.latency_ms, "predicted_ms": self.predicted_ms, "metrics": self.metrics,
+                "confirm_metrics": self.confirm_metrics,
                 "within_noise": bool(self.noise), "noise": self.noise, "batch_invariance": self.batch_invariance,
                 "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached}
 
@@ -347,11 +351,10 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         raise UserError("threads, batch and sequence must be >= 1")
     if not 0 < search_fraction < 1:
         raise UserError("search_fraction must be between 0 and 1")
-    students = _distill_layers(distill)
     requested_backends = None if backends is None else sorted(backends)
     backends = check_backends(backends)  # --backend: unknown or not installed -> exit 2 before any work
     ckpt = resolve_checkpoint(model, task, trust_remote_code=trust_remote_code)
-    students = _check_student_depths(students, ckpt)  # against the model's depth, before any work
+    students = plan_students(distill, ckpt)  # shapes checked against the model, before any work
     out = Path(out).expanduser().resolve()
     check_destination(out, force, [ckpt.path], "artifact folder")
     weights = sum(p.stat().st_size for p in ckpt.weight_files)
@@ -414,14 +417,8 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
                         ranking = region_ranking(search, str(ckpt.path), torch_model)
                     reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6] if r["harm"] is not None))
                 search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
-        for layers in students:
-            if search.remaining() <= 0:
-                search.trials.append(Trial(Candidate("student", "-", "-", [], {}, student_layers=layers),
-                                           "skipped", "time budget used up before distillation"))
-                continue
-            student_path = _student(model, ckpt, layers, search_slice, distill_epochs, work, reporter, distill_data)
-            for cand in recipes[:3]:  # a student's fastest recipes; it must meet the gate vs the original
-                search.try_candidate(dataclasses.replace(cand, student_layers=layers, anchor=False), str(student_path))
+        found = search_students(search, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer, tok_dir=tok_dir, shapes=students,
+                                recipes=recipes, distill_data=distill_data, epochs=distill_epochs, seed=seed) if students else {}
 
         passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)  # all confirmed
         anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
@@ -439,6 +436,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         report["backends_restricted"] = requested_backends is not None
         report["batch_invariant"] = batch_invariant
         report["within_noise"] = [t.candidate.name for t in search.trials if t.noise]
+        report["students"], report["cost_model"] = found.get("students"), found.get("cost_model")
         if chosen is None:
             raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
         with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
@@ -448,56 +446,6 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     if winner is None:
         raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
     return result
-
-
-def _check_student_depths(layers: list[int], ckpt) -> list[int]:
-    """Student depths against the teacher's (``auto``: half of it), before any work."""
-    from bertexport.families import get_family
-
-    if not layers:
-        return []
-    fam = get_family(ckpt.family)
-    n = int(fam.config_value(ckpt.config, fam.layers_key, 0))
-    resolved = [max(1, n // 2) if k == -1 else k for k in layers]
-    too_deep = [k for k in resolved if k >= n]
-    if too_deep:
-        raise UserError(f"--distill {','.join(map(str, too_deep))}: the model has {n} layers; a student needs fewer "
-                        f"(1..{n - 1})")
-    return sorted(set(resolved))
-
-
-def _distill_layers(distill) -> list[int]:
-    if not distill:
-        return []
-    if isinstance(distill, (list, tuple)):
-        layers = list(distill)
-    elif str(distill) == "auto":
-        return [-1]  # resolved against the teacher's depth later
-    else:
-        try:
-            layers = [int(x) for x in str(distill).split(",")]
-        except ValueError as e:
-            raise UserError(f"--distill takes layer counts like 3,4 or auto, got {distill!r}") from e
-    if any(n < 1 for n in layers):
-        raise UserError("--distill layer counts must be >= 1")
-    return layers
-
-
-def _student(model, ckpt, layers: int, sl: _Slice, epochs: int, work: Path, reporter, distill_data=None) -> Path:
-    """A layer-drop student trained on ``distill_data`` (e.g. your training set) or else the
-    search slice (labels used when present); never on the held-out confirm slice."""
-    from bertexport.distill import cached_student
-
-    if distill_data:
-        return cached_student(model, ckpt.task, layers, distill_data, epochs, reporter)
-    data = work / f"distill-{sl.digest}.jsonl"
-    with open(data, "w", encoding="utf-8") as f:
-        for i, text in enumerate(sl.data.texts):
-            row = {"text": text}
-            if sl.labels is not None and ckpt.task == "text-classification":  # class labels; not embeddings' groups
-                row["label"] = int(sl.labels[i])
-            f.write(json.dumps(row) + "\n")
-    return cached_student(model, ckpt.task, layers, data, epochs, reporter)
 
 
 def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads, reporter) -> dict:
@@ -570,7 +518,7 @@ def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candi
     if not passed:
         manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
     manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
-                                                 "backends", "backends_restricted", "batch_invariant")} | {
+                                                 "backends", "backends_restricted", "batch_invariant", "students")} | {
         "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
                         "latency_ms": c["latency_ms"], "metrics": c["metrics"], "within_noise": c["within_noise"],
                         "batch_invariance": c["batch_invariance"]} for c in report["candidates"]]}

@@ -153,6 +153,13 @@ def parse_profile(raw: dict, where: str) -> TargetProfile:
             get_pass(spec.type).make_config(spec.config)
         except UserError as e:
             raise UserError(f"invalid profile {where}: {e}") from e
+    for i, spec in enumerate(passes):
+        cls = get_pass(spec.type)
+        if i and cls.first_only:
+            raise UserError(f"invalid profile {where}: pass '{spec.type}' starts from the PyTorch model: it must be the first pass")
+        for earlier in passes[:i]:
+            if earlier.type in cls.not_after:
+                raise UserError(f"invalid profile {where}: pass '{spec.type}' cannot follow '{earlier.type}': {cls.not_after[earlier.type]}")
     opset = raw.get("opset", 18)
     if isinstance(opset, bool) or not isinstance(opset, int) or not 14 <= opset <= 21:
         raise UserError(f"invalid profile {where}: opset must be an integer in 14..21, got {opset!r}")

@@ -23,8 +23,8 @@ def candidate_label(candidate: dict, folder: str | Path | None = None) -> str:
     name = candidate["recipe"] if built else ""
     if candidate.get("keep_float"):
         name += f"+float[{len(candidate['keep_float'])}]"
-    shape = None
-    if layers:
+    shape = candidate.get("student")  # the shape's name (L3-H256-A8-F768); older records: the depth only
+    if layers and not shape:
         manifest = read_json(folder, "manifest.json") if folder else {}
         shape = (student_shape(manifest, folder) if manifest.get("distillation") else None) or (
             f"L{layers}" if layers > 0 else "half depth")
@@ -111,16 +111,38 @@ def to_markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for i, c in enumerate(report["candidates"], 1):
         m = c["metrics"] or {}
-        lines.append(f"| {i} | {c.get('label') or c['candidate']['name']} | {_status(c)} | {_fmt(c['latency_ms'], '.2f')} | "
+        quick = _fmt(c["latency_ms"], ".2f") if c.get("latency_ms") is not None or c.get("predicted_ms") is None else (
+            f"~{c['predicted_ms']:.2f} (predicted)")
+        lines.append(f"| {i} | {c.get('label') or c['candidate']['name']} | {_status(c)} | {quick} | "
                      f"{with_interval(m, 'metric_drop', '+.2f')} | {with_interval(m, 'agreement')} | "
                      f"{_fmt(m.get('cosine_min'), '.4f')} | {c['reason']} |")
     if any(c.get("within_noise") for c in report["candidates"]):
         lines += ["", "*within noise*: the data could not resolve this decision — the difference it rests on is inside "
                       "the interval of what the slice's rows can tell apart."]
+    if report.get("students"):
+        lines += ["", *students_markdown(report)]
     if report.get("region_ranking"):
         lines += ["", "Regions ranked by harm when quantized alone (1 - mean cosine to the original):", ""]
         lines += [f"- {r['region']}: {_fmt(r['harm'], '.5f', 'not measured (budget)')}" for r in report["region_ranking"][:12]]
     return "\n".join(lines) + "\n"
+
+
+def students_markdown(report: dict) -> list[str]:
+    """The students, in the order tried (bisection over the predicted latency): shape, the cost model's prediction (measured on
+    this machine at random init, or predicted from the measured shapes), the quick latency
+    measured on the trained student, and its training time."""
+    cm = report.get("cost_model") or {}
+    fit = cm.get("fit") or {}
+    lines = [f"Students, in the order tried (cost model: {cm.get('recipe', '?')} vs the teacher on {cm.get('reference', '?')}, "
+             f"random init, fit {fit.get('model', '-')} over {fit.get('points', 0)} point(s)"
+             + (f"; measuring failed: {cm['error']}" if cm.get("error") else "") + "):", "",
+             "| shape | status | predicted ratio | predicted ms | measured ms | train s | reason |", "|---|---|---|---|---|---|---|"]
+    for r in report["students"]:
+        cached = " (cached)" if r.get("cached") else ""
+        lines.append(f"| {r['shape']} | {r['status']}{cached} | {r['predicted_ratio']:.2f} ({r['prediction']}) | "
+                     f"{_fmt(r.get('predicted_ms'), '.2f')} | {_fmt(r.get('measured_ms'), '.2f')} | "
+                     f"{_fmt(r.get('train_seconds'), '.0f')} | {r.get('reason', '')} |")
+    return lines
 
 
 def gated_metric(report: dict) -> tuple[str, str, float | None, bool]:
@@ -148,7 +170,8 @@ _COLOURS = {"passed": "tab:green", "failed": "tab:red"}
 def figure(report: dict):
     """search.png: quick latency (log axis) vs the gated metric for every evaluated
     candidate (bars: its interval), the Pareto front, the gate line and the winner;
-    below, candidates timed but pruned before evaluation, in grey at their quick latency.
+    below, candidates timed but pruned before evaluation, in grey at their quick latency,
+    and students never built (hopeless, skipped) as hollow diamonds at their predicted latency.
     Candidates are numbers (the Markdown table's); the key under the plot names them."""
     from matplotlib.lines import Line2D
 
@@ -157,10 +180,12 @@ def figure(report: dict):
     plt = pyplot()
     metric, axis_label, limit, higher = gated_metric(report)
     win = (report["winner"] or {}).get("name")
-    evaluated, timed_only = [], []
+    evaluated, timed_only, predicted = [], [], []
     for i, c in enumerate(report["candidates"], 1):
         m = c["metrics"] or {}
         if c["latency_ms"] is None:
+            if c.get("predicted_ms") is not None:  # a student never built (hopeless, skipped): its predicted latency
+                predicted.append((i, c))
             continue
         (evaluated if m.get(metric) is not None else timed_only).append((i, c))
     fig, (ax, strip) = plt.subplots(2, 1, figsize=(8, 5.6), sharex=True, height_ratios=(5, 1), layout="constrained")
@@ -186,11 +211,14 @@ def figure(report: dict):
     for i, c in timed_only:
         strip.scatter(c["latency_ms"], 0, color="0.55", s=30, zorder=3)
         entries.append((i, c.get("label") or c["candidate"]["name"], "0.55"))
-    if not timed_only:
+    for i, c in predicted:
+        strip.scatter(c["predicted_ms"], 0, facecolors="none", edgecolors="0.55", marker="D", s=30, zorder=3)
+        entries.append((i, (c.get("label") or c["candidate"]["name"]) + " (predicted latency)", "0.55"))
+    if not timed_only and not predicted:
         strip.text(0.5, 0.5, "none", transform=strip.transAxes, ha="center", va="center", fontsize=7, color="0.4")
     strip.set_yticks([])
     strip.set_ylim(-1, 1.5)
-    strip.set_ylabel("timed,\nnot\nevaluated", fontsize=7, rotation=0, ha="right", va="center")
+    strip.set_ylabel("not\nevaluated", fontsize=7, rotation=0, ha="right", va="center")
     ax.set_ylabel(axis_label)
     log_latency_axis(strip, "x", f"quick latency p50 (ms), b{report['cell']['batch']}/s{report['cell']['sequence']}, "
                                  f"{report['cell']['threads']} thread(s)")
@@ -203,16 +231,20 @@ def figure(report: dict):
               Line2D([], [], color="tab:blue", label="Pareto front")]
     if limit is not None:
         status.append(Line2D([], [], color="k", linestyle="--", label=f"gate {limit}"))
+    if predicted:
+        status.append(Line2D([], [], marker="D", linestyle="None", markerfacecolor="none", markeredgecolor="0.55",
+                             label="predicted latency (never built)"))
     if any(c.get("within_noise") for _, c in evaluated):
         status.append(Line2D([], [], marker="o", linestyle="None", markerfacecolor="none", markeredgecolor="tab:orange",
                              markersize=11, label="within noise"))
     ax.legend(handles=status, fontsize=7, loc="best")
-    not_timed = len(report["candidates"]) - len(evaluated) - len(timed_only)
+    not_timed = len(report["candidates"]) - len(evaluated) - len(timed_only) - len(predicted)
     if entries:
         key(fig, sorted(entries), title="candidates" + (f" ({not_timed} more not timed — pruned by prediction, skipped "
                                                         "or not built: see search.md)" if not_timed else ""))
     place_numbers(ax, points)
-    place_numbers(strip, [(c["latency_ms"], 0, i, "0.4") for i, c in timed_only])
+    place_numbers(strip, [(c["latency_ms"], 0, i, "0.4") for i, c in timed_only]
+                  + [(c["predicted_ms"], 0, i, "0.4") for i, c in predicted])
     return fig
 
 

@@ -41,6 +41,29 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fp32_artifact(tiny, tmp_path_factory):
+    """fp32_artifact(family, task) -> the ConvertResult of tiny(family, task) converted to
+    ort-fp32, built once per session and shared: read it, never change it (copy it first).
+    At the session's end every shared artifact must still verify."""
+    from bertexport.convert import convert
+    from bertexport.manifest import verify_files
+
+    root = tmp_path_factory.mktemp("fp32-artifacts")
+    built = {}
+
+    def get(family: str, task: str = "feature-extraction"):
+        key = (family, task)
+        if key not in built:
+            # the folder is named by the task: what `bertexport serve` calls the model
+            built[key] = convert(str(tiny(family, task)), "ort-fp32", root / family / task, latency_runs=0)
+        return built[key]
+
+    yield get
+    changed = {key: problems for key, r in built.items() if (problems := verify_files(r.artifact))}
+    assert not changed, f"a test changed a shared artifact: {changed}"
+
+
+@pytest.fixture(scope="session")
 def keyword_model(tmp_path_factory):
     """A tiny BERT trained to detect the word 'excellent' (absent/present)."""
     from tests.tinymodels import train_keyword_classifier

@@ -21,10 +21,10 @@ LATENCY_KEYS = {"count", "total", "mean", "stdev", "p50", "p90", "p95", "p99", "
 
 
 @pytest.fixture(scope="module")
-def arts(tiny, tmp_path_factory):
+def arts(tiny, fp32_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     ckpt = tiny("distilbert", "text-classification")
-    a = convert(str(ckpt), "ort-fp32", root / "fp32", latency_runs=0).artifact
+    a = fp32_artifact("distilbert", "text-classification").artifact  # shared: read only
     b = convert(str(ckpt), "ort-int8", root / "int8", latency_runs=0,
                 gates=Gates(min_cosine=0.9, min_agreement=0.5)).artifact
     data = root / "d.tsv"

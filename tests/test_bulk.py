@@ -32,9 +32,8 @@ ROWS = 1500  # six chunks of bulk.CHUNK_ROWS (the last one partial)
 
 
 @pytest.fixture(scope="module")
-def art(tiny, tmp_path_factory):
-    return convert(str(tiny("bert", "text-classification")), "ort-fp32", tmp_path_factory.mktemp("bulk") / "art",
-                   latency_runs=0).artifact
+def art(fp32_artifact):
+    return fp32_artifact("bert", "text-classification").artifact  # shared: read only
 
 
 @pytest.fixture(scope="module")

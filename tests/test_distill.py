@@ -1,5 +1,7 @@
 """Distillation on a tiny, learnable task: a 2-layer teacher that detects a keyword,
-distilled to 1 layer. Loss falls, agreement rises well above chance, resume works."""
+distilled to 1 layer. Loss falls, agreement rises well above chance, resume works;
+intermediate-layer losses (hidden states through a projection, MiniLMv2 Q/K/V relations)
+fall; teacher-labelled expansion adds rows whose teacher outputs are computed once."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def transfer(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(layers=1, epochs=3, batch_size=16, lr=2e-3, checkpoint_every=10, seed=0)
+    base = dict(layers=1, epochs=3, batch_size=16, lr=2e-3, checkpoint_every=10, seed=0, augment=0)
     return DistillConfig(**(base | kw))
 
 
@@ -106,3 +108,210 @@ def test_convert_with_distill(keyword_model, transfer, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["distillation"]["student"]["layers"] == 1 and m["distillation"]["teacher"]["layers"] == 2
+
+
+# ------------------------------------------------------------------ intermediate-layer losses
+
+def _teacher(path):
+    import transformers as T
+
+    return T.AutoModelForSequenceClassification.from_pretrained(path).eval(), T.AutoTokenizer.from_pretrained(path)
+
+
+def _texts(n, seed=11):
+    rng = np.random.default_rng(seed)
+    labels = [int(rng.random() < 0.5) for _ in range(n)]
+    return [keyword_sentence(rng, int(rng.integers(4, 20)), "excellent" if y else None) for y in labels], labels
+
+
+def _falls(part):
+    return part["last_10pct"] < part["first_10pct"]
+
+
+def test_relation_heads_and_loss():
+    import torch
+
+    from bertexport.distill_losses import relation_heads, relation_loss
+
+    assert relation_heads(384, 384, 12) == 12 and relation_heads(256, 384, 12) == 8 and relation_heads(16, 32, 2) == 2
+    with pytest.raises(UserError, match="do not divide"):
+        relation_heads(256, 384, 12, wanted=12)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    t = [torch.randn(2, 5, 32, generator=g) for _ in range(3)]
+    s = [torch.randn(2, 5, 16, generator=g) for _ in range(3)]  # another width: relations still compare
+    assert float(relation_loss(t, t, mask, 4)) == pytest.approx(0.0, abs=1e-6)
+    loss = float(relation_loss(s, t, mask, 4))
+    assert loss > 0.01
+    padded = [x.clone() for x in s]
+    for x in padded:
+        x[0, 3:] = 100.0  # padding tokens must not count, as keys or as queries
+    assert float(relation_loss(padded, t, mask, 4)) == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["equal-width", "narrow-projection"])
+def test_intermediate_losses_fall(keyword_model, narrow, tmp_path):
+    from safetensors.torch import load_file
+
+    from bertexport.distill import shrink, train_student
+    from bertexport.progress import Reporter
+
+    teacher, tok = _teacher(keyword_model)
+    if narrow:
+        from bertexport.students import StudentShape, make_student
+
+        student = make_student(teacher, StudentShape(1, 16, 1, 32), [1], None)  # hidden 32 -> 16: projected
+    else:
+        student = shrink(teacher, [1])
+    texts, labels = _texts(200)
+    cfg = _cfg(epochs=4, alpha_hidden=1.0, alpha_attention=1.0)
+    best, r = train_student(teacher, student, tok, texts, labels, "text-classification", cfg, tmp_path / "w", Reporter())
+    assert r["layer_map"] == [1] and r["intermediate"]["projection"] is narrow
+    assert r["intermediate"]["relation_heads"] == 2 and r["intermediate"]["attention_layers"] == {"student": 0, "teacher": 1}
+    parts = r["loss_parts"]
+    assert {"kd", "ce", "hidden", "attention"} <= set(parts) and parts["hidden"]["steps"] == r["steps"] == 4 * 12
+    assert _falls(parts["hidden"]) and _falls(parts["attention"]) and _falls(parts["kd"])
+    assert r["loss_last_10pct"] < r["loss_first_10pct"]
+    assert r["final_eval"]["agreement"] >= 0.8
+    # the projection trained with the student and was discarded: the kept student is a plain model
+    saved = load_file(tmp_path / "w" / "best" / "model.safetensors")
+    assert set(saved) <= set(type(student)(student.config).state_dict())
+    assert best.config.hidden_size == (16 if narrow else 32)
+    assert not any("projection" in k for k in saved)
+
+
+def test_intermediate_losses_off(keyword_model, tmp_path):
+    from bertexport.distill import shrink, train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(64)
+    _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification",
+                         _cfg(epochs=1, alpha_hidden=0, alpha_attention=0), tmp_path / "w")
+    assert set(r["loss_parts"]) == {"kd", "ce"} and r["intermediate"]["relation_heads"] is None
+
+
+# ------------------------------------------------------------------ teacher-labelled expansion
+
+def test_expansion_adds_teacher_labelled_rows_computed_once(keyword_model, tmp_path):
+    import torch
+
+    from bertexport.augment import variants
+    from bertexport.distill import _length_batches, shrink, split_eval, train_student
+    from bertexport.progress import Reporter
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(96)
+    cfg = _cfg(epochs=1, augment=3, augment_below=5000, alpha_attention=0)
+    work = tmp_path / "w"
+    rep = Reporter()
+    _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work, rep)
+    train_idx, eval_idx = split_eval(len(texts), cfg)
+    train_texts, eval_texts = [texts[i] for i in train_idx], [texts[i] for i in eval_idx]
+    expected = variants(train_texts, 3, cfg.seed, exclude=set(eval_texts))
+    d = r["data"]
+    assert d["train_texts"] == len(train_idx) == 87 and d["eval_texts"] == 9  # held-out: originals only
+    assert d["augmented"] == len(expected) > 2 * len(train_idx) and d["augment_per_text"] == 3
+    assert d["teacher_labelled_rows"] == d["train_texts"] + d["augmented"]
+    assert not set(expected) & set(texts)  # variants differ from every original
+    assert r["steps"] == -(-d["teacher_labelled_rows"] // cfg.batch_size)  # training ran over the expanded rows
+    assert "ce" in r["loss_parts"]  # originals keep their labels; variants learn the teacher's soft outputs only
+    # the teacher's outputs exist for every expanded row and are its real outputs on them
+    cache = work / "teacher-train.npz"
+    data = np.load(cache)
+    assert sum(data[k].shape[0] for k in data.files) == d["teacher_labelled_rows"]
+    batches = _length_batches(tok, train_texts + expected, None, cfg.batch_size, cfg.max_length, cfg.seed)
+    with torch.inference_mode():
+        for i in (0, len(batches) - 1):
+            np.testing.assert_allclose(data[f"{i}:logits"], teacher(**batches[i]["inputs"]).logits.numpy(), atol=1e-5)
+    assert any(e[0] == "log" and "computed for" in e[1] and "teacher-train.npz" in e[1] for e in rep.events)
+    # a second run on the same work folder reads them from the cache: nothing recomputed
+    stamp = cache.stat().st_mtime_ns
+    rep2 = Reporter()
+    _, r2 = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work, rep2)
+    assert cache.stat().st_mtime_ns == stamp
+    logs = [e[1] for e in rep2.events if e[0] == "log"]
+    assert any("loaded from teacher-train.npz" in m for m in logs) and not any("computed for" in m for m in logs)
+    assert r2["resumed_from_step"] == r["steps"] and r2["data"] == d
+    # another setting on the same work folder is refused, not silently mixed
+    with pytest.raises(UserError, match="other"):
+        train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", _cfg(epochs=2, augment=3,
+                      alpha_attention=0), work, Reporter())
+
+
+def test_no_expansion_on_large_data(keyword_model, tmp_path):
+    from bertexport.distill import shrink, train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, _ = _texts(64)
+    _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, None, "text-classification",
+                         _cfg(epochs=1, augment=4, augment_below=64, alpha_hidden=0, alpha_attention=0), tmp_path / "w")
+    assert r["data"]["augmented"] == 0 and r["data"]["teacher_labelled_rows"] == r["data"]["train_texts"]
+    assert not r["data"]["labelled"] and "ce" not in r["loss_parts"]  # unlabelled text: the teacher labels it all
+
+
+# ------------------------------------------------------------------ the command
+
+def test_distill_shape_cli(keyword_model, tmp_path):
+    import transformers as T
+
+    texts, labels = _texts(80)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(f"{t},{['absent', 'present'][y]}" for t, y in zip(texts, labels)) + "\n")
+    r = CliRunner().invoke(cli, ["distill", str(keyword_model), "--out", str(tmp_path / "s"), "--data", str(data),
+                                 "--shape", "L1-H16", "--alpha-hidden", "0.5", "--alpha-attention", "0", "--augment", "2",
+                                 "--epochs", "2", "--batch-size", "16", "--lr", "2e-3"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "s" / "distill_report.json").read_text())
+    assert rep["student"]["shape"]["name"] == "L1-H16-A1-F64" and rep["student"]["layers"] == 1
+    assert rep["config"]["alpha_hidden"] == 0.5 and rep["config"]["alpha_attention"] == 0 and rep["config"]["augment"] == 2
+    assert set(rep["loss_parts"]) == {"kd", "ce", "hidden"} and rep["intermediate"]["projection"] is True
+    assert rep["data"]["augmented"] > rep["data"]["train_texts"] and rep["layer_map"] == [1]
+    assert len(rep["student"]["kept_teacher_layers"]) == 1 and rep["student"]["layer_choice"]
+    for part in rep["loss_parts"].values():
+        assert {"first_10pct", "last_10pct"} <= set(part)
+    student = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "s")
+    assert student.config.hidden_size == 16 and student.config.num_attention_heads == 1
+    assert not (tmp_path / ".s.distill").exists()
+
+
+def test_distill_options_checked_before_the_teacher_loads(keyword_model, transfer, tmp_path, monkeypatch):
+    import bertexport.distill as D
+
+    def no_loading(*a, **k):
+        raise AssertionError("the teacher was loaded before the options were checked")
+
+    monkeypatch.setattr(D, "load_model", no_loading)
+    base = ["distill", str(keyword_model), "--out", str(tmp_path / "s"), "--data", str(transfer)]
+    for extra, message in ((["--shape", "L9"], "larger than the teacher"), (["--shape", "X3"], "is not like"),
+                           (["--shape", "L1-H20"], "multiple of the teacher's head size"),
+                           (["--shape", "L1", "--layers", "2"], "contradicts"),
+                           (["--shape", "L1", "--student", str(keyword_model)], "does not go with"),
+                           (["--layers", "1", "--augment", "-1"], "-1"), (["--layers", "1", "--alpha-hidden", "-0.5"], "-0.5")):
+        r = CliRunner().invoke(cli, base + extra)
+        assert r.exit_code == 2 and message in r.output, (extra, r.output)
+    r = CliRunner().invoke(cli, base + ["--task", "feature-extraction", "--shape", "L1-H16"])
+    assert r.exit_code == 2 and "output size" in r.output, r.output  # embeddings keep their dimension
+
+
+def test_narrow_student_resumes_with_its_projection(keyword_model, tmp_path):
+    import torch
+
+    from bertexport.distill import train_student
+    from bertexport.students import StudentShape, make_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(100)
+    cfg = _cfg(epochs=2, checkpoint_every=3)  # 6 steps an epoch
+
+    def interrupt(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(teacher, make_student(teacher, StudentShape(1, 16, 1, 32), [1]), tok, texts, labels,
+                      "text-classification", cfg, tmp_path / "w", on_step=interrupt)
+    saved = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["step"] == 3 and len(saved["projections"]) == 2 * 2  # embeddings + 1 layer, weight and bias each
+    _, r = train_student(teacher, make_student(teacher, StudentShape(1, 16, 1, 32), [1]), tok, texts, labels,
+                         "text-classification", cfg, tmp_path / "w")
+    assert r["resumed_from_step"] == 3 and r["steps"] == 2 * 6 and r["loss_parts"]["hidden"]["steps"] == r["steps"]

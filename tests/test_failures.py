@@ -97,10 +97,8 @@ def test_force_replaces_a_bertexport_artifact_atomically(user_ckpt, tmp_path):
     assert work_folders() == []
 
 
-def test_pack_and_benchmark_never_replace_user_files(user_ckpt, tmp_path):
-    _, ckpt = user_ckpt
-    art = tmp_path / "art"
-    assert cli_run("convert", ckpt, "-t", "ort-fp32", "-o", art, "--latency-runs", "0").exit_code == 0
+def test_pack_and_benchmark_never_replace_user_files(fp32_artifact, tmp_path):
+    art = fp32_artifact("bert", "text-classification").artifact  # shared: read only
     mine = tmp_path / "mine.tar.gz"
     mine.write_bytes(b"my own archive")
     assert_refused(cli_run("pack", art, "--out", mine, "--force"), "did not make")
@@ -233,12 +231,11 @@ def test_read_only_or_full_filesystem_refused_before_load(user_ckpt, tmp_path, k
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_cli_option_ranges_and_no_gate(tmp_path, user_ckpt):
+def test_cli_option_ranges_and_no_gate(tmp_path, user_ckpt, fp32_artifact):
     _, ckpt = user_ckpt
     r = cli_run("convert", ckpt, "-t", "ort-fp32", "-o", tmp_path / "o", "--latency-runs", "-3")
     assert r.exit_code == 2 and "Traceback" not in r.output
-    art = tmp_path / "art"
-    assert cli_run("convert", ckpt, "-t", "ort-fp32", "-o", art, "--latency-runs", "0").exit_code == 0
+    art = fp32_artifact("bert", "text-classification").artifact  # shared: read only
     assert_refused(cli_run("validate", art), "no gate given")
     r = cli_run("validate", art, "--report-only", "--json", "-")
     assert r.exit_code == 0 and json.loads(r.stdout)["passed"] is True
@@ -248,10 +245,8 @@ def test_cli_option_ranges_and_no_gate(tmp_path, user_ckpt):
     assert_refused(cli_run("validate", art, "--min-agreement", "0.9", "--data", sys.executable), "is not a text file")
 
 
-def test_run_json_does_not_echo_the_input(tmp_path, user_ckpt):
-    _, ckpt = user_ckpt
-    art = tmp_path / "art"
-    assert cli_run("convert", ckpt, "-t", "ort-fp32", "-o", art, "--latency-runs", "0").exit_code == 0
+def test_run_json_does_not_echo_the_input(fp32_artifact):
+    art = fp32_artifact("bert", "text-classification").artifact  # shared: read only
     long_text = "a remarkably long review " * 2000
     r = cli_run("run", art, "short one", long_text, "--json", "-")
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -261,10 +256,8 @@ def test_run_json_does_not_echo_the_input(tmp_path, user_ckpt):
 
 # -- packs and integrity ---------------------------------------------------------------
 
-def test_damaged_packs_and_edited_manifest(tmp_path, user_ckpt):
-    _, ckpt = user_ckpt
-    art = tmp_path / "art"
-    assert cli_run("convert", ckpt, "-t", "ort-fp32", "-o", art, "--latency-runs", "0").exit_code == 0
+def test_damaged_packs_and_edited_manifest(tmp_path, fp32_artifact):
+    art = shutil.copytree(fp32_artifact("bert", "text-classification").artifact, tmp_path / "art")  # edited below: a copy
     assert cli_run("pack", art, "--out", tmp_path / "a.tar.gz").exit_code == 0
     data = (tmp_path / "a.tar.gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])  # a bad scp

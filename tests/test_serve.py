@@ -24,7 +24,6 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.convert import convert
 from bertexport.serve import batch_tolerance
 from tests.torchfree import BLOCK_TORCH
 
@@ -137,9 +136,9 @@ def same_answers(served, ran, manifest):
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    return {task: convert(str(tiny("bert", task)), "ort-fp32", root / task, latency_runs=0).artifact for task in TASKS}
+def artifacts(fp32_artifact):
+    """ort-fp32 builds of tiny BERT for every task, shared with the session (read only)."""
+    return {task: fp32_artifact("bert", task).artifact for task in TASKS}
 
 
 @pytest.fixture(scope="module")

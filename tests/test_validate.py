@@ -20,10 +20,10 @@ LABELS = ["negative", "neutral", "positive"]
 
 
 @pytest.fixture(scope="module")
-def built(tiny, tmp_path_factory):
+def built(tiny, fp32_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("validate")
     ckpt = tiny("bert", "text-classification")
-    good = convert(str(ckpt), "ort-fp32", root / "good", latency_runs=0).artifact
+    good = fp32_artifact("bert", "text-classification").artifact  # shared: read only
     bad = convert(str(ckpt), "ort-fp32", root / "bad", latency_runs=0).artifact
     # a damaged compile that still passes integrity checks: the classifier's weights
     # scrambled inside the graph, manifest re-written with the new checksums

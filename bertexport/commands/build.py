@@ -65,6 +65,14 @@ def _distill_options(f):
         click.option("--layers", type=click.IntRange(min=1), help="Student layer count (every k-th teacher layer kept)."),
         click.option("--keep-layers", help="Explicit teacher layer indices to keep, e.g. 1,3,5."),
         click.option("--student", help="A student checkpoint sharing the teacher's tokenizer (instead of --layers)."),
+        click.option("--shape", help="Student shape sliced from the teacher, e.g. L3, L3-H256 or L3-H256-F1024 (L layers, "
+                                     "H hidden size, F FFN size; missing parts are the teacher's)."),
+        click.option("--alpha-hidden", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Weight of the hidden-state loss (each student layer vs its teacher layer; 0: off)."),
+        click.option("--alpha-attention", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Weight of the Q/K/V self-attention relation loss (MiniLMv2, last layer; 0: off)."),
+        click.option("--augment", type=click.IntRange(min=0), default=8, show_default=True,
+                     help="Teacher-labelled variants per training text when the data has fewer than 5000 texts (0: none)."),
         click.option("--data", "distill_data", type=click.Path(path_type=Path), help="Transfer text (.txt/.csv/.tsv/.jsonl; labels used when present); default: calib/."),
         click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch size."),
@@ -78,7 +86,8 @@ def _distill_options(f):
     return f
 
 
-def _distill_config(layers, keep_layers, student, epochs, batch_size, lr, temperature, seed, distill_threads):
+def _distill_config(layers, keep_layers, student, shape, alpha_hidden, alpha_attention, augment, epochs, batch_size, lr,
+                    temperature, seed, distill_threads):
     from bertexport.distill import DistillConfig
 
     keep = None
@@ -87,7 +96,8 @@ def _distill_config(layers, keep_layers, student, epochs, batch_size, lr, temper
             keep = [int(x) for x in keep_layers.split(",")]
         except ValueError as e:
             raise click.BadParameter("--keep-layers takes comma-separated integers") from e
-    return DistillConfig(layers=layers, keep_layers=keep, student=student, epochs=epochs, batch_size=batch_size, lr=lr,
+    return DistillConfig(layers=layers, keep_layers=keep, student=student, shape=shape, alpha_hidden=alpha_hidden,
+                         alpha_attention=alpha_attention, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,
                          temperature=temperature, seed=seed, threads=distill_threads)
 
 
@@ -99,13 +109,14 @@ def _distill_config(layers, keep_layers, student, epochs, batch_size, lr, temper
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out if it is a bertexport student (never a folder of other files).")
 @json_option("the distillation report")
-def distill(teacher, out, task, layers, keep_layers, student, distill_data, epochs, batch_size, lr, temperature, seed,
-            distill_threads, resume, force, json_out):
+def distill(teacher, out, task, layers, keep_layers, student, shape, alpha_hidden, alpha_attention, augment, distill_data,
+            epochs, batch_size, lr, temperature, seed, distill_threads, resume, force, json_out):
     """Distill TEACHER into a smaller student checkpoint (same family and tokenizer)."""
     from bertexport.distill import distill as run_distill
     from bertexport.progress import RichReporter
 
-    cfg = _distill_config(layers, keep_layers, student, epochs, batch_size, lr, temperature, seed, distill_threads)
+    cfg = _distill_config(layers, keep_layers, student, shape, alpha_hidden, alpha_attention, augment, epochs, batch_size,
+                          lr, temperature, seed, distill_threads)
     result = run_distill(teacher, out, task=task, data=distill_data, config=cfg, resume=resume, force=force,
                          reporter=RichReporter())
     r = result.report
@@ -129,7 +140,9 @@ def distill(teacher, out, task, layers, keep_layers, student, distill_data, epoc
               help="Decide the held-out verdict on this interval (e.g. 0.95): a candidate passes only when the whole interval is inside the gate.")
 @click.option("--batch-invariant", is_flag=True, help="Keep only candidates whose outputs do not depend on their batch neighbours (measured at build).")
 @click.option("--budget", default="20m", show_default=True, help="Time budget for the search, e.g. 90s, 20m, 1h.")
-@click.option("--distill", help="Also try layer-drop students with these layer counts (e.g. 3,4), or 'auto' (half the layers).")
+@click.option("--distill", help="Also search students: 'auto' (a depth x width grid ordered by a latency cost model measured "
+                                "here), layer counts (e.g. 3,4: full width), or shapes (e.g. L3-H256-F1024,L2; missing parts "
+                                "are the teacher's).")
 @click.option("--distill-epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Training epochs per student.")
 @click.option("--distill-data", type=click.Path(path_type=Path), help="Training text for students, e.g. your training set (default: the search slice).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for int8 recipes (default: calib/ set).")

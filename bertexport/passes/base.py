@@ -43,6 +43,7 @@ class PassContext:
     model_config: dict = field(default_factory=dict)
     profile: Any = None
     torch_model: Any = None  # the PyTorch original, for passes that convert from it
+    checkpoint: Any = None  # its bertexport.checkpoint.Checkpoint, for passes that re-export it
     output_names: list[str] = field(default_factory=list)
 
 
@@ -79,6 +80,8 @@ CATALOG: dict[str, str] = {
     "openvino-compress-weights": "bertexport.passes.openvino_passes",
     "nncf-quantize": "bertexport.passes.openvino_passes",
     "tensorrt-build": "bertexport.passes.tensorrt_build",
+    "first-token-skip": "bertexport.passes.first_token_skip",
+    "int8-embeddings": "bertexport.passes.int8_embeddings",
 }
 
 
@@ -88,6 +91,12 @@ class Pass:
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
     capability: ClassVar[Capability]
+    first_only: ClassVar[bool] = False  # must be a profile's first pass (it starts from the PyTorch model)
+    not_after: ClassVar[dict[str, str]] = {}  # pass name -> why this pass cannot come after it in a profile
+
+    @classmethod
+    def check_checkpoint(cls, family: str, task: str, config: dict) -> None:
+        """Refuse (UserError) a model this pass cannot serve; called before the model loads."""
 
     @classmethod
     def needs_calibration(cls) -> bool:

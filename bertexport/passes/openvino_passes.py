@@ -58,7 +58,12 @@ def _convert_from_pytorch(ctx: PassContext):
     example = {k: torch.from_numpy(v) for k, v in ctx.encode(["a short example", "and a somewhat longer one"]).items()}
     wrapped = Outputs(ctx.torch_model, ctx.input_names, ctx.output_names)
     shapes = [(n, ov.PartialShape([-1, -1]), ov.Type.i64) for n in ctx.input_names]
-    return ov.convert_model(wrapped, example_input=example, input=shapes)
+    converted = ov.convert_model(wrapped, example_input=example, input=shapes)
+    # a traced input can carry an extra internal tensor name ({'attention_mask', '59'} on BERT),
+    # and runners address inputs by any one name: keep exactly the export's names
+    for port, name in zip(converted.inputs, ctx.input_names):
+        port.get_tensor().set_names({name})
+    return converted
 
 
 class OpenVinoConvert(Pass):
@@ -81,7 +86,13 @@ class OpenVinoConvert(Pass):
             if ctx.torch_model is None:
                 raise RuntimeError("openvino-convert source=pytorch needs the PyTorch model")
             ctx.log(f"converting from PyTorch ({ctx.family})")
-            ov_model = _convert_from_pytorch(ctx)
+            if model.notes.get("first_token_skip"):  # the ONNX input skips compute: convert the same rewrite
+                from bertexport.passes.first_token_skip import first_token_only
+
+                with first_token_only(ctx.torch_model):
+                    ov_model = _convert_from_pytorch(ctx)
+            else:
+                ov_model = _convert_from_pytorch(ctx)
         else:
             ov_model = ov.convert_model(str(model.path))
         out = _save(ov_model, ctx, "model", config.compress_to_fp16)

@@ -105,3 +105,51 @@ def test_decision_fallback_restores_when_decisions_move_and_says_why(tiny, tmp_p
         assert ("rejected" in n["why"]) == (n["kept_float"] > 0)
     else:
         pytest.skip("int8 moved no token decision of this tiny model: nothing to restore")
+
+
+@pytest.mark.parametrize("profile", ["ort-fp32", "ort-fused"])
+def test_float_restore_by_graph_edit_equals_quantizing_without_the_node(tiny, tmp_path, profile):
+    """The decision fallback's probes put weight nodes back in float by editing the all-int8
+    graph (no new quantization of every weight): the model computes exactly what
+    quantize_dynamic makes with those nodes excluded — a node sharing its activation's
+    quantization with others (attention query), an FFN output, a fused Attention, and two at once."""
+    import numpy as np
+    import onnx
+
+    from bertexport.backends.onnxruntime.runner import OrtRunner
+    from bertexport.graph import weight_nodes
+    from bertexport.passes.ort_quantize import DynamicQuantizeConfig, OrtDynamicQuantize, with_float_nodes
+    from bertexport.runtime import TextEncoder
+    from bertexport.textdata import builtin_calibration
+
+    art = convert(str(tiny("bert", "text-classification")), profile, tmp_path / "fp32", latency_runs=0).artifact
+    fp32 = next((art / "model").glob("*.onnx"))
+    config = DynamicQuantizeConfig(op_types=["MatMul", "Attention"])
+    quantize = OrtDynamicQuantize()._quantize
+    quantize(fp32, tmp_path / "all.onnx", config, [])
+    nodes = weight_nodes(fp32, config.op_types)
+    fused = [n for n in nodes if "Attention" in n]
+    assert bool(fused) == (profile == "ort-fused")
+    picks = [[nodes[0]], [n for n in nodes if "output/dense" in n and "attention" not in n][:1], nodes[1:3]] + [fused[:1]] * bool(fused)
+    encode = TextEncoder.from_folder(art / "tokenizer", [i.name for i in onnx.load(str(fp32)).graph.input], 128).encode
+    texts = builtin_calibration()[:8]
+    feeds = [encode(texts, padding="max_length", length=48), encode(texts[:1], padding="longest")]
+    int8, float_model = onnx.load(str(tmp_path / "all.onnx")), onnx.load(str(fp32))
+
+    def outputs(path):
+        with OrtRunner(path, threads=1) as r:
+            return [r.infer(f) for f in feeds]
+
+    for i, names in enumerate(picks):
+        assert names
+        quantize(fp32, tmp_path / f"q{i}.onnx", config, names)
+        edited = with_float_nodes(int8, float_model, names)
+        onnx.save(edited, str(tmp_path / f"e{i}.onnx"))
+        onnx.checker.check_model(edited)
+        ops = {n.name: n.op_type for n in edited.graph.node}
+        assert all(ops.get(n) in ("MatMul", "Attention") for n in names)  # the float node, where it was
+        assert len(edited.graph.node) == len(onnx.load(str(tmp_path / f"q{i}.onnx")).graph.node)
+        for a, b in zip(outputs(tmp_path / f"q{i}.onnx"), outputs(tmp_path / f"e{i}.onnx")):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), names
+    with pytest.raises(ValueError, match="not int8"):
+        with_float_nodes(with_float_nodes(int8, float_model, nodes[:1]), float_model, nodes[:1])

@@ -1,0 +1,316 @@
+"""``optimize`` searching students: the grid, shapes checked before any work, shapes ordered
+by the cost model's prediction, hopeless shapes never trained, a passing student returned,
+the best recipe on the original returned when no student passes, and a rerun served from
+the caches. Latency comes from an injected clock (tests never time): a linear function of
+the linear layers' MACs, which the cost model's fit recovers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bertexport.candidates import Candidate
+from bertexport.cli import cli
+from bertexport.compare import Gates
+from bertexport.cost_model import linear_macs
+from bertexport.errors import UserError
+from bertexport.students import StudentShape, check_shape
+from tests.searchclock import inject_search_clock
+from tests.tinymodels import keyword_sentence
+
+TEACHER = StudentShape(2, 32, 2, 64)  # tests/tinymodels.py's keyword classifier
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    rng = np.random.default_rng(11)
+    path = tmp_path_factory.mktemp("data") / "kw.jsonl"
+    with open(path, "w") as f:
+        for _ in range(500):  # the held-out slice must resolve the gate
+            y = int(rng.integers(0, 2))
+            f.write(json.dumps({"text": keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if y else None),
+                                "label": ["absent", "present"][y]}) + "\n")
+    return path
+
+
+def test_grid_is_small_checked_and_narrower_than_the_teacher():
+    from bertexport.student_search import GRID_MAX, student_grid
+
+    minilm = StudentShape(6, 384, 12, 1536)
+    grid = student_grid(minilm, "bert")
+    assert 6 <= len(grid) <= GRID_MAX and len(set(grid)) == len(grid)
+    assert {s.layers for s in grid} == {3, 2}  # half and a third of the depth
+    assert {s.hidden for s in grid} >= {384, 256, 192} and all(s.hidden % 32 == 0 for s in grid)  # whole heads
+    assert {s.ffn for s in grid} >= {1536, 768, 384}
+    for s in grid:
+        check_shape(s, minilm, "bert")
+        assert s.ffn / s.hidden <= minilm.ffn / minilm.hidden
+    # a family that cannot be width-pruned gets layer-drop students only
+    assert {(s.hidden, s.ffn) for s in student_grid(minilm, "mpnet")} == {(384, 1536)}
+
+
+def test_distill_option_is_checked_before_any_work(keyword_model, tmp_path):
+    from bertexport.checkpoint import resolve_checkpoint
+    from bertexport.student_search import plan_students
+
+    ckpt = resolve_checkpoint(str(keyword_model), None)
+    assert [s.name for s in plan_students("1", ckpt)] == ["L1-H32-A2-F64"]  # layer drop at full width
+    assert [s.name for s in plan_students("L1-H16-F32,L1", ckpt)] == ["L1-H16-A1-F32", "L1-H32-A2-F64"]
+    assert len(plan_students("auto", ckpt)) >= 3 and plan_students(None, ckpt) == []
+    for bad, says in (("L1-H20", "head size"), ("L3", "larger than the teacher"), ("L2", "own shape"),
+                      ("auto,L1", "cannot be combined"), ("0", ">= 1"), ("L1-X", "not like")):
+        with pytest.raises(UserError, match=says):
+            plan_students(bad, ckpt)
+    r = CliRunner().invoke(cli, ["optimize", str(keyword_model), "--distill", "L1-H24", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "head size" in r.stderr and "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def _shape_of(name: str) -> StudentShape:
+    m = re.match(r"L(\d+)-H(\d+)-A(\d+)-F(\d+)", name)
+    return StudentShape(*map(int, m.groups()))
+
+
+def _clock_ms(shape: StudentShape, skip: bool) -> float:
+    """Milliseconds of a shape on the injected clock (the teacher's shape unskipped: 1.0)."""
+    return 0.2 + 0.8 * linear_macs(shape, 1, 128, skip) / linear_macs(TEACHER, 1, 128)
+
+
+def _fake_clock(monkeypatch, trained: list):
+    import bertexport.distill as distill
+    from bertexport.cost_model import CostModel
+
+    def fake_ms(cand):
+        if cand.student:
+            return _clock_ms(_shape_of(cand.student), any(p["type"] == "first-token-skip" for p in cand.passes))
+        return 2.0 if cand.precision == "fp32" else 1.0 + 0.4 * len(cand.keep_float)
+
+    inject_search_clock(monkeypatch, fake_ms)
+    monkeypatch.setattr(CostModel, "_time_builds", lambda self, builds: {
+        n: _clock_ms(shape, any(p["type"] == "first-token-skip" for p in cand.passes)) / 1e3
+        for n, (shape, cand) in builds.items()})
+    real_train = distill.train_student
+
+    def train_student(teacher, student, *a, **k):
+        trained.append(student.config.hidden_size)
+        return real_train(teacher, student, *a, **k)
+
+    monkeypatch.setattr(distill, "train_student", train_student)
+
+
+def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reruns_from_caches(keyword_model, labelled,
+                                                                                              tmp_path, monkeypatch):
+    from bertexport.manifest import load_manifest
+    from bertexport.optimize import optimize
+
+    trained: list = []
+    _fake_clock(monkeypatch, trained)
+    kw = dict(budget="5m", distill="auto", distill_epochs=1, backends={"onnxruntime"}, threads=1,
+              gates=Gates(max_accuracy_drop=10.0))
+    res = optimize(str(keyword_model), labelled, tmp_path / "s", **kw)
+    rep = res.report
+    students = rep["students"]
+    assert len(students) >= 3 and {s["prediction"] for s in students} == {"measured", "predicted"}
+    by_speed = sorted(students, key=lambda r: _clock_ms(_shape_of(r["shape"]), True))
+    # bisection: the first student trained is the middle of the shapes by predicted latency
+    assert students[0]["shape"] == by_speed[len(by_speed) // 2]["shape"]
+    # every trained student was judged; hopeless/dominated ones were never trained
+    trained_names = [s["shape"] for s in students if s["train_seconds"] is not None]
+    assert [_shape_of(n).hidden for n in trained_names] == trained
+    assert all(s["train_seconds"] is None for s in students if s["status"] in ("hopeless", "dominated"))
+    assert len(trained_names) < len(students)  # bisection trains fewer than the grid
+    passed = [s for s in students if s["status"] == "passed"]
+    assert passed
+    first = min(passed, key=lambda r: _clock_ms(_shape_of(r["shape"]), True))  # the fastest passing student
+    assert first["measured_ms"] == pytest.approx(first["predicted_ms"])
+    # every shape predicted slower than a student that had passed when it came up is hopeless
+    for i, r in enumerate(students):
+        before = [p for p in students[:i] if p["status"] == "passed"]
+        if before and _clock_ms(_shape_of(r["shape"]), True) >= min(_clock_ms(_shape_of(p["shape"]), True) for p in before):
+            assert r["status"] == "hopeless", r
+    hopeless = [c for c in rep["candidates"] if c["status"] == "hopeless"]
+    assert all(c["artifact"] is None and c["predicted_ms"] is not None for c in hopeless)
+    # the winner is the student, judged against the original on the held-out slice
+    w = rep["winner"]
+    assert w["candidate"]["student"] == first["shape"] and w["name"].startswith(first["shape"] + "/")
+    assert w["confirm_metrics"]["metric_drop"] <= 10.0 and w["confirm_metrics"]["metric_reference"] > 90
+    m = load_manifest(res.artifact)
+    assert m["status"] == "passed" and m["search"]["winner"]["name"] == w["name"]
+    md = (res.artifact / "search.md").read_text()
+    assert f"| {first['shape']} | passed" in md and "(predicted)" in md
+    assert (res.artifact / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(cli, ["run", str(res.artifact), "an excellent film", "--json", "-"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["label"] in ("absent", "present")
+
+    # a rerun: costs, the student and every build come from the caches
+    again = optimize(str(keyword_model), labelled, tmp_path / "s2", **kw)
+    assert trained == [_shape_of(n).hidden for n in trained_names] and again.report["cost_model"]["measured_now"] == []
+    assert all(s["cached"] for s in again.report["students"] if s["train_seconds"] is not None)
+    assert again.report["winner"]["name"] == w["name"]
+    assert all(c["cached"] for c in again.report["candidates"] if c["artifact"])
+
+
+def test_no_passing_student_returns_the_best_recipe_on_the_original(keyword_model, labelled, tmp_path, monkeypatch):
+    """A forced failing student (random weights of its shape instead of trained ones) is
+    judged, fails the gate against the original, and the original's recipe wins."""
+    import bertexport.student_search as ss
+    from bertexport.optimize import optimize
+    from bertexport.students import random_student
+
+    trained: list = []
+    _fake_clock(monkeypatch, trained)
+
+    def untrained(self, shape):
+        import torch
+
+        out = tmp_path / f"random-{shape.name}"
+        torch.manual_seed(1)
+        random_student(self.teacher_model.config, shape).save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        return out, {"train_seconds": 0.5}, False
+
+    monkeypatch.setattr(ss.StudentSearch, "train", untrained)
+    res = optimize(str(keyword_model), labelled, tmp_path / "n", budget="5m", distill="L1-H16-F32", distill_epochs=1,
+                   backends={"onnxruntime"}, threads=1, gates=Gates(max_accuracy_drop=10.0))
+    (student,) = res.report["students"]
+    assert student["status"] == "not passed" and "failed" in student["reason"]
+    judged = [c for c in res.report["candidates"] if c["candidate"]["student"] and c["status"] == "failed"]
+    assert judged and all(c["metrics"]["metric_drop"] > 10.0 for c in judged)
+    w = res.report["winner"]
+    assert w["candidate"]["student"] is None and not w["candidate"]["student_layers"]
+    assert w["name"] == min((c for c in res.report["candidates"] if c["status"] == "passed"),
+                            key=lambda c: c["latency_ms"])["candidate"]["name"]
+
+
+class _Search:
+    """What StudentSearch reads of optimize's search, with a clock that training advances."""
+
+    def __init__(self, trials, budget: float):
+        from bertexport.progress import Reporter
+
+        self.trials, self.best, self.reporter = trials, (trials or [None])[0], Reporter()
+        self.threads, self.clock, self.budget = 1, 0.0, budget
+        self.tried = []
+
+    def remaining(self):
+        return self.budget - self.clock
+
+    def log_board(self, trial):
+        pass
+
+    def try_candidate(self, cand, path):
+        from bertexport.optimize import Trial
+
+        self.tried.append(cand.name)
+        t = Trial(cand, "failed", "metric_drop 3.00 > 1.0", latency_ms=0.5)
+        self.trials.append(t)
+        return t
+
+
+def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones_skipped_by_the_budget(tmp_path,
+                                                                                                    monkeypatch):
+    """No model: the cost model's prediction, training and judging are stubbed (every student
+    misses the gate), so what is checked is the search's own decisions: bisection order,
+    shapes dominated by a miss never trained, hopeless ones never trained, the budget estimate."""
+    import bertexport.student_search as ss
+    from bertexport.cost_model import Cost
+    from bertexport.optimize import Trial
+
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    original = Trial(base, "passed", "meets the gate", latency_ms=1.0)
+    teacher = StudentShape(6, 384, 12, 1536)
+    ratios = {"L2-H192-A6-F384": 0.2, "L4-H192-A6-F384": 0.4, "L3-H256-A8-F768": 0.45, "L3-H384-A12-F1536": 0.7,
+              "L4-H384-A12-F1536": 1.1}
+    small, deep_narrow, middle, wide, slow = (_shape_of(n) for n in ratios)
+    shapes = [_shape_of(n) for n in reversed(ratios)]
+    first_seconds = 30.0
+    need = {sh: first_seconds * ss.training_units(sh, teacher) / ss.training_units(middle, teacher)
+            for sh in (deep_narrow, wide)}
+    assert need[wide] > need[deep_narrow]
+    # after the first student: room for the deep-narrow one, not the wide one
+    search = _Search([original], budget=first_seconds + (need[deep_narrow] + need[wide]) / 2)
+    trained = []
+
+    def train(self, shape):
+        trained.append(shape.name)
+        seconds = first_seconds if shape == middle else need[shape]
+        self.search.clock += seconds
+        return tmp_path / shape.name, {"train_seconds": seconds}, False
+
+    monkeypatch.setattr(ss.StudentSearch, "costs", lambda self, bases: (
+        {s.name: Cost(s.name, ratios[s.name], "predicted", 0.0) for s in self.shapes}, None))
+    monkeypatch.setattr(ss.StudentSearch, "train", train)
+    monkeypatch.setattr(ss.StudentSearch, "data", lambda self: ([], None, "digest"))
+    monkeypatch.setattr(ss.StudentSearch, "_cached_path", lambda self, shape, digest: tmp_path / "none")
+
+    class Ckpt:
+        task, family, sha256, trust_remote_code = "text-classification", "bert", "sha", False
+        config = {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12,
+                  "intermediate_size": 1536}
+
+    records = ss.StudentSearch(search, ckpt=Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None, shapes=shapes,
+                               recipes=[base]).run()
+    status = {r["shape"]: r["status"] for r in records}
+    # the middle shape first; its miss rules out the shapes it dominates; the wide one does not fit
+    assert [r["shape"] for r in records] == [middle.name, wide.name, deep_narrow.name, slow.name, small.name]
+    assert trained == [middle.name, deep_narrow.name]
+    assert status == {middle.name: "not passed", wide.name: "skipped", deep_narrow.name: "not passed",
+                      slow.name: "hopeless", small.name: "dominated"}
+    reasons = {r["shape"]: r["reason"] for r in records}
+    assert f"training needs ~{need[wide]:.0f} s" in reasons[wide.name]
+    assert "predicted 1.10 ms >= the best passing" in reasons[slow.name]
+    assert middle.name in reasons[small.name] and "missed the gate" in reasons[small.name]
+    assert records[0]["predicted_ms"] == pytest.approx(0.45) and records[0]["measured_ms"] == 0.5
+    # the trained students were judged against the original, with the predicted latency on each trial
+    assert search.tried == [c for r in records if r["shape"] in trained for c in r["candidates"]]
+    judged = [t for t in search.trials if t.candidate.student]
+    assert {t.status for t in judged} == {"failed", "skipped", "hopeless"}
+    assert all(t.predicted_ms is not None for t in judged)
+
+
+def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from_the_cache(keyword_model, labelled,
+                                                                                          tmp_path, monkeypatch):
+    import bertexport.distill as distill
+    from bertexport.cache import cache_dir
+    from bertexport.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from bertexport.student_search import StudentSearch
+
+    ckpt = resolve_checkpoint(str(keyword_model), None)
+    teacher, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    shape = StudentShape(1, 16, 1, 32)
+    data = tmp_path / "train.jsonl"  # 150 rows (+ 8 teacher-labelled variants of each): 2 epochs of ~38 steps
+    data.write_text("\n".join(labelled.read_text().splitlines()[:150]))
+
+    def students():
+        return StudentSearch(_Search([], budget=600), ckpt=ckpt, teacher_model=teacher, tokenizer=tokenizer, tok_dir=None,
+                             shapes=[shape], recipes=[], distill_data=data, epochs=2)
+
+    real = distill.train_student
+    stop_at = 55  # past the first checkpoint (every 50 steps)
+
+    def interrupted(*a, **k):
+        def on_step(step, loss):
+            if step == stop_at:
+                raise KeyboardInterrupt
+        return real(*a, **k, on_step=on_step)
+
+    before = set(cache_dir("students").glob("*.work"))
+    monkeypatch.setattr(distill, "train_student", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        students().train(shape)
+    (work,) = set(cache_dir("students").glob("*.work")) - before
+    assert (work / "checkpoint.pt").is_file()
+    monkeypatch.setattr(distill, "train_student", real)
+    path, report, cached = students().train(shape)
+    assert not cached and report["resumed_from_step"] == 50 and report["steps"] > stop_at and report["shape"] == shape.name
+    assert not work.exists() and (path / "student_report.json").is_file() and (path / "model.safetensors").is_file()
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (1, 16, 1, 32)
+    monkeypatch.setattr(distill, "train_student", lambda *a, **k: pytest.fail("retrained a cached student"))
+    again_path, again_report, again_cached = students().train(shape)
+    assert again_cached and again_path == path and again_report["train_seconds"] == report["train_seconds"]
