@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rotten_tomatoes import rotten_tomatoes_rows, split_by_movie, train_classifier  # noqa: E402
 
-from bertexport import bulk  # noqa: E402
-from bertexport.cache import cache_dir  # noqa: E402
-from bertexport.envinfo import environment  # noqa: E402
+from bertexport.shipping import bulk  # noqa: E402
+from bertexport.core.cache import cache_dir  # noqa: E402
+from bertexport.core.envinfo import environment  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
     train, test = split_by_movie(rotten_tomatoes_rows())
     art = args.artifact
     if art is None:
-        from bertexport.convert import convert
+        from bertexport.building.convert import convert
 
         model = train_classifier(train, cache_dir("bench", "rotten-tomatoes") / "minilm-sentiment-1ep", 1, None)
         art = root / "minilm-ort-int8"

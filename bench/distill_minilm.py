@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rotten_tomatoes import convert_all, rotten_tomatoes_rows, split_by_movie, write_csv  # noqa: E402
 
-from bertexport.benchmark import benchmark, to_markdown, write_outputs  # noqa: E402
-from bertexport.cache import cache_dir  # noqa: E402
-from bertexport.distill import DistillConfig, distill  # noqa: E402
+from bertexport.judging.benchmark import benchmark, to_markdown, write_outputs  # noqa: E402
+from bertexport.core.cache import cache_dir  # noqa: E402
+from bertexport.students.distill import DistillConfig, distill  # noqa: E402
 
 
 def main(argv=None):
@@ -47,8 +47,8 @@ def main(argv=None):
     # PyTorch teacher vs student at b1/s128 and b8/s128, interleaved, 1 thread
     import torch
 
-    from bertexport.checkpoint import load_model, resolve_checkpoint
-    from bertexport.latency import speedup, time_interleaved
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.judging.latency import speedup, time_interleaved
 
     torch.set_num_threads(1)
     t_model = load_model(resolve_checkpoint(str(teacher)))

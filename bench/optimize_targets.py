@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bertexport.cache import cache_dir
-from bertexport.compare import Gates, fixed_cell_feeds
-from bertexport.envinfo import cpu_features, environment
-from bertexport.latency import speedup, time_interleaved
-from bertexport.textdata import builtin_calibration, builtin_samples
+from bertexport.core.cache import cache_dir
+from bertexport.judging.compare import Gates, fixed_cell_feeds
+from bertexport.core.envinfo import cpu_features, environment
+from bertexport.judging.latency import speedup, time_interleaved
+from bertexport.core.textdata import builtin_calibration, builtin_samples
 
 
 def gemm_roofline(threads: int, m: int = 1024, k: int = 768, n: int = 3072, runs: int = 20) -> dict:
@@ -81,8 +81,8 @@ def anchor_ir(model_dir: Path, work: Path, calib: list[str]) -> Path:
     import openvino as ov
     from transformers import AutoTokenizer
 
-    from bertexport.checkpoint import load_model, resolve_checkpoint
-    from bertexport.export import export_onnx
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.building.export import export_onnx
 
     ckpt = resolve_checkpoint(str(model_dir))
     exported = export_onnx(ckpt, load_model(ckpt), 18)
@@ -99,9 +99,9 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, cells
     """One interleaved run per cell: PyTorch, the anchor (default precision hint), each artifact."""
     import openvino as ov
 
-    from bertexport.runtime import Artifact
-    from bertexport.checkpoint import load_model, resolve_checkpoint
-    from bertexport.compare import reference_runner
+    from bertexport.shipping.runtime import Artifact
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.judging.compare import reference_runner
 
     arts = {name: Artifact(p, threads=threads, allow_rejected=True) for name, p in winners.items()}
     first = next(iter(arts.values()))
@@ -140,7 +140,7 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, cells
 def artifact_bytes(folder: Path) -> int:
     """The bytes a device needs: every file the artifact's manifest lists (model, tokenizer,
     config), without the search record and plots beside them."""
-    from bertexport.manifest import load_manifest
+    from bertexport.core.manifest import load_manifest
 
     files = load_manifest(folder).get("files", {})
     return sum((folder / f).stat().st_size for f in files if not f.startswith("search."))
@@ -175,9 +175,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=1, help="Rotten Tomatoes fine-tuning epochs (cached)")
     args = ap.parse_args(argv)
 
-    from bertexport.convert import convert
-    from bertexport.optimize import optimize
-    from bertexport.progress import RichReporter
+    from bertexport.building.convert import convert
+    from bertexport.search.optimize import optimize
+    from bertexport.core.progress import RichReporter
 
     root = cache_dir("bench", "optimize")
     roof = gemm_roofline(args.threads)

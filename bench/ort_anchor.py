@@ -15,7 +15,7 @@ Contestants (each on the same fixed latency cells, b1/s128 and b8/s128, threads 
 - the ``optimize --backend onnxruntime`` winner (searched on the test split, gate 1 point).
 
 Accuracy: every contestant and PyTorch on the test split (movies unseen in training), with the
-paired interval ``bertexport.compare.task_metrics`` reports. Note the optimize winner was
+paired interval ``bertexport.judging.compare.task_metrics`` reports. Note the optimize winner was
 *selected* on that split (its search and confirm slices), the others never saw it.
 
 Usage (benchmarks only under the machine's bench lock):
@@ -34,11 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-from bertexport.cache import cache_dir
-from bertexport.compare import Gates, compare_on_data, fixed_cell_feeds, reference_runner, task_metrics
-from bertexport.envinfo import cpu_features, environment
-from bertexport.latency import speedup, time_interleaved
-from bertexport.textdata import builtin_samples
+from bertexport.core.cache import cache_dir
+from bertexport.judging.compare import Gates, compare_on_data, fixed_cell_feeds, reference_runner, task_metrics
+from bertexport.core.envinfo import cpu_features, environment
+from bertexport.judging.latency import speedup, time_interleaved
+from bertexport.core.textdata import builtin_samples
 
 ORT_ANCHOR = "ORT anchor (Olive recipe: fused + dynamic int8 per-tensor)"
 
@@ -77,15 +77,15 @@ def main(argv=None):
     sys.path.insert(0, str(Path(__file__).parent))
     from rotten_tomatoes import rotten_tomatoes_rows, split_by_movie, train_classifier, write_csv
 
-    from bertexport.candidates import candidate_recipes
-    from bertexport.checkpoint import load_model, resolve_checkpoint
-    from bertexport.convert import convert
-    from bertexport.export import export_onnx
+    from bertexport.search.candidates import candidate_recipes
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.building.convert import convert
+    from bertexport.building.export import export_onnx
     from bertexport.backends.onnxruntime.runner import OrtRunner
-    from bertexport.optimize import optimize
-    from bertexport.progress import RichReporter
-    from bertexport.runtime import Artifact
-    from bertexport.textdata import label_ids, load_texts
+    from bertexport.search.optimize import optimize
+    from bertexport.core.progress import RichReporter
+    from bertexport.shipping.runtime import Artifact
+    from bertexport.core.textdata import label_ids, load_texts
 
     started = dt.datetime.now(dt.timezone.utc)
     root = cache_dir("bench", "ort-anchor")

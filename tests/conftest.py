@@ -45,8 +45,8 @@ def fp32_artifact(tiny, tmp_path_factory):
     """fp32_artifact(family, task) -> the ConvertResult of tiny(family, task) converted to
     ort-fp32, built once per session and shared: read it, never change it (copy it first).
     At the session's end every shared artifact must still verify."""
-    from bertexport.convert import convert
-    from bertexport.manifest import verify_files
+    from bertexport.building.convert import convert
+    from bertexport.core.manifest import verify_files
 
     root = tmp_path_factory.mktemp("fp32-artifacts")
     built = {}

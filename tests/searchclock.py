@@ -5,16 +5,17 @@ from __future__ import annotations
 
 
 def inject_search_clock(monkeypatch, fake_ms) -> None:
-    import bertexport.optimize as opt
+    import bertexport.search.optimize as opt
+    from bertexport.search.session import Search
 
-    monkeypatch.setattr(opt._Search, "quick_latency", lambda self, art: fake_ms(self._current))
-    real_try = opt._Search.try_candidate
+    monkeypatch.setattr(Search, "quick_latency", lambda self, art: fake_ms(self._current))
+    real_try = Search.try_candidate
 
     def try_candidate(self, cand, model_path):
         self._current = cand
         return real_try(self, cand, model_path)
 
-    monkeypatch.setattr(opt._Search, "try_candidate", try_candidate)
+    monkeypatch.setattr(Search, "try_candidate", try_candidate)
     monkeypatch.setattr(opt, "_final_timing", lambda passing, anchor, *a, **k: {
         t.candidate.name: {"p50_ms": fake_ms(t.candidate), "p90_ms": fake_ms(t.candidate), "vs_pytorch": 1.0, "vs_anchor": None}
         for t in passing})

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from bertexport.augment import variants
+from bertexport.students.augment import variants
 from tests.tinymodels import keyword_sentence
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bertexport.benchmark import SCHEMA, benchmark, write_outputs
+from bertexport.judging.benchmark import SCHEMA, benchmark, write_outputs
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.compare import Gates
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.judging.compare import Gates
 from tests.torchfree import ASSERT_TORCH_FREE, BLOCK_TORCH
 
 TOP_KEYS = {"schema", "created", "bertexport_version", "model", "config", "environment", "candidates", "cells", "accuracy"}
@@ -166,7 +166,7 @@ def test_candidates_are_named_by_what_they_are(lookalikes):
 
 @pytest.mark.parametrize("width", [80, 120])
 def test_console_tables_keep_every_label_whole_at_width(lookalikes, width):
-    from bertexport.benchmark import console_tables
+    from bertexport.judging.benchmark import console_tables
 
     rep = lookalikes["report"]
     out = _render(console_tables(rep, width), width)
@@ -182,7 +182,7 @@ def test_console_tables_keep_every_label_whole_at_width(lookalikes, width):
 
 
 def test_console_tables_wrap_but_never_cut_in_a_narrow_terminal(lookalikes):
-    from bertexport.benchmark import console_tables
+    from bertexport.judging.benchmark import console_tables
 
     rep = lookalikes["report"]
     out = _render(console_tables(rep, 44)[:1], 44)
@@ -204,7 +204,7 @@ def test_console_tables_wrap_but_never_cut_in_a_narrow_terminal(lookalikes):
 def test_markdown_shows_intervals_and_two_decimal_load(lookalikes):
     import copy
 
-    from bertexport.benchmark import to_markdown
+    from bertexport.judging.benchmark import to_markdown
 
     rep = copy.deepcopy(lookalikes["report"])
     env = rep["environment"]
@@ -229,7 +229,7 @@ def test_markdown_shows_intervals_and_two_decimal_load(lookalikes):
 def test_plot_numbers_candidates_on_log_axes_without_overlap(lookalikes):
     from matplotlib.text import Text
 
-    from bertexport.benchmark import figure, plot
+    from bertexport.judging.benchmark import figure, plot
 
     rep = lookalikes["report"]
     fig = figure(rep)
@@ -252,7 +252,7 @@ def test_plot_numbers_candidates_on_log_axes_without_overlap(lookalikes):
 
 
 def test_compare_keeps_two_builds_of_one_profile_apart(lookalikes):
-    from bertexport.benchmark import compare_reports
+    from bertexport.judging.benchmark import compare_reports
 
     rep = lookalikes["report"]
     rows = compare_reports(rep, rep)

@@ -18,11 +18,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from bertexport import bulk
+from bertexport.shipping import bulk
 from bertexport.cli import cli
-from bertexport.compare import Gates
-from bertexport.convert import convert
-from bertexport.profiles import parse_profile
+from bertexport.judging.compare import Gates
+from bertexport.building.convert import convert
+from bertexport.building.profiles import parse_profile
 
 # ONNX Runtime dynamic int8 with no fp32 fallback: activation scales per tensor over the
 # whole batch, so a text's vector moves with its batch neighbours (checked below).
@@ -100,7 +100,7 @@ def test_the_int8_artifact_is_batch_variant(int8_art):
     """The test below has teeth: with this artifact a text's vector changes with its batch."""
     import numpy as np
 
-    from bertexport.runtime import Artifact, Predictor
+    from bertexport.shipping.runtime import Artifact, Predictor
 
     sample = [t for t in _corpus(64) if t.strip()]
     with Artifact(int8_art) as a:
@@ -202,7 +202,7 @@ def test_every_input_format_gives_the_same_rows(art, tmp_path):
     table = pq.read_table(tmp_path / "out.parquet")
     assert stats["rows"] == len(corpus) and table.column("row").to_pylist() == list(range(len(corpus)))
     assert [json.loads(x)["label"] for x in table.column("result").to_pylist()] == [x["label"] for x in _rows(tmp_path / "out-txt.jsonl")]
-    meta = json.loads(table.schema.metadata[b"bertexport.bulk"])
+    meta = json.loads(table.schema.metadata[b"bertexport.shipping.bulk"])
     side = json.loads((tmp_path / ".out.parquet.bulk.json").read_text())
     assert meta["input_sha256"] == side["input_sha256"] and meta["artifact_sha256"] == side["artifact_sha256"]
     assert not (tmp_path / ".out.parquet.partial.jsonl").exists()

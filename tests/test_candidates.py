@@ -1,4 +1,4 @@
-"""What ``optimize`` may try (``bertexport.candidates``): ``--backend`` restricts the search
+"""What ``optimize`` may try (``bertexport.search.candidates``): ``--backend`` restricts the search
 (a backend not installed is exit 2 before any work), the ORT candidates include the
 transformer optimizer's fused graph in int8 (per-tensor and per-channel), and a fused
 candidate is restored to float region by region."""
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bertexport import candidates
-from bertexport.candidates import candidate_recipes, check_backends, ort_int8_candidates
+from bertexport.search import candidates
+from bertexport.search.candidates import candidate_recipes, check_backends, ort_int8_candidates
 from bertexport.cli import cli
-from bertexport.compare import Gates
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.graph import Graph
-from bertexport.manifest import load_manifest
+from bertexport.judging.compare import Gates
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.building.graph import Graph
+from bertexport.core.manifest import load_manifest
 
 
 def _graph(artifact: Path) -> Graph:
@@ -57,7 +57,7 @@ def test_check_backends_refuses_unknown_and_missing(monkeypatch):
 
 
 def test_backend_not_installed_is_exit_2_before_any_model_loads(tiny, tmp_path, monkeypatch):
-    import bertexport.checkpoint as checkpoint
+    import bertexport.building.checkpoint as checkpoint
 
     monkeypatch.setattr(candidates, "available_backends", lambda: {"onnxruntime"})
 

@@ -1,8 +1,8 @@
 import pytest
 
-from bertexport.checkpoint import resolve_checkpoint
-from bertexport.errors import UserError
-from bertexport.families import task_from_architectures
+from bertexport.building.checkpoint import resolve_checkpoint
+from bertexport.core.errors import UserError
+from bertexport.core.families import task_from_architectures
 
 
 @pytest.mark.parametrize("arch,task", [

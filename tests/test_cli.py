@@ -143,7 +143,7 @@ def test_every_option_has_help_and_every_command_states_exit_codes():
 
 
 def test_tokenizers_version_mismatch_is_reported():
-    from bertexport.runtime import version_warnings
+    from bertexport.shipping.runtime import version_warnings
 
     assert version_warnings({"versions": {"tokenizers": "0.1.0"}})[0].startswith("this artifact was built")
     import importlib.metadata
@@ -152,7 +152,7 @@ def test_tokenizers_version_mismatch_is_reported():
 
 
 def test_task_choices_are_the_task_registry():
-    from bertexport.cli import TASK_CHOICE
-    from bertexport.tasks import TASKS
+    from bertexport.cli.group import TASK_CHOICE
+    from bertexport.core.tasks import TASKS
 
     assert list(TASK_CHOICE.choices) == list(TASKS)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bertexport.compare import Comparison, Gates, judge, judge_checks, mean_pool, min_cosine, task_metrics
+from bertexport.judging.compare import Comparison, Gates, judge, judge_checks, mean_pool, min_cosine, task_metrics
 
 
 def test_mean_pool_ignores_padding():
@@ -77,7 +77,7 @@ def test_embeddings_agreement_is_top_k_retrieval_agreement():
 
 
 def test_macro_f1_alongside_accuracy():
-    from bertexport.compare import macro_f1
+    from bertexport.judging.compare import macro_f1
 
     assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])) == 1.0
     assert macro_f1(np.array([0, 0, 0, 0]), np.array([0, 0, 1, 1])) == pytest.approx((2 / 3 + 0) / 2)
@@ -88,7 +88,7 @@ def test_macro_f1_alongside_accuracy():
 def test_every_task_has_a_gateable_metric(task):
     """What optimize/validate gate on, for every task record: agreement (decisions; top-5
     retrieval for embeddings) and cosine — and a perturbation that flips decisions fails it."""
-    from bertexport.tasks import TASKS
+    from bertexport.core.tasks import TASKS
 
     rng = np.random.default_rng(1)
     shapes = {"last_hidden_state": (8, 6, 16), "logits": (8, 6, 5) if TASKS[task].per_token else (8, 3),
@@ -120,7 +120,7 @@ def _perturbed(v, eps, seed=1):
 
 
 def test_retrieval_gate_measures_retrieval_not_ties():
-    from bertexport.compare import Comparison, decide, retrieval_agreement
+    from bertexport.judging.compare import Comparison, decide, retrieval_agreement
 
     ref = _near_duplicate_corpus()
     close, damaged = _perturbed(ref, 0.045), _perturbed(ref, 0.2)
@@ -141,7 +141,7 @@ def test_retrieval_gate_measures_retrieval_not_ties():
 
 
 def test_labelled_embeddings_gate_on_retrieval_precision():
-    from bertexport.compare import Comparison
+    from bertexport.judging.compare import Comparison
 
     ref = _near_duplicate_corpus()
     labels = np.repeat(np.arange(80) % 8, 3)
@@ -153,7 +153,7 @@ def test_labelled_embeddings_gate_on_retrieval_precision():
 
 
 def test_confidence_gate_pass_fail_undecided_on_constructed_outcomes():
-    from bertexport.compare import Comparison, decide
+    from bertexport.judging.compare import Comparison, decide
 
     def metrics(ref_right, cand_right):
         comp = Comparison("text-classification")

@@ -11,11 +11,11 @@ import json
 import onnx
 import pytest
 
-from bertexport.convert import convert
+from bertexport.building.convert import convert
 from tests.tinymodels import tiny_int8_gates
-from bertexport.manifest import load_manifest, verify_files
-from bertexport.compare import Gates
-from bertexport.profiles import parse_profile
+from bertexport.core.manifest import load_manifest, verify_files
+from bertexport.judging.compare import Gates
+from bertexport.building.profiles import parse_profile
 from tests.tinymodels import FAMILY_TASKS, TASK_AUTO
 
 # RoBERTa-style models and DistilBERT take no segment ids; DeBERTa-v3 has type_vocab_size 0.

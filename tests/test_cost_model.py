@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from bertexport.candidates import Candidate
-from bertexport.cost_model import CostModel, linear_macs
-from bertexport.students import StudentShape
+from bertexport.search.candidates import Candidate
+from bertexport.search.cost_model import CostModel, linear_macs
+from bertexport.students.shapes import StudentShape
 
 TEACHER = StudentShape(6, 384, 12, 1536)
 ORT = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize", "isa": "avx2", "per_channel": True}], {})
@@ -103,9 +103,9 @@ def test_real_random_init_shapes_are_built_timed_and_cached(keyword_model, monke
     teacher's shape; the ratio is cached so a second model serves it without building."""
     from transformers import AutoConfig
 
-    from bertexport.compare import fixed_cell_feeds
-    from bertexport.runtime import TextEncoder
-    from bertexport.textdata import builtin_samples
+    from bertexport.judging.compare import fixed_cell_feeds
+    from bertexport.shipping.runtime import TextEncoder
+    from bertexport.core.textdata import builtin_samples
 
     config = AutoConfig.from_pretrained(keyword_model)
     encoder = TextEncoder.from_folder(keyword_model, ["input_ids", "attention_mask", "token_type_ids"], 128)

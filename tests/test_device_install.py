@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bertexport.convert import convert
+from bertexport.building.convert import convert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ def test_wheel_installs_and_runs_on_a_torch_free_device(tiny, tmp_path):
     if signing:
         from tests.test_signing import _keypair
 
-        from bertexport.packing import pack
-        from bertexport.signing import sign
+        from bertexport.shipping.packing import pack
+        from bertexport.shipping.signing import sign
 
         priv, pub = _keypair(tmp_path, "ci")
         sign(art, priv)

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.distill import DistillConfig, distill, keep_every
-from bertexport.errors import UserError
+from bertexport.students.distill import DistillConfig, distill, keep_every
+from bertexport.core.errors import UserError
 from tests.tinymodels import keyword_sentence
 
 
@@ -131,7 +131,7 @@ def _falls(part):
 def test_relation_heads_and_loss():
     import torch
 
-    from bertexport.distill_losses import relation_heads, relation_loss
+    from bertexport.students.losses import relation_heads, relation_loss
 
     assert relation_heads(384, 384, 12) == 12 and relation_heads(256, 384, 12) == 8 and relation_heads(16, 32, 2) == 2
     with pytest.raises(UserError, match="do not divide"):
@@ -153,12 +153,12 @@ def test_relation_heads_and_loss():
 def test_intermediate_losses_fall(keyword_model, narrow, tmp_path):
     from safetensors.torch import load_file
 
-    from bertexport.distill import shrink, train_student
-    from bertexport.progress import Reporter
+    from bertexport.students.distill import shrink, train_student
+    from bertexport.core.progress import Reporter
 
     teacher, tok = _teacher(keyword_model)
     if narrow:
-        from bertexport.students import StudentShape, make_student
+        from bertexport.students.shapes import StudentShape, make_student
 
         student = make_student(teacher, StudentShape(1, 16, 1, 32), [1], None)  # hidden 32 -> 16: projected
     else:
@@ -181,7 +181,7 @@ def test_intermediate_losses_fall(keyword_model, narrow, tmp_path):
 
 
 def test_intermediate_losses_off(keyword_model, tmp_path):
-    from bertexport.distill import shrink, train_student
+    from bertexport.students.distill import shrink, train_student
 
     teacher, tok = _teacher(keyword_model)
     texts, labels = _texts(64)
@@ -195,9 +195,9 @@ def test_intermediate_losses_off(keyword_model, tmp_path):
 def test_expansion_adds_teacher_labelled_rows_computed_once(keyword_model, tmp_path):
     import torch
 
-    from bertexport.augment import variants
-    from bertexport.distill import _length_batches, shrink, split_eval, train_student
-    from bertexport.progress import Reporter
+    from bertexport.students.augment import variants
+    from bertexport.students.distill import _length_batches, shrink, split_eval, train_student
+    from bertexport.core.progress import Reporter
 
     teacher, tok = _teacher(keyword_model)
     texts, labels = _texts(96)
@@ -239,7 +239,7 @@ def test_expansion_adds_teacher_labelled_rows_computed_once(keyword_model, tmp_p
 
 
 def test_no_expansion_on_large_data(keyword_model, tmp_path):
-    from bertexport.distill import shrink, train_student
+    from bertexport.students.distill import shrink, train_student
 
     teacher, tok = _teacher(keyword_model)
     texts, _ = _texts(64)
@@ -275,7 +275,7 @@ def test_distill_shape_cli(keyword_model, tmp_path):
 
 
 def test_distill_options_checked_before_the_teacher_loads(keyword_model, transfer, tmp_path, monkeypatch):
-    import bertexport.distill as D
+    import bertexport.students.distill as D
 
     def no_loading(*a, **k):
         raise AssertionError("the teacher was loaded before the options were checked")
@@ -296,8 +296,8 @@ def test_distill_options_checked_before_the_teacher_loads(keyword_model, transfe
 def test_narrow_student_resumes_with_its_projection(keyword_model, tmp_path):
     import torch
 
-    from bertexport.distill import train_student
-    from bertexport.students import StudentShape, make_student
+    from bertexport.students.distill import train_student
+    from bertexport.students.shapes import StudentShape, make_student
 
     teacher, tok = _teacher(keyword_model)
     texts, labels = _texts(100)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import bertexport.convert as convert_mod
+import bertexport.building.convert as convert_mod
 from bertexport.cli import cli
 
 
@@ -179,8 +179,8 @@ def test_damaged_checkpoint_refused_before_load(user_ckpt, tmp_path, damage, nee
 
 
 def test_remote_code_flag_and_code_files_key_the_export_cache(user_ckpt):
-    from bertexport.checkpoint import resolve_checkpoint
-    from bertexport.export import _cache_key
+    from bertexport.building.checkpoint import resolve_checkpoint
+    from bertexport.building.export import _cache_key
 
     _, ckpt = user_ckpt
     (ckpt / "modeling_x.py").write_text("VERSION = 1\n")

@@ -1,6 +1,6 @@
 import pytest
 
-from bertexport.latency import Latency, speedup, time_interleaved
+from bertexport.judging.latency import Latency, speedup, time_interleaved
 
 
 def test_latency_record_statistics():

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from bertexport.errors import UserError
-from bertexport.manifest import load_manifest, verify_files, write_manifest
+from bertexport.core.errors import UserError
+from bertexport.core.manifest import load_manifest, verify_files, write_manifest
 
 
 def _artifact(tmp_path):
@@ -59,7 +59,7 @@ def test_every_artifact_the_suite_built_matches_the_published_schema(tmp_path_fa
 
     import jsonschema
 
-    from bertexport.manifest import SCHEMA_FILE, Manifest
+    from bertexport.core.manifest import SCHEMA_FILE, Manifest
 
     schema = json.loads(SCHEMA_FILE.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from bertexport.convert import convert
-from bertexport.errors import BackendUnavailable
-from bertexport.manifest import load_manifest
+from bertexport.building.convert import convert
+from bertexport.core.errors import BackendUnavailable
+from bertexport.core.manifest import load_manifest
 from tests.tinymodels import tiny_int8_gates
 
 pytest.importorskip("openvino")

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.compare import Gates
-from bertexport.errors import GateFailed, UserError
-from bertexport.manifest import load_manifest, verify_files
-from bertexport.optimize import candidate_recipes, optimize, parse_budget
+from bertexport.judging.compare import Gates
+from bertexport.core.errors import GateFailed, UserError
+from bertexport.core.manifest import load_manifest, verify_files
+from bertexport.search.optimize import candidate_recipes, optimize, parse_budget
 from tests.tinymodels import keyword_sentence
 
 
@@ -139,7 +139,7 @@ def test_distilled_student_is_judged_against_the_original(keyword_model, labelle
     import re
     from pathlib import Path
 
-    from bertexport.graph import weight_nodes
+    from bertexport.building.graph import weight_nodes
 
     def layers_with_matmuls(c):
         (onnx_file,) = (Path(c["artifact"]) / "model").glob("*.onnx")
@@ -154,8 +154,8 @@ def test_distilled_student_is_judged_against_the_original(keyword_model, labelle
 
 
 def test_split_is_stratified_by_label():
-    from bertexport.optimize import _split
-    from bertexport.textdata import TextSet
+    from bertexport.search.session import split_slices as _split
+    from bertexport.core.textdata import TextSet
 
     labels = np.array([0] * 270 + [1] * 30)
     ts = TextSet([f"t{i}" for i in range(300)], None)
@@ -198,9 +198,9 @@ def test_search_measures_float_recipes_instead_of_predicting_them(tiny, texts, t
 def test_a_rejection_within_noise_is_marked(tiny, texts, tmp_path):
     """The held-out verdict failed on its point estimate while its interval straddles the
     gate: the candidate is rejected, and the report says the rejection was within noise."""
-    import bertexport.optimize as opt
-    from bertexport.compare import Comparison, task_metrics
-    from bertexport.search_report import to_markdown
+    import bertexport.search.optimize as opt
+    from bertexport.judging.compare import Comparison, task_metrics
+    from bertexport.search.report import to_markdown
 
     def metrics(discordant_ref_only, n=400):
         comp = Comparison("text-classification")
@@ -210,7 +210,7 @@ def test_a_rejection_within_noise_is_marked(tiny, texts, tmp_path):
         comp.decided, comp.agree, comp.samples = n, int((pr == pc).sum()), n
         return task_metrics(comp, np.zeros(n, int))
 
-    search = object.__new__(opt._Search)
+    search = object.__new__(opt.Search)
     search.gates, search.best = Gates(max_accuracy_drop=1.0), None
     search.search = search.confirm = None
     outcomes = iter([metrics(5), metrics(6)])  # search slice: 1.25 [0.4, 2.9]; held out: 1.5 [0.6, 3.2]

@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.packing import inspect, pack, unpack
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.shipping.packing import inspect, pack, unpack
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 
-from bertexport.errors import UserError
-from bertexport.profiles import list_profiles, load_profile
+from bertexport.core.errors import UserError
+from bertexport.building.profiles import list_profiles, load_profile
 
 
 def test_every_builtin_profile_parses():

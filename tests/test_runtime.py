@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.runtime import Artifact, Predictor
-from bertexport.runtime import SEGMENT_CHARS, segments
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.shipping.runtime import Artifact, Predictor
+from bertexport.shipping.runtime import SEGMENT_CHARS, segments
 from tests.torchfree import ASSERT_TORCH_FREE, BLOCK_TORCH
 from tests.tinymodels import keyword_sentence
 
@@ -182,7 +182,7 @@ def test_cli_run_json_and_bad_inputs(artifacts, tmp_path):
 def test_runtime_imports_neither_torch_nor_transformers(artifacts):
     _, art = artifacts["text-classification"]
     code = BLOCK_TORCH + f"""
-from bertexport.runtime import Artifact, Predictor
+from bertexport.shipping.runtime import Artifact, Predictor
 from bertexport.cli import cli
 with Artifact({str(art)!r}) as a:
     print(Predictor(a).predict(['a fine film'])[0]['label'])
@@ -220,8 +220,8 @@ def test_runner_checks_feeds_against_the_declared_inputs(artifacts):
 
 
 def test_every_pass_has_a_capability_and_described_options():
-    from bertexport.options import describe
-    from bertexport.passes import CATALOG, get_pass
+    from bertexport.core.options import describe
+    from bertexport.building.passes import CATALOG, get_pass
 
     for name in CATALOG:
         cls = get_pass(name)

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertexport import stats
-from bertexport.candidates import Candidate
-from bertexport.compare import Gates
-from bertexport.search_report import candidate_label, figure, label_candidates, pareto_front, to_markdown
+from bertexport.judging import stats
+from bertexport.search.candidates import Candidate
+from bertexport.judging.compare import Gates
+from bertexport.search.report import candidate_label, figure, label_candidates, pareto_front, to_markdown
 
 
 def _drop(ref_right: int, cand_right: int, both: int, n: int) -> dict:
     """Task metrics of a candidate on ``n`` labelled rows, built from paired outcomes, with
-    the interval computed by bertexport.stats (nothing typed in)."""
+    the interval computed by bertexport.judging.stats (nothing typed in)."""
     ref = np.zeros(n, bool)
     cand = np.zeros(n, bool)
     ref[:both] = cand[:both] = True
@@ -35,7 +35,7 @@ def _trial(cand: Candidate, status: str, latency, metrics=None, reason="", **ext
             "confirm_metrics": {}, "artifact": None, "build_seconds": None, "cached": False} | extra
 
 
-# recipes as optimize describes them (bertexport.candidates), written out so the test does not follow the list
+# recipes as optimize describes them (bertexport.search.candidates), written out so the test does not follow the list
 OV = Candidate("ov-int8-f32", "openvino", "int8", [{"type": "openvino-convert"}, {"type": "nncf-quantize"}],
                {"inference_precision": "f32"}, anchor=True)
 ORT = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize", "isa": "avx2"}], {})
@@ -146,7 +146,7 @@ def test_plot_every_timed_candidate_front_log_axis_and_no_overlap(report):
 def test_real_search_report_labels_students_by_shape(keyword_model, tmp_path):
     """A real optimize run with a distilled student: every candidate labelled, distinct,
     the student by its real shape; search.md and search.png published with the artifact."""
-    from bertexport.optimize import optimize
+    from bertexport.search.optimize import optimize
     from tests.tinymodels import keyword_sentence
 
     rng = np.random.default_rng(5)

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.serve import batch_tolerance
+from bertexport.shipping.serve import batch_tolerance
 from tests.torchfree import BLOCK_TORCH
 
 pytest.importorskip("uvicorn", reason="serve needs bertexport[serve]")
@@ -467,7 +467,7 @@ def test_refusals_before_listening(artifacts):
 # -- the batcher on its own ---------------------------------------------------------------------------------
 
 def _batcher(calls, **kw):
-    from bertexport.serve_batching import Batcher
+    from bertexport.shipping.batching import Batcher
 
     def predict(texts, pairs):
         calls.append(list(texts))
@@ -492,7 +492,7 @@ def test_batcher_coalesces_in_order_within_the_token_budget():
 
 
 def test_batcher_isolates_a_failing_request_and_refuses_when_full():
-    from bertexport.serve_batching import QueueFull
+    from bertexport.shipping.batching import QueueFull
 
     calls = []
     b = _batcher(calls, max_batch_tokens=100, max_wait=0.2, queue_size=3)
@@ -508,7 +508,7 @@ def test_batcher_isolates_a_failing_request_and_refuses_when_full():
 
 
 def test_cli_default_batch_size_is_the_library_one():
-    from bertexport import serve
-    from bertexport.commands.serve import SERVE_BATCH_SIZE
+    from bertexport.shipping import serve
+    from bertexport.cli.serve import SERVE_BATCH_SIZE
 
     assert SERVE_BATCH_SIZE == serve.SERVE_BATCH_SIZE

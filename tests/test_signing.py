@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.manifest import manifest_digest
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.core.manifest import manifest_digest
 
 pytest.importorskip("model_signing", reason="signing needs bertexport[sign]")
 
@@ -83,7 +83,7 @@ def test_any_changed_byte_refused(signed, tmp_path, what):
         refused(["verify", art, "--trusted-key", signed["pub"]], "failed verification")
         # a forger who also fixes the file table and the manifest digest passes the
         # checksums, but not the signature
-        from bertexport.hashing import sha256_file
+        from bertexport.core.hashing import sha256_file
 
         rel = p.relative_to(art).as_posix()
         m["files"][rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -113,14 +113,14 @@ def test_bad_keys_are_refused_before_work(signed, tmp_path):
     refused(["sign", signed["art"], "--key", tmp_path / "not-a-key.pem"], "not a PEM key")
     refused(["sign", signed["art"], "--key", tmp_path / "missing.pem"], "private key not found")
     with pytest.raises(UserError, match="trusted key not found"):
-        from bertexport.signing import verify_signature
+        from bertexport.shipping.signing import verify_signature
 
         verify_signature(signed["art"], tmp_path / "missing.pub")
 
 
 def test_failure_reasons_in_either_quoting():
     """model-signing reports inside a list's repr; the quoting depends on the digest bytes."""
-    from bertexport.signing import _reason
+    from bertexport.shipping.signing import _reason
 
     escaped = str(["Hash mismatch for 'manifest.json': Expected 'Digest(b\'\\x82\"x\')'"])
     plain = str(["Hash mismatch for 'model/model.onnx': Expected 'Digest(x)'"])

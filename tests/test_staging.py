@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import bertexport.convert as convert_mod
+import bertexport.building.convert as convert_mod
 import json
 from pathlib import Path
 
-from bertexport.staging import StagedFolder, made_by_bertexport, protected_reason
-from bertexport.errors import UserError
+from bertexport.core.staging import StagedFolder, made_by_bertexport, protected_reason
+from bertexport.core.errors import UserError
 
 
 def test_interrupted_convert_leaves_no_folder(tiny, tmp_path, monkeypatch):
@@ -50,7 +50,7 @@ def test_what_bertexport_made_is_recognised(tmp_path):
     (tmp_path / "student").mkdir()
     (tmp_path / "student" / "distill_report.json").write_text(json.dumps({"teacher": {}, "student": {}}))
     (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "benchmark.json").write_text(json.dumps({"schema": "bertexport.benchmark/1"}))
+    (tmp_path / "bench" / "benchmark.json").write_text(json.dumps({"schema": "bertexport.judging.benchmark/1"}))
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "manifest.json").write_text(json.dumps({"name": "someone else's"}))
     assert [made_by_bertexport(tmp_path / n) for n in ("art", "student", "bench", "theirs")] == \
@@ -91,7 +91,7 @@ def _dead_pid() -> int:
 def test_orphans_of_dead_processes_are_swept_and_the_living_kept(tmp_path):
     import os
 
-    from bertexport.orphans import sweep_orphans, sweep_work_orphans
+    from bertexport.core.orphans import sweep_orphans, sweep_work_orphans
 
     dead, me = _dead_pid(), os.getpid()
     for name in (f".art.partial-{dead}", f".art.old-{dead}", f".art.partial-{me}", "art"):
@@ -113,7 +113,7 @@ def test_orphans_of_dead_processes_are_swept_and_the_living_kept(tmp_path):
 
 
 def test_cache_and_staging_do_not_import_each_other():
-    """One owner for the shared piece (bertexport.orphans): cache imports neither staging nor
+    """One owner for the shared piece (bertexport.core.orphans): cache imports neither staging nor
     anything that does; each of the three modules imports alone in a fresh interpreter."""
     import ast
     import subprocess
@@ -126,9 +126,9 @@ def test_cache_and_staging_do_not_import_each_other():
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
-    assert "bertexport.staging" not in imported("cache")  # not even lazily, inside a function
-    assert not {"bertexport.staging", "bertexport.cache"} & imported("orphans")
-    for module, absent in (("cache", "bertexport.staging"), ("orphans", "bertexport.cache"), ("staging", None)):
+    assert "bertexport.core.staging" not in imported("cache")  # not even lazily, inside a function
+    assert not {"bertexport.core.staging", "bertexport.core.cache"} & imported("orphans")
+    for module, absent in (("cache", "bertexport.core.staging"), ("orphans", "bertexport.core.cache"), ("staging", None)):
         code = f"import sys, bertexport.{module}; assert {absent!r} not in sys.modules"
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bertexport import stats
+from bertexport.judging import stats
 
 Z = 1.959963984540054
 

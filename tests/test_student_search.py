@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bertexport.candidates import Candidate
+from bertexport.search.candidates import Candidate
 from bertexport.cli import cli
-from bertexport.compare import Gates
-from bertexport.cost_model import linear_macs
-from bertexport.errors import UserError
-from bertexport.students import StudentShape, check_shape
+from bertexport.judging.compare import Gates
+from bertexport.search.cost_model import linear_macs
+from bertexport.core.errors import UserError
+from bertexport.students.shapes import StudentShape, check_shape
 from tests.searchclock import inject_search_clock
 from tests.tinymodels import keyword_sentence
 
@@ -38,7 +38,7 @@ def labelled(tmp_path_factory):
 
 
 def test_grid_is_small_checked_and_narrower_than_the_teacher():
-    from bertexport.student_search import GRID_MAX, student_grid
+    from bertexport.search.students import GRID_MAX, student_grid
 
     minilm = StudentShape(6, 384, 12, 1536)
     grid = student_grid(minilm, "bert")
@@ -54,8 +54,8 @@ def test_grid_is_small_checked_and_narrower_than_the_teacher():
 
 
 def test_distill_option_is_checked_before_any_work(keyword_model, tmp_path):
-    from bertexport.checkpoint import resolve_checkpoint
-    from bertexport.student_search import plan_students
+    from bertexport.building.checkpoint import resolve_checkpoint
+    from bertexport.search.students import plan_students
 
     ckpt = resolve_checkpoint(str(keyword_model), None)
     assert [s.name for s in plan_students("1", ckpt)] == ["L1-H32-A2-F64"]  # layer drop at full width
@@ -80,8 +80,8 @@ def _clock_ms(shape: StudentShape, skip: bool) -> float:
 
 
 def _fake_clock(monkeypatch, trained: list):
-    import bertexport.distill as distill
-    from bertexport.cost_model import CostModel
+    import bertexport.students.distill as distill
+    from bertexport.search.cost_model import CostModel
 
     def fake_ms(cand):
         if cand.student:
@@ -103,8 +103,8 @@ def _fake_clock(monkeypatch, trained: list):
 
 def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reruns_from_caches(keyword_model, labelled,
                                                                                               tmp_path, monkeypatch):
-    from bertexport.manifest import load_manifest
-    from bertexport.optimize import optimize
+    from bertexport.core.manifest import load_manifest
+    from bertexport.search.optimize import optimize
 
     trained: list = []
     _fake_clock(monkeypatch, trained)
@@ -156,9 +156,9 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
 def test_no_passing_student_returns_the_best_recipe_on_the_original(keyword_model, labelled, tmp_path, monkeypatch):
     """A forced failing student (random weights of its shape instead of trained ones) is
     judged, fails the gate against the original, and the original's recipe wins."""
-    import bertexport.student_search as ss
-    from bertexport.optimize import optimize
-    from bertexport.students import random_student
+    import bertexport.search.students as ss
+    from bertexport.search.optimize import optimize
+    from bertexport.students.shapes import random_student
 
     trained: list = []
     _fake_clock(monkeypatch, trained)
@@ -189,7 +189,7 @@ class _Search:
     """What StudentSearch reads of optimize's search, with a clock that training advances."""
 
     def __init__(self, trials, budget: float):
-        from bertexport.progress import Reporter
+        from bertexport.core.progress import Reporter
 
         self.trials, self.best, self.reporter = trials, (trials or [None])[0], Reporter()
         self.threads, self.clock, self.budget = 1, 0.0, budget
@@ -202,7 +202,7 @@ class _Search:
         pass
 
     def try_candidate(self, cand, path):
-        from bertexport.optimize import Trial
+        from bertexport.search.session import Trial
 
         self.tried.append(cand.name)
         t = Trial(cand, "failed", "metric_drop 3.00 > 1.0", latency_ms=0.5)
@@ -215,9 +215,9 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     """No model: the cost model's prediction, training and judging are stubbed (every student
     misses the gate), so what is checked is the search's own decisions: bisection order,
     shapes dominated by a miss never trained, hopeless ones never trained, the budget estimate."""
-    import bertexport.student_search as ss
-    from bertexport.cost_model import Cost
-    from bertexport.optimize import Trial
+    import bertexport.search.students as ss
+    from bertexport.search.cost_model import Cost
+    from bertexport.search.session import Trial
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
     original = Trial(base, "passed", "meets the gate", latency_ms=1.0)
@@ -273,10 +273,10 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
 
 def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from_the_cache(keyword_model, labelled,
                                                                                           tmp_path, monkeypatch):
-    import bertexport.distill as distill
-    from bertexport.cache import cache_dir
-    from bertexport.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from bertexport.student_search import StudentSearch
+    import bertexport.students.distill as distill
+    from bertexport.core.cache import cache_dir
+    from bertexport.building.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from bertexport.search.students import StudentSearch
 
     ckpt = resolve_checkpoint(str(keyword_model), None)
     teacher, tokenizer = load_model(ckpt), load_tokenizer(ckpt)

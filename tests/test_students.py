@@ -1,4 +1,4 @@
-"""Student shapes, importance scores, width pruning and layer choice (bertexport.students)
+"""Student shapes, importance scores, width pruning and layer choice (bertexport.students.shapes)
 on tiny random-init models of every width-prunable family and a tiny trained keyword model."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers as T
 
-from bertexport import students as S
-from bertexport.distill import _length_batches, _Outputs, shrink
-from bertexport.errors import UserError
+from bertexport.students import shapes as S
+from bertexport.students.distill import _length_batches, _Outputs, shrink
+from bertexport.core.errors import UserError
 from tests.tinymodels import TASK_AUTO, keyword_sentence
 
 WIDTH_FAMILIES = ["bert", "roberta", "distilbert", "electra"]
@@ -280,8 +280,8 @@ def _graph_dims(model_path) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("family", WIDTH_FAMILIES)
 def test_pruned_student_converts_and_runs_on_ort_and_openvino(tiny, tmp_path, family):
-    from bertexport.convert import convert
-    from bertexport.runtime import Artifact, Predictor
+    from bertexport.building.convert import convert
+    from bertexport.shipping.runtime import Artifact, Predictor
 
     pytest.importorskip("openvino")
     task = "text-classification"

@@ -1,7 +1,7 @@
 import pytest
 
-from bertexport.errors import UserError
-from bertexport.textdata import builtin_calibration, builtin_samples, load_texts, sample
+from bertexport.core.errors import UserError
+from bertexport.core.textdata import builtin_calibration, builtin_samples, load_texts, sample
 
 
 def test_builtin_sets():

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.manifest import load_manifest, write_manifest
+from bertexport.building.convert import convert
+from bertexport.core.manifest import load_manifest, write_manifest
 
 LABELS = ["negative", "neutral", "positive"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bertexport.resources import data_dir
+from bertexport.core.resources import data_dir
 
 TASK_AUTO = {
     "feature-extraction": "AutoModel",
@@ -167,8 +167,8 @@ def tiny_int8_gates():
     to 0.16 and agreement 0.47-0.81 on tiny models, while trained MiniLM loses nothing
     measurable to it. There these builds are checked for running, correlated outputs only;
     int8 accuracy is judged on trained weights (test_default_model, test_optimize)."""
-    from bertexport.compare import Gates
-    from bertexport.envinfo import cpu_features
+    from bertexport.judging.compare import Gates
+    from bertexport.core.envinfo import cpu_features
 
     if cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         return Gates(min_cosine=0.8, min_agreement=0.85)

@@ -23,7 +23,7 @@ _MODULES = {
 
 
 def get_backend(name: str) -> ModuleType:
-    from bertexport.errors import UserError
+    from bertexport.core.errors import UserError
 
     if name not in _MODULES:
         raise UserError(f"unknown backend '{name}'; backends: {', '.join(_MODULES)}")

@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.passes import first_token_skip as fts
-from bertexport.profiles import parse_profile
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.building.passes import first_token_skip as fts
+from bertexport.building.profiles import parse_profile
 from tests.tinymodels import tiny_int8_gates
 
 TEXTS = ["short", "a somewhat longer sentence that pads the others in its batch", "middle length text here",
@@ -216,7 +216,7 @@ def _cli(*args):
                                                 ("albert", TC, "does not support albert"),
                                                 ("mpnet", TC, "does not support mpnet")])
 def test_refusals_exit_2_before_the_model_loads(tiny, tmp_path, monkeypatch, family, task, needle):
-    import bertexport.convert as conv
+    import bertexport.building.convert as conv
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the refusal")

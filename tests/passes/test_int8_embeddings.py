@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.passes.int8_embeddings import quantize_rows, rewrite
-from bertexport.profiles import load_profile, parse_profile
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.building.passes.int8_embeddings import quantize_rows, rewrite
+from bertexport.building.profiles import load_profile, parse_profile
 
 # the int8-weights gate (openvino-int8-weights): what a float-compute build with int8-stored weights must keep
 GATE = {"min_cosine": 0.995, "min_agreement": 0.95}
@@ -74,7 +74,7 @@ def test_before_dynamic_int8_keeps_the_ort_int8_gate_on_a_trained_model(keyword_
     gate, keeps every decision, and is smaller than the ort-int8 artifact by the table's saving."""
     import tomllib
 
-    from bertexport.profiles import profiles_dir
+    from bertexport.building.profiles import profiles_dir
 
     raw = tomllib.loads((profiles_dir() / "ort-int8.toml").read_text())
     raw["passes"] = [{"type": "int8-embeddings"}] + raw["passes"]

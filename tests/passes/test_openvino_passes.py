@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bertexport.convert import convert
-from bertexport.profiles import parse_profile
+from bertexport.building.convert import convert
+from bertexport.building.profiles import parse_profile
 
 pytest.importorskip("openvino")
 

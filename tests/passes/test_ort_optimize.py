@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bertexport.convert import convert
+from bertexport.building.convert import convert
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from bertexport.convert import convert
-from bertexport.errors import UserError
-from bertexport.graph import Graph
-from bertexport.passes import get_pass
-from bertexport.profiles import parse_profile
+from bertexport.building.convert import convert
+from bertexport.core.errors import UserError
+from bertexport.building.graph import Graph
+from bertexport.building.passes import get_pass
+from bertexport.building.profiles import parse_profile
 
 
 def _graph(artifact: Path) -> Graph:
@@ -117,10 +117,10 @@ def test_float_restore_by_graph_edit_equals_quantizing_without_the_node(tiny, tm
     import onnx
 
     from bertexport.backends.onnxruntime.runner import OrtRunner
-    from bertexport.graph import weight_nodes
-    from bertexport.passes.ort_quantize import DynamicQuantizeConfig, OrtDynamicQuantize, with_float_nodes
-    from bertexport.runtime import TextEncoder
-    from bertexport.textdata import builtin_calibration
+    from bertexport.building.graph import weight_nodes
+    from bertexport.building.passes.ort_quantize import DynamicQuantizeConfig, OrtDynamicQuantize, with_float_nodes
+    from bertexport.shipping.runtime import TextEncoder
+    from bertexport.core.textdata import builtin_calibration
 
     art = convert(str(tiny("bert", "text-classification")), profile, tmp_path / "fp32", latency_runs=0).artifact
     fp32 = next((art / "model").glob("*.onnx"))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from bertexport.backends.tensorrt.profiles import ShapeRange, check_engine_compat, pick_profile, profile_ranges
-from bertexport.graph import fp32_node_names
-from bertexport.convert import convert
-from bertexport.errors import BackendUnavailable, UserError
-from bertexport.export import export_onnx
-from bertexport.profiles import load_profile
+from bertexport.building.graph import fp32_node_names
+from bertexport.building.convert import convert
+from bertexport.core.errors import BackendUnavailable, UserError
+from bertexport.building.export import export_onnx
+from bertexport.building.profiles import load_profile
 
 
 def _gpu_reason():
@@ -59,7 +59,7 @@ def test_engine_compatibility():
 def test_fp32_layer_selection_on_parsed_onnx(tiny, family):
     import onnx
 
-    from bertexport.checkpoint import load_model, resolve_checkpoint
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(tiny(family, "text-classification")))
     exported = export_onnx(ckpt, load_model(ckpt), 18)
@@ -128,7 +128,7 @@ def test_tensorrt_build_and_parity(tiny, tmp_path, target):
 def test_tensorrt_runner_rejects_out_of_profile_shapes(tiny, tmp_path):
     import numpy as np
 
-    from bertexport.runtime import Artifact
+    from bertexport.shipping.runtime import Artifact
 
     prof = tmp_path / "small.toml"
     prof.write_text('backend = "tensorrt"\n[[passes]]\ntype = "tensorrt-build"\n[shapes]\nbatch = [1, 1, 2]\n'

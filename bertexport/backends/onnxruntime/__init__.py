@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bertexport.errors import BackendUnavailable
-from bertexport.options import option
+from bertexport.core.errors import BackendUnavailable
+from bertexport.core.options import option
 
 MODEL_FORMAT = "onnx"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bertexport.errors import UserError
+from bertexport.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from bertexport.cli import main
+
+main()

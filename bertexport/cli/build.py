@@ -1,0 +1,201 @@
+"""Commands that build: convert, distill, optimize, and the profiles they take (targets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bertexport.search.candidates import SEARCHABLE_BACKENDS
+from bertexport.core.errors import GateFailed
+from bertexport.cli.group import EXIT_CODES_HELP, TASK_CHOICE, _print_rows, _say, _threads_option, cli, emit_json, json_option
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", default="builtin:all-MiniLM-L6-v2")
+@click.option("--target", "-t", required=True, help="Target profile name (see `bertexport targets`) or path to a .toml profile.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
+@click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (.txt/.csv/.tsv/.jsonl); default: calib/ set.")
+@click.option("--samples", type=click.Path(path_type=Path), help="Validation sentences; default: calib/samples.txt.")
+@_threads_option()
+@click.option("--latency-runs", type=click.IntRange(min=0), default=None, help="Timed runs per side (0 skips timing); default from the profile.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a hub id.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin (pickle) weights, which can run code when loaded.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint (auto_map, *.py).")
+@click.option("--distill", "distill_layers", type=click.IntRange(min=1), help="First distill MODEL to a student with this many layers, then convert the student.")
+@click.option("--distill-data", type=click.Path(path_type=Path), help="Transfer text for --distill (default: calib/).")
+@click.option("--distill-epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs for --distill.")
+@json_option("the manifest of the build")
+@click.option("--sign-key", type=click.Path(path_type=Path), help="Sign the artifact with this private key (PEM) when it passes.")
+def convert(model, target, out, task, calib, samples, threads, latency_runs, force, revision, allow_pickle, trust_remote_code,
+            distill_layers, distill_data, distill_epochs, json_out, sign_key):
+    """Compile MODEL (a folder, a hub id, or the built-in all-MiniLM-L6-v2) for a target."""
+    from bertexport.building.convert import convert as run_convert
+    from bertexport.core.progress import RichReporter
+
+    if sign_key:
+        from bertexport.shipping.signing import _key, _library
+
+        _key(sign_key, "private key")  # checked before any work
+        _library()
+    reporter = RichReporter()
+    try:
+        result = run_convert(model, target, out, task=task, calib=calib, samples=samples, force=force, threads=threads,
+                             latency_runs=latency_runs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             revision=revision, reporter=reporter, distill_layers=distill_layers,
+                             distill_data=distill_data, distill_epochs=distill_epochs)
+    except GateFailed as e:
+        if e.result is not None:
+            _print_rows(e.result.rows, f"{e.result.artifact} (rejected)")
+            emit_json(json_out, e.result.manifest)
+        raise
+    _print_rows(result.rows, str(result.artifact))
+    emit_json(json_out, result.manifest)
+    if sign_key:
+        from bertexport.shipping.signing import sign
+
+        _say(json_out, f"signed: {sign(result.artifact, sign_key)}")
+    _say(json_out, f"PASSED: {result.artifact}")
+
+
+def _distill_options(f):
+    for opt in reversed([
+        click.option("--layers", type=click.IntRange(min=1), help="Student layer count (every k-th teacher layer kept)."),
+        click.option("--keep-layers", help="Explicit teacher layer indices to keep, e.g. 1,3,5."),
+        click.option("--student", help="A student checkpoint sharing the teacher's tokenizer (instead of --layers)."),
+        click.option("--shape", help="Student shape sliced from the teacher, e.g. L3, L3-H256 or L3-H256-F1024 (L layers, "
+                                     "H hidden size, F FFN size; missing parts are the teacher's)."),
+        click.option("--alpha-hidden", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Weight of the hidden-state loss (each student layer vs its teacher layer; 0: off)."),
+        click.option("--alpha-attention", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Weight of the Q/K/V self-attention relation loss (MiniLMv2, last layer; 0: off)."),
+        click.option("--augment", type=click.IntRange(min=0), default=8, show_default=True,
+                     help="Teacher-labelled variants per training text when the data has fewer than 5000 texts (0: none)."),
+        click.option("--data", "distill_data", type=click.Path(path_type=Path), help="Transfer text (.txt/.csv/.tsv/.jsonl; labels used when present); default: calib/."),
+        click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Training batch size."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True, help="Learning rate."),
+        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+                     help="Softmax temperature of the distillation loss."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (data split, order, init)."),
+        click.option("--distill-threads", type=click.IntRange(min=1), default=1, show_default=True, help="Training threads."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _distill_config(layers, keep_layers, student, shape, alpha_hidden, alpha_attention, augment, epochs, batch_size, lr,
+                    temperature, seed, distill_threads):
+    from bertexport.students.distill import DistillConfig
+
+    keep = None
+    if keep_layers:
+        try:
+            keep = [int(x) for x in keep_layers.split(",")]
+        except ValueError as e:
+            raise click.BadParameter("--keep-layers takes comma-separated integers") from e
+    return DistillConfig(layers=layers, keep_layers=keep, student=student, shape=shape, alpha_hidden=alpha_hidden,
+                         alpha_attention=alpha_attention, augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,
+                         temperature=temperature, seed=seed, threads=distill_threads)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("teacher")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Student checkpoint folder to create.")
+@click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
+@_distill_options
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport student (never a folder of other files).")
+@json_option("the distillation report")
+def distill(teacher, out, task, layers, keep_layers, student, shape, alpha_hidden, alpha_attention, augment, distill_data,
+            epochs, batch_size, lr, temperature, seed, distill_threads, resume, force, json_out):
+    """Distill TEACHER into a smaller student checkpoint (same family and tokenizer)."""
+    from bertexport.students.distill import distill as run_distill
+    from bertexport.core.progress import RichReporter
+
+    cfg = _distill_config(layers, keep_layers, student, shape, alpha_hidden, alpha_attention, augment, epochs, batch_size,
+                          lr, temperature, seed, distill_threads)
+    result = run_distill(teacher, out, task=task, data=distill_data, config=cfg, resume=resume, force=force,
+                         reporter=RichReporter())
+    r = result.report
+    emit_json(json_out, r)
+    _say(json_out, f"student: {result.student}")
+    _say(json_out, f"  layers {r['teacher']['layers']} -> {r['student']['layers']}, parameters "
+                   f"{r['teacher']['parameters'] / 1e6:.1f}M -> {r['student']['parameters'] / 1e6:.1f}M")
+    _say(json_out, f"  PyTorch latency {r['latency']['teacher_p50_ms']:.2f} -> {r['latency']['student_p50_ms']:.2f} ms "
+                   f"({r['latency']['speedup']['p50_ratio']:.2f}x); final eval: {r['final_eval']}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", default="builtin:all-MiniLM-L6-v2")
+@click.option("--data", type=click.Path(path_type=Path), help="Your task data (.csv/.tsv/.jsonl with a text and, for classification, a label column; or .txt); default: calib/ text, unlabelled.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create (the winner).")
+@click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Gate: the labelled task metric (accuracy; embeddings: retrieval precision@5) may drop at most this many points. Default with labels: 1.0.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Gate: fraction of decisions equal to PyTorch's (embeddings: tie-robust top-5 retrieval agreement). Default without labels: 0.98.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Gate: minimum per-sample cosine to PyTorch's outputs.")
+@click.option("--confidence", type=click.FloatRange(0.5, 0.9999),
+              help="Decide the held-out verdict on this interval (e.g. 0.95): a candidate passes only when the whole interval is inside the gate.")
+@click.option("--batch-invariant", is_flag=True, help="Keep only candidates whose outputs do not depend on their batch neighbours (measured at build).")
+@click.option("--budget", default="20m", show_default=True, help="Time budget for the search, e.g. 90s, 20m, 1h.")
+@click.option("--distill", help="Also search students: 'auto' (a depth x width grid ordered by a latency cost model measured "
+                                "here), layer counts (e.g. 3,4: full width), or shapes (e.g. L3-H256-F1024,L2; missing parts "
+                                "are the teacher's).")
+@click.option("--distill-epochs", type=click.IntRange(min=1), default=2, show_default=True, help="Training epochs per student.")
+@click.option("--distill-data", type=click.Path(path_type=Path), help="Training text for students, e.g. your training set (default: the search slice).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for int8 recipes (default: calib/ set).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the latency cell the search minimises.")
+@click.option("--seq", "sequence", type=click.IntRange(min=1), default=128, show_default=True, help="Sequence length of the latency cell.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for every candidate (pinned, reported); default: all cores.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(list(SEARCHABLE_BACKENDS)),
+              help="Search only this backend (repeatable), e.g. the runtime your device has; default: every installed one.")
+@click.option("--text-column", help="Text column name (CSV/TSV/JSONL).")
+@click.option("--label-column", help="Label column name (CSV/TSV/JSONL).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search/confirm split.")
+@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code shipped with the checkpoint (auto_map, *.py).")
+@json_option("the search report")
+def optimize(model, data, out, task, max_accuracy_drop, min_agreement, min_cosine, confidence, batch_invariant, budget, distill,
+             distill_epochs, distill_data, calib, batch, sequence, threads, backends, text_column, label_column, seed, force,
+             trust_remote_code, json_out):
+    """Find the fastest artifact that keeps your task accuracy: backends, precisions, per-region float fallbacks, students."""
+    from bertexport.judging.compare import Gates
+    from bertexport.search.optimize import optimize as run_optimize
+    from bertexport.core.progress import RichReporter
+
+    gates = Gates(min_cosine=min_cosine, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, confidence=confidence)
+    try:
+        result = run_optimize(model, data, out, task=task, gates=gates, budget=budget, distill=distill, batch_invariant=batch_invariant,
+                              distill_epochs=distill_epochs, distill_data=distill_data, threads=threads, batch=batch, sequence=sequence, calib=calib,
+                              text_column=text_column, label_column=label_column, seed=seed, force=force,
+                              trust_remote_code=trust_remote_code, backends=set(backends) or None, reporter=RichReporter())
+    except GateFailed as e:
+        if e.result is not None:
+            emit_json(json_out, e.result.report)
+            _say(json_out, f"search table: {e.result.artifact / 'search.md'}")
+        raise
+    emit_json(json_out, result.report)
+    w = result.report["winner"]
+    timing = result.report["final_timing"].get(w["name"], {})
+    _say(json_out, f"winner: {w['name']} — {timing.get('p50_ms', 0):.2f} ms p50, {timing.get('vs_pytorch', 0):.2f}x PyTorch"
+                   + (f", {timing['vs_anchor']:.2f}x the anchor" if timing.get("vs_anchor") else "")
+                   + f"; held-out: {w['confirm_metrics']}")
+    _say(json_out, f"PASSED: {result.artifact} (search table: {result.artifact / 'search.md'})")
+
+
+@cli.command()
+@click.option("--describe", "describe_name", metavar="NAME", help="Describe one profile or pass: its settings and options.")
+def targets(describe_name):
+    """List the built-in target profiles (and, with --describe, a profile's or a pass's options)."""
+    from bertexport.building.profiles import list_profiles, load_profile
+
+    if describe_name:
+        from bertexport.building.describe import describe_text
+
+        click.echo(describe_text(describe_name))
+        return
+    for name, path in list_profiles().items():
+        p = load_profile(path)
+        click.echo(f"{name:24s} {p.backend:12s} {p.description}")

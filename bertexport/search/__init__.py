@@ -1,0 +1,1 @@
+"""``optimize``: the search for the fastest artifact that keeps the user's task, over recipes and students."""

@@ -1,0 +1,292 @@
+"""``optimize``: the fastest artifact that keeps the user's task accuracy, found by search.
+
+What it does, in order:
+
+1. Checks everything first (checkpoint, data, gates, destination), then splits the data
+   into a *search* slice and a held-out *confirm* slice. The PyTorch original runs once
+   per slice; every candidate is scored against those outputs by the one comparison
+   engine (``bertexport.judging.compare``) with the user's gate: accuracy drop in points on
+   labelled classification data, agreement (equal decisions; top-5 retrieval agreement
+   for embeddings) and/or cosine otherwise.
+2. Offers only candidates this machine runs natively (``candidate_recipes``): the
+   backends installed, int8 recipes, and float regions in bf16 only where the CPU has
+   AVX-512 BF16 / AMX. The first is the best anchor recipe (OpenVINO + NNCF int8 with
+   OpenVINO's default precision for this CPU).
+3. Tries them fastest-first. An int8 candidate that misses the gate is repaired region
+   by region: regions (per layer: attention projections, attention output, FFN in, FFN
+   out — named by the family's record) are ranked by how much quantizing each *alone*
+   moves the task outputs on the search slice (ONNX Runtime dynamic int8, seconds per
+   region), and the most harmful are restored to float (bf16 where native) 1, 2, 4, ...
+   at a time until the gate holds. A candidate whose quick latency cannot beat the best
+   passing one is pruned before its accuracy is measured, and restoring more regions only
+   makes a build slower, so a pruned restore stops its ladder.
+4. Optionally searches students (``distill``; ``bertexport.search.students``): shapes ordered
+   by a latency cost model measured on this machine, hopeless ones never trained, the rest
+   trained within the budget and judged against the *original* model.
+5. Times the passing candidates, the anchor and PyTorch interleaved, confirms the fastest
+   on the held-out slice, and publishes it as a normal artifact whose manifest carries a
+   ``search`` section, with ``search.json``, ``search.md`` and ``search.png`` inside.
+   No candidate passing: the best-scoring one is kept as ``OUT.rejected`` (exit 1).
+
+Every build is cached by (checkpoint, recipe, calibration, bertexport version) and every
+evaluation by (build, data slice), so a rerun after an interruption costs little; each
+candidate is plain data (``Candidate.to_dict``), so candidates could run elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from bertexport.search.candidates import Candidate, candidate_recipes, check_backends  # noqa: F401  (candidate_recipes re-exported)
+from bertexport.judging.compare import Gates, check_gates_fit, check_gates_resolvable, compare_on_data, rows_needed, task_labels
+from bertexport.core.errors import GateFailed, UserError
+from bertexport.core.progress import Reporter
+from bertexport.search.report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
+from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
+from bertexport.search.students import plan_students, search_students
+
+
+def region_ranking(search: Search, model_path: str, torch_model, samples: int = 64) -> list[dict]:
+    """Regions (``region@layer``) ranked by how much quantizing each alone (ORT dynamic
+    int8) moves the task outputs on the search slice: 1 - mean cosine to the original."""
+    from bertexport.backends.onnxruntime.runner import OrtRunner
+    from bertexport.building.checkpoint import resolve_checkpoint
+    from bertexport.building.export import export_onnx
+    from bertexport.core.families import get_family
+    from bertexport.building.graph import regions_in, weight_nodes
+    from bertexport.building.passes.ort_quantize import DynamicQuantizeConfig, OrtDynamicQuantize
+    from bertexport.core.staging import WorkFolder
+    from bertexport.core.textdata import TextSet
+
+    ckpt = resolve_checkpoint(model_path, search.task, trust_remote_code=search.trust_remote_code)
+    exported = export_onnx(ckpt, torch_model, 18)
+    fam = get_family(ckpt.family)
+    groups = regions_in(weight_nodes(exported.path, ["MatMul"]), fam.regions)
+    groups = {k: v for k, v in groups.items() if k[0] != "head"}
+    data = TextSet(search.search.data.texts[:samples], None, search.search.data.pairs[:samples] if search.search.data.pairs else None)
+    cache: dict = {}
+    rows = []
+    quant = OrtDynamicQuantize()
+    cfg = DynamicQuantizeConfig()
+    with WorkFolder("ranking") as work:
+        for (region, layer), nodes in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+            if search.remaining() <= 0:  # the budget holds here too: unmeasured regions rank last
+                spec = region if layer is None else f"{region}@{layer}"
+                rows.append({"region": spec, "nodes": len(nodes), "harm": None, "cosine_min": None})
+                continue
+            probe = work / "probe.onnx"
+            quant._quantize(exported.path, probe, cfg, [], only=nodes)
+            with OrtRunner(probe, threads=search.threads) as r:
+                comp = compare_on_data(r, search.reference, search.encode, data, search.task, reference_cache=cache)
+            s = comp.summary()
+            spec = region if layer is None else f"{region}@{layer}"
+            rows.append({"region": spec, "nodes": len(nodes), "harm": 1.0 - s["cosine_mean"], "cosine_min": s["cosine_min"]})
+    rows.sort(key=lambda r: -1.0 if r["harm"] is None else -r["harm"])
+    rows.sort(key=lambda r: r["harm"] is None)  # measured first
+    return rows
+
+
+def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str | None = None, gates: Gates | None = None,
+             budget: str | float = "20m", distill: str | list[int] | None = None, distill_epochs: int = 2,
+             distill_data: str | Path | None = None,
+             threads: int | None = None, batch: int = 1, sequence: int = 128, calib: str | Path | None = None,
+             search_fraction: float = 0.5, max_search_rows: int = 600, seed: int = 0, text_column: str | None = None,
+             label_column: str | None = None, force: bool = False, trust_remote_code: bool = False,
+             backends: set[str] | None = None, features: set[str] | None = None, batch_invariant: bool = False,
+             reporter: Reporter | None = None) -> SearchResult:
+    """Search for the fastest artifact that meets ``gates`` on ``data``; see the module doc.
+
+    Raises ``UserError`` (exit 2) on bad input before any model loads, ``GateFailed``
+    (exit 1) when no candidate passes (the best-scoring one is kept as ``OUT.rejected``)."""
+    from bertexport.building.checkpoint import load_model, load_tokenizer, model_max_length, resolve_checkpoint
+    from bertexport.judging.compare import reference_runner
+    from bertexport.core.envinfo import cpu_features
+    from bertexport.shipping.runtime import TextEncoder
+    from bertexport.core.staging import REJECTED_SUFFIX, StagedFolder, WorkFolder, check_destination, check_writable
+    from bertexport.core.textdata import load_texts
+
+    reporter = reporter or Reporter()
+    budget_s = parse_budget(budget)
+    threads = threads or os.cpu_count() or 1
+    if threads < 1 or batch < 1 or sequence < 1:
+        raise UserError("threads, batch and sequence must be >= 1")
+    if not 0 < search_fraction < 1:
+        raise UserError("search_fraction must be between 0 and 1")
+    requested_backends = None if backends is None else sorted(backends)
+    backends = check_backends(backends)  # --backend: unknown or not installed -> exit 2 before any work
+    ckpt = resolve_checkpoint(model, task, trust_remote_code=trust_remote_code)
+    students = plan_students(distill, ckpt)  # shapes checked against the model, before any work
+    out = Path(out).expanduser().resolve()
+    check_destination(out, force, [ckpt.path], "artifact folder")
+    weights = sum(p.stat().st_size for p in ckpt.weight_files)
+    check_writable(out, int(weights * 1.5), "artifact")
+    if calib:
+        load_texts(calib)  # refuse a bad calibration file now
+    if distill_data:
+        load_texts(distill_data)
+    ts = load_texts(data, text_column, label_column) if data else None
+    if ts is None:
+        from bertexport.core.textdata import TextSet, builtin_calibration
+
+        ts = TextSet(builtin_calibration(), source="builtin:calib")
+    labels = task_labels(ts, ckpt.task, ckpt.id2label)
+    gates = gates or Gates()
+    if not gates.any():  # the defaults: 1 point of the labelled task metric, else 98 % agreement
+        gates = dataclasses.replace(gates, **({"max_accuracy_drop": 1.0} if labels is not None else {"min_agreement": 0.98}))
+    check_gates_fit(gates, ckpt.task, labels is not None)
+    if len(ts.texts) < 20:
+        raise UserError(f"{len(ts.texts)} texts are too few to search on (need >= 20: a search and a confirm slice)")
+    features = cpu_features() if features is None else set(features)
+    recipes = candidate_recipes(features, backends)
+    if not recipes:
+        raise UserError("no backend to search over: install onnxruntime and/or openvino (bertexport[runtime], [openvino])")
+    search_slice, confirm_slice = split_slices(ts, labels, search_fraction, seed, max_search_rows)
+    # the held-out verdict must be one its rows can resolve (refused now, not after the search)
+    need = max(rows_needed(gates).values(), default=0)
+    total = next((m for m in range(need, 100 * need + 2) if m - min(max(1, int(m * search_fraction)), max_search_rows) >= need), need)
+    check_gates_resolvable(gates, len(confirm_slice.data.texts), "the held-out confirm slice",
+                           f" (give >= {total} rows in all: {search_fraction:.0%} of them, at most {max_search_rows}, "
+                           "go to the search slice)")
+    t_start = time.monotonic()
+    deadline = t_start + budget_s
+    reporter.log(f"search slice {len(search_slice.data.texts)} texts, confirm slice {len(confirm_slice.data.texts)}; "
+                 f"gate {gates.given()}; budget {budget_s:.0f} s; CPU features {', '.join(sorted(features)) or 'none detected'}")
+
+    with reporter.step(f"load {ckpt.family} original ({ckpt.task})"):
+        torch_model = load_model(ckpt)
+        tokenizer = load_tokenizer(ckpt)
+    with WorkFolder("optimize") as work:
+        tok_dir = work / "tokenizer"
+        tokenizer.save_pretrained(tok_dir)
+        from bertexport.building.export import export_onnx
+
+        with reporter.step("export ONNX (cached)"):
+            exported = export_onnx(ckpt, torch_model, 18)
+        encoder = TextEncoder.from_folder(tok_dir, exported.input_names, model_max_length(ckpt.config, tokenizer))
+        reference = reference_runner(ckpt, exported.input_names, threads, torch_model=torch_model)
+        reference.activate()
+        search = Search(ckpt=ckpt, task=ckpt.task, gates=gates, reference=reference, encode=encoder.encode,
+                         search_slice=search_slice, confirm_slice=confirm_slice, deadline=deadline, threads=threads, batch=batch,
+                         sequence=sequence, calib=calib, reporter=reporter, trust_remote_code=trust_remote_code,
+                         batch_invariant=batch_invariant)
+        ranking: list[dict] | None = None
+        for cand in recipes:
+            t = search.try_candidate(cand, str(ckpt.path))
+            if t.status in ("failed", "undecided") and cand.int8 and search.remaining() > 0:
+                if ranking is None:
+                    with reporter.step("rank regions by harm (each quantized alone)"):
+                        ranking = region_ranking(search, str(ckpt.path), torch_model)
+                    reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6] if r["harm"] is not None))
+                search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
+        found = search_students(search, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer, tok_dir=tok_dir, shapes=students,
+                                recipes=recipes, distill_data=distill_data, epochs=distill_epochs, seed=seed) if students else {}
+
+        passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)  # all confirmed
+        anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
+        final = _final_timing(passing[:4], anchor, reference, encoder, batch, sequence, threads, reporter)
+        ranked = sorted(passing[:4], key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms))
+        winner = ranked[0] if ranked else None
+        confirm = winner.confirm_metrics if winner else None
+        reference.deactivate()
+        elapsed = time.monotonic() - t_start
+        chosen = winner or _best_scoring(search.trials)
+        report = build_report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
+                         threads, batch, sequence, features, backends)
+        # the backends searched; "restricted": the user named them (--backend), e.g. the device's runtime
+        report["backends"] = sorted(backends)
+        report["backends_restricted"] = requested_backends is not None
+        report["batch_invariant"] = batch_invariant
+        report["within_noise"] = [t.candidate.name for t in search.trials if t.noise]
+        report["students"], report["cost_model"] = found.get("students"), found.get("cost_model")
+        if chosen is None:
+            raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
+        with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
+            _publish(Path(chosen.artifact), staged.staging, report, winner is not None, chosen.candidate)
+            published = staged.publish(winner is not None)
+    result = SearchResult(published, winner is not None, report)
+    if winner is None:
+        raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
+    return result
+
+
+def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads, reporter) -> dict:
+    """The passing candidates and the anchor timed interleaved (60 rounds): this run picks
+    the winner. PyTorch is timed in a second run with them, for the "vs PyTorch" ratio
+    only: in the rotation its threads keep spinning after its turn and slow whichever
+    candidate follows (measured here: it turned a 1.4x-faster student into a slower one)."""
+    from bertexport.judging.compare import fixed_cell_feeds
+    from bertexport.judging.latency import speedup, time_interleaved
+    from bertexport.shipping.runtime import Artifact
+    from bertexport.core.textdata import builtin_samples
+
+    trials = {t.candidate.name: t for t in passing}
+    if anchor is not None:
+        trials.setdefault(anchor.candidate.name, anchor)
+    if not trials:
+        return {}
+    feeds = fixed_cell_feeds(encoder.encode, builtin_samples(), batch, sequence)
+    arts = {n: Artifact(t.artifact, threads=threads, allow_rejected=True, runtime_overrides=t.candidate.runtime)
+            for n, t in trials.items()}
+    for a in arts.values():
+        a.runner.activate()
+    try:
+        calls = {n: (lambda a=a: a.infer(feeds)) for n, a in arts.items()}
+        with reporter.step(f"time {len(calls)} candidates interleaved, b{batch}/s{sequence}, {threads} thread(s)"):
+            timed = time_interleaved(calls, runs=60, warmup=5)
+        with reporter.step("time PyTorch with them (for the vs-PyTorch ratio only)"):
+            with_torch = time_interleaved({"pytorch": lambda: reference.infer(feeds)} | calls, runs=15, warmup=3)
+    finally:
+        for a in arts.values():
+            a.runner.deactivate()
+    anchor_lat = timed.get(anchor.candidate.name) if anchor is not None else None
+    out = {"pytorch": {"p50_ms": with_torch["pytorch"].p50 * 1e3, "p90_ms": with_torch["pytorch"].p90 * 1e3,
+                       "vs_pytorch": 1.0, "vs_anchor": None}}
+    for n, lat in timed.items():
+        out[n] = {"p50_ms": lat.p50 * 1e3, "p90_ms": lat.p90 * 1e3,
+                  "vs_pytorch": speedup(with_torch["pytorch"], with_torch[n])["p50_ratio"],
+                  "vs_anchor": (anchor_lat.p50 / lat.p50) if anchor_lat is not None else None,
+                  "vs_anchor_p10_p90": [speedup(anchor_lat, lat)["round_ratio_p10"], speedup(anchor_lat, lat)["round_ratio_p90"]]
+                  if anchor_lat is not None else None}
+    return out
+
+
+def _best_scoring(trials: list[Trial]) -> Trial | None:
+    """The failed candidate closest to passing (lowest metric drop, then highest agreement/cosine)."""
+    scored = [t for t in trials if t.artifact and t.metrics]
+    if not scored:
+        return next((t for t in trials if t.artifact), None)
+    return min(scored, key=lambda t: (t.metrics.get("metric_drop", 0.0), -(t.metrics.get("agreement") or 0.0),
+                                      -t.metrics.get("cosine_min", 0.0)))
+
+
+def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candidate) -> None:
+    """The chosen build as a normal artifact, with the search record in its manifest and
+    search.json/.md/.png beside the model (all listed in the file table)."""
+    from bertexport.core.manifest import MANIFEST, load_manifest, write_manifest
+
+    manifest = load_manifest(build)
+    for p in build.iterdir():
+        if p.name != MANIFEST:
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, staging / p.name)
+    (staging / "search.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (staging / "search.md").write_text(to_markdown(report))
+    try:
+        plot(report, staging / "search.png")
+    except ImportError:
+        pass
+    manifest["status"] = "passed" if passed else "rejected"
+    manifest["target"] |= {"name": cand.name, "runtime": cand.runtime, "description": f"optimize winner: {cand.name}"}
+    if not passed:
+        manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
+    manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
+                                                 "backends", "backends_restricted", "batch_invariant", "students")} | {
+        "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
+                        "latency_ms": c["latency_ms"], "metrics": c["metrics"], "within_noise": c["within_noise"],
+                        "batch_invariance": c["batch_invariance"]} for c in report["candidates"]]}
+    manifest.pop("files", None)
+    write_manifest(staging, manifest)

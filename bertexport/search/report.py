@@ -1,0 +1,255 @@
+"""The record ``optimize`` leaves: the search report (``search.json``), its Markdown
+(``search.md``) and its Pareto plot (``search.png``).
+
+Every candidate carries a ``label`` saying what it is (recipe, precision, regions kept in
+float, student shape) and a number shared by the Markdown table and the plot."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bertexport import __version__
+from bertexport.building.report import describe_build, interval_level, interval_of, read_json, student_shape, unique_labels, with_interval
+
+SCHEMA = "bertexport.search/1"
+
+
+def candidate_label(candidate: dict, folder: str | Path | None = None) -> str:
+    """What a search candidate is, from its record (``Candidate.to_dict``) and, for a
+    student, the shape of its build: ``ort-int8-avx2+float[4]``, ``ov-int8-f32 student L3-H384-A12-F1536``."""
+    layers = candidate.get("student_layers")
+    built = candidate.get("backend") not in (None, "-")
+    name = candidate["recipe"] if built else ""
+    if candidate.get("keep_float"):
+        name += f"+float[{len(candidate['keep_float'])}]"
+    shape = candidate.get("student")  # the shape's name (L3-H256-A8-F768); older records: the depth only
+    if layers and not shape:
+        manifest = read_json(folder, "manifest.json") if folder else {}
+        shape = (student_shape(manifest, folder) if manifest.get("distillation") else None) or (
+            f"L{layers}" if layers > 0 else "half depth")
+    return describe_build(name, candidate.get("precision") if built else None, shape)
+
+
+def label_candidates(candidates: list[dict]) -> list[dict]:
+    """Give every candidate record (``Trial.to_dict``) a distinct ``label``."""
+    labels = unique_labels([candidate_label(c["candidate"], c.get("artifact")) for c in candidates],
+                           [c.get("artifact") for c in candidates])
+    for c, label in zip(candidates, labels):
+        c["label"] = label
+    return candidates
+
+
+def build_report(ckpt, gates, search, ranking, final, winner, confirm, search_slice, confirm_slice, budget_s, elapsed,
+                 threads, batch, sequence, features, backends) -> dict:
+    from bertexport.core.envinfo import environment
+
+    candidates = label_candidates([t.to_dict() for t in search.trials])
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bertexport_version": __version__,
+        "model": {"source": ckpt.source, "sha256": ckpt.sha256, "family": ckpt.family, "task": ckpt.task},
+        "gate": gates.given(),
+        "data": {"search": {"rows": len(search_slice.data.texts), "digest": search_slice.digest},
+                 "confirm": {"rows": len(confirm_slice.data.texts), "digest": confirm_slice.digest}},
+        "budget_seconds": budget_s, "elapsed_seconds": round(elapsed, 1),
+        "cell": {"batch": batch, "sequence": sequence, "threads": threads},
+        "machine": {"cpu_features": sorted(features), "backends": sorted(backends)},
+        "region_ranking": ranking,
+        "candidates": candidates,
+        "final_timing": final,
+        "winner": None if winner is None else {"name": winner.candidate.name, "candidate": winner.candidate.to_dict(),
+                                               "search_metrics": winner.metrics, "confirm_metrics": confirm},
+        "environment": environment(),
+    }
+
+
+def _fmt(v, spec="", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def labels_by_name(report: dict) -> dict[str, str]:
+    """Candidate name (``Candidate.name``, the key of ``final_timing`` and ``winner``) -> label."""
+    out = {"pytorch": "pytorch fp32"}
+    for c in report["candidates"]:
+        out.setdefault(c["candidate"]["name"], c.get("label") or c["candidate"]["name"])
+    return out
+
+
+def _status(c: dict) -> str:
+    return c["status"] + (" (within noise)" if c.get("within_noise") else "")
+
+
+def to_markdown(report: dict) -> str:
+    w = report["winner"]
+    names = labels_by_name(report)
+    metrics = [c["metrics"] for c in report["candidates"]]
+    level = interval_level(*metrics)
+    lines = [f"# bertexport optimize: {report['model']['source']} ({report['model']['task']})", "",
+             f"- gate: {report['gate']} · search slice {report['data']['search']['rows']} rows, "
+             f"held-out confirm slice {report['data']['confirm']['rows']} rows",
+             f"- cell b{report['cell']['batch']}/s{report['cell']['sequence']}, {report['cell']['threads']} thread(s) · "
+             f"CPU features {', '.join(report['machine']['cpu_features']) or 'none'} · "
+             f"elapsed {report['elapsed_seconds']} s of {report['budget_seconds']:.0f} s",
+             f"- winner: **{names.get(w['name'], w['name'])}**" if w else "- winner: **none** (no candidate met the gate)"]
+    if w and w.get("confirm_metrics"):
+        cm = w["confirm_metrics"]
+        lines.append(f"- winner on the held-out slice: drop {with_interval(cm, 'metric_drop', '+.2f')} pts · "
+                     f"agreement {with_interval(cm, 'agreement')} · cos min {_fmt(cm.get('cosine_min'), '.4f')}"
+                     f" (brackets: {interval_level(cm)} interval)")
+    lines.append("")
+    if report["final_timing"]:
+        lines += ["Interleaved timing (one run):", "", "| candidate | p50 ms | p90 ms | vs PyTorch | vs anchor |", "|---|---|---|---|---|"]
+        for n, f in sorted(report["final_timing"].items(), key=lambda kv: kv[1]["p50_ms"]):
+            lines.append(f"| {names.get(n, n)} | {f['p50_ms']:.2f} | {f['p90_ms']:.2f} | {f['vs_pytorch']:.2f}x | "
+                         f"{_fmt(f['vs_anchor'], '.2f')}{'x' if f['vs_anchor'] is not None else ''} |")
+        lines.append("")
+    lines += [f"Every candidate (the numbers are the plot's; brackets: {level} interval of the paired difference "
+              "to the original on the search slice):", "",
+              f"| # | candidate | status | quick p50 ms | drop pts [{level}] | agreement [{level}] | cos min | reason |",
+              "|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(report["candidates"], 1):
+        m = c["metrics"] or {}
+        quick = _fmt(c["latency_ms"], ".2f") if c.get("latency_ms") is not None or c.get("predicted_ms") is None else (
+            f"~{c['predicted_ms']:.2f} (predicted)")
+        lines.append(f"| {i} | {c.get('label') or c['candidate']['name']} | {_status(c)} | {quick} | "
+                     f"{with_interval(m, 'metric_drop', '+.2f')} | {with_interval(m, 'agreement')} | "
+                     f"{_fmt(m.get('cosine_min'), '.4f')} | {c['reason']} |")
+    if any(c.get("within_noise") for c in report["candidates"]):
+        lines += ["", "*within noise*: the data could not resolve this decision — the difference it rests on is inside "
+                      "the interval of what the slice's rows can tell apart."]
+    if report.get("students"):
+        lines += ["", *students_markdown(report)]
+    if report.get("region_ranking"):
+        lines += ["", "Regions ranked by harm when quantized alone (1 - mean cosine to the original):", ""]
+        lines += [f"- {r['region']}: {_fmt(r['harm'], '.5f', 'not measured (budget)')}" for r in report["region_ranking"][:12]]
+    return "\n".join(lines) + "\n"
+
+
+def students_markdown(report: dict) -> list[str]:
+    """The students, in the order tried (bisection over the predicted latency): shape, the cost model's prediction (measured on
+    this machine at random init, or predicted from the measured shapes), the quick latency
+    measured on the trained student, and its training time."""
+    cm = report.get("cost_model") or {}
+    fit = cm.get("fit") or {}
+    lines = [f"Students, in the order tried (cost model: {cm.get('recipe', '?')} vs the teacher on {cm.get('reference', '?')}, "
+             f"random init, fit {fit.get('model', '-')} over {fit.get('points', 0)} point(s)"
+             + (f"; measuring failed: {cm['error']}" if cm.get("error") else "") + "):", "",
+             "| shape | status | predicted ratio | predicted ms | measured ms | train s | reason |", "|---|---|---|---|---|---|---|"]
+    for r in report["students"]:
+        cached = " (cached)" if r.get("cached") else ""
+        lines.append(f"| {r['shape']} | {r['status']}{cached} | {r['predicted_ratio']:.2f} ({r['prediction']}) | "
+                     f"{_fmt(r.get('predicted_ms'), '.2f')} | {_fmt(r.get('measured_ms'), '.2f')} | "
+                     f"{_fmt(r.get('train_seconds'), '.0f')} | {r.get('reason', '')} |")
+    return lines
+
+
+def gated_metric(report: dict) -> tuple[str, str, float | None, bool]:
+    """(metrics key, axis label, gate limit, higher is better) of the figure the gate judged."""
+    gate = report["gate"]
+    if "max_accuracy_drop" in gate:
+        return "metric_drop", "accuracy drop (points; lower is better)", gate["max_accuracy_drop"], False
+    if "min_agreement" in gate:
+        return "agreement", "agreement with the original", gate["min_agreement"], True
+    return "cosine_min", "min cosine to the original", gate.get("min_cosine"), True
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both latency (lower) and the metric."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if not front or (y > front[-1][1] if higher_is_better else y < front[-1][1]):
+            front.append((x, y))
+    return front
+
+
+_COLOURS = {"passed": "tab:green", "failed": "tab:red"}
+
+
+def figure(report: dict):
+    """search.png: quick latency (log axis) vs the gated metric for every evaluated
+    candidate (bars: its interval), the Pareto front, the gate line and the winner;
+    below, candidates timed but pruned before evaluation, in grey at their quick latency,
+    and students never built (hopeless, skipped) as hollow diamonds at their predicted latency.
+    Candidates are numbers (the Markdown table's); the key under the plot names them."""
+    from matplotlib.lines import Line2D
+
+    from bertexport.core.plots import key, log_latency_axis, place_numbers, pyplot
+
+    plt = pyplot()
+    metric, axis_label, limit, higher = gated_metric(report)
+    win = (report["winner"] or {}).get("name")
+    evaluated, timed_only, predicted = [], [], []
+    for i, c in enumerate(report["candidates"], 1):
+        m = c["metrics"] or {}
+        if c["latency_ms"] is None:
+            if c.get("predicted_ms") is not None:  # a student never built (hopeless, skipped): its predicted latency
+                predicted.append((i, c))
+            continue
+        (evaluated if m.get(metric) is not None else timed_only).append((i, c))
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(8, 5.6), sharex=True, height_ratios=(5, 1), layout="constrained")
+    entries, points = [], []
+    for i, c in evaluated:
+        m = c["metrics"]
+        x, y = c["latency_ms"], m[metric]
+        colour = "0.55" if c["status"] == "pruned" else _COLOURS.get(c["status"], "0.55")
+        st = interval_of(m, metric)
+        yerr = None if st is None else [[max(y - st["low"], 0.0)], [max(st["high"] - y, 0.0)]]
+        is_win = c["candidate"]["name"] == win
+        ax.errorbar(x, y, yerr=yerr, fmt="*" if is_win else "o", markersize=13 if is_win else 6, color=colour, capsize=3,
+                    zorder=4 if is_win else 3)
+        if c.get("within_noise"):
+            ax.scatter(x, y, s=190, facecolors="none", edgecolors="tab:orange", linewidths=1.5, zorder=4)
+        points.append((x, y, i, colour))
+        entries.append((i, c.get("label") or c["candidate"]["name"], colour))
+    front = pareto_front([(p[0], p[1]) for p in points], higher)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:blue", linewidth=1, alpha=0.7, zorder=2)
+    if limit is not None:
+        ax.axhline(limit, color="k", linestyle="--", linewidth=1, zorder=1)
+    for i, c in timed_only:
+        strip.scatter(c["latency_ms"], 0, color="0.55", s=30, zorder=3)
+        entries.append((i, c.get("label") or c["candidate"]["name"], "0.55"))
+    for i, c in predicted:
+        strip.scatter(c["predicted_ms"], 0, facecolors="none", edgecolors="0.55", marker="D", s=30, zorder=3)
+        entries.append((i, (c.get("label") or c["candidate"]["name"]) + " (predicted latency)", "0.55"))
+    if not timed_only and not predicted:
+        strip.text(0.5, 0.5, "none", transform=strip.transAxes, ha="center", va="center", fontsize=7, color="0.4")
+    strip.set_yticks([])
+    strip.set_ylim(-1, 1.5)
+    strip.set_ylabel("not\nevaluated", fontsize=7, rotation=0, ha="right", va="center")
+    ax.set_ylabel(axis_label)
+    log_latency_axis(strip, "x", f"quick latency p50 (ms), b{report['cell']['batch']}/s{report['cell']['sequence']}, "
+                                 f"{report['cell']['threads']} thread(s)")
+    ax.margins(x=0.12, y=0.15)
+    ax.set_title(f"optimize: {Path(str(report['model']['source'])).name}", fontsize=10)
+    status = [Line2D([], [], marker="o", linestyle="None", color=_COLOURS["passed"], label="passed"),
+              Line2D([], [], marker="o", linestyle="None", color=_COLOURS["failed"], label="failed"),
+              Line2D([], [], marker="o", linestyle="None", color="0.55", label="pruned"),
+              Line2D([], [], marker="*", linestyle="None", color="k", markersize=11, label="winner"),
+              Line2D([], [], color="tab:blue", label="Pareto front")]
+    if limit is not None:
+        status.append(Line2D([], [], color="k", linestyle="--", label=f"gate {limit}"))
+    if predicted:
+        status.append(Line2D([], [], marker="D", linestyle="None", markerfacecolor="none", markeredgecolor="0.55",
+                             label="predicted latency (never built)"))
+    if any(c.get("within_noise") for _, c in evaluated):
+        status.append(Line2D([], [], marker="o", linestyle="None", markerfacecolor="none", markeredgecolor="tab:orange",
+                             markersize=11, label="within noise"))
+    ax.legend(handles=status, fontsize=7, loc="best")
+    not_timed = len(report["candidates"]) - len(evaluated) - len(timed_only) - len(predicted)
+    if entries:
+        key(fig, sorted(entries), title="candidates" + (f" ({not_timed} more not timed — pruned by prediction, skipped "
+                                                        "or not built: see search.md)" if not_timed else ""))
+    place_numbers(ax, points)
+    place_numbers(strip, [(c["latency_ms"], 0, i, "0.4") for i, c in timed_only]
+                  + [(c["predicted_ms"], 0, i, "0.4") for i, c in predicted])
+    return fig
+
+
+def plot(report: dict, path: Path) -> Path:
+    """search.png (see ``figure``)."""
+    from bertexport.core.plots import save
+
+    return save(figure(report), path)

@@ -1,0 +1,248 @@
+"""The state of one ``optimize`` run, shared by the search over recipes (``optimize``) and
+over students (``search.students``): the data slices with the original's outputs, the
+trials so far, and each candidate's build, quick latency and evaluation, each cached."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bertexport import __version__
+from bertexport.core.errors import GateFailed, UserError
+from bertexport.judging.compare import BATCH_TOLERANCE, Gates, compare_on_data, decide, task_metrics
+from bertexport.search.candidates import Candidate
+
+
+# -- options and records -------------------------------------------------------------------------
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds from '20m', '90s', '1h', '1.5h' or a number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        t = str(text).strip().lower()
+        units = {"s": 1, "m": 60, "h": 3600}
+        try:
+            seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        except ValueError as e:
+            raise UserError(f"budget {text!r}: give seconds or a number with s, m or h (e.g. 20m)") from e
+    if seconds <= 0:
+        raise UserError(f"budget must be positive, got {text!r}")
+    return seconds
+
+
+@dataclass
+class Trial:
+    """What happened to one candidate."""
+
+    candidate: Candidate
+    status: str  # passed | failed | undecided | pruned | excluded | skipped | error
+    reason: str = ""
+    latency_ms: float | None = None
+    metrics: dict = field(default_factory=dict)
+    artifact: str | None = None
+    build_seconds: float | None = None
+    cached: bool = False
+    confirm_metrics: dict = field(default_factory=dict)
+    noise: list[str] = field(default_factory=list)  # verdicts its data could not resolve (interval straddled the gate)
+    batch_invariance: dict | None = None
+    predicted_ms: float | None = None  # a student's latency predicted by the cost model before it was built
+
+    def to_dict(self) -> dict:
+        return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
+                "latency_ms": self.latency_ms, "predicted_ms": self.predicted_ms, "metrics": self.metrics,
+                "confirm_metrics": self.confirm_metrics,
+                "within_noise": bool(self.noise), "noise": self.noise, "batch_invariance": self.batch_invariance,
+                "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached}
+
+
+@dataclass
+class SearchResult:
+    artifact: Path
+    passed: bool
+    report: dict
+
+
+# -- the search -------------------------------------------------------------------------------------
+
+class Slice:
+    """A data slice with its labels and the original model's outputs, computed once."""
+
+    def __init__(self, texts, labels, pairs, name):
+        from bertexport.core.textdata import TextSet
+
+        self.data = TextSet(texts, None, pairs, name)
+        self.labels = labels
+        self.reference_cache: dict = {}
+        self.digest = hashlib.sha256(json.dumps([texts, pairs, None if labels is None else labels.tolist()]).encode()).hexdigest()[:16]
+
+
+def split_slices(ts, labels, fraction: float, seed: int, max_search: int):
+    """Search and held-out confirm slices, stratified by label (each label keeps its share
+    in both slices, so a rare class is not all on one side)."""
+    rng = random.Random(seed)
+    n = len(ts.texts)
+    n_search = max(1, min(int(n * fraction), max_search))
+    strata = [list(range(n))] if labels is None else [list(np.nonzero(labels == v)[0]) for v in np.unique(labels)]
+    search_ids, confirm_ids = [], []
+    for ids in strata:
+        rng.shuffle(ids)
+        k = int(round(len(ids) * n_search / n))
+        search_ids += ids[:k]
+        confirm_ids += ids[k:]
+    rng.shuffle(search_ids)
+    rng.shuffle(confirm_ids)
+    parts = []
+    for name, ids in (("search", search_ids), ("confirm", confirm_ids)):
+        parts.append(Slice([ts.texts[i] for i in ids], None if labels is None else labels[ids],
+                            [ts.pairs[i] for i in ids] if ts.pairs else None, name))
+    return parts
+
+
+class Search:
+    def __init__(self, *, ckpt, task, gates, reference, encode, search_slice, confirm_slice, deadline, threads, batch,
+                 sequence, calib, reporter, trust_remote_code, batch_invariant=False):
+        self.ckpt, self.task, self.gates, self.reference, self.encode = ckpt, task, gates, reference, encode
+        self.search, self.confirm = search_slice, confirm_slice
+        self.deadline, self.threads = deadline, threads
+        self.batch, self.sequence, self.calib, self.reporter = batch, sequence, calib, reporter
+        self.trust_remote_code = trust_remote_code
+        self.batch_invariant = batch_invariant
+        self.trials: list[Trial] = []
+        self.best: Trial | None = None
+        self._feeds = None
+        self._digests: dict[str, str] = {str(ckpt.path): ckpt.sha256}
+
+    # builds and measurements, each cached
+    def build(self, cand: Candidate, model_path: str) -> tuple[Path, bool, float]:
+        from bertexport.core.cache import cache_dir
+        from bertexport.building.convert import convert
+        from bertexport.core.hashing import sha256_file
+        from bertexport.core.staging import made_by_bertexport
+
+        calib_digest = sha256_file(self.calib) if self.calib else "builtin"
+        # the runtime (e.g. OpenVINO's bf16 vs f32 precision) is not part of the build: one IR
+        # serves both, opened with the candidate's runtime settings
+        key = hashlib.sha256(json.dumps([self._ckpt_sha(model_path), cand.backend, cand.profile().to_dict()["passes"],
+                                         calib_digest, __version__], sort_keys=True, default=str).encode()).hexdigest()[:20]
+        folder = cache_dir("builds") / key
+        if made_by_bertexport(folder) == "artifact":
+            return folder, True, 0.0
+        t0 = time.perf_counter()
+        try:
+            convert(model_path, cand.profile(), folder, task=self.task, calib=self.calib, force=True, threads=self.threads,
+                    latency_runs=0, gates=Gates(), trust_remote_code=self.trust_remote_code)
+        except GateFailed as e:  # no parity gate is set, so this would be a bug
+            raise RuntimeError(f"unexpected parity gate on a search build: {e}") from e
+        return folder, False, time.perf_counter() - t0
+
+    def _ckpt_sha(self, model_path: str) -> str:
+        """The checkpoint digest, computed once per checkpoint (it hashes every weight file)."""
+        from bertexport.building.checkpoint import resolve_checkpoint
+
+        if model_path not in self._digests:
+            self._digests[model_path] = resolve_checkpoint(model_path, self.task, trust_remote_code=self.trust_remote_code).sha256
+        return self._digests[model_path]
+
+    def quick_latency(self, art) -> float:
+        from bertexport.judging.compare import fixed_cell_feeds
+        from bertexport.judging.latency import time_interleaved
+        from bertexport.core.textdata import builtin_samples
+
+        if self._feeds is None:
+            self._feeds = fixed_cell_feeds(self.encode, builtin_samples(), self.batch, self.sequence)
+        timed = time_interleaved({"c": lambda: art.infer(self._feeds)}, runs=12, warmup=3)
+        return timed["c"].p50 * 1e3
+
+    def evaluate(self, art, folder: Path, sl: Slice, runtime: dict | None = None) -> dict:
+        # the metrics' schema (intervals, at the gate's level) is part of the key
+        rt = hashlib.sha256(json.dumps([runtime or {}, "metrics/2", self.gates.level], sort_keys=True).encode()).hexdigest()[:8]
+        cached = folder.with_name(f"{folder.name}.eval-{sl.digest}-{rt}.json")
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        comp = compare_on_data(art, self.reference, self.encode, sl.data, self.task, reference_cache=sl.reference_cache)
+        m = task_metrics(comp, sl.labels, self.gates.level)
+        cached.write_text(json.dumps(m))
+        return m
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def log_board(self, trial: Trial):
+        lat = "-" if trial.latency_ms is None else f"{trial.latency_ms:.2f} ms"
+        best = f"; best so far {self.best.candidate.name} {self.best.latency_ms:.2f} ms" if self.best else ""
+        self.reporter.log(f"{trial.status:7s} {trial.candidate.name:34s} {lat:>10s}  {trial.reason}{best}")
+
+    def try_candidate(self, cand: Candidate, model_path: str) -> Trial:
+        from bertexport.shipping.runtime import Artifact
+
+        if self.remaining() <= 0 and any(t.artifact for t in self.trials):  # the first build always runs
+            t = Trial(cand, "skipped", "time budget used up")
+            self.trials.append(t)
+            self.log_board(t)
+            return t
+        try:
+            with self.reporter.step(f"build {cand.name}"):
+                folder, cached, seconds = self.build(cand, model_path)
+        except Exception as e:  # one recipe failing (a backend refusing this graph) must not end the search
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            t = Trial(cand, "error", f"{type(e).__name__}: {first}" if not isinstance(e, UserError) else first)
+            self.trials.append(t)
+            self.log_board(t)
+            return t
+        art = Artifact(folder, threads=self.threads, allow_rejected=True, runtime_overrides=cand.runtime)
+        invariance = art.manifest.get("batch_invariance")
+        with art:
+            lat = self.quick_latency(art)
+            t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached,
+                      batch_invariance=invariance)
+            if self.batch_invariant and not (invariance or {}).get("invariant"):
+                t.status = "excluded"
+                t.reason = ("--batch-invariant: a text's output moves with its batch by up to "
+                            f"{(invariance or {}).get('max_abs_diff', float('nan')):.2g} (tolerance {BATCH_TOLERANCE:g})")
+            elif self.best is not None and lat >= self.best.latency_ms:
+                t.status, t.reason = "pruned", f"measured slower ({lat:.2f} ms) than the best passing {self.best.latency_ms:.2f} ms"
+            else:
+                self._judge(t, art, folder, cand)
+        self.trials.append(t)
+        self.log_board(t)
+        return t
+
+    def _judge(self, t: Trial, art, folder: Path, cand: Candidate) -> None:
+        """The search slice may only reject a candidate its interval puts clearly outside the
+        gate; anything else is decided on the held-out confirm slice (every row of it), by the
+        user's rule: the point estimate, or the interval with ``--confidence``."""
+        t.metrics = self.evaluate(art, folder, self.search, cand.runtime)
+        first = decide(t.metrics, dataclasses.replace(self.gates, confidence=self.gates.level))
+        if first.status == "failed":
+            t.reason = "; ".join(first.failures)
+            return
+        if first.status == "undecided":
+            t.noise.append("search slice: " + "; ".join(first.undecided))
+        t.confirm_metrics = self.evaluate(art, folder, self.confirm, cand.runtime)
+        held_out = decide(t.confirm_metrics, self.gates)
+        t.noise += [f"confirm slice: {n}" for n in held_out.within_noise + held_out.undecided]
+        if held_out.status == "passed":
+            # only a confirmed candidate may become the best, which prunes others
+            t.status, t.reason = "passed", "meets the gate on the held-out slice"
+            self.best = t
+        else:
+            t.status = held_out.status
+            t.reason = "held-out slice: " + "; ".join(held_out.reasons())
+
+    def restore_ladder(self, base: Candidate, ranking: list[str], model_path: str) -> None:
+        """Restore the most harmful regions to float 1, 2, 4, ... at a time until the gate holds."""
+        k = 1
+        while ranking:
+            k = min(k, len(ranking))
+            t = self.try_candidate(base.with_float(ranking[:k]), model_path)
+            if t.status not in ("failed", "undecided") or k == len(ranking):
+                return
+            k *= 2

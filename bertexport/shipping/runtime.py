@@ -1,0 +1,262 @@
+"""Load and run a bertexport artifact with numpy, ``tokenizers`` and the backend's runtime
+only: no torch, no transformers. What a device runs, and what ``validate``/``benchmark``
+use to run artifacts, so the build machine measures the same code path that ships.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bertexport.core.errors import UserError
+from bertexport.core.manifest import load_manifest, verify_files
+
+
+@dataclass
+class TextEncoder:
+    """The artifact's tokenizer (tokenizer.json), producing the model's exact inputs."""
+
+    tokenizer: object
+    input_names: list[str]
+    max_length: int
+    pad_id: int
+
+    @classmethod
+    def from_artifact(cls, folder: Path, manifest: dict) -> "TextEncoder":
+        names = [i["name"] for i in manifest["inputs"]]
+        return cls.from_folder(folder / manifest["tokenizer"], names, int(manifest["max_length"]))
+
+    @classmethod
+    def from_folder(cls, tok_dir: Path, input_names: list[str], max_length: int) -> "TextEncoder":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        pad_token = None
+        cfg = tok_dir / "tokenizer_config.json"
+        if cfg.is_file():
+            pad_token = json.loads(cfg.read_text()).get("pad_token")
+            if isinstance(pad_token, dict):
+                pad_token = pad_token.get("content")
+        pad_id = tok.token_to_id(pad_token) if pad_token else None
+        tok.no_padding()
+        tok.no_truncation()
+        return cls(tok, list(input_names), int(max_length), 0 if pad_id is None else pad_id)
+
+    def encode(self, texts, pairs=None, padding: str = "longest", length: int | None = None) -> dict[str, np.ndarray]:
+        limit = min(length or self.max_length, self.max_length)
+        batch = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        self.tokenizer.enable_truncation(max_length=limit)
+        encs = self.tokenizer.encode_batch(batch)
+        width = limit if padding == "max_length" else max(len(e.ids) for e in encs)
+        out = {"input_ids": np.full((len(encs), width), self.pad_id, dtype=np.int64),
+               "attention_mask": np.zeros((len(encs), width), dtype=np.int64),
+               "token_type_ids": np.zeros((len(encs), width), dtype=np.int64)}
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            out["input_ids"][i, :n] = e.ids
+            out["attention_mask"][i, :n] = e.attention_mask
+            out["token_type_ids"][i, :n] = e.type_ids
+        return {k: out[k] for k in self.input_names}
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        return list(self.tokenizer.encode(text).offsets)
+
+
+def version_warnings(manifest: dict) -> list[str]:
+    """The device tokenizes with its own ``tokenizers``: a different minor version than the
+    build machine's may split text differently, so the outputs validated at build time
+    would not be the ones served. Said, not refused (the artifact may still be fine)."""
+    import importlib.metadata
+
+    built = (manifest.get("versions") or {}).get("tokenizers")
+    try:
+        here = importlib.metadata.version("tokenizers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        return []
+    if built and built.split(".")[:2] != here.split(".")[:2]:
+        return [f"this artifact was built and validated with tokenizers {built}, this machine has {here}: "
+                f"install tokenizers=={built} to serve exactly what was validated"]
+    return []
+
+
+class Artifact:
+    """An artifact folder opened for inference: manifest, tokenizer, labels, runner."""
+
+    def __init__(self, folder: str | Path, *, verify: bool = True, threads: int | None = None,
+                 allow_rejected: bool = False, runtime_overrides: dict | None = None, trusted_key=None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"artifact not found: {self.folder}")
+        self.manifest = load_manifest(self.folder)
+        if verify:
+            problems = verify_files(self.folder, self.manifest)
+            if problems:
+                raise UserError(f"artifact {self.folder} failed its checksums: {'; '.join(problems[:3])}")
+        if trusted_key:  # before anything of it is loaded
+            from bertexport.shipping.signing import verify_signature
+
+            verify_signature(self.folder, trusted_key)
+        if self.manifest.get("status") != "passed" and not allow_rejected:
+            raise UserError(f"artifact {self.folder} was rejected at build time ({'; '.join(self.manifest['parity']['failures'])})")
+        self.task = self.manifest["task"]
+        self.warnings = version_warnings(self.manifest)
+        self.encoder = TextEncoder.from_artifact(self.folder, self.manifest)
+        labels = self.manifest.get("labels")
+        self.id2label = ({int(k): v for k, v in json.loads((self.folder / labels).read_text()).items()} if labels else None)
+        from bertexport.backends import get_backend
+
+        backend = get_backend(self.manifest["model"]["backend"])
+        runtime = dict(self.manifest["target"].get("runtime") or {}) | (runtime_overrides or {})
+        self.runner = backend.make_runner(self.folder / self.manifest["model"]["path"], runtime, threads)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["target"]["name"]
+
+    @property
+    def model_bytes(self) -> int:
+        return int(self.manifest["sizes"]["model_bytes"])
+
+    def __enter__(self):
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.deactivate()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner.infer(feeds)
+
+
+def _special_token(folder: Path, name: str) -> str | None:
+    cfg = folder / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    value = json.loads(cfg.read_text()).get(name)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+# Texts longer than this many characters are tokenized and run one overlapping segment at
+# a time, so memory stays bounded whatever the length (each window is reduced right after
+# inference, see ``bertexport.core.tasks``).
+SEGMENT_CHARS = 20_000
+SEGMENT_OVERLAP_CHARS = 2_000
+
+
+def segments(text: str, size: int = SEGMENT_CHARS, overlap: int = SEGMENT_OVERLAP_CHARS):
+    """(start, piece) pieces of ``text`` of about ``size`` characters, cut at white space,
+    each starting ``overlap`` characters before the previous one ended (context for the
+    windows at the seam; tokens seen twice are averaged by the task's aggregation)."""
+    if len(text) <= size:
+        yield 0, text
+        return
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + size // 2, end)
+            end = cut if cut > start else end
+        yield start, text[start:end]
+        if end >= len(text):
+            return
+        nxt = max(end - overlap, start + 1)
+        space = text.find(" ", nxt, end)
+        start = space + 1 if space != -1 else nxt
+
+
+class Predictor:
+    """Task-level inference on an opened ``Artifact``: windows long texts, batches windows by
+    length, runs the model, reduces and aggregates per task (``bertexport.core.tasks``)."""
+
+    def __init__(self, artifact: Artifact, *, batch_size: int = 16, stride: int | None = None,
+                 max_length: int | None = None, aggregation: str = "mean", top_k: int = 1,
+                 normalize: bool | None = None):
+        from bertexport.core.tasks import Post, get_task
+
+        self.art = artifact
+        self.task = get_task(artifact.task)
+        self.batch_size = batch_size
+        self.max_length = min(max_length or artifact.encoder.max_length, artifact.encoder.max_length)
+        self.stride = self.max_length // 4 if stride is None else stride
+        if not 0 <= self.stride < self.max_length - 4:
+            raise UserError(f"stride must be in [0, {self.max_length - 4}) for max length {self.max_length}")
+        if aggregation not in ("mean", "max"):
+            raise UserError("aggregation must be mean or max")
+        pooling = artifact.manifest.get("pooling") or {}
+        tok_dir = artifact.folder / artifact.manifest["tokenizer"]
+        mask = _special_token(tok_dir, "mask_token")
+        self.post = Post(id2label=artifact.id2label or {}, aggregation=aggregation, top_k=top_k,
+                         pooling=pooling.get("mode", "mean"),
+                         normalize=pooling.get("normalize", False) if normalize is None else normalize,
+                         mask_id=artifact.encoder.tokenizer.token_to_id(mask) if mask else None,
+                         id_to_token=artifact.encoder.tokenizer.id_to_token)
+
+    def windows(self, texts, pairs=None, shift: int = 0):
+        """Token windows of each text (or of each pair's second text, the QA context);
+        character offsets of the windowed text are shifted by ``shift``."""
+        from bertexport.core.tasks import Window
+
+        tok = self.art.encoder.tokenizer
+        tok.enable_truncation(max_length=self.max_length, stride=self.stride,
+                              strategy="only_second" if pairs is not None else "longest_first")
+        items = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        out = []
+        for i, enc in enumerate(tok.encode_batch(items)):
+            for e in [enc, *enc.overflowing]:
+                seq = list(e.sequence_ids)
+                windowed = 1 if pairs is not None else 0
+                offsets = [(a + shift, b + shift) if sid == windowed and shift else (a, b)
+                           for (a, b), sid in zip(e.offsets, seq)]
+                out.append(Window(i, list(e.ids), list(e.type_ids), offsets, list(e.special_tokens_mask), seq))
+        return out
+
+    def _run(self, windows) -> list:
+        """Each window's outputs, trimmed to its length and reduced per task, batched by length."""
+        order = sorted(range(len(windows)), key=lambda k: len(windows[k].ids))
+        results: list = [None] * len(windows)
+        names = self.art.encoder.input_names
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            width = max(len(windows[k].ids) for k in idx)
+            feeds = {"input_ids": np.full((len(idx), width), self.art.encoder.pad_id, dtype=np.int64),
+                     "attention_mask": np.zeros((len(idx), width), dtype=np.int64),
+                     "token_type_ids": np.zeros((len(idx), width), dtype=np.int64)}
+            for r, k in enumerate(idx):
+                w = windows[k]
+                n = len(w.ids)
+                feeds["input_ids"][r, :n] = w.ids
+                feeds["attention_mask"][r, :n] = 1
+                feeds["token_type_ids"][r, :n] = w.type_ids
+            out = self.art.infer({n: feeds[n] for n in names})
+            for r, k in enumerate(idx):
+                n = len(windows[k].ids)
+                raw = {name: (v[r, :n] if self.task.per_token else v[r]) for name, v in out.items()}
+                results[k] = self.task.reduce(windows[k], raw, self.post)
+        return results
+
+    def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise UserError("empty text: every input needs at least one non-space character")
+        if self.task.needs_pair and pairs is None:
+            raise UserError(f"{self.task.name} needs (question, context) pairs")
+        reduced: dict[int, list] = {i: [] for i in range(len(texts))}
+        long_ones = [i for i in range(len(texts)) if len((pairs or texts)[i]) > SEGMENT_CHARS]
+        short = [i for i in range(len(texts)) if i not in set(long_ones)]
+        if short:  # all short texts together: their windows batch across texts
+            wins = self.windows([texts[i] for i in short], [pairs[i] for i in short] if pairs is not None else None)
+            for w, r in zip(wins, self._run(wins)):
+                reduced[short[w.text_index]].append(r)
+        for i in long_ones:  # one segment at a time: bounded memory
+            for start, piece in segments((pairs or texts)[i]):
+                if pairs is not None:
+                    wins = self.windows([texts[i]], [piece], shift=start)
+                else:
+                    wins = self.windows([piece], shift=start)
+                reduced[i].extend(self._run(wins))
+        return [self.task.aggregate(texts[i], pairs[i] if pairs is not None else None, reduced[i], self.post)
+                for i in range(len(texts))]

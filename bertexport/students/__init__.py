@@ -1,0 +1,1 @@
+"""Smaller models made from a teacher: shapes and width pruning, distillation and its losses, data expansion."""

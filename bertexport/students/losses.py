@@ -1,0 +1,221 @@
+"""The losses a student is trained on (``bertexport.students.distill.train_student``): logit KD
+with temperature (+ cross-entropy on labels; cosine + MSE of hidden states for encoders),
+TinyBERT's hidden-state MSE through learned projections where widths differ, and MiniLMv2's
+Q/K/V self-attention relations (any width). The intermediate ones run the teacher on the
+fly: hidden states of every layer for every batch would not fit a cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bertexport.core.errors import UserError
+from bertexport.core.families import get_family, layer_count as _layer_count
+
+
+def _loss(student_out, teacher: dict, batch, task, cfg):
+    import torch
+    import torch.nn.functional as F
+
+    mask = batch["inputs"]["attention_mask"].float()
+    parts = {}
+    if task == "feature-extraction":
+        hs, ht = student_out.last_hidden_state, torch.from_numpy(teacher["hidden"])
+        ps = (hs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        pt = (ht * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        parts["cos"] = cfg.alpha_cos * (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
+        parts["mse"] = cfg.alpha_mse * (((hs - ht) ** 2).mean(-1) * mask).sum() / mask.sum()
+    else:
+        T = cfg.temperature
+        if task == "question-answering":
+            pairs = [(student_out.start_logits, teacher["start"]), (student_out.end_logits, teacher["end"])]
+        else:
+            pairs = [(student_out.logits, teacher["logits"])]
+        kd = 0.0
+        for s, t in pairs:
+            t = torch.from_numpy(t)
+            kl = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="none").sum(-1) * T * T
+            if kl.dim() == 2 and task != "question-answering":  # token-level: only real tokens
+                kl = (kl * mask).sum() / mask.sum()
+            kd = kd + kl.mean()
+        parts["kd"] = cfg.alpha_kd * kd
+        if "labels" in batch and task == "text-classification":
+            labelled = batch["labels"] != -100
+            if bool(labelled.any()):  # teacher-labelled variants carry no label
+                parts["ce"] = cfg.alpha_ce * F.cross_entropy(student_out.logits[labelled], batch["labels"][labelled])
+    return parts
+
+
+# ------------------------------------------------------------------ intermediate-layer losses
+
+_QKV_NAMES = (("query", "key", "value"), ("query_proj", "key_proj", "value_proj"), ("q_lin", "k_lin", "v_lin"),
+              ("q", "k", "v"))
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def qkv_modules(model, layer: int):
+    """The query, key and value Linear modules of transformer layer ``layer`` and which of
+    their calls in one forward pass is that layer (0, or ``layer`` for ALBERT, whose one
+    shared layer runs at every depth)."""
+    import torch
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for names in _QKV_NAMES:
+        owners = sorted({n.rsplit(".", 1)[0] for n in linears if n.rsplit(".", 1)[-1] == names[0]}, key=_natural)
+        owners = [o for o in owners if all(f"{o}.{x}" in linears for x in names)]
+        if not owners:
+            continue
+        n_layers = _layer_count(model.config)
+        if len(owners) == n_layers:
+            return [linears[f"{owners[layer]}.{x}"] for x in names], 0
+        if len(owners) == 1:
+            return [linears[f"{owners[0]}.{x}"] for x in names], layer
+    raise UserError(f"cannot find the query/key/value projections of {type(model).__name__}; use --alpha-attention 0")
+
+
+class _QKVTap:
+    """Forward hooks that keep the outputs of one layer's query/key/value projections."""
+
+    def __init__(self, model, layer: int):
+        modules, self.call = qkv_modules(model, layer)
+        self.calls: list[list] = [[], [], []]
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, i):
+        def hook(module, args, output):
+            self.calls[i].append(output)
+        return hook
+
+    def take(self):
+        """(q, k, v) of the last forward pass, each (batch, tokens, width)."""
+        out = [c[self.call] for c in self.calls]
+        self.calls = [[], [], []]
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def relation_heads(student_width: int, teacher_width: int, teacher_heads: int, wanted: int | None = None) -> int:
+    """Relation heads for MiniLMv2: a count dividing both widths (so the concatenated
+    Q/K/V of either model split evenly), the largest up to the teacher's head count."""
+    common = math.gcd(student_width, teacher_width)
+    if wanted:
+        if common % wanted:
+            raise UserError(f"{wanted} relation heads do not divide both widths ({student_width} and {teacher_width})")
+        return wanted
+    return max(h for h in range(1, max(1, teacher_heads) + 1) if common % h == 0)
+
+
+def _log_relations(x, heads: int, keys):
+    """log softmax(x_r x_r^T / sqrt(d_r)) per relation head r; padded keys masked out."""
+    b, s, d = x.shape
+    x = x.view(b, s, heads, d // heads).transpose(1, 2)
+    scores = x @ x.transpose(-1, -2) / math.sqrt(d // heads)
+    return scores.masked_fill(~keys[:, None, None, :], float(np.finfo(np.float32).min)).log_softmax(-1)
+
+
+def relation_loss(student_qkv, teacher_qkv, attention_mask, heads: int):
+    """MiniLMv2 (Wang et al. 2021): sum over Q-Q, K-K, V-V of KL(teacher relation ||
+    student relation), averaged over relation heads and real query tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    keys = attention_mask.bool()
+    queries = keys[:, None, :].float()
+    total = 0.0
+    for s, t in zip(student_qkv, teacher_qkv):
+        ls, lt = _log_relations(s, heads, keys), _log_relations(t, heads, keys)
+        kl = F.kl_div(ls, lt, log_target=True, reduction="none")
+        kl = torch.where(keys[:, None, None, :], kl, torch.zeros_like(kl)).sum(-1)  # (batch, heads, queries)
+        total = total + (kl * queries).sum() / (queries.sum() * heads)
+    return total
+
+
+def hidden_loss(student_hidden, teacher_hidden, layer_map: list[int], projections, attention_mask):
+    """TinyBERT's hidden-state loss: MSE between the embeddings' outputs and between each
+    student layer's output and its mapped teacher layer's (``projections[j]`` maps the
+    student's width onto the teacher's when they differ), over real tokens, averaged."""
+    m = attention_mask.float()[..., None]
+    pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+    total = 0.0
+    for j, (si, ti) in enumerate(pairs):
+        hs, ht = student_hidden[si], teacher_hidden[ti]
+        if projections is not None:
+            hs = projections[j](hs)
+        total = total + (((hs - ht) ** 2) * m).sum() / (m.sum() * ht.shape[-1])
+    return total / len(pairs)
+
+
+def _width(config) -> int:
+    fam = get_family(config.model_type)
+    return int(next(getattr(config, k) for k in fam.hidden_key if hasattr(config, k)))
+
+
+def _heads(config) -> int:
+    fam = get_family(config.model_type)
+    return int(next(getattr(config, k) for k in fam.heads_key if hasattr(config, k)))
+
+
+class _Intermediate:
+    """Hidden-state and self-attention relation losses against the teacher, run on the fly
+    (hidden states of every layer for every batch would not fit a cache)."""
+
+    def __init__(self, teacher, student, layer_map: list[int], cfg):
+        import torch
+
+        self.teacher, self.student, self.layer_map, self.cfg = teacher, student, layer_map, cfg
+        self.hidden = cfg.alpha_hidden > 0
+        self.attention = cfg.alpha_attention > 0
+        ws, wt = _width(student.config), _width(teacher.config)
+        self.projections = None
+        if self.hidden and ws != wt:  # trained with the student, discarded after training
+            self.projections = torch.nn.ModuleList(torch.nn.Linear(ws, wt) for _ in range(len(layer_map) + 1))
+        self.heads = None
+        self.taps = None
+        if self.attention:
+            self.taps = (_QKVTap(student, len(layer_map) - 1), _QKVTap(teacher, layer_map[-1]))
+
+    def parameters(self):
+        return list(self.projections.parameters()) if self.projections is not None else []
+
+    @property
+    def active(self) -> bool:
+        return self.hidden or self.attention
+
+    def student_kwargs(self) -> dict:
+        return {"output_hidden_states": True} if self.hidden else {}
+
+    def parts(self, student_out, inputs) -> dict:
+        import torch
+
+        parts = {}
+        with torch.no_grad():
+            teacher_out = self.teacher(**inputs, output_hidden_states=self.hidden)
+        mask = inputs["attention_mask"]
+        if self.hidden:
+            parts["hidden"] = self.cfg.alpha_hidden * hidden_loss(student_out.hidden_states, teacher_out.hidden_states,
+                                                                  self.layer_map, self.projections, mask)
+        if self.attention:
+            s_qkv, t_qkv = self.taps[0].take(), self.taps[1].take()
+            if self.heads is None:
+                self.heads = relation_heads(s_qkv[0].shape[-1], t_qkv[0].shape[-1], _heads(self.teacher.config),
+                                            self.cfg.relation_heads)
+            parts["attention"] = self.cfg.alpha_attention * relation_loss(s_qkv, t_qkv, mask, self.heads)
+        return parts
+
+    def drop_captures(self):
+        """Forget captures of forward passes that were not training steps (evaluation)."""
+        if self.taps:
+            for tap in self.taps:
+                tap.calls = [[], [], []]
+
+    def close(self):
+        if self.taps:
+            for tap in self.taps:
+                tap.remove()
