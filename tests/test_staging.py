@@ -122,13 +122,13 @@ def test_cache_and_staging_do_not_import_each_other():
     import bertexport
 
     def imported(module: str) -> set[str]:
-        tree = ast.parse((Path(bertexport.__file__).parent / f"{module}.py").read_text())
+        tree = ast.parse((Path(bertexport.__file__).parent / "core" / f"{module}.py").read_text())
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
     assert "bertexport.core.staging" not in imported("cache")  # not even lazily, inside a function
     assert not {"bertexport.core.staging", "bertexport.core.cache"} & imported("orphans")
     for module, absent in (("cache", "bertexport.core.staging"), ("orphans", "bertexport.core.cache"), ("staging", None)):
-        code = f"import sys, bertexport.{module}; assert {absent!r} not in sys.modules"
+        code = f"import sys, bertexport.core.{module}; assert {absent!r} not in sys.modules"
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
