@@ -23,6 +23,7 @@ Usage: flock /tmp/bertexport-bench.lock .venv/bin/python bench/serve_clients.py 
        [--seconds 10] [--warmup 2] [--rounds 2] [--levels 1,8,32] [--threads 2]
 The artifact: .venv/bin/bertexport convert --target ort-int8 --out /tmp/minilm-art --force
 Writes <cache>/bench/serve/results.json; prints a Markdown table.
+With --fairness: two models in one server, one flooded (see FAIRNESS_DOC below; writes fairness.json).
 """
 
 from __future__ import annotations
@@ -296,6 +297,127 @@ def main(argv=None):
     print(f"\nresults: {out_dir / 'results.json'}")
 
 
+# -- two models in one server: which scheduling is fairer (issue #25) --------------------------------
+
+FAIRNESS_DOC = """Two models in one `bertexport serve` process: one is flooded, does the other stay fast?
+
+In process, no HTTP (the policies differ only in how inference threads share the cores):
+  threads       each model its own Batcher thread, ORT intra-op threads split (cores // 2 each):
+                what `serve` does
+  oversub       each model its own Batcher thread, every model with all the cores' threads
+  round-robin   one inference thread takes one batch from each model's queue in turn, with all
+                the cores' threads
+Model A is flooded by --flood closed-loop clients (one text each), model B is probed by one
+closed-loop client; B's latency under the flood is compared with B alone (same policy), and A's
+throughput is reported. Both models are the same artifact loaded twice.
+Usage: flock /tmp/bench.lock .venv/bin/python bench/serve_clients.py --fairness --artifact ART [--seconds 8]"""
+
+
+def fairness_main(argv):
+    import queue as _queue
+
+    import numpy as np
+
+    from bertexport.shipping.batching import Batcher
+    from bertexport.shipping.runtime import Artifact, Predictor
+    from bertexport.shipping.serve import SERVE_BATCH_SIZE, cpu_count, token_counter
+
+    ap = argparse.ArgumentParser(description=FAIRNESS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fairness", action="store_true")
+    ap.add_argument("--artifact", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--flood", type=int, default=16, help="closed-loop clients on model A")
+    ap.add_argument("--policies", default="threads,oversub,round-robin")
+    args = ap.parse_args(argv)
+    rows = rotten_tomatoes_rows()
+    texts = list(dict.fromkeys(" ".join(r["text"].split()) for r in rows if r["text"].strip()))[:2000]
+    cores = cpu_count()
+
+    def open_model(threads):
+        art = Artifact(args.artifact, threads=threads).__enter__()
+        pred = Predictor(art, batch_size=SERVE_BATCH_SIZE)
+        return Batcher(pred.predict, token_counter(pred), max_batch_tokens=4096, max_wait=0.002, queue_size=4096)
+
+    def round_robin_start(batchers):
+        """One thread serving every batcher's queue in turn, one batch each (never started
+        batchers: their queues are drained here with their own gather/answer)."""
+        stop = threading.Event()
+        carry = {id(b): None for b in batchers}
+
+        def loop():
+            while not stop.is_set():
+                served = False
+                for b in batchers:
+                    job = carry[id(b)]
+                    carry[id(b)] = None
+                    if job is None:
+                        try:
+                            job = b._queue.get_nowait()
+                        except _queue.Empty:
+                            continue
+                    jobs, carry[id(b)] = b._gather(job)
+                    b._answer(jobs)
+                    served = True
+                if not served:
+                    time.sleep(0.0002)
+
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        return lambda: (stop.set(), t.join())
+
+    def client(batcher, until, latencies, k):
+        i = k * 7919
+        while time.monotonic() < until:
+            t0 = time.perf_counter()
+            batcher.submit([texts[i % len(texts)]]).result()
+            latencies.append(time.perf_counter() - t0)
+            i += 1
+
+    def measure(a, b, flood: bool):
+        until = time.monotonic() + args.seconds
+        lat_a, lat_b = [], []
+        threads = [threading.Thread(target=client, args=(b, until, lat_b, 0))]
+        if flood:
+            threads += [threading.Thread(target=client, args=(a, until, lat_a, k + 1)) for k in range(args.flood)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ms = np.asarray(lat_b) * 1000
+        return {"b_p50_ms": float(np.percentile(ms, 50)), "b_p99_ms": float(np.percentile(ms, 99)),
+                "b_rps": len(lat_b) / args.seconds, "a_rps": len(lat_a) / args.seconds}
+
+    results = {}
+    load_before = os.getloadavg()[0]
+    for policy in args.policies.split(","):
+        threads = {"threads": max(1, cores // 2), "oversub": cores, "round-robin": cores}[policy]
+        a, b = open_model(threads), open_model(threads)
+        if policy == "round-robin":
+            stop = round_robin_start([a, b])
+        else:
+            a.start(), b.start()
+            stop = lambda: (a.stop(), b.stop())  # noqa: E731
+        try:
+            for x in (a, b):  # warm-up
+                for t in texts[:20]:
+                    x.submit([t]).result()
+            solo = measure(a, b, flood=False)
+            flooded = measure(a, b, flood=True)
+        finally:
+            stop()
+        results[policy] = {"intra_op_threads": threads, "solo": solo, "flooded": flooded,
+                           "b_p99_ratio": flooded["b_p99_ms"] / solo["b_p99_ms"]}
+        print(f"{policy:<12} threads {threads}: B alone p50 {solo['b_p50_ms']:.1f} ms p99 {solo['b_p99_ms']:.1f} ms | "
+              f"A flooded ({args.flood} clients, {flooded['a_rps']:.1f} req/s): B p50 {flooded['b_p50_ms']:.1f} ms "
+              f"p99 {flooded['b_p99_ms']:.1f} ms ({results[policy]['b_p99_ratio']:.2f}x its p99 alone)", flush=True)
+    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "artifact": str(args.artifact),
+              "cores": cores, "seconds": args.seconds, "flood_clients": args.flood, "load_avg_1m_before": load_before,
+              "load_avg_1m_after": os.getloadavg()[0], "environment": environment(), "results": results}
+    out = cache_dir("bench", "serve") / "fairness.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(f"load average {load_before:.1f} -> {record['load_avg_1m_after']:.1f}; results: {out}")
+
+
 def markdown(record: dict) -> str:
     res = record["results"]
     by = {(r["server"], r["clients"]): r for r in res}
@@ -324,4 +446,7 @@ def markdown(record: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if "--fairness" in sys.argv[1:]:
+        fairness_main(sys.argv[1:])
+    else:
+        main()

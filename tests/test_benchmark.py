@@ -12,7 +12,7 @@ from bertexport.judging.benchmark import SCHEMA, benchmark, write_outputs
 from bertexport.cli import cli
 from bertexport.building.convert import convert
 from bertexport.core.errors import UserError
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from tests.torchfree import ASSERT_TORCH_FREE, BLOCK_TORCH
 
 TOP_KEYS = {"schema", "created", "bertexport_version", "model", "config", "environment", "candidates", "cells", "accuracy"}

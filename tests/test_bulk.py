@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from bertexport.shipping import bulk
 from bertexport.cli import cli
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from bertexport.building.convert import convert
 from bertexport.building.profiles import parse_profile
 
@@ -208,6 +208,46 @@ def test_every_input_format_gives_the_same_rows(art, tmp_path):
     assert not (tmp_path / ".out.parquet.partial.jsonl").exists()
 
 
+def test_run_reads_the_same_texts_with_and_without_out(art, tmp_path):
+    """One reader: ``run --file x.csv`` streams the text column (not the CSV's raw lines), the
+    same texts in the same order as ``run --file x.csv --out y.jsonl``; ``--text-column`` names
+    another column in both modes."""
+    import csv
+
+    texts = ["a quiet and remarkable film", 'with "quotes", a comma, and more', "", "  kept as written", "the end"]
+    with open(tmp_path / "x.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text", "label", "body"])
+        w.writerows((i, t, i % 2, f"body {i}") for i, t in enumerate(texts))
+    usable = [t[:bulk.PREFIX_CHARS] for t in texts if t]
+    for column, expected in ((None, usable), ("body", [f"body {i}" for i in range(len(texts))])):
+        named = ["--text-column", column] if column else []
+        r = _run(art, "--file", tmp_path / "x.csv", *named, "--json", tmp_path / "direct.jsonl")
+        assert r.exit_code == 0, r.output + r.stderr
+        r = _run(art, "--file", tmp_path / "x.csv", *named, "--out", tmp_path / f"bulk-{column}.jsonl")
+        assert r.exit_code == 0, r.output + r.stderr
+        direct, in_bulk = _rows(tmp_path / "direct.jsonl"), _rows(tmp_path / f"bulk-{column}.jsonl")
+        assert [d["text_prefix"] for d in direct] == [b["text_prefix"] for b in in_bulk] == expected
+        assert [d["label"] for d in direct] == [b["label"] for b in in_bulk]
+        assert [d["score"] for d in direct] == pytest.approx([b["score"] for b in in_bulk], abs=1e-4)
+        plain = _run(art, "--file", tmp_path / "x.csv", *named)  # the one-line-per-text output reads them too
+        assert plain.exit_code == 0 and len(plain.output.strip().splitlines()) == len(expected)
+    _refused(_run(art, "--file", tmp_path / "x.csv", "--text-column", "title"), "no column 'title' (columns: id, text, label, body)")
+    _refused(_run(art, "--file", tmp_path / "x.csv", "--text-column", "title", "--out", tmp_path / "t.jsonl"), "no column 'title'")
+
+
+def test_an_output_where_nothing_can_be_written_is_refused_before_work(art, texts, tmp_path):
+    """Under /proc no file can be made: exit 2 before the model loads (once an internal error)."""
+    _refused(_run(art, "--file", texts, "--out", "/proc/out.jsonl"), "cannot write the --out file under /proc")
+    _refused(_run(art, "--file", texts, "--out", "/proc/out.parquet", "--ray"), "cannot write the --out file under /proc")
+    _refused(_run(art, "good film", "--json", "/proc/out.json"), "cannot write --json /proc/out.json")
+    done = subprocess.run([sys.executable, "-m", "bertexport", "run", str(art), "--file", str(texts), "--out", "/proc/out.jsonl"],
+                          capture_output=True, text=True, timeout=300)  # the installed entry point, as a user runs it
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, (done.returncode, done.stderr)
+    assert "cannot write the --out file under /proc" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- who owns --out
 # ---------------------------------------------------------------- who owns --out
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from bertexport.search import candidates
 from bertexport.search.candidates import candidate_recipes, check_backends, ort_int8_candidates
 from bertexport.cli import cli
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from bertexport.building.convert import convert
 from bertexport.core.errors import UserError
 from bertexport.building.graph import Graph

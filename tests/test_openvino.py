@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bertexport.building.convert import convert
+from bertexport.building.profiles import load_profile
 from bertexport.core.errors import BackendUnavailable
 from bertexport.core.manifest import load_manifest
 from tests.tinymodels import tiny_int8_gates
@@ -30,7 +31,11 @@ def test_openvino_and_static_recipes(tiny, tmp_path, family):
         m = convert(ckpt, target, tmp_path / target, latency_runs=0).manifest
         assert m["model"]["format"] == "openvino-ir"
         assert m["target"]["runtime"]["inference_precision"] in ("f32", "f16")
-        assert all(c["agreement"] == 1.0 for c in m["parity"]["checks"].values())
+        # the profile's own gate (fp16 may flip a near-tied decision of a random-init head
+        # among the several hundred built-in texts)
+        gate = load_profile(target).validation
+        assert all(c["agreement"] >= gate.min_agreement and c["cosine_min"] >= gate.min_cosine
+                   for c in m["parity"]["checks"].values())
     for target in INT8_RECIPES:
         m = convert(ckpt, target, tmp_path / target, latency_runs=0, gates=TINY_INT8, calib_samples=48).manifest
         assert m["status"] == "passed"

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.manifest import load_manifest, verify_files
 from bertexport.search.optimize import candidate_recipes, optimize, parse_budget
@@ -173,6 +173,27 @@ def test_too_small_data_and_too_deep_students_are_refused_before_any_work(tiny, 
     r = CliRunner().invoke(cli, ["optimize", str(tiny("bert")), "--distill", "99", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "the model has 2 layers" in r.stderr and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_data_of_one_class_is_refused_under_an_accuracy_gate(tiny, tmp_path):
+    """An accuracy gate on one class cannot see a change on the others (it once ran a full
+    search and PASSED): refused before any model loads, naming the gate that would work."""
+    from bertexport.judging.gates import Gates
+    from bertexport.search.optimize import check_classes
+    from bertexport.core.textdata import load_texts
+
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": f"review number {i}", "label": 1}) + "\n" for i in range(400)))
+    model = tiny("bert", "text-classification")
+    for gate in ([], ["--max-accuracy-drop", "2"]):
+        r = CliRunner().invoke(cli, ["optimize", str(model), "--data", str(one), *gate, "-o", str(tmp_path / "o")])
+        assert r.exit_code == 2, (r.exit_code, r.output, r.stderr)
+        assert "every row has the same label (1)" in r.stderr and "--min-agreement" in r.stderr
+        assert "\n" not in r.stderr.strip() and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+    ts = load_texts(one)
+    check_classes(ts, np.ones(400, dtype=int), Gates(min_agreement=0.98))  # agreement needs no labels: allowed
+    check_classes(ts, np.arange(400) % 2, Gates(max_accuracy_drop=1.0))  # two classes: allowed
 
 
 def test_search_measures_float_recipes_instead_of_predicting_them(tiny, texts, tmp_path, monkeypatch):

@@ -25,3 +25,15 @@ def test_profile_by_path_and_missing(tmp_path):
     assert p.name == "mine" and p.validation.min_cosine == 0.9
     with pytest.raises(UserError, match="not found"):
         load_profile(tmp_path / "absent.toml")
+
+
+def test_profile_rule_gives_the_registry_gate(tmp_path):
+    from bertexport.judging.gates import INT8_RULE
+
+    f = tmp_path / "mine.toml"
+    f.write_text('backend = "onnxruntime"\n[validation]\nrule = "int8-decisions"\npadded_length = 32\n')
+    v = load_profile(f).validation
+    assert v.gates() == INT8_RULE.gates and v.padded_length == 32
+    f.write_text('backend = "onnxruntime"\n[validation]\nrule = "no-such-rule"\n')
+    with pytest.raises(UserError, match="rule must be one of int8-decisions"):
+        load_profile(f)

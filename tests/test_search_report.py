@@ -12,7 +12,7 @@ import pytest
 
 from bertexport.judging import stats
 from bertexport.search.candidates import Candidate
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from bertexport.search.report import candidate_label, figure, label_candidates, pareto_front, to_markdown
 
 

@@ -224,8 +224,11 @@ def test_task_endpoint_returns_what_run_json_prints(servers, artifacts, task):
 
 
 def test_wrong_endpoint_for_the_task(servers):
-    status, _, out = servers["text-classification"].post("/v1/embeddings", {"input": "a film", "model": "x"})
+    status, _, out = servers["text-classification"].post("/v1/embeddings", {"input": "a film"})
     assert status == 404 and "POST /v1/text-classification" in out["error"]["message"]
+    status, _, out = servers["text-classification"].post("/v1/embeddings", {"input": "a film", "model": "x"})
+    assert status == 404 and "model 'x' is not served here" in out["error"]["message"]
+    assert "'text-classification'" in out["error"]["message"] and out["error"]["code"] == "model_not_found"
     status, _, out = servers["feature-extraction"].post("/v1/token-classification", {"inputs": "Paris"})
     assert status == 404 and "POST /v1/embeddings" in out["error"]["message"]
     status, _, out = servers["text-classification"].post("/v1/text-classification", {"inputs": "x", "context": "y"})
@@ -251,8 +254,9 @@ def test_models_health_ready_and_metrics(servers):
     assert values[('bertexport_requests_total', 'code="200",endpoint="/v1/text-classification"')] >= 3
     assert values[('bertexport_request_errors_total', 'code="400",endpoint="/v1/text-classification"')] >= 1
     assert values[('bertexport_request_duration_seconds_count', 'endpoint="/v1/text-classification"')] >= 4
-    assert values[('bertexport_batch_texts_sum', '')] >= 6 and values[('bertexport_batch_texts_count', '')] >= 3
-    assert ('bertexport_queue_depth', '') in values and ('bertexport_requests_in_flight', '') in values
+    label = 'model="text-classification"'
+    assert values[('bertexport_batch_texts_sum', label)] >= 6 and values[('bertexport_batch_texts_count', label)] >= 3
+    assert ('bertexport_queue_depth', label) in values and ('bertexport_requests_in_flight', '') in values
 
 
 def _metrics(text):
@@ -290,8 +294,9 @@ def test_64_concurrent_clients_all_answered_correctly(servers, artifacts):
     for t, _, out in answers:
         same_answers(out["data"][0]["embedding"], ran[t], manifest_of(art))
     after = _metrics(server.request("GET", "/metrics")[2].decode())
-    batches = after[("bertexport_batch_requests_count", "")] - before[("bertexport_batch_requests_count", "")]
-    requests = after[("bertexport_batch_requests_sum", "")] - before[("bertexport_batch_requests_sum", "")]
+    label = 'model="feature-extraction"'
+    batches = after[("bertexport_batch_requests_count", label)] - before[("bertexport_batch_requests_count", label)]
+    requests = after[("bertexport_batch_requests_sum", label)] - before[("bertexport_batch_requests_sum", label)]
     assert requests == 192 and batches < 192  # concurrent requests were coalesced
 
 
@@ -512,3 +517,293 @@ def test_cli_default_batch_size_is_the_library_one():
     from bertexport.cli.serve import SERVE_BATCH_SIZE
 
     assert SERVE_BATCH_SIZE == serve.SERVE_BATCH_SIZE
+
+
+# -- several models in one server, reranking, API keys ------------------------------------------------
+
+KEY = "sk-test-0123456789abcdef"
+QUERY = "When did the museum open?"
+DOCUMENTS = ["The museum opened in 1897.", "Paris is the capital of France.", "a b c",
+             "The river runs past the castle and the old market square.", CONTEXT * 4,  # ~2,900 chars: windowed
+             "The museum holds paintings."]
+
+
+def _cross_encoder(out: Path, tokenizer_cache: Path, labels: int) -> Path:
+    """A tiny random-init BERT sequence classifier with a 1- or 2-logit head: a cross-encoder's
+    shape (what it was trained on does not change how it is served)."""
+    import torch
+    import transformers as T
+
+    from tests.tinymodels import CONFIGS, make_tokenizer
+
+    tok = make_tokenizer("bert", tokenizer_cache / "bert")
+    names = ["LABEL_0"] if labels == 1 else ["not_relevant", "relevant"]
+    cfg = T.BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **CONFIGS["bert"],
+                       id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    torch.manual_seed(labels)
+    model = T.BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rerankers(tmp_path_factory):
+    """ort-fp32 cross-encoders, folders named `reranker` (2 logits) and `reranker-1` (1 logit),
+    with the checkpoints they were built from."""
+    from bertexport.building.convert import convert
+
+    root = tmp_path_factory.mktemp("rerankers")
+    out = {}
+    for labels, name in [(2, "reranker"), (1, "reranker-1")]:
+        ckpt = _cross_encoder(root / f"ckpt-{labels}", root / "tokenizers", labels)
+        out[name] = (convert(str(ckpt), "ort-fp32", root / name, latency_runs=0).artifact, ckpt)
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi(artifacts, rerankers, tmp_path_factory):
+    """One server process for four artifacts (two renamed with --model-name, two named by
+    their folders), behind an API key given by the environment variable."""
+    log = tmp_path_factory.mktemp("serve-multi") / "multi.log"
+    arts = [artifacts["feature-extraction"], artifacts["text-classification"], rerankers["reranker"][0],
+            rerankers["reranker-1"][0]]
+    env = dict(os.environ, BERTEXPORT_API_KEY=KEY)
+    server = Server(arts[0], *arts[1:], "--model-name", "embed", "--model-name", "sentiment", log=log, env=env)
+    try:
+        yield server.wait_listening()
+    finally:
+        assert server.stop() == 143
+        text = log.read_text()
+        assert "torch-free: yes" in text and "Traceback" not in text, text
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_several_models_routed_by_model(multi, artifacts):
+    """Each model answers as `run` on its own artifact; a request must say which one."""
+    served = ["embed", "sentiment", "reranker", "reranker-1"]
+    status, _, raw = multi.request("GET", "/v1/models", headers=AUTH)
+    models = json.loads(raw)["data"]
+    assert status == 200 and [m["id"] for m in models] == served
+    assert [m["task"] for m in models] == ["feature-extraction"] + ["text-classification"] * 3
+    assert [RERANK_ENDPOINT in m["endpoints"] for m in models] == [False, False, True, True]
+    texts = TEXTS["text-classification"]
+    status, _, out = multi.post("/v1/text-classification", {"model": "sentiment", "inputs": texts}, headers=AUTH)
+    assert status == 200 and out["model"] == "sentiment"
+    same_answers(out["results"], run_json(artifacts["text-classification"], texts), manifest_of(artifacts["text-classification"]))
+    status, _, out = multi.post("/v1/embeddings", {"model": "embed", "input": TEXTS["feature-extraction"]}, headers=AUTH)
+    ran = [r["embedding"] for r in run_json(artifacts["feature-extraction"], TEXTS["feature-extraction"])]
+    assert status == 200 and out["model"] == "embed"
+    same_answers([d["embedding"] for d in out["data"]], ran, manifest_of(artifacts["feature-extraction"]))
+    # without a model, with an unknown one, or on another model's endpoint: said, naming what is served
+    status, _, out = multi.post("/v1/embeddings", {"input": "a film"}, headers=AUTH)
+    assert status == 400 and out["error"]["code"] == "model_required"
+    assert all(f"'{n}'" in out["error"]["message"] for n in served)
+    status, _, out = multi.post("/v1/embeddings", {"input": "a film", "model": "text-embedding-3-small"}, headers=AUTH)
+    assert status == 404 and out["error"]["code"] == "model_not_found" and out["error"]["param"] == "model"
+    assert "'text-embedding-3-small' is not served here" in out["error"]["message"]
+    assert all(f"'{n}'" in out["error"]["message"] for n in served)
+    status, _, out = multi.post("/v1/embeddings", {"input": "a film", "model": "sentiment"}, headers=AUTH)
+    assert status == 404 and "POST /v1/text-classification" in out["error"]["message"]
+    # each model has its own batcher: batches are counted per model
+    values = _metrics(multi.request("GET", "/metrics", headers=AUTH)[2].decode())
+    assert values[("bertexport_batch_texts_sum", 'model="sentiment"')] >= len(texts)
+    assert values[("bertexport_batch_texts_sum", 'model="embed"')] >= 3
+    assert values[("bertexport_queue_depth", 'model="reranker"')] == 0
+
+
+RERANK_ENDPOINT = "/v1/rerank"
+
+
+def test_rerank_scores_equal_run_on_the_pairs_and_are_sorted(multi, rerankers):
+    """2-logit head: the score is softmax's `relevant` class, exactly `run --context`'s
+    probability of that label for the same (query, document) pair (the long document is
+    windowed the same way)."""
+    art, _ = rerankers["reranker"]
+    status, _, out = multi.post(RERANK_ENDPOINT, {"model": "reranker", "query": QUERY, "documents": DOCUMENTS,
+                                                  "return_documents": True}, headers=AUTH)
+    assert status == 200 and out["model"] == "reranker" and out["usage"]["total_tokens"] > 0
+    results = out["results"]
+    assert sorted(r["index"] for r in results) == list(range(len(DOCUMENTS)))
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1
+    assert all(r["document"] == {"text": DOCUMENTS[r["index"]]} for r in results)
+    ran = {}
+    for i, doc in enumerate(DOCUMENTS):
+        (row,) = run_json(art, [QUERY], doc, "--top-k", "2")
+        ran[i] = next(s["score"] for s in row["scores"] if s["label"] == "relevant")
+    same_answers({r["index"]: r["relevance_score"] for r in results}, ran, manifest_of(art))
+    # top_n keeps the best ones; documents are left out unless asked for
+    status, _, out = multi.post(RERANK_ENDPOINT, {"model": "reranker", "query": QUERY, "documents": DOCUMENTS,
+                                                  "top_n": 2}, headers=AUTH)
+    assert status == 200 and [r["index"] for r in out["results"]] == [r["index"] for r in results[:2]]
+    assert all("document" not in r for r in out["results"])
+
+
+def test_rerank_one_logit_head_is_its_sigmoid(multi, rerankers):
+    """1-logit head: the score is the sigmoid of the logit PyTorch computes for the pair."""
+    import torch
+    import transformers as T
+
+    _, ckpt = rerankers["reranker-1"]
+    docs = DOCUMENTS[:4] + DOCUMENTS[5:]  # short ones: one window each, as PyTorch sees them
+    status, _, out = multi.post(RERANK_ENDPOINT, {"model": "reranker-1", "query": QUERY, "documents": docs}, headers=AUTH)
+    assert status == 200
+    tok = T.AutoTokenizer.from_pretrained(ckpt)
+    model = T.AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        logits = model(**tok([QUERY] * len(docs), docs, padding=True, return_tensors="pt")).logits[:, 0].double()
+    expected = torch.sigmoid(logits).tolist()
+    got = {r["index"]: r["relevance_score"] for r in out["results"]}
+    assert [round(got[i], 5) for i in range(len(docs))] == [round(e, 5) for e in expected]
+    assert [r["index"] for r in out["results"]] == sorted(range(len(docs)), key=lambda i: -got[i])
+
+
+def test_rerank_refusals_say_why(multi):
+    for model, needle in [("sentiment", "its head has 3 labels (negative, neutral, positive)"),
+                          ("embed", "it is a feature-extraction model")]:
+        status, _, out = multi.post(RERANK_ENDPOINT, {"model": model, "query": "q", "documents": ["d"]}, headers=AUTH)
+        assert status == 400 and out["error"]["code"] == "not_a_reranker" and needle in out["error"]["message"], out
+    for body, needle in [({"query": "q", "documents": []}, "'documents' must be a non-empty list"),
+                         ({"query": "q", "documents": "one document"}, "'documents' must be a non-empty list"),
+                         ({"query": "", "documents": ["d"]}, "'query' is empty"),
+                         ({"query": "q", "documents": ["d"], "top_n": 0}, "'top_n' must be a positive integer"),
+                         ({"query": "q", "documents": ["d"], "return_documents": "yes"}, "'return_documents'"),
+                         ({"query": "museum " * 120, "documents": ["d"]}, "the query has 122 tokens")]:
+        status, _, out = multi.post(RERANK_ENDPOINT, {"model": "reranker"} | body, headers=AUTH)
+        assert status == 400 and needle in out["error"]["message"], (body, out)
+
+
+def test_api_key_none_wrong_right_and_open_probes(multi):
+    body = {"model": "sentiment", "inputs": ["a film"]}
+    status, headers, out = multi.post("/v1/text-classification", body)
+    assert status == 401 and out["error"]["code"] == "missing_api_key" and headers["www-authenticate"] == "Bearer"
+    assert set(out["error"]) == {"message", "type", "param", "code"}
+    for wrong in [f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", "Bearer ", f"Basic {KEY}", KEY]:
+        status, _, out = multi.post("/v1/text-classification", body, headers={"Authorization": wrong})
+        assert status == 401 and out["error"]["code"] in ("invalid_api_key", "missing_api_key"), wrong
+    assert multi.post("/v1/text-classification", body, headers={"Authorization": f"bearer {KEY}"})[0] == 200
+    for path in ["/v1/models", "/metrics", "/v2/anything"]:  # everything else is behind the key, unknown paths too
+        assert multi.request("GET", path)[0] == 401
+    for path in ["/health", "/ready"]:  # probes: an orchestrator has no key
+        status, _, raw = multi.request("GET", path)
+        assert status == 200, path
+    assert json.loads(multi.request("GET", "/ready")[2])["models"] == ["embed", "sentiment", "reranker", "reranker-1"]
+
+
+def test_openai_client_with_the_key(multi, artifacts):
+    import openai
+
+    client = openai.OpenAI(base_url=multi.url + "/v1", api_key=KEY, max_retries=0)
+    res = client.embeddings.create(model="embed", input=["a film"], encoding_format="float")
+    (ran,) = run_json(artifacts["feature-extraction"], ["a film"])
+    same_answers(res.data[0].embedding, ran["embedding"], manifest_of(artifacts["feature-extraction"]))
+    assert [m.id for m in client.models.list().data][0] == "embed"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=multi.url + "/v1", api_key="sk-wrong", max_retries=0).embeddings.create(
+            model="embed", input=["a film"])
+
+
+def test_key_from_a_file_and_open_metrics(artifacts, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    server = Server(artifacts["text-classification"], "--api-key-file", key_file, "--metrics-open",
+                    log=tmp_path / "keyfile.log").wait_listening()
+    try:
+        assert server.request("GET", "/metrics")[0] == 200
+        assert server.post("/v1/text-classification", {"inputs": ["a film"]})[0] == 401
+        assert server.post("/v1/text-classification", {"inputs": ["a film"]}, headers=AUTH)[0] == 200
+    finally:
+        assert server.stop() == 143
+
+
+def test_refused_before_anything_loads(artifacts, tmp_path):
+    """Duplicate names, extra names and bad keys: exit 2, one line, nothing served."""
+    art, other = artifacts["text-classification"], artifacts["feature-extraction"]
+    empty = tmp_path / "empty-key"
+    empty.write_text("\n")
+    cases = [([art, art], "two artifacts are named 'text-classification'"),
+             ([art, other, "--model-name", "m", "--model-name", "m"], "two artifacts are named 'm'"),
+             ([art, "--model-name", "a", "--model-name", "b"], "2 --model-name for 1 artifact"),
+             ([art, "--api-key", KEY, "--api-key-file", empty], "not both"),
+             ([art, "--api-key-file", empty], "is empty"),
+             ([art, "--api-key-file", tmp_path / "missing"], "cannot read the API key file"),
+             ([art, "--api-key", " padded "], "white space")]
+    for args, needle in cases:
+        r = CliRunner().invoke(cli, ["serve", *map(str, args), "--port", "0"], env={"BERTEXPORT_API_KEY": None})
+        assert r.exit_code == 2 and needle in r.output and "serving" not in r.output, (args, r.output)
+
+
+def test_threads_split_between_models():
+    from bertexport.shipping.serve import cpu_count, threads_per_model
+
+    assert threads_per_model(1, None) is None and threads_per_model(3, 2) == 2
+    assert threads_per_model(2, None) == max(1, cpu_count() // 2) and threads_per_model(64, None) == 1
+
+
+def test_batcher_never_mixes_modes():
+    from bertexport.shipping.batching import Batcher
+
+    calls = []
+    b = Batcher(lambda t, p: calls.append(("predict", list(t))) or list(t),
+                lambda t, p: [1] * len(t), max_batch_tokens=100, max_wait=0.2, queue_size=10,
+                modes={"rerank": lambda t, p: calls.append(("rerank", list(t))) or [x + "!" for x in t]})
+    futures = [b.submit(["a"]), b.submit(["b"], ["x"], mode="rerank"), b.submit(["c"], ["y"], mode="rerank"), b.submit(["d"])]
+    with pytest.raises(ValueError, match="unknown mode"):
+        b.submit(["e"], mode="nope")
+    b.start()
+    assert [f.result(5)[0] for f in futures] == [["a"], ["b!"], ["c!"], ["d"]]
+    b.stop(5)
+    assert calls == [("predict", ["a"]), ("rerank", ["b", "c"]), ("predict", ["d"])]
+
+
+# -- the container --------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _docker_engine() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+def test_dockerfile_promises():
+    """Parsed (the `dockerfile` package: BuildKit's own parser) and its promises checked."""
+    import dockerfile
+
+    commands = dockerfile.parse_file(str(REPO / "Dockerfile"))
+    final = [c for c in commands if c.cmd == "FROM"][-1]
+    last_stage = commands[commands.index(final):]
+    by = {}
+    for c in last_stage:
+        by.setdefault(c.cmd, []).append(c)
+    install = " ".join(" ".join(c.value) for c in by["RUN"])
+    assert "[runtime,serve]" in install and "bertexport-*.whl" in install and "torch" not in install.replace(
+        "find_spec('torch')", "")
+    assert by["USER"][-1].value[0] not in ("root", "0") and "useradd" in install
+    (health,) = by["HEALTHCHECK"]
+    assert health.value[0] == "CMD" and "urllib.request" in " ".join(health.value) and "/health" in " ".join(health.value)
+    assert by["EXPOSE"][0].value == ("8000",)
+    assert list(by["ENTRYPOINT"][0].value[:2]) == ["bertexport", "serve"] and by["CMD"][0].value == ("/models",)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+    # the extras it installs never pull torch or transformers
+    import importlib.metadata
+    import re
+
+    reqs = importlib.metadata.requires("bertexport") or []
+    pulled = [r for r in reqs if re.search(r'extra == "(runtime|serve)"', r) or "extra ==" not in r]
+    assert pulled and not [r for r in pulled if re.match(r"(torch|transformers|optimum)\b", r)]
+
+
+def test_dockerfile_builds():
+    """Built when a Docker engine answers (not on this project's machines: docker's client
+    is installed, its daemon is not running)."""
+    if not _docker_engine():
+        pytest.skip("no Docker engine here: the Dockerfile is parsed and checked (test_dockerfile_promises), not built")
+    r = subprocess.run(["docker", "build", "-q", "-t", "bertexport-serve-test", str(REPO)], capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]

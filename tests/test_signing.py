@@ -59,6 +59,22 @@ def test_signed_artifact_verifies_and_runs(signed):
     assert r.exit_code == 0 and json.loads(r.stdout)["label"]
 
 
+def test_relative_paths_sign_and_verify(signed, tmp_path, monkeypatch):
+    """As the README types it: `sign art --key ci.pem`, `verify art --trusted-key ci.pub.pem`
+    from the folder holding art (the signature file itself is never counted as added)."""
+    shutil.copytree(signed["art"], tmp_path / "art")
+    (tmp_path / "art" / "signature.sig").unlink()
+    shutil.copy(signed["root"] / "ci.pem", tmp_path / "ci.pem")
+    shutil.copy(signed["pub"], tmp_path / "ci.pub.pem")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["sign", "art", "--key", "ci.pem"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["verify", "art", "--trusted-key", "ci.pub.pem"])
+    assert r.exit_code == 0 and "signature" in r.output, r.output
+    (tmp_path / "art" / "extra.txt").write_text("x")
+    refused(["verify", "art", "--trusted-key", "ci.pub.pem"], "extra.txt")
+
+
 def test_unsigned_and_foreign_signatures_refused(signed, tiny, tmp_path):
     unsigned = convert(str(tiny("bert", "text-classification")), "ort-fp32", tmp_path / "u", latency_runs=0).artifact
     refused(["run", unsigned, "x", "--trusted-key", signed["pub"]], "is not signed")

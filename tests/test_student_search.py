@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from bertexport.search.candidates import Candidate
 from bertexport.cli import cli
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import Gates
 from bertexport.search.cost_model import linear_macs
 from bertexport.core.errors import UserError
 from bertexport.students.shapes import StudentShape, check_shape

@@ -167,7 +167,7 @@ def tiny_int8_gates():
     to 0.16 and agreement 0.47-0.81 on tiny models, while trained MiniLM loses nothing
     measurable to it. There these builds are checked for running, correlated outputs only;
     int8 accuracy is judged on trained weights (test_default_model, test_optimize)."""
-    from bertexport.judging.compare import Gates
+    from bertexport.judging.gates import Gates
     from bertexport.core.envinfo import cpu_features
 
     if cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"}:

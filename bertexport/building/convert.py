@@ -17,19 +17,27 @@ from bertexport.building.checkpoint import (Checkpoint, load_model, load_tokeniz
                                    sentence_pooling)
 from bertexport.core.envinfo import environment
 from bertexport.core.errors import GateFailed, UserError
+from bertexport.core.families import get_family
 from bertexport.building.export import ExportedModel, export_onnx
 from bertexport.judging.latency import speedup, time_interleaved
 from bertexport.core.manifest import Manifest, write_manifest
-from bertexport.judging.compare import Gates, batch_invariance, fixed_cell_feeds, judge_checks, parity_checks, reference_runner
+from bertexport.judging.compare import batch_invariance, fixed_cell_feeds, parity_checks, reference_runner
+from bertexport.judging.gates import Gates, check_gates_resolvable, judge_checks, profile_status
 from bertexport.core.tasks import get_task
 from bertexport.building.passes import ModelFile, PassContext, config_dict, get_pass
 from bertexport.building.profiles import TargetProfile, load_profile
 from bertexport.core.progress import Reporter
 from bertexport.building.report import render_report, summary_rows
 from bertexport.shipping.runtime import TextEncoder
-from bertexport.core.textdata import builtin_calibration, builtin_samples, load_texts, sample
+from bertexport.core.textdata import builtin_calibration, builtin_samples, builtin_validation, load_texts, sample
 
 MODEL_DIR = "model"
+# fill-mask outputs a vocabulary of logits per token: comparing them on every built-in text
+# cost 9x a 48-text check (tiny BERT: 2.4 -> 21 s CPU); 192 texts keep its per-token
+# decisions resolved (the int8 rule needs 40 rows) at a third of that
+VOCABULARY_TASKS = ("fill-mask",)
+VOCABULARY_TASK_TEXTS = 192
+INVARIANCE_TEXTS = 48  # texts the batch-invariance declaration is measured on (each alone, then in one batch)
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -40,6 +48,8 @@ class ConvertResult:
     failures: list[str]
     manifest: dict
     rows: list[dict] = field(default_factory=list)
+    verdict: str = "passed"  # passed, failed, or undecided (kept: the texts could not decide the gate)
+    undecided: list[str] = field(default_factory=list)
 
 
 def _copy_model(model: ModelFile, dest_dir: Path) -> Path:
@@ -76,9 +86,9 @@ def _write_side_files(staging: Path, ckpt: Checkpoint, tokenizer, max_length: in
         if f.name == "chat_template.jinja":
             f.unlink()
     # the few fields a runtime needs, and the shape fields that say what a (student) model is
-    shape = ("num_hidden_layers", "n_layers", "num_attention_heads", "n_heads", "intermediate_size", "hidden_dim", "dim")
-    keep = {k: ckpt.config[k] for k in ("model_type", "architectures", "hidden_size", "max_position_embeddings", "pad_token_id")
-            + shape if k in ckpt.config}
+    shape = get_family(ckpt.family).shape_keys  # depth, width, heads and FFN size, as the family's config spells them
+    keep = {k: ckpt.config[k] for k in dict.fromkeys(("model_type", "architectures", "hidden_size", "max_position_embeddings",
+                                                      "pad_token_id") + shape) if k in ckpt.config}
     (staging / "config.json").write_text(json.dumps(keep | {"max_length": max_length}, indent=2) + "\n")
     labels = ckpt.id2label
     if labels:
@@ -96,12 +106,18 @@ class ConvertPlan:
     ckpt: Checkpoint
     validation_texts: list[str]
     calib_set: object
+    gates: Gates
+    validation_source: str
 
 
 def plan_convert(model: str, target, out, *, task=None, calib=None, samples=None, force=False, threads=1,
-                 allow_pickle=False, trust_remote_code=False, revision=None) -> ConvertPlan:
-    """Validate the profile, backend, checkpoint, destination, disk space and text inputs."""
+                 allow_pickle=False, trust_remote_code=False, revision=None, gates: Gates | None = None,
+                 text_column: str | None = None) -> ConvertPlan:
+    """Validate the profile, backend, checkpoint, destination, disk space, text inputs and
+    the gate (the profile's, or ``gates``; refused when the validation texts are too few
+    to resolve it)."""
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    gate = (gates or profile.validation.gates()).check()
     backend = get_backend(profile.backend)
     backend.check_available(profile.runtime)  # fail fast (e.g. TensorRT without a GPU) before any export work
     if threads < 1:
@@ -119,9 +135,16 @@ def plan_convert(model: str, target, out, *, task=None, calib=None, samples=None
     # the artifact holds at most a float copy of the weights; the cache an export + pass outputs
     check_writable(out, int(weights * 1.2), "artifact")
     check_writable(cache_dir(), int(weights * 3), "export cache (BERTEXPORT_CACHE)")
-    validation_texts = load_texts(samples).texts if samples else builtin_samples()
+    # the built-in validation texts when a gate is judged on them; a build with no gate (a
+    # search candidate, judged later on the user's data) records parity on the 48 samples only
+    builtin = (builtin_validation(), "builtin:validation") if gate.any() else (builtin_samples(), "builtin:samples")
+    validation_texts = load_texts(samples, text_column).texts if samples else builtin[0]
+    if not samples and ckpt.task in VOCABULARY_TASKS:  # a vocabulary of logits per token: the first texts only
+        validation_texts = validation_texts[:VOCABULARY_TASK_TEXTS]
+    source = str(samples) if samples else builtin[1]
+    check_gates_resolvable(gate, len(validation_texts), f"--data ({samples})" if samples else "the built-in validation texts")
     calib_set = load_texts(calib) if calib else None
-    return ConvertPlan(profile, backend, out, ckpt, validation_texts, calib_set)
+    return ConvertPlan(profile, backend, out, ckpt, validation_texts, calib_set, gate, source)
 
 
 def convert(
@@ -132,6 +155,7 @@ def convert(
     task: str | None = None,
     calib: str | Path | None = None,
     samples: str | Path | None = None,
+    text_column: str | None = None,
     force: bool = False,
     threads: int = 1,
     latency_runs: int | None = None,
@@ -158,7 +182,7 @@ def convert(
     if latency_runs is not None and latency_runs < 0:
         raise UserError("latency_runs must be >= 0")
     kw = dict(task=task, calib=calib, samples=samples, force=force, threads=threads, allow_pickle=allow_pickle,
-              trust_remote_code=trust_remote_code, revision=revision)
+              trust_remote_code=trust_remote_code, revision=revision, gates=gates, text_column=text_column)
     if distill_layers:
         from bertexport.students.distill import cached_student
 
@@ -199,17 +223,21 @@ def convert(
 
         reference = reference_runner(ckpt, exported.input_names, threads, torch_model=torch_model)
         candidate = backend.make_runner(model_path, profile.runtime, threads)
-        gate = gates or profile.validation.gates()
+        gate = plan.gates
         try:
             candidate.activate()
         except Exception as e:  # the backend cannot load what the passes built
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
             raise UserError(f"{profile.backend} could not load the compiled model: {first}") from e
         with reference, candidate:
-            with reporter.step(f"validate parity on {len(validation_texts)} sentences"):
-                checks = parity_checks(reference, candidate, encode, validation_texts, ckpt.task, profile.validation.padded_length)
-                invariance = batch_invariance(candidate, encode, validation_texts, ckpt.task)
-            failures = judge_checks(checks, gate)
+            with reporter.step(f"validate parity on {len(validation_texts)} texts"):
+                checks = parity_checks(reference, candidate, encode, validation_texts, ckpt.task,
+                                       profile.validation.padded_length, gate.level)
+                invariance = batch_invariance(candidate, encode, validation_texts[:INVARIANCE_TEXTS], ckpt.task)
+            decision = judge_checks(checks, gate)
+            failures, verdict = decision.failures, profile_status(decision)
+            for note in decision.undecided:
+                reporter.log(f"gate undecided on these texts, kept as passed: {note} (judge it on your data: --data)")
             if not invariance["invariant"]:
                 reporter.log(f"outputs move with the batch: a text alone vs in a mixed batch differs by up to "
                              f"{invariance['max_abs_diff']:.2g} (cosine {invariance['cosine_min']:.6f}); "
@@ -251,8 +279,11 @@ def convert(
             "calibration": {"source": calib_set.source if calib_set else "builtin:calib", "count": len(calibration_texts),
                             "seed": seed, "skipped": calib_set.skipped if calib_set else {}} if any(get_pass(p.type).needs_calibration() or "target_min_cosine" in p.config
                                                                       or "target_agreement" in p.config for p in profile.passes) else None,
-            "parity": {"texts": len(validation_texts), "source": str(samples) if samples else "builtin:samples",
-                       "gates": gate.given(), "checks": checks, "passed": passed, "failures": failures},
+            "parity": {"texts": len(validation_texts), "source": plan.validation_source,
+                       "gates": gate.given(), "rule": None if gates else profile.validation.rule,
+                       "checks": checks, "passed": passed, "verdict": verdict, "failures": failures,
+                       "undecided": decision.undecided, "within_noise": decision.within_noise,
+                       "verdicts": [v.to_dict() for v in decision.verdicts]},
             "batch_invariance": invariance,
             "latency": latency,
             "distillation": json.loads((ckpt.path / "distill_report.json").read_text())
@@ -268,7 +299,7 @@ def convert(
         (staged.staging / "report.md").write_text(render_report(manifest, rows))
         manifest = write_manifest(staged.staging, manifest)
         artifact = staged.publish(passed)
-    result = ConvertResult(artifact, passed, failures, manifest, rows)
+    result = ConvertResult(artifact, passed, failures, manifest, rows, verdict, decision.undecided)
     if not passed:
         raise GateFailed(failures, result)
     return result

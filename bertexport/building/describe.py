@@ -35,6 +35,7 @@ def describe_text(name: str) -> str:
     from bertexport.backends import backend_names, runtime_config_class
     from bertexport.building.passes import CATALOG
     from bertexport.building.profiles import list_profiles, load_profile
+    from bertexport.core.textdata import builtin_validation
 
     if name in CATALOG:
         return "\n".join(describe_pass(name))
@@ -46,7 +47,8 @@ def describe_text(name: str) -> str:
                  f"  backend {p.backend} · precision {p.precision} · opset {p.opset}",
                  f"  runtime: {p.runtime or '(defaults)'}",
                  f"  shapes: batch {dataclasses.asdict(p.batch)} · sequence {dataclasses.asdict(p.sequence)}",
-                 f"  parity gate: {dataclasses.asdict(p.validation)}",
+                 f"  parity gate: {p.validation.describe(len(builtin_validation()))}",
+                 f"  parity settings: {dataclasses.asdict(p.validation)}",
                  f"  build-time latency cell: {dataclasses.asdict(p.latency)}", ""]
         for spec in p.passes:
             lines += describe_pass(spec.type)

@@ -8,7 +8,6 @@ so converting one checkpoint to several targets exports once.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -65,15 +64,12 @@ def io_specs(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def _cache_key(ckpt: Checkpoint, opset: int, variant: str = "") -> str:
-    import hashlib
-
     from bertexport.core.envinfo import package_versions
+    from bertexport.core.hashing import cache_key
 
     versions = package_versions(("torch", "transformers", "optimum", "optimum-onnx", "onnx"))
     # the digest covers the checkpoint's code files; the flag decides whether that code ran
-    key = [ckpt.sha256, ckpt.task, opset, versions, ckpt.trust_remote_code] + ([variant] if variant else [])
-    raw = json.dumps(key, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+    return cache_key(ckpt.sha256, ckpt.task, opset, versions, ckpt.trust_remote_code, *([variant] if variant else []))
 
 
 def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = True, variant: str = "") -> ExportedModel:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertexport.judging.compare import Gates
+from bertexport.judging.gates import GATES, PROFILE_RULES, Gates
 from bertexport.core.errors import UserError
 from bertexport.core.options import build, option
 from bertexport.core.resources import data_dir
@@ -35,18 +35,32 @@ class Range:
 
 @dataclass
 class ValidationSpec(Gates):
-    """The parity gate of a profile (built-in sentences vs the PyTorch original)."""
+    """The parity gate of a profile (the built-in validation texts, or convert's --data, vs
+    the PyTorch original): thresholds from the gate registry (``bertexport.judging.gates``),
+    or ``rule = NAME``, one of the registry's named profile rules (every int8 profile:
+    ``int8-decisions``)."""
 
-    min_cosine: float | None = option(0.999, "lowest per-sample cosine to the PyTorch original", min=0, max=1, min_open=True)
-    min_agreement: float | None = option(0.99, "fraction of decisions equal to PyTorch's (none: not gated)", min=0, max=1)
+    min_cosine: float | None = GATES["min_cosine"].field(0.999)
+    min_agreement: float | None = GATES["min_agreement"].field(0.99)
     padded_length: int = option(64, "length the padded-batch parity check pads to", min=1)
+    rule: str | None = option(None, "a named gate rule of the registry instead of thresholds (docs/gates.md)",
+                              choices=tuple(PROFILE_RULES))
 
     def validate(self):
         if self.max_accuracy_drop is not None:
             raise ValueError("max_accuracy_drop needs labelled data: gate it with `validate` or `optimize`, not in [validation]")
 
     def gates(self) -> Gates:
-        return Gates(self.min_cosine, self.max_abs_diff, self.min_agreement, self.max_accuracy_drop)
+        return Gates(self.min_cosine, self.max_abs_diff, self.min_agreement, self.max_accuracy_drop, self.confidence)
+
+    def describe(self, texts: int | None = None) -> str:
+        """What the gate is, in a sentence (``targets --describe``)."""
+        if self.rule:
+            return PROFILE_RULES[self.rule].describe(texts)
+        parts = [f"{GATES[n].what} {'>=' if GATES[n].direction == 'min' else '<='} {v}" for n, v in self.gates().thresholds().items()]
+        how = (f"judged on the {self.confidence:.0%} interval (an undecided gate is kept as passed, with the rows "
+               "that would decide it)") if self.confidence else "judged on the point estimates"
+        return f"{', '.join(parts) or 'none'}; {how}, on each parity check."
 
 
 @dataclass
@@ -112,6 +126,12 @@ _TOP_KEYS = {"name", "backend", "description", "precision", "opset", "passes", "
 def _validation_table(raw: dict, where: str):
     """[validation], accepting the earlier name ``min_top1_agreement`` for ``min_agreement``."""
     table = raw.get("validation", {})
+    if isinstance(table, dict) and isinstance(table.get("rule"), str) and table["rule"] in PROFILE_RULES:
+        given = sorted(set(table) & (set(GATES) | {"confidence", "min_top1_agreement"}))
+        if given:
+            raise UserError(f"invalid profile {where}: [validation] names rule {table['rule']!r} and thresholds "
+                            f"({', '.join(given)}): give one or the other")
+        table = PROFILE_RULES[table["rule"]].gates.given() | table
     if isinstance(table, dict) and "min_top1_agreement" in table:
         if "min_agreement" in table:
             raise UserError(f"invalid profile {where}: [validation] gives both min_agreement and min_top1_agreement (same gate)")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# config keys of the feed-forward width (BERT-style ``intermediate_size``, DistilBERT ``hidden_dim``)
-_FFN_KEYS = ("intermediate_size", "hidden_dim")
 
 
 # -- figures with their intervals ---------------------------------------------------------------
@@ -90,15 +88,13 @@ def model_shape(config: dict, family: str | None = None, layers: int | None = No
     ``layers`` fills the depth when the config lacks it."""
     from bertexport.core.families import FAMILIES
 
-    fam = FAMILIES.get(family or config.get("model_type", ""))
-    layer_keys = fam.layers_key if fam else ("num_hidden_layers", "n_layers")
-    hidden_keys = fam.hidden_key if fam else ("hidden_size", "dim")
-    head_keys = fam.heads_key if fam else ("num_attention_heads", "n_heads")
+    fam = FAMILIES.get(family or config.get("model_type", ""), FAMILIES["bert"])  # an unknown one: BERT's keys
 
     def first(keys):
         return next((config[k] for k in keys if isinstance(config.get(k), int)), None)
 
-    parts = [("L", first(layer_keys) or layers), ("H", first(hidden_keys)), ("A", first(head_keys)), ("F", first(_FFN_KEYS))]
+    parts = [("L", first(fam.layers_key) or layers), ("H", first(fam.hidden_key)), ("A", first(fam.heads_key)),
+             ("F", first(fam.ffn_key))]
     return "-".join(f"{p}{v}" for p, v in parts if v)
 
 
@@ -199,7 +195,7 @@ def summary_rows(manifest: dict) -> list[dict]:
     for name, c in manifest["parity"]["checks"].items():
         text = f"cos min {c['cosine_min']:.5f} · max abs diff {c['max_abs_diff']:.2e}"
         if c.get("agreement") is not None:
-            text += f" · top-1 {with_interval(c, 'agreement', '.1f', scale=100)} %"
+            text += f" · {'retrieval' if c.get('retrieval') else 'decisions'} {with_interval(c, 'agreement', '.1f', scale=100)} %"
         rows.append({"metric": f"parity {name} ({c['samples']} seq)", "original": "reference", "artifact": text})
     inv = manifest.get("batch_invariance")
     if inv:
@@ -216,7 +212,8 @@ def render_report(manifest: dict, rows: list[dict]) -> str:
     lines = [
         f"# bertexport artifact: {manifest['source']['source']} → {tgt['name']}",
         "",
-        f"- status: **{manifest['status'].upper()}**" + ("" if p["passed"] else f" — {'; '.join(p['failures'])}"),
+        f"- status: **{manifest['status'].upper()}**" + ("" if p["passed"] else f" — {'; '.join(p['failures'])}")
+        + (f" (gate undecided on these texts: {'; '.join(p.get('undecided') or [])})" if p.get("verdict") == "undecided" else ""),
         f"- family / task: {manifest['family']} / {manifest['task']} (max length {manifest['max_length']})",
         f"- backend: {tgt['backend']} ({tgt['precision']}); passes: {', '.join(x['type'] for x in tgt['passes']) or 'none'}",
         f"- checkpoint sha256: `{manifest['source']['sha256']}`",

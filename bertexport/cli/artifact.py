@@ -48,13 +48,25 @@ def sign_cmd(artifact, key, password):
 
 @cli.command("pack", epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(path_type=Path), help="Pack file (default: ARTIFACT.tar.gz).")
+@click.option("--out", "-o", type=click.Path(path_type=Path),
+              help="Pack file (default: ARTIFACT.tar.gz); with --format triton the repository folder (default: ARTIFACT-triton).")
 @click.option("--force", is_flag=True, help="Replace --out if it is a bertexport pack (never another file).")
-def pack_cmd(artifact, out, force):
-    """Pack ARTIFACT into one .tar.gz (+ .sha256) for shipping."""
+@click.option("--format", "fmt", default="tar.gz", show_default=True, metavar="[tar.gz|triton]",
+              help="tar.gz: one file for shipping; triton: an NVIDIA Triton model repository (model + Python-backend "
+                   "tokenizer + ensemble; not served on this machine).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=None,
+              help="With --format triton: max_batch_size of the models (default 32; a TensorRT engine's largest batch).")
+@click.option("--model-name", help="With --format triton: the ensemble's name clients call (default: the artifact folder's name).")
+def pack_cmd(artifact, out, force, fmt, max_batch_size, model_name):
+    """Pack ARTIFACT into one .tar.gz (+ .sha256) for shipping, or with --format triton into a Triton model repository."""
     from bertexport.shipping.packing import pack
 
-    p = pack(artifact, out, force)
+    options = {k: v for k, v in (("max_batch_size", max_batch_size), ("model_name", model_name)) if v is not None}
+    p = pack(artifact, out, force, format=fmt, **options)
+    if fmt == "triton":
+        click.echo(f"Triton model repository: {p} (ensemble '{model_name or Path(artifact).resolve().name}'; "
+                   f"tritonserver --model-repository {p})")
+        return
     click.echo(f"packed: {p} ({p.stat().st_size / 1e6:.1f} MB); checksum: {p}.sha256")
 
 

@@ -9,6 +9,7 @@ import click
 from bertexport.search.candidates import SEARCHABLE_BACKENDS
 from bertexport.core.errors import GateFailed
 from bertexport.cli.group import EXIT_CODES_HELP, TASK_CHOICE, _print_rows, _say, _threads_option, cli, emit_json, json_option
+from bertexport.judging.gates import click_options as gate_options
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -17,7 +18,10 @@ from bertexport.cli.group import EXIT_CODES_HELP, TASK_CHOICE, _print_rows, _say
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
 @click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (.txt/.csv/.tsv/.jsonl); default: calib/ set.")
-@click.option("--samples", type=click.Path(path_type=Path), help="Validation sentences; default: calib/samples.txt.")
+@click.option("--data", "--samples", "samples", type=click.Path(path_type=Path),
+              help="Your texts (.txt/.csv/.tsv/.jsonl) to judge the profile's parity gate on, instead of the built-in "
+                   "validation texts (calib/samples.txt + calib/validation_en.txt).")
+@click.option("--text-column", help="Text column of --data (CSV/TSV/JSONL).")
 @_threads_option()
 @click.option("--latency-runs", type=click.IntRange(min=0), default=None, help="Timed runs per side (0 skips timing); default from the profile.")
 @click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
@@ -29,7 +33,7 @@ from bertexport.cli.group import EXIT_CODES_HELP, TASK_CHOICE, _print_rows, _say
 @click.option("--distill-epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Training epochs for --distill.")
 @json_option("the manifest of the build")
 @click.option("--sign-key", type=click.Path(path_type=Path), help="Sign the artifact with this private key (PEM) when it passes.")
-def convert(model, target, out, task, calib, samples, threads, latency_runs, force, revision, allow_pickle, trust_remote_code,
+def convert(model, target, out, task, calib, samples, text_column, threads, latency_runs, force, revision, allow_pickle, trust_remote_code,
             distill_layers, distill_data, distill_epochs, json_out, sign_key):
     """Compile MODEL (a folder, a hub id, or the built-in all-MiniLM-L6-v2) for a target."""
     from bertexport.building.convert import convert as run_convert
@@ -42,7 +46,8 @@ def convert(model, target, out, task, calib, samples, threads, latency_runs, for
         _library()
     reporter = RichReporter()
     try:
-        result = run_convert(model, target, out, task=task, calib=calib, samples=samples, force=force, threads=threads,
+        result = run_convert(model, target, out, task=task, calib=calib, samples=samples, text_column=text_column,
+                             force=force, threads=threads,
                              latency_runs=latency_runs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                              revision=revision, reporter=reporter, distill_layers=distill_layers,
                              distill_data=distill_data, distill_epochs=distill_epochs)
@@ -57,7 +62,10 @@ def convert(model, target, out, task, calib, samples, threads, latency_runs, for
         from bertexport.shipping.signing import sign
 
         _say(json_out, f"signed: {sign(result.artifact, sign_key)}")
-    _say(json_out, f"PASSED: {result.artifact}")
+    for note in result.undecided:
+        _say(json_out, f"  gate undecided: {note}")
+    _say(json_out, f"PASSED: {result.artifact}" + (" (gate undecided on these texts: kept; judge it on your data with "
+                                                  "--data)" if result.verdict == "undecided" else ""))
 
 
 def _distill_options(f):
@@ -133,11 +141,8 @@ def distill(teacher, out, task, layers, keep_layers, student, shape, alpha_hidde
 @click.option("--data", type=click.Path(path_type=Path), help="Your task data (.csv/.tsv/.jsonl with a text and, for classification, a label column; or .txt); default: calib/ text, unlabelled.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create (the winner).")
 @click.option("--task", type=TASK_CHOICE, help="Override the task detected from config.json.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Gate: the labelled task metric (accuracy; embeddings: retrieval precision@5) may drop at most this many points. Default with labels: 1.0.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Gate: fraction of decisions equal to PyTorch's (embeddings: tie-robust top-5 retrieval agreement). Default without labels: 0.98.")
-@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Gate: minimum per-sample cosine to PyTorch's outputs.")
-@click.option("--confidence", type=click.FloatRange(0.5, 0.9999),
-              help="Decide the held-out verdict on this interval (e.g. 0.95): a candidate passes only when the whole interval is inside the gate.")
+@gate_options("max_accuracy_drop", "min_agreement", "min_cosine", "confidence", defaults=True,
+              help={"confidence": "Decides the held-out verdict."})
 @click.option("--batch-invariant", is_flag=True, help="Keep only candidates whose outputs do not depend on their batch neighbours (measured at build).")
 @click.option("--budget", default="20m", show_default=True, help="Time budget for the search, e.g. 90s, 20m, 1h.")
 @click.option("--distill", help="Also search students: 'auto' (a depth x width grid ordered by a latency cost model measured "
@@ -161,7 +166,7 @@ def optimize(model, data, out, task, max_accuracy_drop, min_agreement, min_cosin
              distill_epochs, distill_data, calib, batch, sequence, threads, backends, text_column, label_column, seed, force,
              trust_remote_code, json_out):
     """Find the fastest artifact that keeps your task accuracy: backends, precisions, per-region float fallbacks, students."""
-    from bertexport.judging.compare import Gates
+    from bertexport.judging.gates import Gates
     from bertexport.search.optimize import optimize as run_optimize
     from bertexport.core.progress import RichReporter
 

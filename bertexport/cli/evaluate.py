@@ -8,18 +8,14 @@ import click
 
 from bertexport.core.errors import GateFailed
 from bertexport.cli.group import EXIT_CODES_HELP, _say, _threads_option, _trusted_key_option, cli, emit_json, json_option
+from bertexport.judging.gates import click_options as gate_options
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Labelled data (.csv/.tsv/.jsonl: text[, text_pair], label) or plain text; default: calib/samples.txt.")
 @click.option("--model", help="The PyTorch original (default: the checkpoint named in the manifest).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help="Gate: accuracy may drop at most this many points.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Gate: fraction of decisions equal to PyTorch's.")
-@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), help="Gate: minimum per-sample cosine to PyTorch's outputs.")
-@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Decide task gates on this interval (e.g. 0.95): pass only when the whole interval is inside the "
-                   "threshold, fail only when outside; otherwise UNDECIDED (exit 1, with the rows needed).")
+@gate_options("max_accuracy_drop", "min_agreement", "min_cosine", "confidence")
 @click.option("--report-only", is_flag=True, help="No gate: measure and report only (exit 0 unless the input is bad).")
 @click.option("--text-column", help="Text column name (CSV/TSV/JSONL).")
 @click.option("--label-column", help="Label column name (CSV/TSV/JSONL).")
@@ -33,7 +29,7 @@ def validate(artifact, data, model, max_accuracy_drop, min_agreement, min_cosine
              label_column, limit, threads, junit, json_out, force, trusted_key):
     """Task accuracy and agreement of ARTIFACT vs its PyTorch original, with CI gates (exit 1 on failure)."""
     from bertexport.core.errors import UserError
-    from bertexport.judging.compare import Gates
+    from bertexport.judging.gates import Gates
     from bertexport.judging.validate import validate as run_validate
 
     gates = Gates(min_cosine=min_cosine, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop,

@@ -12,7 +12,11 @@ from bertexport.cli.group import EXIT_CODES_HELP, _threads_option, _trusted_key_
 @cli.command("run", epilog=EXIT_CODES_HELP)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
-@click.option("--file", "file_", type=click.Path(path_type=Path), help="Read texts from a file, one per line (streamed).")
+@click.option("--file", "file_", type=click.Path(path_type=Path),
+              help="Read texts from a file (streamed): .txt one per line, or the text column of a .csv/.tsv/.jsonl/.json/"
+                   ".parquet — the same texts with and without --out.")
+@click.option("--text-column", help="With --file: the column (or JSON field) holding the texts (default: text, sentence, "
+                                    "review or content, the first present).")
 @click.option("--context", help="Question-answering: the context; TEXTS are the questions.")
 @json_option("one result object per line (JSON lines; each has the input's index and a short prefix, not the whole text)")
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Labels (or tokens) to return per text (or mask).")
@@ -33,7 +37,7 @@ from bertexport.cli.group import EXIT_CODES_HELP, _threads_option, _trusted_key_
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Bulk mode on a Ray cluster through Ray Data (ADDRESS of a running cluster, or a local one).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="With --ray: Predictor actors.")
-def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length, aggregation, normalize, batch_size, threads,
+def run_cmd(artifact, texts, file_, text_column, context, json_out, top_k, stride, max_length, aggregation, normalize, batch_size, threads,
             trusted_key, out_file, resume, force, ray_address, workers):
     """Run ARTIFACT on TEXTS (or --file) without torch: labels, embeddings, entities, answers, masks.
 
@@ -42,8 +46,11 @@ def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length
     import json
 
     from bertexport.core.errors import UserError
+    from bertexport.core.textdata import TextFile
     from bertexport.shipping.runtime import Artifact, Predictor
 
+    if text_column and not file_:
+        raise UserError("--text-column names a column of --file: give --file")
     if out_file or ray_address:
         if not file_ or texts or context is not None or json_out:
             raise UserError("bulk mode (--out/--ray) takes --file and --out only (no TEXTS, --context or --json)")
@@ -57,9 +64,9 @@ def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length
         try:
             if ray_address:
                 stats = bulk.run_ray(artifact, file_, out_file, address=ray_address, workers=workers, threads=threads or 1,
-                                     **common)
+                                     text_column=text_column, **common)
             else:
-                stats = bulk.run_local(artifact, file_, out_file, threads=threads, **common)
+                stats = bulk.run_local(artifact, file_, out_file, threads=threads, text_column=text_column, **common)
         except (KeyboardInterrupt, Interrupted) as e:
             click.echo(f"interrupted: the rows written so far stay in {out_file}; the same command with --resume "
                        "continues it", err=True)
@@ -70,9 +77,13 @@ def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length
         return
     if not texts and not file_:
         raise UserError("give TEXTS or --file")
+    source = TextFile(file_, text_column) if file_ else None  # format and columns checked before the model loads
     sink = None
     if json_out and json_out != "-":
-        sink = open(json_out, "w", encoding="utf-8")
+        try:
+            sink = open(json_out, "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write --json {json_out}: {e.strerror or e}") from None
     try:
         with Artifact(artifact, threads=threads, trusted_key=trusted_key) as art:
             for w in art.warnings:
@@ -80,7 +91,7 @@ def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length
             pred = Predictor(art, batch_size=batch_size, stride=stride, max_length=max_length, aggregation=aggregation,
                              top_k=top_k, normalize=normalize)
             index = 0
-            for chunk in _text_chunks(texts, file_, 256):
+            for chunk in _text_chunks(texts, source, 256):
                 pairs = [context] * len(chunk) if context is not None else None
                 for text, res in zip(chunk, pred.predict(chunk, pairs)):
                     if json_out:
@@ -94,14 +105,15 @@ def run_cmd(artifact, texts, file_, context, json_out, top_k, stride, max_length
             sink.close()
 
 
-def _text_chunks(texts, file_, size):
-    """Texts in chunks, streaming a file so a huge one never sits in memory at once."""
-    from bertexport.core.textdata import iter_text_lines
+def _text_chunks(texts, source, size):
+    """Texts in chunks, streaming a file (a ``textdata.TextFile``) so a huge one never sits in
+    memory at once: the texts a bulk run (--out) of the same file reads, in the same order."""
+    from bertexport.core.textdata import in_chunks
 
     if texts:
         yield list(texts)
-    if file_:
-        yield from iter_text_lines(file_, size)
+    if source is not None:
+        yield from in_chunks(source.texts(), size)
 
 
 def _one_line(text, res):

@@ -1,12 +1,22 @@
-"""sha256 of files and folders, streamed."""
+"""sha256 of files and folders, streamed; and the one cache key every cache is named by."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
 _CHUNK = 1 << 20
+KEY_LENGTH = 20  # hex digits of a cache key: 80 bits, no collision among any cache's entries
+
+
+def cache_key(*parts, length: int = KEY_LENGTH) -> str:
+    """The name of a cache entry made from ``parts``: sha256 of their JSON (keys sorted,
+    anything JSON does not know written as ``str``), ``length`` hex digits. Whatever decides
+    an entry's content must be among the parts; changing them only misses the cache."""
+    raw = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:length]
 
 
 def sha256_file(path: str | Path) -> str:

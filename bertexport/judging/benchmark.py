@@ -11,7 +11,6 @@ folder, and every table and plot refers to them by one number with a key of full
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from bertexport import __version__
 from bertexport.core.envinfo import environment
 from bertexport.core.errors import UserError
+from bertexport.core.hashing import cache_key
+from bertexport.judging.gates import GATES
 from bertexport.judging.latency import speedup, time_interleaved
 from bertexport.core.progress import Reporter
 from bertexport.building.report import (artifact_label, interval_level, interval_note, interval_of, student_shape, unique_labels,
@@ -104,7 +105,7 @@ def build_targets(model: str, targets: list[str], threads: int, reporter: Report
     from bertexport.building.convert import convert
     from bertexport.core.errors import GateFailed
 
-    root = Path(folder) if folder else cache_dir("bench-artifacts", hashlib.sha256(model.encode()).hexdigest()[:12])
+    root = Path(folder) if folder else cache_dir("bench-artifacts", cache_key(model))
     out = []
     for t in targets:
         art = root / Path(t).stem
@@ -316,8 +317,9 @@ def candidate_rows(report: dict) -> list[dict]:
             "folder": Path(c["artifact"]).name if c.get("artifact") else "-",
             "size_mb": c["size_bytes"] / 1e6, "load_s": c.get("load_seconds"), "rss_mb": c.get("rss_delta_mb"),
             "accuracy": _fmt(m.get("metric_candidate"), ".2f"),
-            "drop": with_interval(m, "metric_drop", "+.2f"),
-            "agreement": with_interval(m, "agreement", ".4f"),
+            # figures shown in their gate's format (the gate registry)
+            "drop": with_interval(m, GATES["max_accuracy_drop"].metric, "+" + GATES["max_accuracy_drop"].fmt),
+            "agreement": with_interval(m, GATES["min_agreement"].metric, GATES["min_agreement"].fmt),
             "macro_f1": _fmt(m.get("macro_f1_candidate"), ".4f"),
             "rows": _fmt(m.get("decisions") if m.get("decisions") is not None else m.get("samples"), "d"),
             "note": interval_note(m, "metric_drop", " pts") or interval_note(m, "agreement"),

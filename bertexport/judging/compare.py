@@ -6,130 +6,38 @@ checks score every search candidate).
 Comparisons only look at real tokens: padded positions carry no meaning and differ
 legitimately between runtimes. What is compared per task (the mean-pooled embedding,
 class probabilities, ...) and which decision agreement counts come from the task
-records (``bertexport.core.tasks``). One vocabulary of gates (``Gates``) for everything.
+records (``bertexport.core.tasks``). The gates and their verdicts are the registry's
+(``bertexport.judging.gates``), re-exported here for callers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bertexport.judging import gates as gate_registry
 from bertexport.judging import stats
+from bertexport.judging.gates import Decision, Gates
 from bertexport.core.errors import UserError
-from bertexport.core.options import option
-from bertexport.core.tasks import get_task, mean_pool  # noqa: F401  (mean_pool re-exported for callers)
+from bertexport.core.tasks import get_task
 
 
-# -- gates ----------------------------------------------------------------------------------
-
-@dataclass
-class Gates:
-    """What a candidate must meet against the reference. ``None``: not gated."""
-
-    min_cosine: float | None = option(None, "lowest per-sample cosine to the PyTorch original", min=0, max=1, min_open=True)
-    max_abs_diff: float | None = option(None, "largest absolute output difference", min=0, min_open=True)
-    min_agreement: float | None = option(None, "fraction of decisions equal to PyTorch's", min=0, max=1)
-    max_accuracy_drop: float | None = option(None, "points of task metric the candidate may lose (labelled data)", min=0)
-    confidence: float | None = option(None, "decide task gates on this interval's bound (e.g. 0.95): pass only "
-                                      "inside, fail only outside, else undecided", min=0.5, max=0.9999)
-
-    def any(self) -> bool:
-        return any(v is not None for k, v in asdict(self).items() if k != "confidence")
-
-    def given(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    @property
-    def level(self) -> float:
-        """The interval level figures are reported at (the gate's, else 95 %)."""
-        return self.confidence or stats.CONFIDENCE
-
+# -- gates (the registry: bertexport.judging.gates) --------------------------------------------
 
 def judge(figures: dict, gates: Gates, name: str = "") -> list[str]:
-    """Failures of one set of figures (a parity check or task metrics) against the gates."""
-    pre = f"{name}: " if name else ""
-    fails = []
-    cos = figures.get("cosine_min")
-    if gates.min_cosine is not None and cos is not None and (cos < gates.min_cosine or not np.isfinite(figures.get("max_abs_diff", 0.0))):
-        fails.append(f"{pre}cosine_min {cos:.5f} < {gates.min_cosine}")
-    diff = figures.get("max_abs_diff")
-    if gates.max_abs_diff is not None and diff is not None and diff > gates.max_abs_diff:
-        fails.append(f"{pre}max_abs_diff {diff:.3g} > {gates.max_abs_diff}")
-    agree = figures.get("agreement")
-    if gates.min_agreement is not None and agree is not None and agree < gates.min_agreement:
-        fails.append(f"{pre}agreement {agree:.4f} < {gates.min_agreement}")
-    drop = figures.get("metric_drop")
-    if gates.max_accuracy_drop is not None and drop is not None and drop > gates.max_accuracy_drop:
-        fails.append(f"{pre}{figures.get('metric_name', 'accuracy')} drop {drop:.2f} points > {gates.max_accuracy_drop}")
-    return fails
-
-
-@dataclass
-class Decision:
-    """A gate's verdict on task metrics: ``failures`` (exit 1), ``undecided`` (with
-    ``--confidence``: the interval straddles the threshold; exit 1 with the rows needed)
-    and ``within_noise`` (notes: the point estimate decided, but the interval straddles)."""
-
-    failures: list[str] = field(default_factory=list)
-    undecided: list[str] = field(default_factory=list)
-    within_noise: list[str] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        return "failed" if self.failures else "undecided" if self.undecided else "passed"
-
-    def reasons(self) -> list[str]:
-        return self.failures + self.undecided
-
-
-# gate -> (metric key in the figures, its stats key, the side the candidate must stay on, unit scale for messages)
-_INTERVAL_GATES = {"max_accuracy_drop": ("metric_drop", "metric_drop", "high"),
-                   "min_agreement": ("agreement", "agreement", "low")}
+    """Failures of one set of figures against the gates, on point estimates."""
+    return gate_registry.judge(figures, gates, name, intervals=False).failures
 
 
 def decide(figures: dict, gates: Gates, name: str = "") -> Decision:
-    """Task gates judged with their intervals (see ``bertexport.judging.stats``). Without
-    ``gates.confidence`` the point estimate decides and a straddling interval is noted as
-    within noise; with it, pass needs the whole interval inside the threshold, fail needs it
-    outside, anything else is undecided."""
-    pre = f"{name}: " if name else ""
-    d = Decision()
-    interval_gated = set()
-    for gate, (key, skey, side) in _INTERVAL_GATES.items():
-        limit = getattr(gates, gate)
-        iv = (figures.get("stats") or {}).get(skey)
-        if limit is None or iv is None or figures.get(key) is None:
-            continue
-        interval_gated.add(gate)
-        est, low, high = iv["estimate"], iv["low"], iv["high"]
-        unit = " points" if gate == "max_accuracy_drop" else ""
-        what = f"{figures.get('metric_name', 'accuracy')} drop" if gate == "max_accuracy_drop" else skey.replace("_", " ")
-        fmt = (lambda v: f"{v:.2f}") if gate == "max_accuracy_drop" else (lambda v: f"{v:.4f}")
-        shown = f"{what} {fmt(est)}{unit} [{fmt(low)}, {fmt(high)}] ({iv['confidence']:.0%}, {iv['rows']} rows, {iv.get('discordant')} discordant)"
-        bad_point = est > limit if side == "high" else est < limit
-        inside = high <= limit if side == "high" else low >= limit
-        outside = low > limit if side == "high" else high < limit
-        op = ">" if side == "high" else "<"
-        if gates.confidence is None:
-            if bad_point:
-                d.failures.append(f"{pre}{shown} {op} {limit}")
-            if not inside and not outside:
-                d.within_noise.append(f"{pre}{shown} straddles {limit}: within noise")
-        elif outside:
-            d.failures.append(f"{pre}{shown} entirely {op} {limit}")
-        elif not inside:
-            need = stats.rows_for_confidence(stats.Interval(**iv), limit)
-            more = f"about {need} rows would decide it" if need else "the estimate sits on the threshold: more rows cannot decide it"
-            d.undecided.append(f"{pre}undecided: {shown} straddles {limit}; {more}")
-    rest = Gates(**{k: v for k, v in asdict(gates).items() if k not in interval_gated and k != "confidence"})
-    d.failures += judge(figures, rest, name)
-    return d
+    """Task gates judged with their intervals (``bertexport.judging.gates.judge``)."""
+    return gate_registry.judge(figures, gates, name)
 
 
 def judge_checks(checks: dict[str, dict], gates: Gates) -> list[str]:
-    return [f for name, c in checks.items() for f in judge(c, gates, name)]
+    return gate_registry.judge_checks(checks, gates, intervals=False).failures
 
 
 # -- the reference and feeds ------------------------------------------------------------------
@@ -164,11 +72,19 @@ def fixed_cell_feeds(encode, texts: list[str], batch: int, sequence: int) -> dic
 # -- parity on sentences -------------------------------------------------------------------------
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    # float64 sums without float64 copies of the inputs (a fill-mask batch's vocabulary logits)
+    dot = lambda x, y: np.einsum("...i,...i->...", x, y, dtype=np.float64)  # noqa: E731
+    num = dot(a, b)
+    den = np.sqrt(dot(a, a) * dot(b, b))
     return np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+
+
+def _cosines(vr: list[np.ndarray], vc: list[np.ndarray]) -> list[float]:
+    """Cosine of each pair of vectors; one vectorised call when they share a shape (per-token
+    vectors: thousands per batch), pair by pair otherwise (answer spans of varying length)."""
+    if vr and len({np.shape(v) for v in vr}) == 1 and np.ndim(vr[0]) == 1:
+        return _cos(np.stack(vr), np.stack(vc)).tolist()
+    return [float(_cos(a, b)) for a, b in zip(vr, vc)]
 
 
 def min_cosine(ref: dict, out: dict, task: str, mask: np.ndarray) -> float:
@@ -207,11 +123,16 @@ class Comparison:
             if not np.all(np.isfinite(b)):
                 self.max_abs_diff = float("inf")
             if diff.size:
-                self.max_abs_diff = max(self.max_abs_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
-                self._abs_sum += float(np.nan_to_num(diff, nan=1e30).sum(dtype=np.float64))
+                worst = diff.max()  # NaN when any difference is NaN
+                if np.isfinite(worst):
+                    self.max_abs_diff = max(self.max_abs_diff, float(worst))
+                    self._abs_sum += float(diff.sum(dtype=np.float64))
+                else:
+                    self.max_abs_diff = max(self.max_abs_diff, float(np.nan_to_num(diff, nan=np.inf).max()))
+                    self._abs_sum += float(np.nan_to_num(diff, nan=1e30).sum(dtype=np.float64))
                 self._abs_count += diff.size
         vr, vc = task.vectors(ref, mask), task.vectors(out, mask)
-        self.cosines.extend(float(c) for c in (_cos(a, b) for a, b in zip(vr, vc)))
+        self.cosines.extend(_cosines(vr, vc))
         if task.decisions is None:
             self.vec_reference.extend(vr)
             self.vec_candidate.extend(vc)
@@ -255,21 +176,53 @@ def _decision_rows(n: int, mask: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(batch), n // max(batch, 1))
 
 
-def parity_checks(reference, candidate, encode, texts: list[str], task: str, padded_length: int) -> dict[str, dict]:
+PARITY_BATCH = 64  # rows per batch of the parity checks
+
+
+def parity_figures(comp: Comparison, confidence: float = stats.CONFIDENCE) -> dict:
+    """A parity check's figures: ``Comparison.summary`` with the agreement interval at
+    ``confidence``; for tasks without decisions (embeddings), the tie-robust top-5
+    retrieval agreement among the check's texts and its interval (as ``task_metrics``)."""
+    s = comp.summary()
+    if comp.decided and confidence != stats.CONFIDENCE:  # summary() holds it at the default level
+        s["stats"] = {"agreement": comp.agreement_interval(confidence).to_dict()}
+    elif len(comp.vec_reference) > 1:
+        kept = retrieval_kept(comp.vec_reference, comp.vec_candidate)
+        iv = stats.mean_of_rows(kept, confidence)
+        iv.discordant = int((kept < 1).sum())
+        iv.resolution = 1.0 / max(len(kept), 1)
+        s["agreement"] = s["retrieval_agreement"] = iv.estimate
+        s["retrieval"] = {"k": min(RETRIEVAL_K, len(kept) - 1), "tolerance": RETRIEVAL_TOLERANCE}
+        s["stats"] = {"agreement": iv.to_dict()}
+    return s
+
+
+def parity_checks(reference, candidate, encode, texts: list[str], task: str, padded_length: int,
+                  confidence: float = stats.CONFIDENCE) -> dict[str, dict]:
     """Parity of ``candidate`` against ``reference`` on the same texts, two ways:
-    ``real-lengths`` (each text alone at its own length: exercises the dynamic sequence
-    axis) and ``padded-batch`` (all texts in one batch padded to ``padded_length``:
-    exercises the dynamic batch axis and the attention mask)."""
+    ``real-lengths`` (texts at their own length, batched only with texts of the same token
+    length, so no row carries padding: exercises the dynamic sequence axis) and
+    ``padded-batch`` (batches of texts padded to ``padded_length``: exercises the dynamic
+    batch axis and the attention mask). Decisions — or, for embeddings, retrieval among the
+    texts — carry their interval at ``confidence`` (``parity_figures``)."""
     checks = {}
     real = Comparison(task)
-    for t in texts:
-        feeds = encode([t], padding="longest")
-        real.add(reference.infer(feeds), candidate.infer(feeds), feeds["attention_mask"])
-    checks["real-lengths"] = real.summary()
+    every = encode(texts, padding="longest")  # one tokenization; a same-length group is a slice of it
+    lengths = every["attention_mask"].sum(axis=1)
+    for n in sorted(set(lengths.tolist())):
+        rows = np.nonzero(lengths == n)[0]
+        for i in range(0, len(rows), PARITY_BATCH):
+            sl = rows[i:i + PARITY_BATCH]
+            feeds = {k: np.ascontiguousarray(v[sl, :n]) for k, v in every.items()}
+            real.add(reference.infer(feeds), candidate.infer(feeds), feeds["attention_mask"])
+    checks["real-lengths"] = parity_figures(real, confidence)
     padded = Comparison(task)
-    feeds = encode(texts, padding="max_length", length=padded_length)
-    padded.add(reference.infer(feeds), candidate.infer(feeds), feeds["attention_mask"])
-    checks["padded-batch"] = padded.summary() | {"padded_length": int(feeds["input_ids"].shape[1])}
+    width = None
+    for i in range(0, len(texts), PARITY_BATCH):
+        feeds = encode(texts[i:i + PARITY_BATCH], padding="max_length", length=padded_length)
+        width = int(feeds["input_ids"].shape[1])
+        padded.add(reference.infer(feeds), candidate.infer(feeds), feeds["attention_mask"])
+    checks["padded-batch"] = parity_figures(padded, confidence) | {"padded_length": width}
     return checks
 
 
@@ -466,44 +419,16 @@ def task_labels(ts, task: str, id2label: dict | None):
     return np.unique(np.asarray([str(x) for x in ts.labels]), return_inverse=True)[1]
 
 
-def rows_needed(gates: Gates) -> dict[str, int]:
-    """Rows each task gate needs so that one row moves its metric by at most half the gate's
-    slack (an accuracy drop of 1 point: 200 rows; agreement 0.98: 100 rows)."""
-    out = {}
-    if gates.max_accuracy_drop:
-        out["max_accuracy_drop"] = stats.rows_to_resolve(gates.max_accuracy_drop, 100.0)
-    if gates.min_agreement is not None and gates.min_agreement < 1:
-        out["min_agreement"] = stats.rows_to_resolve(1.0 - gates.min_agreement, 1.0)
-    return out
-
-
-def check_gates_resolvable(gates: Gates, rows: int, what: str = "the data", hint: str = "") -> None:
-    """Refuse, before any work, a gate that ``rows`` cannot resolve (see ``rows_needed``)."""
-    for gate, need in rows_needed(gates).items():
-        if rows < need:
-            limit = getattr(gates, gate)
-            one = f"{100.0 / rows:.2f} points" if gate == "max_accuracy_drop" else f"{1.0 / rows:.4f}"
-            raise UserError(f"{what} has {rows} rows: one row moves the metric by {one}, too coarse for "
-                            f"--{gate.replace('_', '-')} {limit}; it needs >= {need} rows{hint}")
-
-
-def check_gates_fit(gates: Gates, task: str, labelled: bool) -> None:
-    """Refuse, before any work, a gate the task or data cannot answer."""
-    if gates.max_accuracy_drop is not None and not labelled:
-        raise UserError("--max-accuracy-drop needs labelled data (a label column) for a text-classification or "
-                        "embedding model")
-
-
-def write_junit(name: str, task: str, gates: Gates, metrics: dict, decision: "Decision | list[str]", path: str | Path) -> None:
-    """One testcase per gate; an undecided gate is a failure whose message says so. Every
-    figure with its interval goes into the suite's ``<properties>``."""
+def write_junit(name: str, task: str, gates: Gates, metrics: dict, decision: Decision, path: str | Path) -> None:
+    """One testcase per verdict (a gate judged on one set of figures); a failed or undecided
+    verdict is a ``<failure>`` with its message. Every figure with its interval, and every
+    verdict's value, interval, threshold and status, go into the suite's ``<properties>``."""
     import xml.etree.ElementTree as ET
 
-    if isinstance(decision, list):
-        decision = Decision(failures=list(decision))
-    reasons = decision.reasons()
-    given = {k: v for k, v in gates.given().items() if k != "confidence"} or {"parity": None}
-    suite = ET.Element("testsuite", name="bertexport.judging.validate", tests=str(len(given)), failures=str(len(reasons)))
+    verdicts = decision.verdicts
+    failing = [v for v in verdicts if v.blocking]
+    suite = ET.Element("testsuite", name="bertexport.judging.validate", tests=str(max(len(verdicts), 1)),
+                       failures=str(len(failing)))
     props = ET.SubElement(suite, "properties")
     for key in ("samples", "agreement", "metric_drop", "metric_reference", "metric_candidate", "cosine_min", "cosine_mean",
                 "max_abs_diff"):
@@ -516,11 +441,19 @@ def write_junit(name: str, task: str, gates: Gates, metrics: dict, decision: "De
                 ET.SubElement(props, "property", name=f"{metric}.{field_}", value=v if isinstance(v, str) else f"{v:.6g}")
     if gates.confidence is not None:
         ET.SubElement(props, "property", name="gate.confidence", value=f"{gates.confidence:g}")
-    words = {"max_accuracy_drop": "drop", "min_agreement": "agreement", "min_cosine": "cosine_min", "max_abs_diff": "max_abs_diff"}
-    for gate, limit in given.items():
-        case = ET.SubElement(suite, "testcase", classname=f"bertexport.{task}", name=f"{name}:{gate}")
-        failed = [f for f in reasons if words.get(gate, gate) in f]
-        if failed:
-            ET.SubElement(case, "failure", message=failed[0]).text = str(metrics)
-        ET.SubElement(case, "system-out").text = f"{gate}={limit} metrics={metrics}"
+    for v in verdicts:
+        key = f"verdict.{v.check + '.' if v.check else ''}{v.gate}"
+        for field_ in ("status", "value", "low", "high", "threshold", "rows_needed"):
+            x = getattr(v, field_)
+            if x is not None:
+                ET.SubElement(props, "property", name=f"{key}.{field_}", value=x if isinstance(x, str) else f"{x:.6g}")
+    for v in verdicts:
+        case = ET.SubElement(suite, "testcase", classname=f"bertexport.{task}",
+                             name=f"{name}:{v.check + ':' if v.check else ''}{v.gate}")
+        if v.blocking:
+            ET.SubElement(case, "failure", message=v.message, type=v.status).text = str(v.to_dict())
+        ET.SubElement(case, "system-out").text = f"{v.gate}={v.threshold} {v.message}"
+    if not verdicts:  # no gate given, or none the figures could answer: the report itself
+        case = ET.SubElement(suite, "testcase", classname=f"bertexport.{task}", name=f"{name}:parity")
+        ET.SubElement(case, "system-out").text = f"metrics={metrics}"
     ET.ElementTree(suite).write(str(path), encoding="utf-8", xml_declaration=True)

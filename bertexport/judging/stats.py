@@ -131,6 +131,20 @@ def bootstrap(values: np.ndarray, statistic=np.mean, confidence: float = CONFIDE
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
+def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, confidence: float = CONFIDENCE, seed: int = 0,
+                    resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """``bootstrap`` of sum(numerators) / max(sum(denominators), 1) over rows, vectorised
+    (the same resamples as ``bootstrap`` with the same seed, so the same interval)."""
+    num, den = np.asarray(numerators, np.float64), np.asarray(denominators, np.float64)
+    n = len(num)
+    if n == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    ratios = num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
+
+
 def accuracy_drop(ref_correct: np.ndarray, cand_correct: np.ndarray, confidence: float = CONFIDENCE) -> Interval:
     """Drop in points (original minus candidate) with Tango's paired interval."""
     r, c = np.asarray(ref_correct, bool), np.asarray(cand_correct, bool)
@@ -151,10 +165,10 @@ def agreement(equal: np.ndarray, rows: np.ndarray | None = None, confidence: flo
         low, high = wilson(int(eq.sum()), n_dec, confidence)
         return Interval(float(eq.mean()) if n_dec else 1.0, low, high, confidence, n_dec, "wilson",
                         1.0 / max(n_dec, 1), int((~eq).sum()))
-    rows = np.asarray(rows)
-    ids = np.unique(rows)
-    per_row = np.array([[eq[rows == i].sum(), (rows == i).sum()] for i in ids], dtype=np.float64)
-    low, high = bootstrap(per_row, lambda v: v[:, 0].sum() / max(v[:, 1].sum(), 1), confidence)
+    ids, inverse = np.unique(np.asarray(rows), return_inverse=True)
+    per_row = np.stack([np.bincount(inverse, weights=eq.astype(np.float64), minlength=len(ids)),
+                        np.bincount(inverse, minlength=len(ids)).astype(np.float64)], axis=1)
+    low, high = bootstrap_ratio(per_row[:, 0], per_row[:, 1], confidence)
     biggest = per_row[:, 1].max() if len(per_row) else 1
     return Interval(float(eq.mean()), low, high, confidence, int(len(ids)), "bootstrap-rows",
                     float(biggest / max(n_dec, 1)), int(((per_row[:, 0] < per_row[:, 1])).sum()))

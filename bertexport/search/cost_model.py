@@ -17,7 +17,6 @@ than two points are known. Every number says whether it was measured or predicte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from bertexport.core.hashing import cache_key
 
 SCHEMA = "bertexport.cost/1"
 _WEIGHTS = {".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".ckpt"}
@@ -63,10 +64,6 @@ class Cost:
         return {"shape": self.shape, "ratio": self.ratio, "source": self.source, "macs": self.macs, "ms": self.ms}
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def machine_key() -> dict:
     """What makes a timing valid on another run: the CPU (model name and ISA features)
     and the versions of the packages that build and run the models."""
@@ -96,7 +93,7 @@ class CostModel:
         if config_digest is None:  # prefer the digest of the checkpoint's config.json: a loaded config gains runtime fields
             config_json = json.loads(teacher_config.to_json_string()) if hasattr(teacher_config, "to_json_string") else dict(teacher_config)
             config_json.pop("transformers_version", None)
-            config_digest = _digest(config_json)
+            config_digest = cache_key(config_json)
         self.base_key = {"schema": SCHEMA, "machine": machine_key(), "teacher_config": config_digest,
                          "recipe": recipe.passes, "recipe_runtime": recipe.runtime, "backend": recipe.backend,
                          "reference": reference.passes, "reference_runtime": reference.runtime,
@@ -106,7 +103,7 @@ class CostModel:
     def _path(self, shape) -> Path:
         from bertexport.core.cache import cache_dir
 
-        return cache_dir("costs") / f"{_digest(self.base_key | {'shape': shape.name})}.json"
+        return cache_dir("costs") / f"{cache_key(self.base_key | {'shape': shape.name})}.json"
 
     def cached(self, shape) -> dict | None:
         p = self._path(shape)
@@ -153,7 +150,7 @@ class CostModel:
 
         import torch
 
-        from bertexport.judging.compare import Gates
+        from bertexport.judging.gates import Gates
         from bertexport.building.convert import convert
         from bertexport.judging.latency import time_interleaved
         from bertexport.shipping.runtime import Artifact

@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 
 from bertexport.search.candidates import Candidate, candidate_recipes, check_backends  # noqa: F401  (candidate_recipes re-exported)
-from bertexport.judging.compare import Gates, check_gates_fit, check_gates_resolvable, compare_on_data, rows_needed, task_labels
+from bertexport.judging.compare import compare_on_data, task_labels
+from bertexport.judging.gates import Gates, check_gates_fit, check_gates_resolvable, default_gates, rows_needed
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.progress import Reporter
 from bertexport.search.report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
@@ -135,10 +136,11 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
 
         ts = TextSet(builtin_calibration(), source="builtin:calib")
     labels = task_labels(ts, ckpt.task, ckpt.id2label)
-    gates = gates or Gates()
-    if not gates.any():  # the defaults: 1 point of the labelled task metric, else 98 % agreement
-        gates = dataclasses.replace(gates, **({"max_accuracy_drop": 1.0} if labels is not None else {"min_agreement": 0.98}))
+    gates = (gates or Gates()).check()
+    if not gates.any():  # the registry's defaults: 1 point of the labelled task metric, else 98 % agreement
+        gates = dataclasses.replace(default_gates(labels is not None), confidence=gates.confidence)
     check_gates_fit(gates, ckpt.task, labels is not None)
+    check_classes(ts, labels, gates)
     if len(ts.texts) < 20:
         raise UserError(f"{len(ts.texts)} texts are too few to search on (need >= 20: a search and a confirm slice)")
     features = cpu_features() if features is None else set(features)
@@ -212,6 +214,23 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     if winner is None:
         raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
     return result
+
+
+def check_classes(ts, labels, gates: Gates) -> None:
+    """Refuse (before any model loads) labelled data of one class under a gate that reads the
+    labels. An accuracy gate cannot see a change on rows it does not have: a build that moves
+    every decision the data never shows would pass it. Not quietly gated on agreement
+    instead: that is another gate than the one asked for, so the user chooses it."""
+    import numpy as np
+
+    from bertexport.judging.gates import GATES
+
+    labelled = [GATES[name].flag for name in gates.thresholds() if GATES[name].needs_labels]
+    if labels is None or not labelled or len(np.unique(labels)) > 1:
+        return
+    raise UserError(f"{ts.source or 'the data'}: every row has the same label ({ts.labels[0]!r}), so "
+                    f"{' and '.join(labelled)} cannot see a change on the classes it has no rows of; give rows of two "
+                    "or more classes, or gate on agreement (--min-agreement 0.98; it needs no labels)")
 
 
 def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads, reporter) -> dict:

@@ -146,13 +146,15 @@ def students_markdown(report: dict) -> list[str]:
 
 
 def gated_metric(report: dict) -> tuple[str, str, float | None, bool]:
-    """(metrics key, axis label, gate limit, higher is better) of the figure the gate judged."""
-    gate = report["gate"]
-    if "max_accuracy_drop" in gate:
-        return "metric_drop", "accuracy drop (points; lower is better)", gate["max_accuracy_drop"], False
-    if "min_agreement" in gate:
-        return "agreement", "agreement with the original", gate["min_agreement"], True
-    return "cosine_min", "min cosine to the original", gate.get("min_cosine"), True
+    """(metrics key, axis label, gate limit, higher is better) of the figure the gate judged:
+    the first gate of the report in the registry's order (``bertexport.judging.gates``)."""
+    from bertexport.judging.gates import GATES
+
+    spec = next((s for n, s in GATES.items() if n in report["gate"]), GATES["min_cosine"])
+    unit = f"{spec.unit}; " if spec.unit else ""
+    better = "higher" if spec.direction == "min" else "lower"
+    return (spec.metric, f"{spec.what} ({unit}{better} is better) vs the original", report["gate"].get(spec.name),
+            spec.direction == "min")
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:

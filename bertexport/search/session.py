@@ -5,7 +5,6 @@ trials so far, and each candidate's build, quick latency and evaluation, each ca
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import time
@@ -16,7 +15,9 @@ import numpy as np
 
 from bertexport import __version__
 from bertexport.core.errors import GateFailed, UserError
-from bertexport.judging.compare import BATCH_TOLERANCE, Gates, compare_on_data, decide, task_metrics
+from bertexport.core.hashing import cache_key
+from bertexport.judging.compare import BATCH_TOLERANCE, compare_on_data, decide, task_metrics
+from bertexport.judging.gates import Gates
 from bertexport.search.candidates import Candidate
 
 
@@ -81,7 +82,7 @@ class Slice:
         self.data = TextSet(texts, None, pairs, name)
         self.labels = labels
         self.reference_cache: dict = {}
-        self.digest = hashlib.sha256(json.dumps([texts, pairs, None if labels is None else labels.tolist()]).encode()).hexdigest()[:16]
+        self.digest = cache_key(texts, pairs, None if labels is None else labels.tolist())
 
 
 def split_slices(ts, labels, fraction: float, seed: int, max_search: int):
@@ -130,8 +131,7 @@ class Search:
         calib_digest = sha256_file(self.calib) if self.calib else "builtin"
         # the runtime (e.g. OpenVINO's bf16 vs f32 precision) is not part of the build: one IR
         # serves both, opened with the candidate's runtime settings
-        key = hashlib.sha256(json.dumps([self._ckpt_sha(model_path), cand.backend, cand.profile().to_dict()["passes"],
-                                         calib_digest, __version__], sort_keys=True, default=str).encode()).hexdigest()[:20]
+        key = cache_key(self._ckpt_sha(model_path), cand.backend, cand.profile().to_dict()["passes"], calib_digest, __version__)
         folder = cache_dir("builds") / key
         if made_by_bertexport(folder) == "artifact":
             return folder, True, 0.0
@@ -163,7 +163,7 @@ class Search:
 
     def evaluate(self, art, folder: Path, sl: Slice, runtime: dict | None = None) -> dict:
         # the metrics' schema (intervals, at the gate's level) is part of the key
-        rt = hashlib.sha256(json.dumps([runtime or {}, "metrics/2", self.gates.level], sort_keys=True).encode()).hexdigest()[:8]
+        rt = cache_key(runtime or {}, "metrics/2", self.gates.level)
         cached = folder.with_name(f"{folder.name}.eval-{sl.digest}-{rt}.json")
         if cached.is_file():
             return json.loads(cached.read_text())

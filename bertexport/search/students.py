@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from bertexport.search.candidates import Candidate
 from bertexport.core.errors import UserError
+from bertexport.core.hashing import cache_key
 
 GRID_MAX = 12  # shapes in the ``auto`` grid at most
 SCORING_TEXTS = 512  # texts the importance scores and the layer choice are measured on
@@ -217,10 +217,6 @@ def dominated(shape, missed) -> bool:
     return shape.layers <= missed.layers and shape.hidden <= missed.hidden and shape.ffn <= missed.ffn
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class StudentSearch:
     """Trains and judges the students of one ``optimize`` run (see the module doc)."""
 
@@ -259,7 +255,7 @@ class StudentSearch:
             sl = self.search.search
             texts = list(sl.data.texts)
             labels = [int(x) for x in sl.labels] if sl.labels is not None and task == "text-classification" else None
-        self._data = (texts, labels, _digest([texts, labels]))
+        self._data = (texts, labels, cache_key(texts, labels))
         return self._data
 
     def config(self, shape):
@@ -270,7 +266,7 @@ class StudentSearch:
     def _key(self, shape, data_digest: str, cfg) -> str:
         c = dataclasses.asdict(cfg)
         c.pop("threads", None)  # threads change the speed, not the student
-        return _digest(["student/3", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c])
+        return cache_key("student/3", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c)
 
     def scoring(self, texts, labels, cfg) -> tuple[list, list]:
         """Batches of the training data (at most ``SCORING_TEXTS``) with the teacher's outputs,
@@ -371,7 +367,7 @@ class StudentSearch:
                          task=self.ckpt.task, tokenizer_dir=self.tok_dir,
                          feeds=fixed_cell_feeds(s.encode, builtin_samples(), s.batch, s.sequence), batch=s.batch,
                          sequence=s.sequence, threads=s.threads, calib=s.calib, reporter=s.reporter, timer=self.cost_timer,
-                         config_digest=_digest(self.ckpt.config))
+                         config_digest=cache_key(self.ckpt.config))
         error = None
         try:
             if s.remaining() <= 0:  # no time to train anyway: order by what is known

@@ -1,5 +1,7 @@
-"""Dynamic batching for ``bertexport serve``: one inference thread coalesces concurrent
-requests into one ``Predictor.predict`` call.
+"""Dynamic batching for ``bertexport serve``: per served model, one inference thread
+coalesces concurrent requests into one ``Predictor.predict`` call (several models in one
+server each have their own ``Batcher``: their own queue and thread, so a flood on one
+queues behind its own model only).
 
 Requests wait in a bounded queue (a full queue is refused at once, never grown). The
 worker takes the oldest request, then keeps taking queued ones while their tokens fit the
@@ -35,6 +37,7 @@ class QueueFull(Exception):
 class Job:
     texts: list[str]
     pairs: list[str] | None
+    mode: str | None = None  # which predict function answers it (None: the default one)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
     tokens: list[int] = field(default_factory=list)  # per text, special tokens included
@@ -54,16 +57,22 @@ _STOP = object()
 
 
 class Batcher:
-    """``submit(texts, pairs)`` -> a ``Future`` of ``(results, token_counts)``.
+    """``submit(texts, pairs, mode)`` -> a ``Future`` of ``(results, token_counts)``.
 
-    ``predict(texts, pairs)`` is called only from the worker thread, and so is
-    ``count_tokens(texts, pairs)``: neither needs to be thread-safe."""
+    ``predict(texts, pairs)`` (or ``modes[mode](texts, pairs)`` for a job submitted with a
+    ``mode``: e.g. reranking through the same model) is called only from the worker thread,
+    and so is ``count_tokens(texts, pairs)``: neither needs to be thread-safe. Jobs of
+    different modes are never coalesced into one call. One ``Batcher`` per served model:
+    each has its own queue and its own worker thread."""
 
     def __init__(self, predict: Callable, count_tokens: Callable, *, max_batch_tokens: int, max_wait: float,
-                 queue_size: int, on_batch: Callable[[BatchStats], None] | None = None):
+                 queue_size: int, on_batch: Callable[[BatchStats], None] | None = None,
+                 modes: dict[str, Callable] | None = None, name: str = ""):
         if max_batch_tokens < 1 or max_wait < 0 or queue_size < 1:
             raise ValueError("max_batch_tokens and queue_size must be >= 1, max_wait >= 0")
         self._predict = predict
+        self._modes = dict(modes or {})
+        self.name = name
         self._count = count_tokens
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait
@@ -75,8 +84,10 @@ class Batcher:
 
     # -- the caller's side ----------------------------------------------------------------
 
-    def submit(self, texts: list[str], pairs: list[str] | None = None) -> Future:
-        job = Job(list(texts), list(pairs) if pairs is not None else None)
+    def submit(self, texts: list[str], pairs: list[str] | None = None, mode: str | None = None) -> Future:
+        if mode is not None and mode not in self._modes:
+            raise ValueError(f"unknown mode {mode!r}")
+        job = Job(list(texts), list(pairs) if pairs is not None else None, mode)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -97,7 +108,7 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> "Batcher":
-        self._thread = threading.Thread(target=self._loop, name="bertexport-inference", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"bertexport-inference{'-' + self.name if self.name else ''}", daemon=True)
         self._thread.start()
         return self
 
@@ -155,8 +166,9 @@ class Batcher:
             if nxt is _STOP:
                 return jobs, nxt
             more = self._tokens(nxt)
-            if tokens + more > self.max_batch_tokens or (nxt.pairs is None) != (first.pairs is None):
-                return jobs, nxt  # over budget, or texts and (text, pair)s: never in one call
+            if (tokens + more > self.max_batch_tokens or (nxt.pairs is None) != (first.pairs is None)
+                    or nxt.mode != first.mode):
+                return jobs, nxt  # over budget, texts and (text, pair)s, or another mode: never in one call
             jobs.append(nxt)
             tokens += more
         return jobs, None
@@ -191,4 +203,5 @@ class Batcher:
     def _call(self, jobs: list[Job]) -> list:
         texts = [t for j in jobs for t in j.texts]
         pairs = [p for j in jobs for p in j.pairs] if jobs[0].pairs is not None else None
-        return self._predict(texts, pairs)
+        predict = self._predict if jobs[0].mode is None else self._modes[jobs[0].mode]
+        return predict(texts, pairs)

@@ -18,17 +18,16 @@ matches this artifact, input and options; ``--force`` replaces only an output th
 sidecar (and, once complete, still has the digest written); anything else is refused with
 the file left as it is.
 
-Input: .txt (one text per line), .jsonl (objects with a ``text`` field), .csv/.tsv (a
-``text`` column), .parquet (a ``text`` column); empty texts are skipped. The whole input is
-read and checked before a model loads (a corrupt line is refused with its number). Output
+Input: any file ``core.textdata.TextFile`` reads (.txt one text per line, .csv/.tsv/.jsonl/
+.json/.parquet with a text column: ``text`` or the one named), by the same rules as every
+other command; empty texts are skipped. The whole input is read and checked before a model
+loads (a corrupt line is refused with its number); chunks are re-read from their positions. Output
 rows: ``{"row": N, "text_prefix": ..., **result}`` as .jsonl, or as .parquet with the result
 JSON-encoded in a ``result`` column (and the provenance record in the schema metadata).
 """
 
 from __future__ import annotations
 
-import csv
-import functools
 import json
 import os
 import re
@@ -39,7 +38,6 @@ from typing import Iterator
 
 from bertexport.core.errors import UserError
 
-INPUTS = (".txt", ".jsonl", ".csv", ".tsv", ".parquet")
 OUTPUTS = (".jsonl", ".parquet")
 CHUNK_ROWS = 256  # the unit of batching, of Ray work and of resume: part of the output's identity
 PREFIX_CHARS = 40
@@ -57,8 +55,11 @@ def _suffix(path: Path, allowed: tuple[str, ...], what: str) -> str:
 
 
 def check_paths(inp: Path, out: Path) -> None:
+    """Refuse, before any work, an input that is missing or an output that cannot be written
+    (its folder missing or not writable: the output, its sidecar and partial rows go there)."""
+    from bertexport.core.staging import check_writable
+
     inp, out = Path(inp), Path(out)
-    _suffix(inp, INPUTS, "input")
     _suffix(out, OUTPUTS, "output")
     if not inp.is_file():
         raise UserError(f"input not found: {inp}")
@@ -68,6 +69,7 @@ def check_paths(inp: Path, out: Path) -> None:
         raise UserError(f"folder not found for --out: {out.parent}")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a .jsonl or .parquet file")
+    check_writable(out.resolve().parent, 0, "--out file")
 
 
 # ---------------------------------------------------------------- input
@@ -78,180 +80,49 @@ class InputScan:
     """The input, read once before any model loads: usable rows, and where each chunk starts."""
 
     path: Path
-    kind: str
+    text_column: str | None  # the column read (None: a text-per-line file)
     rows: int
     skipped: int  # empty texts
-    starts: list  # the position of each chunk's first row (see ``_records``)
+    starts: list  # the position of each chunk's first row (``textdata.Row.position``)
     sha256: str
 
 
-def scan_input(path: Path) -> InputScan:
+def scan_input(path: Path, text_column: str | None = None) -> InputScan:
+    """Read the whole input through ``textdata.TextFile`` (a record that is not text is
+    refused with its line number) and note where every chunk starts."""
     from bertexport.core.hashing import sha256_file
+    from bertexport.core.textdata import TextFile
 
-    path = Path(path)
-    kind = _suffix(path, INPUTS, "input")
+    source = TextFile(path, text_column)
     rows = skipped = 0
     starts: list = []
-    for pos, text in _records(path, kind):
-        if text is None:
+    for row in source.rows():
+        if row.text is None:
             skipped += 1
             continue
         if rows % CHUNK_ROWS == 0:
-            starts.append(pos)
+            starts.append(row.position)
         rows += 1
     if not rows:
         raise UserError(f"{path} has no usable rows" + (f" ({skipped} empty texts)" if skipped else " (it is empty)"))
-    return InputScan(path, kind, rows, skipped, starts, sha256_file(path))
+    return InputScan(Path(path), source.text_column, rows, skipped, starts, sha256_file(path))
 
 
-def _chunks_from(path: Path, kind: str, start) -> Iterator[list[str]]:
-    from bertexport.core.textdata import in_chunks
+def _chunks_from(path: Path, text_column: str | None, start) -> Iterator[list[str]]:
+    from bertexport.core.textdata import TextFile, in_chunks
 
-    return in_chunks((t for _, t in _records(Path(path), kind, tuple(start)) if t is not None), CHUNK_ROWS)
+    rows = TextFile(path, text_column).rows(tuple(start))
+    return in_chunks((row.text for row in rows if row.text is not None), CHUNK_ROWS)
 
 
-def read_chunk(path: Path, kind: str, start) -> list[str]:
+def read_chunk(path: Path, text_column: str | None, start) -> list[str]:
     """The usable texts of the chunk that starts at ``start`` (a position from ``scan_input``)."""
-    return next(_chunks_from(path, kind, start), [])
+    return next(_chunks_from(path, text_column, start), [])
 
 
 def iter_chunks(scan: InputScan, first: int = 0) -> Iterator[list[str]]:
     """Chunks ``first``, ``first + 1``, ... of the input, read in one pass (streamed)."""
-    return _chunks_from(scan.path, scan.kind, scan.starts[first]) if first < len(scan.starts) else iter(())
-
-
-def _records(path: Path, kind: str, start: tuple | None = None) -> Iterator[tuple[tuple, str | None]]:
-    """(position, text) for every record from ``start`` on; text is None for an empty one.
-    A position can be passed back as ``start`` (and travels to Ray workers as JSON)."""
-    if kind == ".parquet":
-        return _parquet_records(path, start)
-    if kind in (".csv", ".tsv"):
-        return _csv_records(path, "\t" if kind == ".tsv" else ",", start)
-    return _line_records(path, kind == ".jsonl", start)
-
-
-def _raw_lines(path: Path, start: tuple | None):
-    """(byte offset, line number, line, offset after it) of a file's lines from ``start``, each
-    decoded as UTF-8 (keeping its line end); a line that is not UTF-8 is refused with its number."""
-    offset, number = start or (0, 1)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{number} is not valid UTF-8 ({e.reason})") from None
-            yield offset, number, line.lstrip("\ufeff") if offset == 0 else line, offset + len(raw)
-            offset += len(raw)
-            number += 1
-
-
-def _line_records(path: Path, jsonl: bool, start):
-    from bertexport.core.textdata import line_problem
-
-    for offset, n, line, _ in _raw_lines(path, start):
-        line = line.rstrip("\r\n")
-        if not jsonl:
-            problem = line_problem(line.encode("utf-8"))
-            if problem:
-                raise UserError(f"{path}:{n} is not text: {problem}")
-            yield (offset, n), (line if line.strip() else None)
-            continue
-        if not line.strip():
-            continue  # a blank line is no record
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{n} is not valid JSON ({getattr(e, 'msg', e)})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n} is not a JSON object (each line needs a \"text\" field)")
-        if "text" not in obj:
-            raise UserError(f"{path}:{n} has no \"text\" field (fields: {', '.join(map(str, list(obj)[:8])) or 'none'})")
-        text = obj["text"]
-        if text is not None and not isinstance(text, str):
-            raise UserError(f"{path}:{n}: \"text\" must be a string, not {type(text).__name__}")
-        yield (offset, n), (text if text and text.strip() else None)
-
-
-def _csv_rows(path: Path, delimiter: str, start):
-    """(position, fields) of each CSV record from ``start``; a malformed one is refused with
-    the number of the line it starts on."""
-    after = [start or (0, 1)]  # where the next unread line starts
-
-    def lines():
-        for _, n, line, end in _raw_lines(path, after[0]):
-            after[0] = (end, n + 1)
-            yield line
-
-    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
-    while True:
-        pos = after[0]
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise UserError(f"{path}:{pos[1]} is not valid CSV ({e})") from None
-        yield pos, row
-
-
-def _csv_records(path: Path, delimiter: str, start):
-    rows = _csv_rows(path, delimiter, None)
-    pos, header = next(rows, (None, []))
-    header = [h.strip() for h in header]
-    if not header:
-        raise UserError(f"{path} has no header row (a CSV input needs a 'text' column)")
-    if "text" not in header:
-        raise UserError(f"{path} has no 'text' column (columns: {', '.join(header)})")
-    col = header.index("text")
-    if start is not None:
-        rows.close()
-        rows = _csv_rows(path, delimiter, tuple(start))
-    for pos, row in rows:
-        if not row:
-            continue  # a blank line
-        if len(row) != len(header):
-            raise UserError(f"{path}:{pos[1]} has {len(row)} fields where the header has {len(header)} "
-                            "(an unquoted delimiter or a broken quote?)")
-        yield pos, (row[col] if row[col].strip() else None)
-
-
-def _parquet_records(path: Path, start):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def refused(e):
-        return UserError(f"{path} is not a readable Parquet file ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
-
-    try:
-        f = pq.ParquetFile(path)
-        schema = f.schema_arrow
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise refused(e) from None
-    if "text" not in schema.names:
-        raise UserError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    kind = schema.field("text").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise UserError(f"{path}: column 'text' holds {kind}, not text")
-    group0, row0 = start or (0, 0)
-    stat = os.stat(path)
-    for group in range(group0, f.num_row_groups):
-        try:
-            texts = _parquet_group(str(path), stat.st_size, stat.st_mtime_ns, group)
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise refused(e) from None
-        for j in range(row0 if group == group0 else 0, len(texts)):
-            t = texts[j]
-            yield (group, j), (t if t and t.strip() else None)
-
-
-@functools.lru_cache(maxsize=2)
-def _parquet_group(path: str, size: int, mtime_ns: int, group: int) -> list:
-    """The texts of one row group, kept: a Ray actor reads every N-th chunk, mostly of the
-    group it read last, so each group is decoded once per actor, not once per chunk."""
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).read_row_group(group, columns=["text"]).column("text").to_pylist()
+    return _chunks_from(scan.path, scan.text_column, scan.starts[first]) if first < len(scan.starts) else iter(())
 
 
 # ---------------------------------------------------------------- output ownership
@@ -437,7 +308,8 @@ class _Job:
         return {k: self.record["options"][k] for k in PREDICTOR_DEFAULTS}
 
 
-def _prepare(artifact, inp, out, *, batch_size, predictor_options, resume, force, threads, trusted_key) -> _Job:
+def _prepare(artifact, inp, out, *, batch_size, predictor_options, resume, force, threads, trusted_key,
+             text_column=None) -> _Job:
     """Everything checked before a model loads or a cluster is contacted; nothing touched."""
     from bertexport import __version__
     from bertexport.core.manifest import DIGEST_KEY, manifest_digest
@@ -447,13 +319,14 @@ def _prepare(artifact, inp, out, *, batch_size, predictor_options, resume, force
     folder = Path(artifact)
     art = Artifact(folder, threads=threads, trusted_key=trusted_key)  # checksums and signature, no session yet
     manifest = art.manifest
-    scan = scan_input(inp)
+    scan = scan_input(inp, text_column)
     unknown = set(predictor_options or {}) - set(PREDICTOR_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown predictor options: {', '.join(sorted(unknown))}")
     predictor = {**PREDICTOR_DEFAULTS, **(predictor_options or {})}
     Predictor(art, batch_size=batch_size, **predictor)  # refuses bad options now, not on a worker after --out changed
-    options = {"batch_size": int(batch_size), "chunk_rows": CHUNK_ROWS, "text_prefix_chars": PREFIX_CHARS, **predictor}
+    options = {"batch_size": int(batch_size), "chunk_rows": CHUNK_ROWS, "text_prefix_chars": PREFIX_CHARS,
+               "text_column": scan.text_column, **predictor}
     record = {"format": SIDECAR_FORMAT, "written_by": f"bertexport {__version__} run --out",
               "artifact": str(folder), "artifact_sha256": manifest.get(DIGEST_KEY) or manifest_digest(manifest),
               "input": str(inp), "input_sha256": scan.sha256, "input_rows": scan.rows, "options": options}
@@ -467,12 +340,13 @@ def _stats(job: _Job, new: int, seconds: float, **extra) -> dict:
 
 
 def run_local(artifact, inp, out, *, batch_size: int = 16, threads: int | None = None, trusted_key=None,
-              resume: bool = False, force: bool = False, log=None, predictor_options: dict | None = None) -> dict:
+              resume: bool = False, force: bool = False, log=None, predictor_options: dict | None = None,
+              text_column: str | None = None) -> dict:
     """Stream ``inp`` through one Predictor into ``out``, chunk by chunk; returns counts and rows/s."""
     from bertexport.shipping.runtime import Predictor
 
     job = _prepare(artifact, inp, out, batch_size=batch_size, predictor_options=predictor_options, resume=resume, force=force,
-                   threads=threads, trusted_key=trusted_key)
+                   threads=threads, trusted_key=trusted_key, text_column=text_column)
     if job.claim.complete:
         return _stats(job, 0, 0.0)
     t0, n = time.perf_counter(), 0
@@ -495,13 +369,13 @@ class _PredictActor:
     chunks (reading each from the input at the position the driver's scan found)."""
 
     def __init__(self, artifact: str, trusted_key: str | None, batch_size: int, threads: int | None, options: dict,
-                 inp: str, kind: str, input_sha256: str, fail_once: str | None = None):
+                 inp: str, text_column: str | None, input_sha256: str, fail_once: str | None = None):
         from bertexport.shipping.runtime import Artifact, Predictor
 
         self.art = Artifact(artifact, threads=threads, trusted_key=trusted_key)
         self.art.runner.activate()
         self.pred = Predictor(self.art, batch_size=batch_size, **options)
-        self.inp, self.kind, self.input_sha256, self.checked = Path(inp), kind, input_sha256, False
+        self.inp, self.text_column, self.input_sha256, self.checked = Path(inp), text_column, input_sha256, False
         self.fail_once = fail_once  # tests: kill this worker process on its first batch, once
 
     def __call__(self, batch: dict) -> dict:
@@ -519,7 +393,7 @@ class _PredictActor:
             self.checked = True
         chunks, lines = [], []
         for k, start, expected in zip(batch["chunk"], batch["start"], batch["rows"]):
-            texts = read_chunk(self.inp, self.kind, json.loads(str(start)))
+            texts = read_chunk(self.inp, self.text_column, json.loads(str(start)))
             if len(texts) != int(expected):
                 raise UserError(f"{self.inp} changed during the run (chunk {int(k)} has {len(texts)} rows, not {int(expected)})")
             chunks.append(int(k))
@@ -594,7 +468,7 @@ def _user_error_in(e: BaseException) -> UserError | None:
 
 def run_ray(artifact, inp, out, *, address: str | None = None, workers: int = 2, batch_size: int = 16,
             threads: int | None = 1, trusted_key=None, resume: bool = False, force: bool = False, log=None,
-            predictor_options: dict | None = None, _fail_once: str | None = None) -> dict:
+            predictor_options: dict | None = None, text_column: str | None = None, _fail_once: str | None = None) -> dict:
     """The same chunks through Ray Data's ``map_batches`` over an actor pool (one chunk per
     call); the driver writes them in chunk order, so the file equals a single-machine run's."""
     local = not address or address == "local"
@@ -605,7 +479,7 @@ def run_ray(artifact, inp, out, *, address: str | None = None, workers: int = 2,
     except ImportError as e:
         raise UserError("--ray needs Ray Data: pip install 'bertexport[ray]'") from e
     job = _prepare(artifact, inp, out, batch_size=batch_size, predictor_options=predictor_options, resume=resume, force=force,
-                   threads=threads, trusted_key=trusted_key)
+                   threads=threads, trusted_key=trusted_key, text_column=text_column)
     if job.claim.complete:
         return _stats(job, 0, 0.0, workers=workers)
     if not local:
@@ -626,7 +500,7 @@ def run_ray(artifact, inp, out, *, address: str | None = None, workers: int = 2,
         ds = ray.data.from_items(items).map_batches(
             _PredictActor, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
             fn_constructor_args=(str(artifact), str(trusted_key) if trusted_key else None, batch_size, threads,
-                                 job.predictor_options, str(Path(inp).resolve()), job.scan.kind, job.scan.sha256,
+                                 job.predictor_options, str(Path(inp).resolve()), job.scan.text_column, job.scan.sha256,
                                  _fail_once),
             max_restarts=-1, max_task_retries=-1)
         _take(out, job.claim, job.record)

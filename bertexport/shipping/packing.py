@@ -23,7 +23,22 @@ from bertexport.core.staging import check_destination
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, OSError, ValueError)
 
 
-def pack(artifact: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+PACK_FORMATS = ("tar.gz", "triton")
+
+
+def pack(artifact: str | Path, out: str | Path | None = None, force: bool = False, format: str = "tar.gz", **options) -> Path:
+    """``tar.gz``: one file for shipping (below); ``triton``: a Triton model repository folder
+    (``bertexport.shipping.triton``; ``options`` go to it)."""
+    if format not in PACK_FORMATS:
+        raise UserError(f"unknown pack format {format!r}: choose {' or '.join(PACK_FORMATS)}")
+    if format == "triton":
+        from bertexport.shipping.triton import triton_repository
+
+        folder = Path(artifact)
+        target = Path(out) if out else folder.with_name(folder.name + "-triton")
+        return Path(triton_repository(folder, target, force=force, **options)["path"])
+    if options:
+        raise UserError(f"{', '.join(sorted(options))}: only with --format triton")
     folder = Path(artifact)
     manifest = load_manifest(folder)
     problems = verify_files(folder, manifest)

@@ -32,7 +32,9 @@ def _library():
 
 
 def _hashing(ms, folder: Path, *extra: Path):
-    return ms.hashing.Config().set_ignored_paths(paths=[folder / SIGNATURE, *extra])
+    # relative to the folder: model-signing joins ignored paths to it (with a relative folder,
+    # "art/signature.sig" became art/art/signature.sig and the signature counted as an added file)
+    return ms.hashing.Config().set_ignored_paths(paths=[Path(SIGNATURE), *(p.relative_to(folder) for p in extra)])
 
 
 def _key(path, what: str) -> Path:

@@ -223,13 +223,11 @@ def _training_data(texts, labels, train_idx, eval_idx, cfg: DistillConfig) -> di
 
 
 def _inputs_digest(teacher_model, texts, labels, task, cfg: DistillConfig) -> str:
-    import hashlib
+    from bertexport.core.hashing import cache_key
 
     keys = ("batch_size", "max_length", "seed", "eval_fraction", "augment", "augment_below")
     teacher_config = {k: v for k, v in teacher_model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    blob = json.dumps([texts, labels, task, teacher_config, {k: getattr(cfg, k) for k in keys}],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return cache_key(texts, labels, task, teacher_config, {k: getattr(cfg, k) for k in keys})
 
 
 def _prepare_work(work: Path, digest: str) -> None:
@@ -622,15 +620,13 @@ def cached_student(model: str, task: str | None, layers: int, data=None, epochs:
                    reporter: Reporter | None = None) -> Path:
     """An N-layer student of ``model``, distilled once and cached by teacher hash, layer
     count, data and the whole distillation config (``convert --distill N`` compiles it)."""
-    import hashlib
-
     from bertexport.core.cache import cache_dir
-    from bertexport.core.hashing import sha256_file
+    from bertexport.core.hashing import cache_key, sha256_file
 
     ckpt = resolve_checkpoint(model, task)
     cfg = DistillConfig(layers=layers, epochs=epochs)
     data_digest = sha256_file(data) if data else "builtin"
-    key = hashlib.sha256(json.dumps([ckpt.sha256, ckpt.task, layers, data_digest, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
+    key = cache_key(ckpt.sha256, ckpt.task, layers, data_digest, asdict(cfg))
     out = cache_dir("students") / key
     if (out / "distill_report.json").is_file():
         (reporter or Reporter()).log(f"reusing distilled student {out}")

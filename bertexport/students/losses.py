@@ -49,10 +49,6 @@ def _loss(student_out, teacher: dict, batch, task, cfg):
 
 # ------------------------------------------------------------------ intermediate-layer losses
 
-_QKV_NAMES = (("query", "key", "value"), ("query_proj", "key_proj", "value_proj"), ("q_lin", "k_lin", "v_lin"),
-              ("q", "k", "v"))
-
-
 def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
@@ -63,17 +59,14 @@ def qkv_modules(model, layer: int):
     shared layer runs at every depth)."""
     import torch
 
+    names = get_family(model.config.model_type).qkv
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for names in _QKV_NAMES:
-        owners = sorted({n.rsplit(".", 1)[0] for n in linears if n.rsplit(".", 1)[-1] == names[0]}, key=_natural)
-        owners = [o for o in owners if all(f"{o}.{x}" in linears for x in names)]
-        if not owners:
-            continue
-        n_layers = _layer_count(model.config)
-        if len(owners) == n_layers:
-            return [linears[f"{owners[layer]}.{x}"] for x in names], 0
-        if len(owners) == 1:
-            return [linears[f"{owners[0]}.{x}"] for x in names], layer
+    owners = sorted({n.rsplit(".", 1)[0] for n in linears if n.rsplit(".", 1)[-1] == names[0]}, key=_natural)
+    owners = [o for o in owners if all(f"{o}.{x}" in linears for x in names)]
+    if len(owners) == _layer_count(model.config):
+        return [linears[f"{owners[layer]}.{x}"] for x in names], 0
+    if len(owners) == 1:
+        return [linears[f"{owners[0]}.{x}"] for x in names], layer
     raise UserError(f"cannot find the query/key/value projections of {type(model).__name__}; use --alpha-attention 0")
 
 

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from bertexport.core.errors import UserError
-from bertexport.core.families import get_family, layer_count as _layer_count
+from bertexport.core.families import FAMILIES, Width, get_family, layer_count as _layer_count
 
 _SHAPE = re.compile(r"^(?:L(?P<L>\d+))?(?:-?H(?P<H>\d+))?(?:-?A(?P<A>\d+))?(?:-?F(?P<F>\d+))?$", re.IGNORECASE)
-_FFN_KEYS = ("intermediate_size", "hidden_dim")
 
 
 @dataclass(frozen=True)
@@ -49,29 +48,8 @@ class StudentShape:
         return asdict(self) | {"name": self.name}
 
 
-@dataclass(frozen=True)
-class _Width:
-    """Where one family keeps the parts width pruning slices (names inside a layer)."""
-
-    ffn_key: str
-    qkv: tuple[str, ...]  # Linears whose output rows are heads
-    attn_out: str  # Linear whose input columns are heads (it reads the attention context)
-    ffn_in: str  # Linear whose output rows are FFN neurons
-    ffn_out: str  # Linear whose input columns are FFN neurons (it reads the activation)
-    extra_hidden_keys: tuple[str, ...] = ()  # config keys that must follow the hidden size
-
-
-_BERT_WIDTH = _Width("intermediate_size", ("attention.self.query", "attention.self.key", "attention.self.value"),
-                     "attention.output.dense", "intermediate.dense", "output.dense")
-WIDTH_FAMILIES: dict[str, _Width] = {
-    "bert": _BERT_WIDTH,
-    "roberta": _BERT_WIDTH,
-    "xlm-roberta": _BERT_WIDTH,
-    "camembert": _BERT_WIDTH,
-    "electra": replace(_BERT_WIDTH, extra_hidden_keys=("embedding_size",)),
-    "distilbert": _Width("hidden_dim", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-                         "attention.out_lin", "ffn.lin1", "ffn.lin2"),
-}
+# the families whose heads, FFN neurons and hidden size can be sliced, and where (families.Width)
+WIDTH_FAMILIES: dict[str, Width] = {name: f.width for name, f in FAMILIES.items() if f.width is not None}
 
 
 def width_prunable(family: str) -> bool:
@@ -89,7 +67,7 @@ def teacher_shape(config) -> StudentShape:
     """The shape of a checkpoint's config (a transformers config or its dict)."""
     model_type = _cfg_get(config, ("model_type",))
     fam = get_family(model_type)
-    values = [_cfg_get(config, keys) for keys in (fam.layers_key, fam.hidden_key, fam.heads_key, _FFN_KEYS)]
+    values = [_cfg_get(config, keys) for keys in (fam.layers_key, fam.hidden_key, fam.heads_key, fam.ffn_key)]
     if any(v is None for v in values):
         raise UserError(f"cannot read layers/hidden/heads/FFN size from the {model_type} config")
     return StudentShape(*(int(v) for v in values))
@@ -143,22 +121,25 @@ def _check_width_family(family: str, config=None) -> None:
     if not width_prunable(family):
         raise UserError(f"width pruning (hidden/heads/FFN) supports {', '.join(WIDTH_FAMILIES)}, not {family}; "
                         "a layer-dropped student (L only, e.g. L3) works for every family")
-    if family == "electra" and config is not None:
-        emb, hidden = _cfg_get(config, ("embedding_size",)), _cfg_get(config, ("hidden_size",))
-        if emb is not None and emb != hidden:
-            raise UserError(f"width pruning of ELECTRA needs embedding_size == hidden_size (this one: {emb} vs {hidden}); "
-                            "a layer-dropped student (L only) works")
+    fam = get_family(family)
+    if config is None:
+        return
+    hidden = _cfg_get(config, fam.hidden_key)
+    for key in fam.width.extra_hidden_keys:  # sizes that follow the hidden size must equal it (ELECTRA's embeddings)
+        size = _cfg_get(config, (key,))
+        if size is not None and size != hidden:
+            raise UserError(f"width pruning of {fam.display} needs {key} == {fam.hidden_key[0]} (this one: {size} vs "
+                            f"{hidden}); a layer-dropped student (L only) works")
 
 
 def student_config(teacher_config, shape: StudentShape):
     """The teacher's config with the student's sizes: a stock config, nothing pruned."""
     fam = get_family(teacher_config.model_type)
     cfg = copy.deepcopy(teacher_config)
-    width = WIDTH_FAMILIES.get(teacher_config.model_type)
     sizes = [(fam.layers_key, shape.layers), (fam.hidden_key, shape.hidden), (fam.heads_key, shape.heads),
-             ((width.ffn_key,) if width else _FFN_KEYS, shape.ffn)]
-    if width:
-        sizes += [((k,), shape.hidden) for k in width.extra_hidden_keys]
+             (fam.ffn_key, shape.ffn)]
+    if fam.width:
+        sizes += [((k,), shape.hidden) for k in fam.width.extra_hidden_keys]
     for keys, value in sizes:
         key = next((k for k in keys if k in cfg.to_dict()), None)
         if key is None:
@@ -192,16 +173,15 @@ def random_student(teacher_config, shape: StudentShape):
 # ------------------------------------------------------------------ model anatomy
 
 def _layers(model):
-    """The transformer layers (ModuleList) and their module-name prefix."""
-    import torch
-
+    """The transformer layers (ModuleList) and their module-name prefix (``families.Family.layers_module``)."""
+    where = get_family(model.config.model_type).layers_module
     for name, module in model.named_modules():
-        if re.search(r"(^|\.)(encoder|transformer)\.layer$", name) and isinstance(module, torch.nn.ModuleList):
+        if where and (name == where or name.endswith(f".{where}")):
             return module, name
     raise UserError(f"cannot find the transformer layers of {type(model).__name__}")
 
 
-def _width(model) -> _Width:
+def _width(model) -> Width:
     family = model.config.model_type
     _check_width_family(family, model.config)
     return WIDTH_FAMILIES[family]

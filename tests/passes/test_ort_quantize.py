@@ -1,5 +1,6 @@
 """ort-dynamic-quantize and ort-static-quantize: named regions stay float, the sensitivity
-scan is cached, sensitive nodes are excluded from static int8."""
+scan is cached, the decision fallback's group search finds the nodes that matter, sensitive
+nodes are excluded from static int8."""
 
 from __future__ import annotations
 
@@ -105,6 +106,110 @@ def test_decision_fallback_restores_when_decisions_move_and_says_why(tiny, tmp_p
         assert ("rejected" in n["why"]) == (n["kept_float"] > 0)
     else:
         pytest.skip("int8 moved no token decision of this tiny model: nothing to restore")
+
+
+# -- the decision fallback's search -----------------------------------------------------
+
+_REGIONS = ("attention_qkv", "attention_output", "ffn_input", "ffn_output")
+
+
+def _synthetic(culprit: str, helper: str, calls: list):
+    """A decision score over sets of float nodes: ``culprit`` float brings back most
+    decisions, ``helper`` a few more; cosine grows with both. ``calls`` records each try."""
+    def score(nodes):
+        calls.append(tuple(nodes))
+        gain = 0.08 * (culprit in nodes) + 0.01 * (helper in nodes)
+        return {"agreement": 0.90 + gain, "cosine_mean": 0.99 + gain / 100}
+    return score
+
+
+def _region_groups(layers=6):
+    return {r: [f"/encoder/layer.{i}/{r}/MatMul" for i in range(layers)] for r in _REGIONS}
+
+
+@pytest.mark.parametrize("culprit_layer", [0, 4, 5])
+def test_search_bisects_regions_down_to_the_nodes_that_bring_decisions_back(culprit_layer):
+    from bertexport.building.passes.ort_quantize import search_float_nodes
+
+    groups, calls = _region_groups(), []
+    culprit, helper = f"/encoder/layer.{culprit_layer}/ffn_input/MatMul", "/encoder/layer.1/attention_output/MatMul"
+    score = _synthetic(culprit, helper, calls)
+    found = search_float_nodes(groups, score, score([]), max_float=4, target=1.0)
+    assert sorted(found.kept) == sorted([culprit, helper]) and found.figures["agreement"] == pytest.approx(0.99)
+    assert found.champions[:2] == [culprit, helper]  # the best group's best node first
+    assert found.tries == len(set(map(frozenset, calls[1:]))) < 24  # fewer tries than one per node
+    one = search_float_nodes(groups, score, score([]), max_float=1, target=1.0)
+    assert one.kept == [culprit]
+
+
+def test_search_prefers_fewer_float_nodes_and_keeps_none_that_buy_nothing():
+    from bertexport.building.passes.ort_quantize import search_float_nodes
+
+    groups = _region_groups()
+    culprit = "/encoder/layer.3/ffn_output/MatMul"
+
+    def saturating(nodes):  # any set holding the culprit keeps every decision
+        return {"agreement": 1.0 if culprit in nodes else 0.9, "cosine_mean": 0.99 + 0.001 * len(nodes)}
+
+    # the whole ffn_output group (6 nodes, within max_float) scores as well: one node is kept
+    assert search_float_nodes(groups, saturating, saturating([]), max_float=8, target=1.0).kept == [culprit]
+    flat = search_float_nodes(groups, lambda n: {"agreement": 0.9, "cosine_mean": 0.999}, {"agreement": 0.9,
+                              "cosine_mean": 0.99}, max_float=4, target=1.0)
+    assert flat.kept == [] and flat.figures["agreement"] == 0.9  # no group float buys a decision: kept nothing,
+    assert flat.tries == len(groups) and flat.champions == []  # and bisected none
+    assert search_float_nodes(groups, saturating, saturating([]), max_float=0, target=1.0).tries == 0
+
+
+def test_search_groups_follow_the_family_regions(tiny, fp32_artifact):
+    from bertexport.building.graph import weight_nodes
+    from bertexport.building.passes.ort_quantize import search_groups
+    from bertexport.core.families import get_family
+
+    model = next((fp32_artifact("bert", "feature-extraction").artifact / "model").glob("*.onnx"))
+    nodes = weight_nodes(model)
+    groups = search_groups(model, nodes, get_family("bert").regions)
+    assert set(groups) == set(_REGIONS) and sorted(sum(groups.values(), [])) == sorted(nodes)
+    assert [n.split("layer.")[1][0] for n in groups["ffn_input"]] == ["0", "1"]  # layer order: halves are layer ranges
+    chunks = search_groups(model, nodes, {})  # no regions: runs of about sqrt(n) consecutive nodes
+    assert len(chunks) > 1 and sum(chunks.values(), []) == nodes
+
+
+def _hostile_attention_output(src: Path, dst: Path, layer: int, factor: float = 1000.0, channels: int = 4) -> Path:
+    """``src`` with the same function in float but an attention output projection int8
+    cannot hold: value channels scaled down by ``factor``, the output rows that read them
+    up by ``factor`` (exact through softmax), so per-channel int8 of that one MatMul keeps
+    only those rows and dynamic int8 of its input loses those channels."""
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForSequenceClassification.from_pretrained(src)
+    attention = model.bert.encoder.layer[layer].attention
+    with torch.no_grad():
+        for j in range(channels):
+            attention.self.value.weight[j, :] /= factor
+            attention.self.value.bias[j] /= factor
+            attention.output.dense.weight[:, j] *= factor
+    model.save_pretrained(dst, safe_serialization=True)
+    T.AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def test_decision_fallback_finds_the_one_node_int8_breaks(keyword_model, tmp_path):
+    """A trained classifier with one MatMul int8 breaks (its float function unchanged):
+    all-int8 moves its decisions, the search restores exactly that node — in fewer tries
+    than one per weight node — the artifact keeps it float, and a rebuild reuses the answer."""
+    ckpt = _hostile_attention_output(keyword_model, tmp_path / "hostile", layer=0)
+    prof = _profile([{"type": "ort-dynamic-quantize", "target_agreement": 1.0, "max_float": 2}])
+    res = convert(str(ckpt), prof, tmp_path / "a", latency_runs=0)
+    n = res.manifest["target"]["passes"][0]["notes"]
+    culprit = "/bert/encoder/layer.0/attention/output/dense/MatMul"
+    assert n["all_int8"]["agreement"] < 0.5 and n["after"]["agreement"] == 1.0
+    assert n["excluded_nodes"] == [culprit] and n["kept_float"] == 1 and "rejected" in n["why"]
+    assert n["search"]["tries"] < n["search"]["candidates"] == 12
+    g = _graph(res.artifact)
+    assert [x.name for x in g.nodes if x.op_type == "MatMul" and any(i in g.initializers for i in x.input)] == [culprit]
+    again = convert(str(ckpt), prof, tmp_path / "b", latency_runs=0).manifest["target"]["passes"][0]["notes"]
+    assert again["scan"] == "cached" and again["excluded_nodes"] == [culprit]
 
 
 @pytest.mark.parametrize("profile", ["ort-fp32", "ort-fused"])

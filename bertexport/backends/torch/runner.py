@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from bertexport.backends.base import Runner
 

@@ -31,43 +31,36 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from bertexport.core.errors import UserError
+from bertexport.core.families import FAMILIES as ALL_FAMILIES
 from bertexport.core.options import option
 from bertexport.building.passes.base import Capability, ModelFile, Pass, PassContext
 
 NAME = "first-token-skip"
 VERSION = 1  # part of the export cache key: bump when the rewrite changes
 TASK = "text-classification"
-BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
-FAMILIES = BERT_LIKE + ("distilbert",)
-_WHY_NOT = {
-    "deberta-v2": "its relative-position attention (c2p/p2c) is not rewritten",
-    "albert": "one layer's weights are shared by every layer",
-    "mpnet": "its relative position bias is not rewritten",
-    "mobilebert": "its bottleneck layers are not rewritten",
-}
+# the families whose last layer the rewrite serves: those whose record has no limit on it
+FAMILIES = tuple(name for name, f in ALL_FAMILIES.items() if NAME not in f.limits)
 
 
 def check_supported(family: str, task: str, config: dict | None = None) -> None:
     """Refuse (``UserError``) what the rewrite does not serve; runs before any model loads."""
     if family not in FAMILIES:
-        why = f" ({_WHY_NOT[family]})" if family in _WHY_NOT else ""
-        raise UserError(f"{NAME} does not support {family}{why}; supported families: {', '.join(FAMILIES)}")
+        why = ALL_FAMILIES[family].limits.get(NAME) if family in ALL_FAMILIES else None
+        raise UserError(f"{NAME} does not support {family}{f' ({why})' if why else ''}; "
+                        f"supported families: {', '.join(FAMILIES)}")
     if task != TASK:
         raise UserError(f"{NAME} serves {TASK} only (its head reads the first token alone); this model's task is {task}")
     config = config or {}
-    position = config.get("position_embedding_type", "absolute")
-    if family in BERT_LIKE and position not in (None, "absolute"):
+    position = config.get("position_embedding_type", "absolute")  # DistilBERT's config has none: absolute
+    if position not in (None, "absolute"):
         raise UserError(f"{NAME} needs absolute position embeddings; this model uses position_embedding_type={position}")
     if config.get("is_decoder") or config.get("add_cross_attention"):
         raise UserError(f"{NAME} serves encoders; this model is configured as a decoder")
 
 
 def layers_of(model):
-    """The transformer layers (a ModuleList) of a supported model, any head."""
-    base = model.base_model
-    if hasattr(base, "transformer"):  # DistilBERT
-        return base.transformer.layer
-    return base.encoder.layer
+    """The transformer layers (a ModuleList) of a supported model, any head (``families.Family.layers_module``)."""
+    return model.base_model.get_submodule(ALL_FAMILIES[model.config.model_type].layers_module)
 
 
 def _is_distilbert(layer) -> bool:

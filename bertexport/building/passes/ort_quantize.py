@@ -18,24 +18,26 @@ calibration data. What breaks BERT-family accuracy, and what this pass does abou
   (ORT#9599, pytorch#27949): ``target_agreement`` decides on what the outputs are for —
   the task's decisions (class, tags, answer start/end, token) or, for embeddings, tie-robust
   top-5 retrieval agreement, both from ``bertexport.judging.compare`` — with at most ``max_float``
-  nodes kept float (each node's try is the all-int8 graph with that node edited back to
-  float, ``with_float_nodes``: no new quantization of every weight, 5.7 s of CPU per try on
-  MiniLM here); ``target_min_cosine`` (the older proxy) restores until the calibration
-  cosine meets a target.
+  nodes kept float, found by a group search (``search_float_nodes``: each of the family's
+  regions restored to float as a group, the best groups bisected down to one node each,
+  added while they buy decisions; 15 tries on MiniLM instead of one per weight node, see
+  docs/first-command.md). Each try is the all-int8 graph with nodes edited back to float
+  (``with_float_nodes``: no new quantization of every weight); ``target_min_cosine`` (the
+  older proxy) restores until the calibration cosine meets a target.
 - named regions (``keep_float``) map onto fused graphs too: a fused Attention node is its
   layer's ``attention_qkv`` (``bertexport.building.graph.region_nodes``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 
 from bertexport.core.families import check_region_spec, get_family
-from bertexport.building.graph import region_nodes, sensitive_nodes, weight_nodes
+from bertexport.building.graph import node_regions, region_nodes, sensitive_nodes, weight_nodes
 from bertexport.core.options import option
 from bertexport.core.progress import quiet
 from bertexport.building.passes.base import Capability, ModelFile, Pass, PassContext
@@ -86,11 +88,10 @@ def _scan_cache_file(model_path, texts: list[str], config: DynamicQuantizeConfig
     import onnxruntime
 
     from bertexport.core.cache import cache_dir
-    from bertexport.core.hashing import sha256_file
+    from bertexport.core.hashing import cache_key, sha256_file
 
-    key = json.dumps([sha256_file(model_path), hashlib.sha256("\n".join(texts).encode()).hexdigest(),
-                      asdict(config), onnxruntime.__version__], sort_keys=True)
-    return cache_dir("sensitivity") / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    key = cache_key(sha256_file(model_path), texts, asdict(config), onnxruntime.__version__, _SEARCH_VERSION)
+    return cache_dir("sensitivity") / f"{key}.json"
 
 
 class _Scorer:
@@ -187,39 +188,162 @@ def with_float_nodes(int8, fp32, names: list[str]):
     g = model.graph
     originals = {n.name: n for n in fp32.graph.node}
     float_weights = {i.name: i for i in fp32.graph.initializer}
+    # nodes by position; bookkeeping by position and by counts of uses, so a group of nodes
+    # costs one pass over the graph, not one deep protobuf comparison per node and name
+    nodes = list(g.node)
+    live = [True] * len(nodes)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+    dropped: set[str] = set()  # inputs of nodes taken out
+
+    def take_out(at: int) -> None:
+        for i in nodes[at].input:
+            uses[i] -= 1
+            dropped.add(i)
+
     for name in names:
         node = originals[name]
-        producer = {o: n for n in g.node for o in n.output}
         chain, todo, stops = [], [node.output[0]], set(node.input)
         while todo:
             t = todo.pop()
             if t in stops or t not in producer or producer[t] in chain:
                 continue
             chain.append(producer[t])
-            todo.extend(producer[t].input)
-        if not chain or chain[0].op_type == node.op_type and list(chain[0].input) == list(node.input):
+            todo.extend(nodes[producer[t]].input)
+        if not chain or nodes[chain[0]].op_type == node.op_type and list(nodes[chain[0]].input) == list(node.input):
             raise ValueError(f"{name} is not int8 in this model")
-        nodes = list(g.node)
-        at = nodes.index(chain[0])
+        at = chain[0]
+        take_out(at)
         nodes[at] = node
-        removed = [chain[0]]
-        while True:  # drop chain nodes whose outputs nothing uses any more
-            used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
-            dead = [n for n in chain if n in nodes and not any(o in used for o in n.output)]
-            if not dead:
-                break
-            nodes = [n for n in nodes if n not in dead]
-            removed += dead
-        del g.node[:]
-        g.node.extend(nodes)
-        have = {i.name for i in g.initializer}
-        g.initializer.extend(float_weights[i] for i in dict.fromkeys(node.input) if i in float_weights and i not in have)
-        used = {i for n in g.node for i in n.input}
-        gone = {i for n in removed for i in n.input} - used
-        kept = [i for i in g.initializer if i.name not in gone]
-        del g.initializer[:]
-        g.initializer.extend(kept)
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+        changed = True
+        while changed:  # drop chain nodes whose outputs nothing uses any more
+            changed = False
+            for i in chain[1:]:
+                if live[i] and not any(uses.get(o, 0) for o in nodes[i].output):
+                    live[i], changed = False, True
+                    take_out(i)
+                    for o in nodes[i].output:
+                        producer.pop(o, None)
+    kept = [n for n, alive in zip(nodes, live) if alive]
+    del g.node[:]
+    g.node.extend(kept)
+    have = {i.name for i in g.initializer}
+    wanted = {i for name in names for i in originals[name].input}
+    g.initializer.extend(float_weights[i] for i in dict.fromkeys(i for name in names for i in originals[name].input)
+                         if i in float_weights and i not in have)  # the float weights, once each
+    gone = {i for i in dropped if not uses.get(i, 0)} - wanted
+    remaining = [i for i in g.initializer if i.name not in gone]
+    del g.initializer[:]
+    g.initializer.extend(remaining)
     return model
+
+
+# The decision fallback's search; part of the scan cache's key, so a changed search never
+# reuses an answer the old one found.
+_SEARCH_VERSION = "region-groups-bisect-1"
+
+
+def _figure_key(figures: dict) -> tuple[float, float]:
+    return figures["agreement"], figures["cosine_mean"]
+
+
+@dataclass
+class FloatSearch:
+    """What ``search_float_nodes`` found: ``kept`` (the weight nodes to keep float, empty
+    when no restore bought decisions), their ``figures``, and the search's trace."""
+
+    kept: list[str]
+    figures: dict
+    tries: int
+    groups: dict[str, dict] = field(default_factory=dict)  # group name -> its figures, restored as a whole
+    champions: list[str] = field(default_factory=list)  # each bisected group's best node, in the order tried
+
+
+def search_float_nodes(groups: dict[str, list[str]], score: Callable[[list[str]], dict], baseline: dict, *,
+                       max_float: int, target: float, log: Callable[[str], None] = lambda _: None) -> FloatSearch:
+    """Which weight nodes (at most ``max_float``) to put back in float so that the most
+    decisions return, without trying every node alone.
+
+    ``score(nodes)`` runs the all-int8 model with ``nodes`` float and returns figures with
+    ``agreement`` (decisions kept) and ``cosine_mean``; ``baseline`` is all-int8's. Groups
+    (the family's regions: every layer's FFN input, FFN output, ...) are each restored as a
+    whole and ranked; in rank order, a group whose float as a whole buys decisions over
+    all-int8 is bisected — its halves (in layer order) restored, the better half kept — down to
+    its best node, and that node is added to the ones kept while the addition buys
+    decisions (agreement strictly up; a tie in agreement is no reason for one more float
+    node), until ``target`` or ``max_float``. Every set the
+    search scored is a candidate: the answer is the scored set of at most ``max_float``
+    nodes with the most decisions, then the fewest nodes, then the highest cosine, and only
+    if it beats all-int8. Decisions on a few dozen sentences move by single rows, so a
+    node's own error does not predict them (each MatMul's own int8 error ranked last the
+    node a try-every-node scan kept on MiniLM): every comparison here is on decisions."""
+    seen: dict[frozenset, tuple[list[str], dict]] = {}
+
+    def tried(nodes: list[str]) -> dict:
+        key = frozenset(nodes)
+        if key not in seen:
+            seen[key] = (list(nodes), score(list(nodes)))
+        return seen[key][1]
+
+    groups = {name: list(nodes) for name, nodes in groups.items() if nodes}
+    if max_float < 1 or not groups:
+        return FloatSearch([], baseline, 0)
+    group_figures = {name: tried(nodes) for name, nodes in groups.items()}
+    ranked = sorted(groups, key=lambda name: _figure_key(group_figures[name]), reverse=True)
+    log("groups restored to float: " + ", ".join(f"{name} ({len(groups[name])}) {group_figures[name]['agreement']:.4f}"
+                                                  for name in ranked))
+
+    def best_node(nodes: list[str]) -> str:
+        while len(nodes) > 1:
+            half = (len(nodes) + 1) // 2
+            first, second = nodes[:half], nodes[half:]
+            nodes = first if _figure_key(tried(first)) >= _figure_key(tried(second)) else second
+        return nodes[0]
+
+    chosen, figures, champions = [], baseline, []
+    for name in ranked:
+        if len(chosen) >= max_float or figures["agreement"] >= target:
+            break
+        if group_figures[name]["agreement"] <= baseline["agreement"]:
+            break  # not even the whole group float buys a decision: one of its nodes will not either, likely
+        champion = best_node(groups[name])
+        champions.append(champion)
+        got = tried(chosen + [champion])
+        log(f"{len(chosen) + 1} weight node(s) float (+ the best of {name}): agreement {got['agreement']:.4f}")
+        if got["agreement"] <= figures["agreement"]:
+            break
+        chosen, figures = chosen + [champion], got
+    candidates = [(nodes, fig) for nodes, fig in seen.values()
+                  if 0 < len(nodes) <= max_float and fig["agreement"] > baseline["agreement"]]
+    if not candidates:
+        return FloatSearch([], baseline, len(seen), group_figures, champions)
+    kept, figures = max(candidates, key=lambda c: (c[1]["agreement"], -len(c[0]), c[1]["cosine_mean"]))
+    return FloatSearch(kept, figures, len(seen), group_figures, champions)
+
+
+def search_groups(model_path, candidates: list[str], regions: dict[str, str]) -> dict[str, list[str]]:
+    """The groups ``search_float_nodes`` restores: the candidates by the family's region
+    (every layer's ``ffn_input``, ...; in graph order, so halves are layer ranges), the rest
+    as ``other``. Without regions (or when they name fewer than two groups), runs of about
+    sqrt(n) consecutive nodes."""
+    import math
+
+    where = node_regions(model_path, regions) if regions else {}
+    groups: dict[str, list[str]] = {}
+    for node in candidates:
+        groups.setdefault(where[node][0] if node in where else "other", []).append(node)
+    if len(groups) < 2 and len(candidates) > 1:
+        size = max(1, math.ceil(math.sqrt(len(candidates))))
+        groups = {f"nodes {i + 1}-{min(i + size, len(candidates))}": candidates[i:i + size]
+                  for i in range(0, len(candidates), size)}
+    return groups
 
 
 class OrtDynamicQuantize(Pass):
@@ -294,8 +418,8 @@ class OrtDynamicQuantize(Pass):
 
     def _decision_fallback(self, model, out, config: DynamicQuantizeConfig, ctx: PassContext, exclude):
         """Keep float only what the task's decisions need: nothing when all-int8 keeps them;
-        else the weight nodes whose float restores most decisions (each tried alone, ties
-        broken by mean cosine), 1, 2, ... up to ``max_float``, until ``target_agreement``."""
+        else at most ``max_float`` weight nodes found by ``search_float_nodes`` (regions
+        restored as groups, the best bisected to a node, added while they buy decisions)."""
         score = _DecisionScorer(model.path, ctx, config.sensitivity_samples)
         target = config.target_agreement
         before = score(out)
@@ -309,44 +433,38 @@ class OrtDynamicQuantize(Pass):
                                             f"no weight node kept float"}
         candidates = [n for n in weight_nodes(model.path, config.op_types) if n not in exclude]
         limit = min(config.max_float, len(candidates))
-        ctx.log(f"all-int8 {score.measure} {before['agreement']:.4f} < {target}: ranking {len(candidates)} weight nodes "
-                f"(each restored to float alone), keeping at most {limit} float")
+        groups = search_groups(model.path, candidates, get_family(ctx.family).regions if ctx.family else {})
+        ctx.log(f"all-int8 {score.measure} {before['agreement']:.4f} < {target}: searching {len(candidates)} weight nodes "
+                f"in {len(groups)} groups (each group restored to float, the best bisected), keeping at most {limit} float")
         probe = ctx.workdir / "probe.onnx"
         restore = self._float_restorer(model.path, out, probe)
-        alone = {}
-        for node in candidates if limit else []:
-            restore([node])
-            alone[node] = score(probe)
-        ranked = sorted(alone, key=lambda n: (-alone[n]["agreement"], -alone[n]["cosine_mean"]))
-        best, kept = before, []
-        for k in range(1, limit + 1):
-            trial = ranked[:k]
-            got = alone[trial[0]] if k == 1 else None
-            if got is None:
-                restore(trial)
-                got = score(probe)
-            ctx.log(f"{k} weight node(s) float: {score.measure} {got['agreement']:.4f}")
-            if got["agreement"] > best["agreement"]:  # more float only when it buys decisions
-                best, kept = got, trial
-            if got["agreement"] >= target:
-                break
+
+        def score_float(nodes: list[str]) -> dict:
+            restore(nodes)
+            return score(probe)
+
+        found = search_float_nodes(groups, score_float, before, max_float=limit, target=target, log=ctx.log)
         probe.unlink(missing_ok=True)
+        best, kept = found.figures, found.kept
         if kept:  # the artifact is quantize_dynamic's own build with those nodes excluded
             self._quantize(model.path, out, config, exclude + kept)
+        how = f"{found.tries} tries: regions restored as groups, the best bisected to a node"
         if kept:
             why = (f"all-int8 (faster, no weight node float) was rejected: it kept {what} at {before['agreement']:.4f} < "
                    f"target {target} ({before['discordant']} discordant); {len(kept)} weight node(s) restored to float "
-                   f"(those that bring back most decisions) give {best['agreement']:.4f}")
+                   f"(those that bring back most decisions, {how}) give {best['agreement']:.4f}")
         else:
             why = (f"all-int8 kept {what} at {before['agreement']:.4f} < target {target}, and no restore of up to {limit} "
-                   f"weight node(s) to float did better: kept all-int8 (the parity gate decides)")
+                   f"weight node(s) to float the search tried ({how}) did better: kept all-int8 (the parity gate decides)")
         if kept and best["agreement"] < target:
             why += f"; the target was not reached within max_float={config.max_float}"
         ctx.log(why)
         final = exclude + kept
         return final, notes | {"excluded_nodes": final, "kept_float": len(kept), "float_weight_nodes": len(final),
                                "after": best, "why": why,
-                               "ranking": {n: alone[n]["agreement"] for n in ranked[: max(len(kept), 6)]}}
+                               "search": {"method": _SEARCH_VERSION, "tries": found.tries, "candidates": len(candidates),
+                                          "groups": {g: f["agreement"] for g, f in found.groups.items()},
+                                          "champions": found.champions}}
 
     def _sensitivity_exclusion(self, model, out, config, ctx: PassContext, exclude):
         score = _Scorer(model.path, ctx, config.sensitivity_samples)
