@@ -737,7 +737,8 @@ def test_refused_before_anything_loads(artifacts, tmp_path):
 
 
 def test_threads_split_between_models():
-    from bertexport.shipping.serve import cpu_count, threads_per_model
+    from bertexport.core.envinfo import cpu_count
+    from bertexport.shipping.serve import threads_per_model
 
     assert threads_per_model(1, None) is None and threads_per_model(3, 2) == 2
     assert threads_per_model(2, None) == max(1, cpu_count() // 2) and threads_per_model(64, None) == 1

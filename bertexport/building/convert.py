@@ -15,7 +15,7 @@ from bertexport.backends import get_backend
 from bertexport.core.cache import cache_dir
 from bertexport.building.checkpoint import (Checkpoint, load_model, load_tokenizer, model_max_length, resolve_checkpoint,
                                    sentence_pooling)
-from bertexport.core.envinfo import environment
+from bertexport.core.envinfo import cpu_count, environment
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.families import get_family
 from bertexport.building.export import ExportedModel, export_onnx
@@ -231,9 +231,11 @@ def convert(
             raise UserError(f"{profile.backend} could not load the compiled model: {first}") from e
         with reference, candidate:
             with reporter.step(f"validate parity on {len(validation_texts)} texts"):
+                reference.set_threads(cpu_count())  # the original's outputs do not depend on it
                 checks = parity_checks(reference, candidate, encode, validation_texts, ckpt.task,
                                        profile.validation.padded_length, gate.level)
                 invariance = batch_invariance(candidate, encode, validation_texts[:INVARIANCE_TEXTS], ckpt.task)
+                reference.set_threads(threads)  # latency is timed at the user's thread count
             decision = judge_checks(checks, gate)
             failures, verdict = decision.failures, profile_status(decision)
             for note in decision.undecided:

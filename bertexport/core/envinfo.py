@@ -43,6 +43,14 @@ _FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_i
              "avx_vnni_int8", "fma", "asimddp", "bf16")
 
 
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_features() -> set[str]:
     """ISA extensions of this CPU that decide which recipes run natively (Linux /proc/cpuinfo;
     empty where it cannot be read). Never assumed: measured machines differ."""

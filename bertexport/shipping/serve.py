@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bertexport.core.envinfo import cpu_count
 from bertexport.core.errors import BertExportError, UserError
 from bertexport.shipping.batching import Batcher, BatchStats, QueueFull
 
@@ -712,13 +713,6 @@ def model_names(artifacts: Sequence[str | Path], names: Sequence[str] | None = N
     out = names + [Path(a).resolve().name for a in artifacts[len(names):]]
     check_names(out)
     return out
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def threads_per_model(models: int, threads: int | None) -> int | None:

@@ -24,6 +24,14 @@ class TorchRunner(Runner):
         self.input_meta = {n: ("int64", 2) for n in self.input_names}  # transformers encoders take int64 ids
         self.model.eval()
 
+    def set_threads(self, threads: int):
+        """Intra-op threads from now on (torch's setting is process-wide and can change
+        between calls: convert validates on every core, then times at the user's count)."""
+        import torch
+
+        self.threads = threads
+        torch.set_num_threads(threads)
+
     def infer_impl(self, feeds):
         import torch
 
