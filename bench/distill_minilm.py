@@ -19,7 +19,8 @@ from rotten_tomatoes import convert_all, rotten_tomatoes_rows, split_by_movie, w
 
 from bertexport.judging.benchmark import benchmark, to_markdown, write_outputs  # noqa: E402
 from bertexport.core.cache import cache_dir  # noqa: E402
-from bertexport.students.distill import DistillConfig, distill  # noqa: E402
+from bertexport.students.distill import distill  # noqa: E402
+from bertexport.students.distill_config import DistillConfig  # noqa: E402
 
 
 def main(argv=None):

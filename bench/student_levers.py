@@ -62,7 +62,7 @@ def main(argv=None):
     from bertexport.building.checkpoint import load_model, resolve_checkpoint
     from bertexport.judging.latency import speedup, time_interleaved
     from bertexport.shipping.runtime import Artifact
-    from bertexport.search.students import student_candidates
+    from bertexport.search.student_builds import student_candidates
     from bertexport.students.shapes import parse_shape, teacher_shape
     from bertexport.core.textdata import builtin_samples, load_texts
     from bertexport.judging.compare import fixed_cell_feeds, task_labels

@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.students.distill import DistillConfig, distill, keep_every
+from bertexport.students.distill import distill
+from bertexport.students.distill_config import DistillConfig
+from bertexport.students.shapes import keep_every
 from bertexport.core.errors import UserError
 from tests.tinymodels import keyword_sentence
 
@@ -75,7 +77,7 @@ def test_bad_inputs(keyword_model, transfer, tmp_path, tiny):
         distill(str(keyword_model), tmp_path / "a", data=tmp_path / "empty.txt", config=_cfg())
     with pytest.raises(UserError, match="out of memory"):
         distill(str(keyword_model), tmp_path / "a", data=transfer, config=_cfg(batch_size=4096, max_length=512))
-    with pytest.raises(UserError, match="family roberta differs"):
+    with pytest.raises(UserError, match="vocabulary differs"):  # another family, another tokenizer
         distill(str(keyword_model), tmp_path / "a", data=transfer,
                 config=_cfg(layers=None, student=str(tiny("roberta", "text-classification"))))
     # a BERT student whose tokenizer has another vocabulary
@@ -93,7 +95,7 @@ def test_bad_inputs(keyword_model, transfer, tmp_path, tiny):
     small_vocab = tmp_path / "vocab.txt"
     small_vocab.write_text("\n".join(minilm_vocab().read_text().splitlines()[:3000]) + "\n")
     T.BertTokenizerFast(vocab_file=str(small_vocab)).save_pretrained(other)
-    with pytest.raises(UserError, match="tokenizer differs"):
+    with pytest.raises(UserError, match="3000 tokens against the teacher's"):
         distill(str(keyword_model), tmp_path / "a", data=transfer, config=_cfg(layers=None, student=str(other)))
     r = CliRunner().invoke(cli, ["distill", str(tmp_path / "gpt"), "--out", str(tmp_path / "b"), "--layers", "1"])
     assert r.exit_code == 2 and "model path not found" in r.output
@@ -153,7 +155,8 @@ def test_relation_heads_and_loss():
 def test_intermediate_losses_fall(keyword_model, narrow, tmp_path):
     from safetensors.torch import load_file
 
-    from bertexport.students.distill import shrink, train_student
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
     from bertexport.core.progress import Reporter
 
     teacher, tok = _teacher(keyword_model)
@@ -181,7 +184,8 @@ def test_intermediate_losses_fall(keyword_model, narrow, tmp_path):
 
 
 def test_intermediate_losses_off(keyword_model, tmp_path):
-    from bertexport.students.distill import shrink, train_student
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
 
     teacher, tok = _teacher(keyword_model)
     texts, labels = _texts(64)
@@ -196,7 +200,9 @@ def test_expansion_adds_teacher_labelled_rows_computed_once(keyword_model, tmp_p
     import torch
 
     from bertexport.students.augment import variants
-    from bertexport.students.distill import _length_batches, shrink, split_eval, train_student
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+    from bertexport.students.training_data import length_batches, split_eval
     from bertexport.core.progress import Reporter
 
     teacher, tok = _teacher(keyword_model)
@@ -219,7 +225,7 @@ def test_expansion_adds_teacher_labelled_rows_computed_once(keyword_model, tmp_p
     cache = work / "teacher-train.npz"
     data = np.load(cache)
     assert sum(data[k].shape[0] for k in data.files) == d["teacher_labelled_rows"]
-    batches = _length_batches(tok, train_texts + expected, None, cfg.batch_size, cfg.max_length, cfg.seed)
+    batches = length_batches(tok, train_texts + expected, None, cfg.batch_size, cfg.max_length, cfg.seed)
     with torch.inference_mode():
         for i in (0, len(batches) - 1):
             np.testing.assert_allclose(data[f"{i}:logits"], teacher(**batches[i]["inputs"]).logits.numpy(), atol=1e-5)
@@ -239,7 +245,8 @@ def test_expansion_adds_teacher_labelled_rows_computed_once(keyword_model, tmp_p
 
 
 def test_no_expansion_on_large_data(keyword_model, tmp_path):
-    from bertexport.students.distill import shrink, train_student
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
 
     teacher, tok = _teacher(keyword_model)
     texts, _ = _texts(64)
@@ -296,12 +303,12 @@ def test_distill_options_checked_before_the_teacher_loads(keyword_model, transfe
 def test_narrow_student_resumes_with_its_projection(keyword_model, tmp_path):
     import torch
 
-    from bertexport.students.distill import train_student
+    from bertexport.students.training import train_student
     from bertexport.students.shapes import StudentShape, make_student
 
     teacher, tok = _teacher(keyword_model)
     texts, labels = _texts(100)
-    cfg = _cfg(epochs=2, checkpoint_every=3)  # 6 steps an epoch
+    cfg = _cfg(epochs=2, checkpoint_every=3, alpha_hidden=1.0, eval_every=6)  # 6 steps an epoch; hidden loss forced on
 
     def interrupt(step, loss):
         if step == 5:
@@ -315,3 +322,139 @@ def test_narrow_student_resumes_with_its_projection(keyword_model, tmp_path):
     _, r = train_student(teacher, make_student(teacher, StudentShape(1, 16, 1, 32), [1]), tok, texts, labels,
                          "text-classification", cfg, tmp_path / "w")
     assert r["resumed_from_step"] == 3 and r["steps"] == 2 * 6 and r["loss_parts"]["hidden"]["steps"] == r["steps"]
+
+
+# ------------------------------------------------------------------ converging within the budget
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_stops_on_a_plateau_and_keeps_the_best_state(keyword_model, tmp_path):
+    import torch
+
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(160)
+    cap = 40
+    cfg = _cfg(patience=2, max_epochs=cap, eval_every=3, alpha_attention=0)
+    best, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "w")
+    steps_per_epoch = r["schedule"]["steps_per_epoch"]
+    assert r["stopped"] == "plateau" and r["steps"] < cap * steps_per_epoch  # stopped well before the cap
+    assert r["schedule"]["total_steps"] == cap * steps_per_epoch and r["schedule"]["eval_every"] == 3
+    assert [e["step"] for e in r["evals"]] == list(range(3, r["steps"] + 1, 3))
+    scores = [e["score"] for e in r["evals"]]
+    top = scores.index(max(scores))  # the first evaluation reaching the best score
+    assert r["best_step"] == r["evals"][top]["step"] < r["steps"]
+    assert len(scores) - 1 - top == cfg.patience  # exactly `patience` evaluations without a better score, then stop
+    # the student returned is the best state, not the last one
+    assert r["final_eval"]["score"] == pytest.approx(max(scores))
+    last = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
+    assert last["state"]["step"] == r["steps"]
+    assert any(not torch.equal(v, last["model"][k]) for k, v in _weights(best).items())
+    assert r["initial_eval"]["score"] < max(scores)
+
+
+def test_a_resumed_run_continues_from_the_saved_step_and_matches_an_uninterrupted_one(keyword_model, tmp_path):
+    import torch
+
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(120)
+    cfg = _cfg(patience=2, max_epochs=6, eval_every=4, checkpoint_every=5)  # 7 steps an epoch
+    full_best, full = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg,
+                                    tmp_path / "a")
+
+    def interrupt(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "b",
+                      on_step=interrupt)
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert saved["state"]["step"] == 5 and [e["step"] for e in saved["state"]["evals"]] == [4]
+    best, resumed = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg,
+                                  tmp_path / "b")
+    assert resumed["resumed_from_step"] == 5 and full["resumed_from_step"] is None
+    # the same run as the uninterrupted one: same evaluations, same stop, same kept state (float noise at most)
+    assert (resumed["steps"], resumed["stopped"], resumed["best_step"]) == (full["steps"], full["stopped"], full["best_step"])
+    assert [e["step"] for e in resumed["evals"]] == [e["step"] for e in full["evals"]]
+    assert [e["score"] for e in resumed["evals"]] == pytest.approx([e["score"] for e in full["evals"]])
+    assert resumed["loss_last_10pct"] == pytest.approx(full["loss_last_10pct"], rel=1e-5)
+    a, b = _weights(full_best), _weights(best)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_time_capped_run_stops_evaluated_and_continues_from_that_step(keyword_model, tmp_path):
+    import time
+
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(64)
+    cfg = _cfg(epochs=2, alpha_attention=0)
+    work = tmp_path / "w"
+    _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work,
+                         deadline=time.monotonic() - 1)  # already past: stops after the first step
+    assert r["stopped"] == "time" and r["steps"] == 1 and [e["step"] for e in r["evals"]] == [1] and r["best_step"] == 1
+    _, r2 = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work)
+    assert r2["resumed_from_step"] == 1 and r2["stopped"] == "epochs" and r2["steps"] == 2 * r2["schedule"]["steps_per_epoch"]
+    assert r2["evals"][0] == r["evals"][0]  # the evaluations before the stop are kept
+
+
+def test_sequence_length_comes_from_the_data(keyword_model, tmp_path):
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+    from bertexport.students.training_data import sequence_length
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(100)  # 4..19 words
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    expected = int(np.ceil(np.percentile(lengths, 99)))
+    assert max(8, expected) == sequence_length(tok, texts, DistillConfig(), teacher.config) < 128
+    long = [" ".join(["word"] * 300)] * 60 + texts[:40]  # most texts longer than the model takes: its limit
+    assert sequence_length(tok, long, DistillConfig(), teacher.config) == 128  # max_position_embeddings
+    assert sequence_length(tok, texts, DistillConfig(max_length=16), teacher.config) == 16
+    assert sequence_length(tok, texts, DistillConfig(max_length=4096), teacher.config) == 128
+    _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification",
+                         _cfg(epochs=1, alpha_attention=0), tmp_path / "w")
+    assert r["max_length"] == max(8, expected) and r["max_length_source"] == "p99 of the data"
+
+
+def test_losses_are_chosen_by_data_size(keyword_model, tmp_path):
+    from bertexport.students.distill_config import hidden_loss_weight
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    assert hidden_loss_weight(DistillConfig(), 9_999)[0] == 0.0 and hidden_loss_weight(DistillConfig(), 10_000)[0] == 1.0
+    assert hidden_loss_weight(DistillConfig(alpha_hidden=0.5), 10) == (0.5, "given")
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(64)  # 56 training texts
+    _, small = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", _cfg(epochs=1),
+                             tmp_path / "a")
+    assert set(small["loss_parts"]) == {"kd", "ce", "attention"}  # logits + the last layer's relations only
+    assert small["intermediate"]["alpha_hidden"] == 0 and "56 training texts < 10000" in small["intermediate"]["hidden_rule"]
+    _, enough = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification",
+                              _cfg(epochs=1, hidden_loss_min_texts=50), tmp_path / "b")
+    assert set(enough["loss_parts"]) == {"kd", "ce", "hidden", "attention"} and enough["intermediate"]["alpha_hidden"] == 1.0
+
+
+def test_distill_patience_cli(keyword_model, transfer, tmp_path):
+    base = ["distill", str(keyword_model), "--data", str(transfer), "--layers", "1", "--augment", "0", "--batch-size", "16",
+            "--lr", "2e-3"]
+    for extra, says in ((["--patience", "2", "--epochs", "2"], "fixed count"), (["--max-epochs", "2"], "--patience")):
+        r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "x")] + extra)
+        assert r.exit_code == 2 and says in r.output, r.output
+    assert not (tmp_path / "x").exists()
+    r = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "s"), "--patience", "1", "--max-epochs", "2", "--json", "-"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "s" / "distill_report.json").read_text())
+    assert rep["config"]["patience"] == 1 and rep["config"]["max_epochs"] == 2 and rep["config"]["lr"] == 2e-3
+    assert rep["stopped"] in ("plateau", "max_epochs") and rep["steps"] <= 2 * rep["schedule"]["steps_per_epoch"]
+    assert rep["evals"] and rep["best_step"] in [e["step"] for e in rep["evals"]]

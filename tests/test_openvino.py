@@ -82,15 +82,21 @@ def test_calibration_bad_inputs(tiny, tmp_path):
     assert r.exit_code == 2 and "no usable text" in r.output
     (tmp_path / "c.csv").write_text("body\nhello\n")
     r = run("--calib", tmp_path / "c.csv")
-    assert r.exit_code == 2 and "no text column" in r.output
+    assert r.exit_code == 2 and "has no 'text' column (columns: body)" in r.output
+    assert "--text-column" in r.output
     (tmp_path / "few.txt").write_text("one\ntwo\nthree\n")
     r = run("--calib", tmp_path / "few.txt")
     assert r.exit_code == 2 and "too few" in r.output
     assert not (tmp_path / "o").exists()
-    # non-UTF-8 lines are skipped, counted, and the count recorded in the manifest
+    # one reader for every command (core/textdata.py): a line that is not UTF-8 is refused with
+    # its line number before any model loads, never skipped silently; empty lines are skipped
+    # and counted in the manifest
     lines = [f"calibration sentence number {i} about movies".encode() for i in range(40)] + [b"\xff\xfe bad bytes"]
     (tmp_path / "mixed.txt").write_bytes(b"\n".join(lines))
+    r = run("--calib", tmp_path / "mixed.txt")
+    assert r.exit_code == 2 and "mixed.txt:41 is not valid UTF-8" in r.output and not (tmp_path / "o").exists()
+    (tmp_path / "gaps.txt").write_bytes(b"\n".join(lines[:40] + [b"", b"   "]))
     r = CliRunner().invoke(cli, ["convert", str(tiny("bert")), "-t", "openvino-int8-full", "-o", str(tmp_path / "ok"),
-                                 "--latency-runs", "0", "--calib", str(tmp_path / "mixed.txt")])
+                                 "--latency-runs", "0", "--calib", str(tmp_path / "gaps.txt")])
     cal = load_manifest(tmp_path / "ok")["calibration"] if r.exit_code == 0 else load_manifest(tmp_path / "ok.rejected")["calibration"]
-    assert cal["count"] == 40 and cal["skipped"] == {"lines not text (non-UTF-8 or control characters)": 1}
+    assert cal["count"] == 40 and cal["skipped"] == {"empty text": 2}

@@ -248,3 +248,81 @@ def test_refusals_come_before_any_model_loads(tiny, keyword_model, tmp_path):
     assert (taken / "mine.txt").read_text() == "user data"
     with pytest.raises(UserError, match="raise the budget"):
         P.prune(keyword_model, texts, mac_budget=0.001, threads=1)
+
+
+# ------------------------------------------------------------------ `distill --prune` (the CLI) and --force
+
+def _data_file(path, n=200, seed=21):
+    texts = _texts(seed, n)
+    path.write_text("".join(json.dumps({"text": t, "label": "present" if "excellent" in t.split() else "absent"}) + "\n"
+                            for t in texts))
+    return path
+
+
+def test_cli_prune_writes_a_checkpoint_that_converts_and_force_replaces_it(keyword_model, tmp_path):
+    from click.testing import CliRunner
+
+    from bertexport.cli import cli
+    from bertexport.core.staging import made_by_bertexport
+
+    data = _data_file(tmp_path / "train.jsonl")
+    out = tmp_path / "pruned"
+    args = ["distill", str(keyword_model), "--out", str(out), "--prune", "0.6", "--data", str(data), "--json", "-"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, (r.output, r.stderr)
+    report = json.loads(r.stdout)
+    assert report["labels"] == "given" and report["mac_fraction"] <= 0.6 and report["out"] == str(out.resolve())
+    assert f"pruned: {out.resolve()}" in r.stderr and "agreement with the teacher" in r.stderr
+    assert made_by_bertexport(out) == "pruned"  # marked, so --force may replace it
+    ffn = json.loads((out / "config.json").read_text())["intermediate_size"]
+    assert ffn == report["student"]["ffn"] < 64
+    # the pruned checkpoint converts like any other, and the artifact keeps the teacher's decisions
+    c = CliRunner().invoke(cli, ["convert", str(out), "--target", "ort-int8", "--out", str(tmp_path / "art"),
+                                 "--latency-runs", "0", "--json", "-"])
+    assert c.exit_code == 0, (c.output, c.stderr)
+    assert json.loads(c.stdout)["status"] == "passed"
+    # again without --force: refused; with it: the pruning's own output is replaced
+    again = CliRunner().invoke(cli, args[:-2])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    (out / "marker").write_text("from the first run")
+    forced = CliRunner().invoke(cli, args[:-2] + ["--force", "--prune", "0.75"])
+    assert forced.exit_code == 0, (forced.output, forced.stderr)
+    assert not (out / "marker").exists() and json.loads((out / P.REPORT_NAME).read_text())["mac_budget"] == 0.75
+
+
+def test_cli_prune_refuses_before_any_model_loads(tiny, keyword_model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import bertexport.building.checkpoint as checkpoint
+    from bertexport.cli import cli
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_loading)
+    data = _data_file(tmp_path / "train.jsonl", n=40)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("user data")
+    base = ["distill", str(keyword_model), "--data", str(data)]
+    cases = [
+        (base + ["--out", str(tmp_path / "o"), "--prune", "1.5"], "MAC budget"),
+        (base + ["--out", str(tmp_path / "o"), "--prune", "0"], "MAC budget"),
+        (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--layers", "1"], "does not go with --layers"),
+        (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--epochs", "3", "--patience", "2", "--lr", "1e-4",
+                 "--device", "cpu"], "does not go with --epochs, --patience, --lr, --device"),
+        (["distill", str(keyword_model), "--out", str(tmp_path / "o"), "--prune", "0.7"], "needs --data"),
+        (["distill", str(keyword_model), "--out", str(tmp_path / "o"), "--prune", "0.7", "--data",
+          str(tmp_path / "missing.jsonl")], "not found"),
+        (["distill", str(tiny("bert")), "--data", str(data), "--out", str(tmp_path / "o"), "--prune", "0.7"],
+         "text-classification only"),
+        (base + ["--out", str(theirs), "--prune", "0.7"], "already exists"),
+        (base + ["--out", str(theirs), "--prune", "0.7", "--force"], "bertexport did not make"),
+        (base + ["--out", str(keyword_model / "inside"), "--prune", "0.7", "--force"], "source checkpoint"),
+    ]
+    for args, message in cases:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and message in r.stderr, (args, r.exit_code, r.stderr, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists() and (theirs / "notes.txt").read_text() == "user data"
+    assert not (keyword_model / "inside").exists()

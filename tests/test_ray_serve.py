@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.shipping.serve import batch_tolerance
+from bertexport.shipping.serve_app import batch_tolerance
 
 pytest.importorskip("ray.serve", reason="serve --ray needs ray[serve] (extra `ray`)")
 pytest.importorskip("uvicorn", reason="serve needs bertexport[serve]")

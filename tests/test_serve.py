@@ -24,7 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from bertexport.cli import cli
-from bertexport.shipping.serve import batch_tolerance
+from bertexport.shipping.serve_app import batch_tolerance
+from tests.dockerfiles import parse_dockerfile
 from tests.torchfree import BLOCK_TORCH
 
 pytest.importorskip("uvicorn", reason="serve needs bertexport[serve]")
@@ -513,10 +514,10 @@ def test_batcher_isolates_a_failing_request_and_refuses_when_full():
 
 
 def test_cli_default_batch_size_is_the_library_one():
-    from bertexport.shipping import serve
+    from bertexport.shipping import serve_app
     from bertexport.cli.serve import SERVE_BATCH_SIZE
 
-    assert SERVE_BATCH_SIZE == serve.SERVE_BATCH_SIZE
+    assert SERVE_BATCH_SIZE == serve_app.SERVE_BATCH_SIZE
 
 
 # -- several models in one server, reranking, API keys ------------------------------------------------
@@ -738,7 +739,7 @@ def test_refused_before_anything_loads(artifacts, tmp_path):
 
 def test_threads_split_between_models():
     from bertexport.core.envinfo import cpu_count
-    from bertexport.shipping.serve import threads_per_model
+    from bertexport.shipping.model_routing import threads_per_model
 
     assert threads_per_model(1, None) is None and threads_per_model(3, 2) == 2
     assert threads_per_model(2, None) == max(1, cpu_count() // 2) and threads_per_model(64, None) == 1
@@ -773,9 +774,7 @@ def _docker_engine() -> bool:
 
 def test_dockerfile_promises():
     """Parsed (the `dockerfile` package: BuildKit's own parser) and its promises checked."""
-    import dockerfile
-
-    commands = dockerfile.parse_file(str(REPO / "Dockerfile"))
+    commands = parse_dockerfile(REPO / "Dockerfile")
     final = [c for c in commands if c.cmd == "FROM"][-1]
     last_stage = commands[commands.index(final):]
     by = {}

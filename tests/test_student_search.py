@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -20,25 +19,19 @@ from bertexport.search.cost_model import linear_macs
 from bertexport.core.errors import UserError
 from bertexport.students.shapes import StudentShape, check_shape
 from tests.searchclock import inject_search_clock
-from tests.tinymodels import keyword_sentence
+from tests.tinymodels import write_keyword_jsonl
 
 TEACHER = StudentShape(2, 32, 2, 64)  # tests/tinymodels.py's keyword classifier
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    rng = np.random.default_rng(11)
-    path = tmp_path_factory.mktemp("data") / "kw.jsonl"
-    with open(path, "w") as f:
-        for _ in range(500):  # the held-out slice must resolve the gate
-            y = int(rng.integers(0, 2))
-            f.write(json.dumps({"text": keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if y else None),
-                                "label": ["absent", "present"][y]}) + "\n")
-    return path
+    # 500 rows: the held-out slice must resolve the gate
+    return write_keyword_jsonl(tmp_path_factory.mktemp("data") / "kw.jsonl", 11)
 
 
 def test_grid_is_small_checked_and_narrower_than_the_teacher():
-    from bertexport.search.students import GRID_MAX, student_grid
+    from bertexport.search.student_shapes import GRID_MAX, student_grid
 
     minilm = StudentShape(6, 384, 12, 1536)
     grid = student_grid(minilm, "bert")
@@ -55,7 +48,7 @@ def test_grid_is_small_checked_and_narrower_than_the_teacher():
 
 def test_distill_option_is_checked_before_any_work(keyword_model, tmp_path):
     from bertexport.building.checkpoint import resolve_checkpoint
-    from bertexport.search.students import plan_students
+    from bertexport.search.student_shapes import plan_students
 
     ckpt = resolve_checkpoint(str(keyword_model), None)
     assert [s.name for s in plan_students("1", ckpt)] == ["L1-H32-A2-F64"]  # layer drop at full width
@@ -80,7 +73,7 @@ def _clock_ms(shape: StudentShape, skip: bool) -> float:
 
 
 def _fake_clock(monkeypatch, trained: list):
-    import bertexport.students.distill as distill
+    import bertexport.students.training as training
     from bertexport.search.cost_model import CostModel
 
     def fake_ms(cand):
@@ -92,13 +85,13 @@ def _fake_clock(monkeypatch, trained: list):
     monkeypatch.setattr(CostModel, "_time_builds", lambda self, builds: {
         n: _clock_ms(shape, any(p["type"] == "first-token-skip" for p in cand.passes)) / 1e3
         for n, (shape, cand) in builds.items()})
-    real_train = distill.train_student
+    real_train = training.train_student
 
     def train_student(teacher, student, *a, **k):
         trained.append(student.config.hidden_size)
         return real_train(teacher, student, *a, **k)
 
-    monkeypatch.setattr(distill, "train_student", train_student)
+    monkeypatch.setattr(training, "train_student", train_student)
 
 
 def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reruns_from_caches(keyword_model, labelled,
@@ -141,6 +134,8 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
     assert m["status"] == "passed" and m["search"]["winner"]["name"] == w["name"]
     md = (res.artifact / "search.md").read_text()
     assert f"| {first['shape']} | passed" in md and "(predicted)" in md
+    assert all(s["curve"] and s["stopped"] == "epochs" for s in students if s["train_seconds"] is not None)
+    assert f"- {first['shape']}: stopped by epochs after 1 epochs" in md  # its learning curve
     assert (res.artifact / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(cli, ["run", str(res.artifact), "an excellent film", "--json", "-"])
     assert r.exit_code == 0 and json.loads(r.stdout)["label"] in ("absent", "present")
@@ -217,6 +212,7 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     shapes dominated by a miss never trained, hopeless ones never trained, the budget estimate."""
     import bertexport.search.students as ss
     from bertexport.search.cost_model import Cost
+    from bertexport.search.student_training import training_units
     from bertexport.search.session import Trial
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
@@ -227,7 +223,7 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     small, deep_narrow, middle, wide, slow = (_shape_of(n) for n in ratios)
     shapes = [_shape_of(n) for n in reversed(ratios)]
     first_seconds = 30.0
-    need = {sh: first_seconds * ss.training_units(sh, teacher) / ss.training_units(middle, teacher)
+    need = {sh: first_seconds * training_units(sh, teacher) / training_units(middle, teacher)
             for sh in (deep_narrow, wide)}
     assert need[wide] > need[deep_narrow]
     # after the first student: room for the deep-narrow one, not the wide one
@@ -273,7 +269,7 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
 
 def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from_the_cache(keyword_model, labelled,
                                                                                           tmp_path, monkeypatch):
-    import bertexport.students.distill as distill
+    import bertexport.students.training as training
     from bertexport.core.cache import cache_dir
     from bertexport.building.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from bertexport.search.students import StudentSearch
@@ -288,7 +284,7 @@ def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from
         return StudentSearch(_Search([], budget=600), ckpt=ckpt, teacher_model=teacher, tokenizer=tokenizer, tok_dir=None,
                              shapes=[shape], recipes=[], distill_data=data, epochs=2)
 
-    real = distill.train_student
+    real = training.train_student
     stop_at = 55  # past the first checkpoint (every 50 steps)
 
     def interrupted(*a, **k):
@@ -298,12 +294,12 @@ def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from
         return real(*a, **k, on_step=on_step)
 
     before = set(cache_dir("students").glob("*.work"))
-    monkeypatch.setattr(distill, "train_student", interrupted)
+    monkeypatch.setattr(training, "train_student", interrupted)
     with pytest.raises(KeyboardInterrupt):
         students().train(shape)
     (work,) = set(cache_dir("students").glob("*.work")) - before
     assert (work / "checkpoint.pt").is_file()
-    monkeypatch.setattr(distill, "train_student", real)
+    monkeypatch.setattr(training, "train_student", real)
     path, report, cached = students().train(shape)
     assert not cached and report["resumed_from_step"] == 50 and report["steps"] > stop_at and report["shape"] == shape.name
     assert not work.exists() and (path / "student_report.json").is_file() and (path / "model.safetensors").is_file()
@@ -311,6 +307,47 @@ def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from
 
     cfg = AutoConfig.from_pretrained(path)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (1, 16, 1, 32)
-    monkeypatch.setattr(distill, "train_student", lambda *a, **k: pytest.fail("retrained a cached student"))
+    monkeypatch.setattr(training, "train_student", lambda *a, **k: pytest.fail("retrained a cached student"))
     again_path, again_report, again_cached = students().train(shape)
     assert again_cached and again_path == path and again_report["train_seconds"] == report["train_seconds"]
+
+
+def test_a_student_stopped_by_the_budget_is_judged_on_its_best_state_and_the_next_run_continues_it(keyword_model, labelled,
+                                                                                                   tmp_path):
+    """Training converges (patience, the default) and never runs past the search's deadline:
+    a student the deadline stops is returned at its best state so far with its work folder
+    kept; the next run continues that training from the saved step, then caches it. Its
+    learning curve goes into the report and search.md."""
+    from bertexport.building.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from bertexport.search.report import students_markdown
+    from bertexport.search.student_training import MAX_EPOCHS, PATIENCE, learning_curve
+    from bertexport.search.students import StudentSearch
+
+    ckpt = resolve_checkpoint(str(keyword_model), None)
+    teacher, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    shape = StudentShape(1, 16, 1, 32)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(labelled.read_text().splitlines()[150:210]))
+
+    def students(budget):
+        return StudentSearch(_Search([], budget=budget), ckpt=ckpt, teacher_model=teacher, tokenizer=tokenizer, tok_dir=None,
+                             shapes=[shape], recipes=[], distill_data=data, seed=7)
+
+    cut = students(1e-9)  # the deadline passes during the first step
+    assert cut.config(shape).patience == PATIENCE and cut.config(shape).max_epochs == MAX_EPOCHS
+    path, report, cached = cut.train(shape)
+    assert report["stopped"] == "time" and report["steps"] == 1 and not cached
+    assert path.name == "best" and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    work = path.parent
+    assert (work / "checkpoint.pt").is_file()
+    path2, report2, cached2 = students(600).train(shape)
+    assert report2["resumed_from_step"] == 1 and report2["stopped"] in ("plateau", "max_epochs") and not cached2
+    assert report2["steps"] > 1 and not work.exists() and (path2 / "student_report.json").is_file()
+    curve = learning_curve(report2)
+    assert curve["curve"][0]["step"] == 0 and [c["step"] for c in curve["curve"][1:]] == [e["step"] for e in report2["evals"]]
+    assert curve["curve"][1]["step"] == 1  # the evaluation at the budget stop is part of the curve
+    assert curve["best_step"] in [c["step"] for c in curve["curve"]]
+    md = "\n".join(students_markdown({"students": [{"shape": shape.name, "status": "not passed", "predicted_ratio": 0.5,
+                                                     "prediction": "predicted", **curve}], "cost_model": {}}))
+    assert "Learning curves" in md and f"- {shape.name}: stopped by {report2['stopped']}" in md
+    assert "resumed at step 1" in md and "*" in md.split("Learning curves")[1]

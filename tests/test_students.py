@@ -9,7 +9,8 @@ import torch
 import transformers as T
 
 from bertexport.students import shapes as S
-from bertexport.students.distill import _length_batches, _Outputs, shrink
+from bertexport.students.shapes import shrink
+from bertexport.students.training_data import TeacherOutputs, length_batches
 from bertexport.core.errors import UserError
 from tests.tinymodels import TASK_AUTO, keyword_sentence
 
@@ -191,8 +192,8 @@ def keyword_data(keyword_model, tmp_path_factory):
     tok = T.AutoTokenizer.from_pretrained(keyword_model)
     rng = np.random.default_rng(5)
     texts = [keyword_sentence(rng, int(rng.integers(4, 24)), "excellent" if rng.random() < 0.5 else None) for _ in range(256)]
-    batches = _length_batches(tok, texts, None, 32, 64, 0)
-    outs = _Outputs(tmp_path_factory.mktemp("outs") / "t.npz").load_or_compute(teacher, batches, "text-classification",
+    batches = length_batches(tok, texts, None, 32, 64, 0)
+    outs = TeacherOutputs(tmp_path_factory.mktemp("outs") / "t.npz").load_or_compute(teacher, batches, "text-classification",
                                                                                lambda m: None)
     return teacher, batches, outs
 
@@ -242,8 +243,8 @@ def test_feature_extraction_importance_is_not_zero_on_the_teacher(tiny, tmp_path
     ckpt = tiny(family, "feature-extraction")
     teacher = _load(ckpt, "feature-extraction")
     tok = T.AutoTokenizer.from_pretrained(ckpt)
-    batches = _length_batches(tok, [f"text number {i} of a few words" for i in range(40)], None, 16, 32, 0)
-    outs = _Outputs(tmp_path / "o.npz").load_or_compute(teacher, batches, "feature-extraction", lambda m: None)
+    batches = length_batches(tok, [f"text number {i} of a few words" for i in range(40)], None, 16, 32, 0)
+    outs = TeacherOutputs(tmp_path / "o.npz").load_or_compute(teacher, batches, "feature-extraction", lambda m: None)
     imp = S.score_importance(teacher, batches, "feature-extraction", outs, signed=False)
     assert (imp.ffn > 0).all() and (imp.hidden > 0).all() and (imp.heads > 0).all()
 

@@ -126,6 +126,22 @@ def keyword_sentence(rng, n_words: int, keyword: str | None) -> str:
     return " ".join(words)
 
 
+def write_keyword_jsonl(path: Path, seed: int, rows: int = 500) -> Path:
+    """``rows`` labelled sentences ({"text", "label": absent|present}, about half with "excellent")
+    as JSON lines: the keyword classifier's data."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            y = int(rng.integers(0, 2))
+            f.write(json.dumps({"text": keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if y else None),
+                                "label": ["absent", "present"][y]}) + "\n")
+    return path
+
+
 def train_keyword_classifier(out: Path, tokenizer_cache: Path, keyword: str = "excellent", steps: int = 150,
                              seed: int = 0) -> Path:
     """A tiny BERT trained to answer 'does the text contain KEYWORD?' (labels absent/present):

@@ -143,7 +143,7 @@ def plan_convert(model: str, target, out, *, task=None, calib=None, samples=None
         validation_texts = validation_texts[:VOCABULARY_TASK_TEXTS]
     source = str(samples) if samples else builtin[1]
     check_gates_resolvable(gate, len(validation_texts), f"--data ({samples})" if samples else "the built-in validation texts")
-    calib_set = load_texts(calib) if calib else None
+    calib_set = load_texts(calib, text_column) if calib else None
     return ConvertPlan(profile, backend, out, ckpt, validation_texts, calib_set, gate, source)
 
 

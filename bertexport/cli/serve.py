@@ -8,7 +8,7 @@ import click
 
 from bertexport.cli.group import EXIT_CODES_HELP, _threads_option, _trusted_key_option, cli
 
-SERVE_BATCH_SIZE = 8  # == bertexport.shipping.serve.SERVE_BATCH_SIZE (the CLI stays import-light)
+SERVE_BATCH_SIZE = 8  # == bertexport.shipping.serve_app.SERVE_BATCH_SIZE (the CLI stays import-light)
 
 
 # -- serve --ray: the same app as a Ray Serve deployment (bertexport/shipping/ray_serve.py) --------------
@@ -26,7 +26,8 @@ def _ray_serve_options(command):
                 raise UserError("--replicas, --min-replicas and --max-replicas are for --ray")
             return command(*args, **kw)
         from bertexport.shipping.ray_serve import RayServeOptions, serve_ray
-        from bertexport.shipping.serve import Access, ServeOptions, read_api_key
+        from bertexport.shipping.api_keys import Access, read_api_key
+        from bertexport.shipping.serve_requests import ServeOptions
 
         options = ServeOptions(**{k: kw[k] for k in ("max_batch_tokens", "max_wait_ms", "queue_size", "max_texts",
                                                      "max_chars", "max_body_bytes")})
@@ -116,7 +117,10 @@ def serve_cmd(artifacts, host, port, model_names, api_key, api_key_file, metrics
     opens. Concurrent requests are batched together, per model. SIGTERM: in-flight requests
     finish, exit 143."""
     from bertexport.core.errors import Interrupted
-    from bertexport.shipping.serve import Access, ServeOptions, model_names as names_of, read_api_key, serve
+    from bertexport.shipping.api_keys import Access, read_api_key
+    from bertexport.shipping.model_routing import model_names as names_of
+    from bertexport.shipping.serve import serve
+    from bertexport.shipping.serve_requests import ServeOptions
 
     options = ServeOptions(max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, queue_size=queue_size,
                            max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes)

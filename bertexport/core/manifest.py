@@ -64,6 +64,7 @@ class Manifest:
     distillation: dict | None = None
     search: dict | None = None
     batch_invariance: dict | None = None  # compare.batch_invariance: does an output depend on its batch?
+    early_exit: dict | None = None  # students.early_exit: segments, exit layers, threshold (runtime.EarlyExitRunner)
     load_seconds: float | None = None
     threads: int | None = None
     environment: dict = field(default_factory=dict)

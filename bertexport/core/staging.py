@@ -37,8 +37,8 @@ def _json(path: Path) -> dict | None:
 
 
 def made_by_bertexport(path: Path) -> str | None:
-    """What bertexport output ``path`` is (``artifact``, ``student``, ``benchmark``,
-    ``search``, ``pack``), or None when it is not one of ours."""
+    """What bertexport output ``path`` is (``artifact``, ``student``, ``pruned``,
+    ``benchmark``, ``search``, ``pack``), or None when it is not one of ours."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         m = _json(path / "manifest.json")
@@ -47,6 +47,9 @@ def made_by_bertexport(path: Path) -> str | None:
         d = _json(path / "distill_report.json")
         if d and "teacher" in d and "student" in d:
             return "student"
+        p = _json(path / "prune_report.json")  # bertexport.students.pruning.REPORT_NAME
+        if p and "teacher" in p and "student" in p and "mac_fraction" in p:
+            return "pruned"
         b = _json(path / "benchmark.json")
         if b and str(b.get("schema", "")).startswith("bertexport.judging.benchmark"):
             return "benchmark"

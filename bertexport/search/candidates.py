@@ -17,7 +17,7 @@ SEARCHABLE_BACKENDS = {"onnxruntime": "pip install 'bertexport[runtime]'", "open
 @dataclass
 class Candidate:
     """One build to try, described by data: which recipe, which regions stay float, on
-    which checkpoint (the original or a student)."""
+    which checkpoint (the original, a student, or the original pruned)."""
 
     recipe: str
     backend: str
@@ -28,10 +28,13 @@ class Candidate:
     student_layers: int | None = None  # the student's depth (kept beside ``student`` for older readers)
     anchor: bool = False
     student: str | None = None  # the student's shape, e.g. L3-H256-A8-F768 (``students.StudentShape.name``)
+    pruned: float | None = None  # the original pruned to this fraction of its MACs (``search.pruned``)
 
     @property
     def name(self) -> str:
-        if self.student:
+        if self.pruned:
+            n = f"pruned-{self.pruned:g}/{self.recipe}"
+        elif self.student:
             n = f"{self.student}/{self.recipe}"
         else:
             n = self.recipe if not self.student_layers else f"student-L{self.student_layers}/{self.recipe}"

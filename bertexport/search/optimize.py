@@ -20,7 +20,9 @@ What it does, in order:
    at a time until the gate holds. A candidate whose quick latency cannot beat the best
    passing one is pruned before its accuracy is measured, and restoring more regions only
    makes a build slower, so a pruned restore stops its ladder.
-4. Optionally searches students (``distill``; ``bertexport.search.students``): shapes ordered
+4. Optionally tries the original shrunk by post-training pruning to a few MAC budgets
+   (``prune``; ``bertexport.search.pruned``: no training, minutes; fastest int8 recipes)
+   and searches students (``distill``; ``bertexport.search.students``): shapes ordered
    by a latency cost model measured on this machine, hopeless ones never trained, the rest
    trained within the budget and judged against the *original* model.
 5. Times the passing candidates, the anchor and PyTorch interleaved, confirms the fastest
@@ -49,7 +51,10 @@ from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.progress import Reporter
 from bertexport.search.report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
 from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
-from bertexport.search.students import plan_students, search_students
+from bertexport.search.pruned import plan_pruning, search_pruned
+from bertexport.search.student_shapes import plan_init_students, plan_students
+from bertexport.search.students import search_students
+from bertexport.students.device import training_device
 
 
 def region_ranking(search: Search, model_path: str, torch_model, samples: int = 64) -> list[dict]:
@@ -93,12 +98,14 @@ def region_ranking(search: Search, model_path: str, torch_model, samples: int = 
 
 
 def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str | None = None, gates: Gates | None = None,
-             budget: str | float = "20m", distill: str | list[int] | None = None, distill_epochs: int = 2,
+             budget: str | float = "20m", distill: str | list[int] | None = None, distill_epochs: int | None = None,
+             prune: str | list[float] | None = None,
              distill_data: str | Path | None = None,
              threads: int | None = None, batch: int = 1, sequence: int = 128, calib: str | Path | None = None,
              search_fraction: float = 0.5, max_search_rows: int = 600, seed: int = 0, text_column: str | None = None,
              label_column: str | None = None, force: bool = False, trust_remote_code: bool = False,
              backends: set[str] | None = None, features: set[str] | None = None, batch_invariant: bool = False,
+             student_init: list[str] | None = None, device: str = "auto",
              reporter: Reporter | None = None) -> SearchResult:
     """Search for the fastest artifact that meets ``gates`` on ``data``; see the module doc.
 
@@ -122,6 +129,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     backends = check_backends(backends)  # --backend: unknown or not installed -> exit 2 before any work
     ckpt = resolve_checkpoint(model, task, trust_remote_code=trust_remote_code)
     students = plan_students(distill, ckpt)  # shapes checked against the model, before any work
+    pruning = plan_pruning(prune, ckpt)  # MAC budgets checked against the model, before any work
     out = Path(out).expanduser().resolve()
     check_destination(out, force, [ckpt.path], "artifact folder")
     weights = sum(p.stat().st_size for p in ckpt.weight_files)
@@ -141,6 +149,9 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         gates = dataclasses.replace(default_gates(labels is not None), confidence=gates.confidence)
     check_gates_fit(gates, ckpt.task, labels is not None)
     check_classes(ts, labels, gates)
+    # --student-init: vocabulary, family, size and task checked from configs and tokenizers (no weights)
+    inits = plan_init_students(student_init, ckpt, ts.texts)
+    train_device = training_device(device)  # --device cuda without a GPU: exit 2 now
     if len(ts.texts) < 20:
         raise UserError(f"{len(ts.texts)} texts are too few to search on (need >= 20: a search and a confirm slice)")
     features = cpu_features() if features is None else set(features)
@@ -185,8 +196,11 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
                         ranking = region_ranking(search, str(ckpt.path), torch_model)
                     reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6] if r["harm"] is not None))
                 search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
+        pruned = search_pruned(search, plan=pruning, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer,
+                               recipes=recipes, seed=seed)
         found = search_students(search, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer, tok_dir=tok_dir, shapes=students,
-                                recipes=recipes, distill_data=distill_data, epochs=distill_epochs, seed=seed) if students else {}
+                                recipes=recipes, distill_data=distill_data, epochs=distill_epochs, seed=seed, inits=inits,
+                                device=device) if students or inits else {}
 
         passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)  # all confirmed
         anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
@@ -205,6 +219,8 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         report["batch_invariant"] = batch_invariant
         report["within_noise"] = [t.candidate.name for t in search.trials if t.noise]
         report["students"], report["cost_model"] = found.get("students"), found.get("cost_model")
+        report["training_device"] = train_device if students or inits else None
+        report["pruning"] = pruned
         if chosen is None:
             raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
         with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
@@ -303,7 +319,8 @@ def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candi
     if not passed:
         manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
     manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
-                                                 "backends", "backends_restricted", "batch_invariant", "students")} | {
+                                                 "backends", "backends_restricted", "batch_invariant", "students",
+                                                 "pruning")} | {
         "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
                         "latency_ms": c["latency_ms"], "metrics": c["metrics"], "within_noise": c["within_noise"],
                         "batch_invariance": c["batch_invariance"]} for c in report["candidates"]]}

@@ -23,6 +23,8 @@ def candidate_label(candidate: dict, folder: str | Path | None = None) -> str:
     name = candidate["recipe"] if built else ""
     if candidate.get("keep_float"):
         name += f"+float[{len(candidate['keep_float'])}]"
+    if candidate.get("pruned"):  # the original after post-training pruning (``search.pruned``)
+        return f"pruned {candidate['pruned']:g} MACs + " + describe_build(name, candidate.get("precision") if built else None)
     shape = candidate.get("student")  # the shape's name (L3-H256-A8-F768); older records: the depth only
     if layers and not shape:
         manifest = read_json(folder, "manifest.json") if folder else {}
@@ -119,12 +121,33 @@ def to_markdown(report: dict) -> str:
     if any(c.get("within_noise") for c in report["candidates"]):
         lines += ["", "*within noise*: the data could not resolve this decision — the difference it rests on is inside "
                       "the interval of what the slice's rows can tell apart."]
+    if report.get("pruning"):
+        lines += ["", *pruning_markdown(report["pruning"])]
     if report.get("students"):
         lines += ["", *students_markdown(report)]
     if report.get("region_ranking"):
         lines += ["", "Regions ranked by harm when quantized alone (1 - mean cosine to the original):", ""]
         lines += [f"- {r['region']}: {_fmt(r['harm'], '.5f', 'not measured (budget)')}" for r in report["region_ranking"][:12]]
     return "\n".join(lines) + "\n"
+
+
+def pruning_markdown(pruning: dict) -> list[str]:
+    """The post-training pruned originals (``optimize --prune``), most aggressive budget first:
+    the shape each budget gave, its measured MAC fraction, agreement with the original on the
+    pruning's own held-out part of the search slice, and whether least-squares tuning was kept."""
+    if pruning.get("skipped"):
+        return [f"Post-training pruning (--prune {pruning.get('asked')}): skipped — {pruning['skipped']}"]
+    lines = ["Post-training pruning of the original (no training; masks and tuning from the search slice; agreement: "
+             "on the pruning's held-out part of it; the gate verdicts are the candidates' above):", "",
+             "| MAC budget | shape | MAC fraction | agreement | tuning | prune s | status | reason |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in pruning.get("records", []):
+        tuned = "-" if r.get("tuned") is None else ("kept" if r["tuned"] else "dropped")
+        cached = " (cached)" if r.get("cached") else ""
+        lines.append(f"| {r['mac_budget']:g} | {r.get('shape') or '-'} | {_fmt(r.get('mac_fraction'), '.3f')} | "
+                     f"{_fmt(r.get('agreement'), '.3f')} | {tuned} | {_fmt(r.get('seconds'), '.1f')} | "
+                     f"{r['status']}{cached} | {r.get('reason', '')} |")
+    return lines
 
 
 def students_markdown(report: dict) -> list[str]:
@@ -142,6 +165,24 @@ def students_markdown(report: dict) -> list[str]:
         lines.append(f"| {r['shape']} | {r['status']}{cached} | {r['predicted_ratio']:.2f} ({r['prediction']}) | "
                      f"{_fmt(r.get('predicted_ms'), '.2f')} | {_fmt(r.get('measured_ms'), '.2f')} | "
                      f"{_fmt(r.get('train_seconds'), '.0f')} | {r.get('reason', '')} |")
+    return lines + curves_markdown(report["students"])
+
+
+def curves_markdown(students: list[dict]) -> list[str]:
+    """Each trained student's learning curve (``search.student_training.learning_curve``): held-out
+    agreement with the teacher (cosine for embedding models) at each evaluation, as
+    epoch:score, the kept state starred, and why training stopped."""
+    trained = [r for r in students if r.get("curve")]
+    if not trained:
+        return []
+    lines = ["", "Learning curves (held-out agreement with the teacher per evaluation, epoch:score; epoch 0 is before "
+                 "training; * the state kept):", ""]
+    for r in trained:
+        points = ", ".join(f"{c['epoch']:g}:{c['score']:.3f}{'*' if c['step'] == r.get('best_step') else ''}"
+                           for c in r["curve"])
+        resumed = f", resumed at step {r['resumed_from_step']}" if r.get("resumed_from_step") else ""
+        lines.append(f"- {r['shape']}{' (cached)' if r.get('cached') else ''}: stopped by {r.get('stopped') or '?'} after "
+                     f"{_fmt(r.get('epochs_run'), 'g')} epochs{resumed} — {points}")
     return lines
 
 

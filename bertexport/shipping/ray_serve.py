@@ -1,7 +1,7 @@
 """``serve --ray [ADDRESS]``: the ``serve`` application as a Ray Serve deployment.
 
 Each replica is a Ray actor that opens the artifacts and builds the very same ASGI app as
-the single process (``bertexport.shipping.serve.build_app``: same endpoints, same batcher
+the single process (``bertexport.shipping.serve_app.build_app``: same endpoints, same batcher
 per model, same answers); Ray Serve's proxy routes HTTP to the replicas and restarts a
 replica that dies. Ray Serve's API as documented for Ray 2.60: ``@serve.deployment``
 (``num_replicas`` or ``autoscaling_config``, ``ray_actor_options``, ``max_ongoing_requests``),
@@ -91,7 +91,7 @@ class ReplicaApp:
 
     def __init__(self, paths: list[str], names: list[str], trusted_key, threads, options, access, predictor_options):
         from bertexport.shipping.runtime import Artifact
-        from bertexport.shipping.serve import build_app
+        from bertexport.shipping.serve_app import build_app
 
         self._stack = contextlib.ExitStack()
         loaded = [(name, self._stack.enter_context(Artifact(path, threads=threads, trusted_key=trusted_key)))
@@ -197,7 +197,10 @@ def start(artifacts: str | Path | Sequence[str | Path], *, address: str | None =
     """Deploy the artifacts on Ray Serve and return once every replica is up (or a
     UserError). ``address``: None or ``"local"`` for a local instance on loopback (or the
     one this process already runs), else a cluster's address."""
-    from bertexport.shipping.serve import Access, ServeOptions, _require_stack, model_names
+    from bertexport.shipping.api_keys import Access
+    from bertexport.shipping.model_routing import model_names
+    from bertexport.shipping.serve import require_stack
+    from bertexport.shipping.serve_requests import ServeOptions
 
     options = options or ServeOptions()
     access = access or Access()
@@ -210,7 +213,7 @@ def start(artifacts: str | Path | Sequence[str | Path], *, address: str | None =
     ray_options.check()
     if not 1 <= port <= 65535:
         raise UserError("--ray needs a fixed --port (Ray Serve's proxy does not pick a free one)")
-    _require_stack()
+    require_stack()
     check_artifacts(paths, trusted_key, predictor_options)
     local = not address or address == LOCAL
     if local:  # a local instance serves this machine only: keep it on loopback (read at ray's import)

@@ -87,7 +87,8 @@ class Artifact:
     """An artifact folder opened for inference: manifest, tokenizer, labels, runner."""
 
     def __init__(self, folder: str | Path, *, verify: bool = True, threads: int | None = None,
-                 allow_rejected: bool = False, runtime_overrides: dict | None = None, trusted_key=None):
+                 allow_rejected: bool = False, runtime_overrides: dict | None = None, trusted_key=None,
+                 exit_threshold: float | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"artifact not found: {self.folder}")
@@ -111,7 +112,14 @@ class Artifact:
 
         backend = get_backend(self.manifest["model"]["backend"])
         runtime = dict(self.manifest["target"].get("runtime") or {}) | (runtime_overrides or {})
-        self.runner = backend.make_runner(self.folder / self.manifest["model"]["path"], runtime, threads)
+        early = self.manifest.get("early_exit")
+        if early:  # consecutive segments, rows leaving at confident exits (EarlyExitRunner)
+            self.runner = EarlyExitRunner.from_manifest(early, lambda rel: backend.make_runner(self.folder / rel, runtime, threads),
+                                                        exit_threshold)
+        elif exit_threshold is not None:
+            raise UserError(f"artifact {self.folder} has no early exits: an exit threshold does not apply to it")
+        else:
+            self.runner = backend.make_runner(self.folder / self.manifest["model"]["path"], runtime, threads)
 
     @property
     def name(self) -> str:
@@ -130,6 +138,120 @@ class Artifact:
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runner.infer(feeds)
+
+
+def check_exit_threshold(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise UserError(f"the exit threshold must be a probability in [0, 1], not {value!r}")
+    return float(value)
+
+
+def _softmax_max(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).max(axis=-1)
+
+
+class EarlyExitRunner:
+    """An early-exit artifact's consecutive segments as one runner (the ``Runner`` interface:
+    ``activate``/``infer``/``deactivate``, ``input_names``, ``load_seconds``), so ``run``, bulk
+    runs and ``serve`` need no code of their own for it.
+
+    Segment 0 takes the tokenizer's inputs and returns ``hidden_states`` and ``exit_logits``
+    (the exit head after its last layer); each later segment takes ``hidden_states_in`` (the
+    previous segment's ``hidden_states``) and ``attention_mask``; the last returns the model's
+    own ``logits``. A row leaves at the first exit whose highest class probability is above
+    ``threshold`` (so 1.0 never exits and 0.0 always leaves at the first exit); the next
+    segment runs only the rows still there, cut
+    to their longest length (right padding). ``infer`` returns ``logits`` and ``exit_layer``
+    (the layer count each row ran; the model's depth when it did not exit)."""
+
+    name = "early-exit"
+
+    def __init__(self, segments: list, exit_layers: list[int], layers: int, threshold: float):
+        if len(segments) != len(exit_layers) + 1:
+            raise UserError(f"an early-exit artifact needs one segment more than exits ({len(segments)} segments, "
+                            f"{len(exit_layers)} exits)")
+        self.segments, self.exit_layers, self.layers = list(segments), list(exit_layers), int(layers)
+        self.threshold = check_exit_threshold(threshold)
+        self.is_active = False
+        self.load_seconds: float | None = None
+        self.input_names: list[str] = []
+        self.output_names = ["logits", "exit_layer"]
+
+    @classmethod
+    def from_manifest(cls, early: dict, make_runner, threshold: float | None = None) -> "EarlyExitRunner":
+        return cls([make_runner(seg["path"]) for seg in early["segments"]], [int(x) for x in early["exit_layers"]],
+                   int(early["layers"]), early["threshold"] if threshold is None else threshold)
+
+    def activate(self) -> "EarlyExitRunner":
+        if not self.is_active:
+            for seg in self.segments:
+                seg.activate()
+            self.load_seconds = sum(seg.load_seconds or 0.0 for seg in self.segments)
+            self.input_names = list(self.segments[0].input_names)
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            for seg in self.segments:
+                seg.deactivate()
+            self.is_active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def set_threads(self, threads: int) -> None:  # pragma: no cover - runners that support it
+        for seg in self.segments:
+            if hasattr(seg, "set_threads"):
+                seg.set_threads(threads)
+
+    def infer(self, feeds: dict[str, np.ndarray], threshold: float | None = None) -> dict[str, np.ndarray]:
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate() the runner before infer()")
+        threshold = self.threshold if threshold is None else threshold
+        mask = np.asarray(feeds["attention_mask"])
+        n = mask.shape[0]
+        rows = np.arange(n)
+        exit_layer = np.full(n, self.layers, dtype=np.int64)
+        logits = None
+        out = self.segments[0].infer(feeds)
+        for k, layer in enumerate(self.exit_layers):
+            scores = out["exit_logits"]
+            if logits is None:
+                logits = np.zeros((n, scores.shape[-1]), dtype=scores.dtype)
+            leave = _softmax_max(scores) > threshold
+            logits[rows[leave]] = scores[leave]
+            exit_layer[rows[leave]] = layer
+            stay = ~leave
+            rows = rows[stay]
+            if rows.size == 0:
+                return {"logits": logits, "exit_layer": exit_layer}
+            width = max(int(mask[rows].sum(axis=1).max()), 1)  # the rows left, cut to their longest (right padding)
+            out = self.segments[k + 1].infer({"hidden_states_in": np.ascontiguousarray(out["hidden_states"][stay, :width]),
+                                              "attention_mask": np.ascontiguousarray(mask[rows, :width])})
+        final = out["logits"]
+        if logits is None:
+            logits = np.zeros((n, final.shape[-1]), dtype=final.dtype)
+        logits[rows] = final
+        return {"logits": logits, "exit_layer": exit_layer}
+
+    def every_exit(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Every exit's logits and the final logits of every row (no row leaves): what a
+        threshold is chosen on."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name}: activate() the runner before every_exit()")
+        mask = np.asarray(feeds["attention_mask"])
+        exits = []
+        out = self.segments[0].infer(feeds)
+        for k in range(len(self.exit_layers)):
+            exits.append(out["exit_logits"])
+            out = self.segments[k + 1].infer({"hidden_states_in": out["hidden_states"], "attention_mask": mask})
+        return exits, out["logits"]
 
 
 def _special_token(folder: Path, name: str) -> str | None:

@@ -132,6 +132,9 @@ def _max_batch_size(manifest: dict, requested: int | None) -> int:
 
 def check_servable(folder: Path, manifest: dict) -> None:
     """Refuse (exit 2) an artifact no Triton backend can serve as it is."""
+    if manifest.get("early_exit"):
+        raise UserError(f"{folder}: an early-exit artifact is a chain of segments whose rows leave by a threshold; "
+                        "bertexport's runtime runs it (run, serve), a Triton repository of it is not built")
     backend = manifest["model"].get("backend")
     if backend not in BACKENDS:
         raise UserError(f"{folder}: a {backend!r} artifact has no Triton backend here (ONNX Runtime, OpenVINO IR and "

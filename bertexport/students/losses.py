@@ -1,4 +1,4 @@
-"""The losses a student is trained on (``bertexport.students.distill.train_student``): logit KD
+"""The losses a student is trained on (``bertexport.students.training.train_student``): logit KD
 with temperature (+ cross-entropy on labels; cosine + MSE of hidden states for encoders),
 TinyBERT's hidden-state MSE through learned projections where widths differ, and MiniLMv2's
 Q/K/V self-attention relations (any width). The intermediate ones run the teacher on the
@@ -21,7 +21,8 @@ def _loss(student_out, teacher: dict, batch, task, cfg):
     mask = batch["inputs"]["attention_mask"].float()
     parts = {}
     if task == "feature-extraction":
-        hs, ht = student_out.last_hidden_state, torch.from_numpy(teacher["hidden"])
+        hs = student_out.last_hidden_state
+        ht = torch.as_tensor(teacher["hidden"], device=hs.device)
         ps = (hs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         pt = (ht * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         parts["cos"] = cfg.alpha_cos * (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
@@ -34,7 +35,7 @@ def _loss(student_out, teacher: dict, batch, task, cfg):
             pairs = [(student_out.logits, teacher["logits"])]
         kd = 0.0
         for s, t in pairs:
-            t = torch.from_numpy(t)
+            t = torch.as_tensor(t, device=s.device)
             kl = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="none").sum(-1) * T * T
             if kl.dim() == 2 and task != "question-answering":  # token-level: only real tokens
                 kl = (kl * mask).sum() / mask.sum()
@@ -169,6 +170,7 @@ class _Intermediate:
         self.projections = None
         if self.hidden and ws != wt:  # trained with the student, discarded after training
             self.projections = torch.nn.ModuleList(torch.nn.Linear(ws, wt) for _ in range(len(layer_map) + 1))
+            self.projections.to(next(student.parameters()).device)
         self.heads = None
         self.taps = None
         if self.attention:

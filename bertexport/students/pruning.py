@@ -36,7 +36,10 @@ Transformers" (github.com/WoosukKwon/retraining-free-pruning), in four steps:
    teacher's did; measured: tuning then cost agreement on the tiny keyword model).
 
 The pruned model is sliced with ``shapes.slice_width``: a model of the teacher's class
-with a stock config, saved as a normal HF checkpoint folder that ``convert`` takes.
+with a stock config, saved as a normal HF checkpoint folder that ``convert`` takes, with
+``prune_report.json`` (which marks it as bertexport's for ``--force``). Several budgets on
+one data set share step 1: ``calibrate`` once, then ``prune_calibrated`` per budget (what
+``optimize --prune`` does); ``prune_data`` reads a data file first (``distill --prune``).
 
 MACs are counted for the encoder layers at a representative sequence length (the mean
 token count of the calibration texts): Q/K/V and output projections, attention scores and
@@ -451,7 +454,8 @@ class PruneResult:
     candidates: list[dict] = field(default_factory=list)
     tuning: list[dict] = field(default_factory=list)
     accuracy: dict | None = None  # teacher/pruned accuracy on held-out labels, when given
-    seconds: float = 0.0
+    seconds: float = 0.0  # this budget's mask search, rearrangement, tuning and measuring
+    calibration_seconds: float = 0.0  # the shared step (teacher outputs, mask gradients), once for all budgets
     out: str | None = None
 
     @property
@@ -469,9 +473,12 @@ def split_held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[
     return sorted(order[k:]), sorted(order[:k])
 
 
-def _check(texts, labels, mac_budget: float, samples: int, held_out: float, measure: int) -> None:
-    if not isinstance(mac_budget, (int, float)) or not 0 < mac_budget < 1:
+def check_budget(mac_budget: float) -> None:
+    if isinstance(mac_budget, bool) or not isinstance(mac_budget, (int, float)) or not 0 < mac_budget < 1:
         raise UserError(f"MAC budget must be a fraction of the teacher's MACs between 0 and 1 (exclusive), got {mac_budget}")
+
+
+def _check_data(texts, labels, samples: int, held_out: float) -> None:
     if len(texts) < 24:
         raise UserError(f"{len(texts)} texts are too few to prune on (need >= 24: calibration and held-out)")
     if any(not isinstance(t, str) for t in texts):
@@ -482,21 +489,57 @@ def _check(texts, labels, mac_budget: float, samples: int, held_out: float, meas
         raise UserError(f"samples must be >= 8, got {samples}")
     if not 0 < held_out < 1:
         raise UserError(f"held-out fraction must be between 0 and 1, got {held_out}")
+
+
+def _check(texts, labels, mac_budget: float, samples: int, held_out: float, measure: int) -> None:
+    check_budget(mac_budget)
+    _check_data(texts, labels, samples, held_out)
     if measure < 1:
         raise UserError(f"measure must be >= 1, got {measure}")
 
 
-def prune_model(teacher, tokenizer, texts: list[str], labels: list[int] | None = None, *, mac_budget: float = 0.75,
-                samples: int = 2048, held_out: float = 0.2, batch_size: int = 32, max_length: int = 128,
-                measure: int = 3, tune: bool = True, seed: int = 0):
-    """Prune the loaded classifier ``teacher`` (unchanged) to ``mac_budget`` x its MACs:
-    returns (pruned model, PruneResult without ``out``). ``labels``: model label ids per
-    text, or None (the teacher's predictions stand in). ``samples`` calibration texts at
-    most (the paper uses 2K); ``held_out`` of the texts are kept out for the agreement."""
-    import torch
+def unsupported_reason(task: str, family: str, config=None) -> str | None:
+    """Why post-training pruning cannot take a checkpoint of ``task`` and ``family``
+    (``config``: its config dict, for ELECTRA's embedding size), or None when it can."""
+    from bertexport.students.shapes import _check_width_family
 
+    if task != TASK:
+        return f"post-training pruning supports {TASK} only (its loss and agreement are one decision per text), not {task}"
+    if not width_prunable(family):
+        return f"post-training pruning supports {', '.join(WIDTH_FAMILIES)}, not {family}"
+    try:
+        _check_width_family(family, config)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class Calibration:
+    """What every MAC budget of one teacher on one data set shares (computed once by
+    ``calibrate``): the calibration and held-out batches with the teacher's logits, the
+    given label ids (None: the teacher's predictions stand in), the representative sequence
+    length, and the per-batch gradients of the mask gates (the Fisher information)."""
+
+    calib_idx: list[int]
+    held_idx: list[int]
+    calib_b: list
+    held_b: list
+    calib_t: list
+    held_t: list
+    labels: list[int] | None
+    grads: MaskGradients
+    seq_len: int
+    seconds: float
+
+
+def calibrate(teacher, tokenizer, texts: list[str], labels: list[int] | None = None, *, samples: int = 2048,
+              held_out: float = 0.2, batch_size: int = 32, max_length: int = 128, seed: int = 0) -> Calibration:
+    """Split ``texts`` (seeded: ``held_out`` of them kept out, at most ``samples`` for
+    calibration), run the loaded classifier ``teacher`` on both parts and take the mask
+    gradients on the calibration part: step 1, shared by every budget."""
     start = time.monotonic()
-    _check(texts, labels, mac_budget, samples, held_out, measure)
+    _check_data(texts, labels, samples, held_out)
     if not width_prunable(teacher.config.model_type):
         raise UserError(f"post-training pruning supports {', '.join(WIDTH_FAMILIES)}, not {teacher.config.model_type}")
     _width(teacher)  # ELECTRA with a factorised embedding is refused here
@@ -511,11 +554,25 @@ def prune_model(teacher, tokenizer, texts: list[str], labels: list[int] | None =
         ys = [np.array([labels[calib_idx[j]] for j in b["index"]]) for b in calib_b]
     else:
         ys = [t.argmax(-1).numpy() for t in calib_t]
+    seq_len = max(1, int(round(float(np.mean([int(n) for b in calib_b for n in b["inputs"]["attention_mask"].sum(-1)])))))
+    grads = mask_gradients(teacher, calib_b, ys)
+    return Calibration(calib_idx, held_idx, calib_b, held_b, calib_t, held_t, None if labels is None else list(labels),
+                       grads, seq_len, time.monotonic() - start)
+
+
+def prune_calibrated(teacher, cal: Calibration, mac_budget: float, *, measure: int = 3, tune: bool = True):
+    """Steps 2-4 for one ``mac_budget`` on a ``calibrate``d teacher (unchanged): returns
+    (pruned model, PruneResult without ``out``); ``seconds`` is this budget's time,
+    ``calibration_seconds`` the shared step's."""
+    import torch
+
+    start = time.monotonic()
+    check_budget(mac_budget)
+    if measure < 1:
+        raise UserError(f"measure must be >= 1, got {measure}")
     tshape = teacher_shape(teacher.config)
     hs = head_size(tshape)
-    seq_len = max(1, int(round(float(np.mean([int(n) for b in calib_b for n in b["inputs"]["attention_mask"].sum(-1)])))))
-
-    grads = mask_gradients(teacher, calib_b, ys)
+    grads, seq_len, calib_b, held_b, calib_t, held_t = cal.grads, cal.seq_len, cal.calib_b, cal.held_b, cal.calib_t, cal.held_t
     found = search_masks(grads, tshape, seq_len, mac_budget)
     if not found:
         raise UserError(f"no stock shape of {tshape.name} fits {mac_budget:.0%} of its MACs at {seq_len} tokens "
@@ -542,6 +599,7 @@ def prune_model(teacher, tokenizer, texts: list[str], labels: list[int] | None =
         else:
             pruned.load_state_dict(untuned_state)
     accuracy = None
+    labels, held_idx = cal.labels, cal.held_idx
     if labels is not None:
         gold = [torch.tensor([labels[held_idx[j]] for j in b["index"]]) for b in held_b]
         accuracy = {name: float(sum(int((l.argmax(-1) == g).sum()) for l, g in zip(logits, gold)) / len(held_idx))
@@ -549,12 +607,26 @@ def prune_model(teacher, tokenizer, texts: list[str], labels: list[int] | None =
     result = PruneResult(
         teacher=tshape.to_dict(), student=masks.shape.to_dict(), heads=masks.heads, ffn=masks.ffn, hidden=masks.hidden,
         macs_before=model_macs(tshape, hs, seq_len), macs_after=model_macs(masks.shape, hs, seq_len), seq_len=seq_len,
-        mac_budget=float(mac_budget), labels="given" if labels is not None else "teacher", samples=len(calib_idx),
+        mac_budget=float(mac_budget), labels="given" if labels is not None else "teacher", samples=len(cal.calib_idx),
         held_out=len(held_idx), agreement=agreement(pruned, held_b, held_t), kl=kl_to_teacher(pruned, held_b, held_t),
         agreement_untuned=agreement_untuned, tuned=tuned, calibration_kl_untuned=kl_untuned, calibration_kl=kl_calib,
         candidates=table, tuning=tuning, accuracy=accuracy,
-        seconds=time.monotonic() - start)
+        seconds=time.monotonic() - start, calibration_seconds=cal.seconds)
     return pruned.eval(), result
+
+
+def prune_model(teacher, tokenizer, texts: list[str], labels: list[int] | None = None, *, mac_budget: float = 0.75,
+                samples: int = 2048, held_out: float = 0.2, batch_size: int = 32, max_length: int = 128,
+                measure: int = 3, tune: bool = True, seed: int = 0):
+    """Prune the loaded classifier ``teacher`` (unchanged) to ``mac_budget`` x its MACs:
+    returns (pruned model, PruneResult without ``out``). ``labels``: model label ids per
+    text, or None (the teacher's predictions stand in). ``samples`` calibration texts at
+    most (the paper uses 2K); ``held_out`` of the texts are kept out for the agreement.
+    Several budgets on the same data: ``calibrate`` once, then ``prune_calibrated`` each."""
+    _check(texts, labels, mac_budget, samples, held_out, measure)
+    cal = calibrate(teacher, tokenizer, texts, labels, samples=samples, held_out=held_out, batch_size=batch_size,
+                    max_length=max_length, seed=seed)
+    return prune_calibrated(teacher, cal, mac_budget, measure=measure, tune=tune)
 
 
 def prune(teacher_path: str | Path, texts: list[str], labels: list | None = None, task: str | None = None,
@@ -575,11 +647,9 @@ def prune(teacher_path: str | Path, texts: list[str], labels: list | None = None
     if threads is not None and threads < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
     ckpt = resolve_checkpoint(str(teacher_path), task)
-    if ckpt.task != TASK:
-        raise UserError(f"post-training pruning supports {TASK} only (its loss and agreement are one decision per text), "
-                        f"not {ckpt.task}")
-    if not width_prunable(ckpt.family):
-        raise UserError(f"post-training pruning supports {', '.join(WIDTH_FAMILIES)}, not {ckpt.family}")
+    reason = unsupported_reason(ckpt.task, ckpt.family, ckpt.config)
+    if reason:
+        raise UserError(reason)
     ids = list(label_ids(labels, ckpt.id2label)) if labels is not None else None
     if out is not None:
         out = Path(out).expanduser().resolve()
@@ -601,3 +671,16 @@ def prune(teacher_path: str | Path, texts: list[str], labels: list | None = None
             (staged.staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
             staged.publish(True)
     return result
+
+
+def prune_data(teacher_path: str | Path, data: str | Path, out: str | Path, *, mac_budget: float = 0.75,
+               task: str | None = None, text_column: str | None = None, label_column: str | None = None,
+               force: bool = False, seed: int = 0, threads: int | None = None, **options) -> PruneResult:
+    """``prune`` on the texts (and labels, when the file has a label column) of a data file
+    (.txt/.csv/.tsv/.jsonl): ``distill --prune``. The budget is checked before the file is read."""
+    from bertexport.core.textdata import load_texts
+
+    check_budget(mac_budget)
+    ts = load_texts(data, text_column, label_column)
+    return prune(teacher_path, ts.texts, ts.labels, task, mac_budget, out, force=force, seed=seed, threads=threads,
+                 **options)

@@ -209,7 +209,7 @@ class Importance:
 
 
 def distillation_loss(out, teacher: dict, batch, task: str):
-    """The student's loss against the teacher's cached outputs (distill's ``_Outputs``
+    """The student's loss against the teacher's cached outputs (``training_data.TeacherOutputs``
     format): KL on logits (real tokens only for token tasks), on start/end for QA, masked
     MSE of the last hidden state for embeddings."""
     import torch
@@ -264,8 +264,8 @@ def _scoring_loss(out, teacher: dict, batch, task: str, seed: int):
 
 def score_importance(model, batches, task: str, teacher_outputs, signed: bool = True) -> Importance:
     """First-order Taylor importance of every head, FFN neuron and hidden dimension of
-    ``model`` on ``batches`` (``distill._length_batches``) against ``teacher_outputs``
-    (``distill._Outputs``). ``model`` is the teacher or a layer-dropped copy of it (better
+    ``model`` on ``batches`` (``training_data.length_batches``) against ``teacher_outputs``
+    (``training_data.TeacherOutputs``). ``model`` is the teacher or a layer-dropped copy of it (better
     for a shallower student: the scores then see the layers the student keeps); the
     scores are indexed by its own layers. ``signed``: -dL/dg summed over batches (the
     predicted loss increase when the unit is removed); else |dL/dg| summed per batch."""

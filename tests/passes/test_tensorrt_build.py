@@ -100,10 +100,11 @@ def test_gpu_providers_of_onnxruntime_fail_fast_when_absent(tiny, tmp_path):
 
 
 def test_dockerfile_gpu_parses():
-    dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (the official Go parser)")
     from pathlib import Path
 
-    cmds = dockerfile.parse_file(str(Path(__file__).resolve().parents[2] / "Dockerfile.gpu"))
+    from tests.dockerfiles import parse_dockerfile
+
+    cmds = parse_dockerfile(Path(__file__).resolve().parents[2] / "Dockerfile.gpu")
     kinds = [c.cmd for c in cmds]
     assert kinds[0] == "FROM" and "tensorrt" in cmds[0].value[0]
     assert "RUN" in kinds and kinds[-1] == "CMD"

@@ -1,0 +1,217 @@
+"""Post-training pruned teachers as ``optimize`` candidates (``optimize --prune``).
+
+- ``plan_pruning`` turns ``--prune`` into checked MAC budgets before any work: ``auto`` is
+  ``AUTO_BUDGETS`` where post-training pruning takes the model (text classification,
+  a width-prunable family) and, elsewhere, no budget with the reason (the search report
+  says it); fractions (``0.6,0.75``) on a model pruning cannot take are refused (exit 2);
+  ``off`` (or nothing) tries none.
+- ``PrunedSearch.run`` prunes the *original* (``bertexport.students.pruning``: Fisher
+  information of heads and FFN neurons, masks under the MAC budget, rearranged,
+  least-squares tuned; no gradient training) on the search slice — never the held-out
+  confirm slice — with its labels when it has them. The teacher's outputs and the Fisher
+  information are computed once and shared by every budget (``pruning.calibrate``); each
+  budget is pruned once and cached (``cache_dir("students")/pruned-<key>``, the key from
+  the teacher, the data, the budget and the settings), so a rerun prunes nothing. Each
+  pruned checkpoint is built with the fastest int8 recipes measured on the original
+  (``students.fastest_bases``) and judged by the search (``Search.try_candidate``) against
+  the original like any candidate. Budgets go most aggressive first; once one passes (or is
+  measured slower than the best passing candidate), the larger (slower) ones are skipped,
+  and one that cannot finish in the time left (estimated from the previous budget) is
+  skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bertexport.core.errors import UserError
+from bertexport.core.hashing import cache_key
+from bertexport.search.candidates import Candidate
+
+AUTO_BUDGETS = (0.6, 0.75, 0.85)  # fractions of the original's encoder MACs that ``--prune auto`` tries
+OFF = ("", "off", "none", "no")
+# what decides a pruned checkpoint besides the teacher, the data and the budget (``pruning.prune_model``'s options)
+SETTINGS = {"samples": 2048, "held_out": 0.2, "batch_size": 32, "max_length": 128, "measure": 3, "tune": True}
+
+
+@dataclass
+class PrunePlan:
+    """The MAC budgets to try, or none with the reason (``auto`` on a model pruning cannot take)."""
+
+    budgets: list[float] = field(default_factory=list)
+    reason: str | None = None
+    asked: str | None = None  # what ``--prune`` said
+
+    @property
+    def on(self) -> bool:
+        return self.asked is not None
+
+
+def plan_pruning(prune, ckpt) -> PrunePlan:
+    """``--prune`` as checked budgets (see the module doc): refused (exit 2) before any work
+    when a fraction is not in (0, 1) or explicit budgets meet a model pruning cannot take."""
+    from bertexport.students.pruning import check_budget, unsupported_reason
+
+    if prune is None or (isinstance(prune, str) and prune.strip().lower() in OFF):
+        return PrunePlan()
+    items = list(prune) if isinstance(prune, (list, tuple)) else [x.strip() for x in str(prune).split(",") if x.strip()]
+    asked = ",".join(str(x) for x in items)
+    reason = unsupported_reason(ckpt.task, ckpt.family, ckpt.config)
+    if [str(x).lower() for x in items] == ["auto"]:
+        return PrunePlan([] if reason else list(AUTO_BUDGETS), reason, asked)
+    if any(str(x).lower() == "auto" for x in items):
+        raise UserError("--prune auto cannot be combined with fractions")
+    budgets = []
+    for x in items:
+        try:
+            b = float(x)
+        except (TypeError, ValueError):
+            raise UserError(f"--prune {x}: give 'auto', 'off' or fractions of the MACs, e.g. 0.6,0.75") from None
+        try:
+            check_budget(b)
+        except UserError as e:
+            raise UserError(f"--prune {x}: {e}") from None
+        if b not in budgets:
+            budgets.append(b)
+    if reason:
+        raise UserError(f"--prune: {reason}")
+    return PrunePlan(sorted(budgets), None, asked)
+
+
+def pruned_candidates(budget: float, bases: list[Candidate]) -> list[Candidate]:
+    """The builds of a checkpoint pruned to ``budget``: each base recipe as it is."""
+    return [dataclasses.replace(base, keep_float=[], anchor=False, student=None, student_layers=None, pruned=budget)
+            for base in bases]
+
+
+class PrunedSearch:
+    """Prunes and judges the pruned teachers of one ``optimize`` run (see the module doc)."""
+
+    def __init__(self, search, *, plan: PrunePlan, ckpt, teacher_model, tokenizer, recipes: list[Candidate], seed: int = 0):
+        self.search, self.plan, self.ckpt = search, plan, ckpt
+        self.teacher_model, self.tokenizer, self.recipes, self.seed = teacher_model, tokenizer, recipes, seed
+        self.records: list[dict] = []
+        self._calibration = None
+        self._data: tuple[list[str], list[int] | None, str] | None = None
+
+    @property
+    def log(self):
+        return self.search.reporter.log
+
+    def data(self) -> tuple[list[str], list[int] | None, str]:
+        """The search slice's texts and label ids (None without labels): never the confirm slice."""
+        if self._data is None:
+            sl = self.search.search
+            texts = list(sl.data.texts)
+            labels = None if sl.labels is None else [int(x) for x in sl.labels]
+            self._data = (texts, labels, cache_key(texts, labels))
+        return self._data
+
+    def folder(self, budget: float) -> Path:
+        from bertexport.core.cache import cache_dir
+
+        _, _, digest = self.data()
+        key = cache_key("pruned/1", self.ckpt.sha256, self.ckpt.task, digest, float(budget), SETTINGS, self.seed)
+        return cache_dir("students") / f"pruned-{key}"
+
+    def prune(self, budget: float) -> tuple[Path, dict, bool]:
+        """The checkpoint pruned to ``budget``, its report and whether it came from the cache."""
+        from bertexport.core.staging import StagedFolder, made_by_bertexport
+        from bertexport.students.pruning import REPORT_NAME, calibrate, prune_calibrated
+
+        out = self.folder(budget)
+        if made_by_bertexport(out) == "pruned":
+            return out, json.loads((out / REPORT_NAME).read_text()), True
+        if self._calibration is None:
+            texts, labels, _ = self.data()
+            with self.search.reporter.step(f"pruning: teacher outputs and Fisher information on {len(texts)} search-slice "
+                                           f"texts ({'their labels' if labels is not None else 'the teacher labels them'})"):
+                self._calibration = calibrate(self.teacher_model, self.tokenizer, texts, labels, seed=self.seed,
+                                              **{k: SETTINGS[k] for k in ("samples", "held_out", "batch_size", "max_length")})
+        with self.search.reporter.step(f"prune the original to {budget:g} of its MACs (no training)"):
+            model, result = prune_calibrated(self.teacher_model, self._calibration, budget, measure=SETTINGS["measure"],
+                                             tune=SETTINGS["tune"])
+        result.out = str(out)
+        report = result.to_dict() | {"teacher_checkpoint": self.ckpt.describe(), "settings": SETTINGS, "seed": self.seed}
+        with StagedFolder(out, force=True, protect=[self.ckpt.path], what="pruned model folder") as staged:
+            model.save_pretrained(staged.staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staged.staging)
+            (staged.staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            staged.publish(True)
+        return out, report, False
+
+    def _skip(self, rec: dict, cands: list[Candidate], reason: str) -> None:
+        from bertexport.search.session import Trial
+
+        rec["status"], rec["reason"] = "skipped", reason
+        for cand in cands:
+            t = Trial(cand, "skipped", reason)
+            self.search.trials.append(t)
+            self.search.log_board(t)
+
+    def run(self) -> list[dict]:
+        from bertexport.core.staging import made_by_bertexport
+        from bertexport.search.session import Trial
+        from bertexport.search.student_builds import fastest_bases
+
+        s = self.search
+        bases = [b for b, _ in fastest_bases(s.trials, self.recipes)]
+        if not bases:
+            self.log("pruning: no int8 recipe to build pruned teachers with")
+            return self.records
+        stop, estimate = None, None
+        for budget in sorted(self.plan.budgets):
+            cands = pruned_candidates(budget, bases)
+            rec = {"mac_budget": budget, "status": "", "reason": "", "shape": None, "mac_fraction": None, "agreement": None,
+                   "accuracy": None, "tuned": None, "seconds": None, "calibration_seconds": None, "cached": False,
+                   "checkpoint": None, "candidates": [c.name for c in cands]}
+            self.records.append(rec)
+            cached = made_by_bertexport(self.folder(budget)) == "pruned"
+            if stop is not None:
+                self._skip(rec, cands, f"never pruned: {stop}, and a larger budget is slower")
+                continue
+            if s.remaining() <= 0 and not cached:
+                self._skip(rec, cands, "time budget used up before pruning")
+                continue
+            if estimate is not None and not cached and estimate > s.remaining():
+                self._skip(rec, cands, f"pruning needs ~{estimate:.0f} s (measured on the previous budget), "
+                                       f"{s.remaining():.0f} s left")
+                continue
+            try:
+                path, report, rec["cached"] = self.prune(budget)
+            except Exception as e:  # one budget failing (too small for any stock shape, ...) must not end the search
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                rec["status"], rec["reason"] = "error", first if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
+                for cand in cands:  # nothing to build
+                    trial = Trial(cand, "error", rec["reason"])
+                    s.trials.append(trial)
+                    s.log_board(trial)
+                continue
+            if not rec["cached"]:  # this budget's own time: the calibration is shared, done once
+                estimate = float(report["seconds"])
+            rec.update({"shape": report["student"]["name"], "mac_fraction": report["mac_fraction"],
+                        "agreement": report["agreement"], "accuracy": report.get("accuracy"), "tuned": report["tuned"],
+                        "seconds": report["seconds"], "calibration_seconds": report.get("calibration_seconds"),
+                        "checkpoint": str(path)})
+            statuses = [s.try_candidate(cand, str(path)).status for cand in cands]
+            rec["status"] = "passed" if "passed" in statuses else "not passed"
+            rec["reason"] = ", ".join(f"{cand.recipe}: {st}" for cand, st in zip(cands, statuses))
+            if "passed" in statuses:
+                stop = f"pruning to {budget:g} of the MACs passed"
+            elif "pruned" in statuses:  # met nothing yet, but already slower than the best passing candidate
+                stop = f"pruning to {budget:g} of the MACs was measured slower than the best passing candidate"
+        return self.records
+
+
+def search_pruned(search, *, plan: PrunePlan, **kw) -> dict | None:
+    """Run the pruned-teacher search; the report's ``pruning`` section (None: ``--prune`` off)."""
+    if not plan.on:
+        return None
+    if not plan.budgets:
+        search.reporter.log(f"pruning skipped: {plan.reason}")
+        return {"asked": plan.asked, "budgets": [], "skipped": plan.reason, "records": []}
+    ps = PrunedSearch(search, plan=plan, **kw)
+    return {"asked": plan.asked, "budgets": plan.budgets, "skipped": None, "records": ps.run()}

@@ -1,0 +1,173 @@
+"""Which students ``optimize`` tries and in which order.
+
+- ``plan_students`` turns ``--distill`` into checked shapes before any work: ``auto`` is the
+  depth x width grid (``student_grid``), ``3,4`` layer-drop students at full width, and
+  ``L3-H256-F1024,L2`` explicit shapes (``students.parse_shape``; missing parts are the
+  teacher's). A shape the family cannot take is refused here (exit 2).
+- ``--student-init`` checkpoints (``plan_init_students``: pre-trained smaller models sharing the
+  teacher's vocabulary, checked before any work by ``students.pretrained``) join the shapes as
+  ``InitShape``s named by what they are (``init:minilm-l3 L3-H384``), never dominated.
+- The search bisects over them by predicted latency (``next_shape``) and never trains a shape
+  no larger in any dimension than a student that missed the gate (``dominated``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from bertexport.core.errors import UserError
+from bertexport.search.student_builds import skip_supported
+from bertexport.students.shapes import StudentShape
+
+GRID_MAX = 12  # shapes in the ``auto`` grid at most
+
+
+def teacher_config(ckpt):
+    """The teacher's transformers config, read from its folder (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(ckpt.path, trust_remote_code=ckpt.trust_remote_code)
+
+
+def _whole(value: float) -> int:
+    return max(1, int(round(value)))
+
+
+def student_grid(teacher, family: str, cap: int = GRID_MAX, config=None) -> list:
+    """``--distill auto``: depths {L/2, L/3, 2} (below the teacher's) x widths {the teacher's,
+    2/3, 1/2 of its heads (the hidden size goes with them)} x FFN {the teacher's, 1/2, 1/4},
+    keeping an FFN no wider (relative to the hidden size) than the teacher's and at least half
+    the hidden size, only shapes ``students.check_shape`` accepts; at most ``cap`` shapes:
+    where more, the shapes whose MACs are nearest another's are dropped first."""
+    from bertexport.search.cost_model import linear_macs
+    from bertexport.students.shapes import StudentShape, check_shape, width_prunable
+
+    n, head = teacher.layers, teacher.hidden // teacher.heads
+    depths = sorted({d for d in (n // 2, n // 3, 2) if 1 <= d < n} or {max(1, n - 1)}, reverse=True)
+    if width_prunable(family) and (family != "electra" or config is None
+                                   or getattr(config, "embedding_size", teacher.hidden) == teacher.hidden):
+        heads = sorted({_whole(teacher.heads * f) for f in (1.0, 2 / 3, 1 / 2)}, reverse=True)
+        ffns = sorted({_whole(teacher.ffn * f) for f in (1.0, 1 / 2, 1 / 4)}, reverse=True)
+    else:
+        heads, ffns = [teacher.heads], [teacher.ffn]
+    widest = teacher.ffn / teacher.hidden
+    shapes = []
+    for d in depths:
+        for a in heads:
+            h = a * head
+            for f in ffns:
+                if (f > widest * h + 1e-9 or 2 * f < h) and (h, f) != (teacher.hidden, teacher.ffn):
+                    continue
+                shape = StudentShape(d, h, a, f)
+                try:
+                    check_shape(shape, teacher, family, config)
+                except UserError:
+                    continue
+                shapes.append(shape)
+    shapes = sorted(set(shapes), key=lambda s: linear_macs(s, 1, 1))
+    while len(shapes) > cap:  # drop the shape nearest (in log MACs) to its cheaper neighbour, never the ends
+        logs = [math.log(linear_macs(s, 1, 1)) for s in shapes]
+        i = min(range(1, len(shapes) - 1), key=lambda k: logs[k] - logs[k - 1])
+        shapes.pop(i)
+    return shapes
+
+
+def plan_students(distill, ckpt) -> list:
+    """``--distill`` as checked shapes (empty: no students). ``auto``: the grid; integers
+    (``3,4`` or a list): layer-drop students at full width; ``L3-H256-F1024,L2``: shapes."""
+    if not distill:
+        return []
+    from bertexport.core.families import get_family
+
+    fam = get_family(ckpt.family)
+    n = int(fam.config_value(ckpt.config, fam.layers_key, 0))
+    items = list(distill) if isinstance(distill, (list, tuple)) else [x.strip() for x in str(distill).split(",") if x.strip()]
+    if not items:
+        return []
+    depths = [x for x in items if isinstance(x, int) or str(x).lstrip("-").isdigit()]
+    if depths and len(depths) == len(items):  # the layer-drop form, checked as it always was
+        layers = [int(x) for x in depths]
+        if any(k < 1 for k in layers):
+            raise UserError("--distill layer counts must be >= 1")
+        too_deep = sorted({k for k in layers if k >= n})
+        if too_deep:
+            raise UserError(f"--distill {','.join(map(str, too_deep))}: the model has {n} layers; a student needs fewer "
+                            f"(1..{n - 1})")
+        items = [f"L{k}" for k in sorted(set(layers))]
+    from bertexport.students.shapes import check_shape, parse_shape, teacher_shape
+
+    config = teacher_config(ckpt)
+    teacher = teacher_shape(config)
+    if items == ["auto"]:
+        shapes = student_grid(teacher, ckpt.family, config=config)
+        if not shapes:
+            raise UserError(f"--distill auto: no student shape fits a {n}-layer {ckpt.family} model")
+        return shapes
+    if "auto" in items:
+        raise UserError("--distill auto cannot be combined with other shapes")
+    shapes = []
+    for text in items:
+        shape = parse_shape(str(text), teacher)
+        check_shape(shape, teacher, ckpt.family, config)
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+class InitShape(StudentShape):
+    """A ``--student-init`` checkpoint (``students.pretrained.InitStudent``) as the search sees
+    it: its shape, named by what it is (``init:minilm-l3 L3-H384``), trained and judged like the
+    shapes sliced from the teacher, never counted as dominated by (or dominating) them: its
+    weights come from elsewhere. ``init`` and ``skip`` (whether first-token skipping applies to
+    its family) are set by ``init_shape``; they are not dataclass fields, so its record is a shape's."""
+
+    init = None
+    skip = False
+
+    @property
+    def name(self) -> str:
+        return self.init.name
+
+    def __eq__(self, other):
+        return isinstance(other, InitShape) and other.init.path == self.init.path
+
+    def __hash__(self):
+        return hash(str(self.init.path))
+
+
+def init_shape(init, skip: bool) -> InitShape:
+    shape = InitShape(init.shape.layers, init.shape.hidden, init.shape.heads, init.shape.ffn)
+    object.__setattr__(shape, "init", init)
+    object.__setattr__(shape, "skip", skip)
+    return shape
+
+
+def plan_init_students(sources, ckpt, texts=()) -> list:
+    """``--student-init`` checkpoints, checked against the teacher before any work (vocabulary,
+    family, size, task: ``students.pretrained.check_student_init``), as ``InitShape``s."""
+    from bertexport.students.pretrained import check_student_init
+
+    shapes: list = []
+    for source in sources or ():
+        init = check_student_init(str(source), ckpt, list(texts))
+        shape = init_shape(init, skip_supported(ckpt.task, init.family, init.config))
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def next_shape(pending: list):
+    """The next student to train: the middle of the untried shapes (ordered by predicted
+    latency). Accuracy grows with size roughly monotonically, so this bisects: a pass makes
+    every slower shape hopeless, a miss rules out the shapes it dominates (``dominated``),
+    and the fastest passing shape is found in ~log2(n) trainings instead of n (fastest-first
+    spends the budget on the smallest shapes, which miss the gate first)."""
+    return pending[len(pending) // 2]
+
+
+def dominated(shape, missed) -> bool:
+    """``shape`` is no larger than ``missed`` in depth, hidden size and FFN: expected no better
+    (never said of a ``--student-init`` checkpoint, nor by one: its weights come from elsewhere)."""
+    if isinstance(shape, InitShape) or isinstance(missed, InitShape):
+        return False
+    return shape.layers <= missed.layers and shape.hidden <= missed.hidden and shape.ffn <= missed.ffn

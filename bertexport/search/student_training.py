@@ -1,0 +1,235 @@
+"""Training one student of ``optimize`` (``StudentTraining``, the training side of
+``search.students.StudentSearch``): its data, settings, cache key, the layer choice and
+importance scores it is sliced with, training and publishing.
+
+- Each student is built by ``students.make_student`` (layers chosen by ``students.choose_layers``,
+  then importance scores of those layers on the training data; a ``--student-init`` checkpoint
+  is loaded under the teacher's task head instead), trained by
+  ``students.training.train_student`` (logit + intermediate losses, teacher-labelled expansion)
+  on ``--distill-data`` or the search slice — never the held-out confirm slice — on ``--device``
+  (``students.device``). Students are cached by (teacher, data, shape, distill config); an
+  interrupted one resumes from its work folder in the cache.
+- Training converges instead of running a fixed count (unless ``epochs`` is given): each
+  student trains until held-out agreement with the teacher has not improved for
+  ``PATIENCE`` evaluations (2 per epoch), at most ``MAX_EPOCHS`` epochs, and never past the
+  search's deadline. A student the deadline stopped is judged on its best state so far and
+  its work folder stays in the cache: the next run continues *that* student from the saved
+  step. Every student's learning curve (held-out agreement per evaluation) goes into the
+  report (``learning_curve``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bertexport.core.hashing import cache_key
+from bertexport.search.student_shapes import InitShape
+
+PATIENCE = 3  # held-out evaluations without a better score before a student stops (2 evaluations an epoch)
+MAX_EPOCHS = 10  # the most epochs a student trains (published recipes: 3-40; the budget usually stops it first)
+SCORING_TEXTS = 512  # texts the importance scores and the layer choice are measured on
+
+
+def training_units(shape, teacher) -> float:
+    """What a training step costs, in linear MACs per token: the teacher's forward pass (its
+    intermediate outputs are computed per batch) and the student's forward and backward (~3x)."""
+    from bertexport.search.cost_model import linear_macs
+
+    return linear_macs(teacher, 1, 1) + 3 * linear_macs(shape, 1, 1)
+
+
+def learning_curve(report: dict) -> dict:
+    """A trained student's learning curve from its training report: held-out agreement with
+    the teacher (cosine for encoders) per evaluation, why training stopped and where the kept
+    (best) state was."""
+    start = report.get("initial_eval") or {}
+    curve = ([{"step": 0, "epoch": 0.0, "score": start["score"]}] if "score" in start else []) + [
+        {"step": e["step"], "epoch": e["epoch"], "score": e["score"]} for e in report.get("evals") or [] if "step" in e]
+    return {"curve": curve, "stopped": report.get("stopped"), "best_step": report.get("best_step"),
+            "epochs_run": report.get("epochs_run"), "resumed_from_step": report.get("resumed_from_step")}
+
+
+class StudentTraining:
+    """Trains (or finds in the cache) the students of one ``optimize`` run; ``search`` is the
+    ``search.session.Search`` (reporter, threads, time left, the search slice)."""
+
+    def __init__(self, search, *, ckpt, teacher_model, tokenizer, distill_data=None, epochs: int | None = None,
+                 seed: int = 0, device: str = "auto"):
+        self.search, self.ckpt, self.teacher_model, self.tokenizer = search, ckpt, teacher_model, tokenizer
+        self.distill_data, self.epochs, self.seed, self.device = distill_data, epochs, seed, device
+        self._importance: dict[tuple[int, ...], object] = {}
+        self._data: tuple[list[str], list[int] | None, str] | None = None
+        self._scoring: tuple[list, list] | None = None
+        self._layer_choice: dict[int, tuple[list[int], list[dict]]] = {}
+
+    @property
+    def log(self):
+        return self.search.reporter.log
+
+    def data(self) -> tuple[list[str], list[int] | None, str]:
+        """Training texts and labels: ``--distill-data`` (labels used when present) or the
+        search slice; never the held-out confirm slice."""
+        if self._data is not None:
+            return self._data
+        task = self.ckpt.task
+        if self.distill_data:
+            from bertexport.core.textdata import label_ids, load_texts
+
+            ts = load_texts(self.distill_data)
+            labelled = ts.labels is not None and task == "text-classification"
+            labels = [int(x) for x in label_ids(ts.labels, self.ckpt.id2label)] if labelled else None
+            texts = ts.texts
+        else:
+            sl = self.search.search
+            texts = list(sl.data.texts)
+            labels = [int(x) for x in sl.labels] if sl.labels is not None and task == "text-classification" else None
+        self._data = (texts, labels, cache_key(texts, labels))
+        return self._data
+
+    def config(self, shape):
+        """The distillation settings of ``shape`` (a ``--student-init`` checkpoint: its path), on ``--device``."""
+        cfg = self._base_config(shape)
+        if isinstance(shape, InitShape):
+            cfg = dataclasses.replace(cfg, shape=None, student=str(shape.init.path))
+        return dataclasses.replace(cfg, device=self.device)
+
+    def _base_config(self, shape):
+        from bertexport.students.distill_config import DistillConfig
+
+        if self.epochs:  # a fixed count, as asked
+            return DistillConfig(shape=shape.name, epochs=self.epochs, seed=self.seed, threads=self.search.threads)
+        return DistillConfig(shape=shape.name, patience=PATIENCE, max_epochs=MAX_EPOCHS, seed=self.seed,
+                             threads=self.search.threads)
+
+    def _key(self, shape, data_digest: str, cfg) -> str:
+        c = dataclasses.asdict(cfg)
+        c.pop("threads", None)  # threads change the speed, not the student
+        c.pop("device", None)  # ... and so does the device
+        init = [shape.init.sha256] if isinstance(shape, InitShape) else []  # its weights
+        return cache_key("student/3", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c, *init)
+
+    def scoring(self, texts, labels, cfg) -> tuple[list, list]:
+        """Batches of the training data (at most ``SCORING_TEXTS``) with the teacher's outputs,
+        computed once per search: importance scores and the layer choice read them."""
+        if self._scoring is None:
+            from bertexport.core.staging import WorkFolder
+            from bertexport.students.training_data import TeacherOutputs, length_batches, sequence_length
+
+            n = min(len(texts), SCORING_TEXTS)
+            batches = length_batches(self.tokenizer, texts[:n], None if labels is None else labels[:n], cfg.batch_size,
+                                     sequence_length(self.tokenizer, texts, cfg, self.teacher_model.config), cfg.seed)
+            with WorkFolder("scoring") as work:
+                outs = TeacherOutputs(work / "teacher.npz").load_or_compute(self.teacher_model, batches, self.ckpt.task, self.log)
+            self._scoring = (batches, outs)
+        return self._scoring
+
+    def importance(self, keep: list[int], texts, labels, cfg):
+        """Importance of the heads, neurons and hidden dims of the teacher's layers ``keep``
+        (scored on the layer-dropped copy, so the scores see the layers the student keeps),
+        once per layer choice: every width of that depth reads the same scores."""
+        key = tuple(keep)
+        if key not in self._importance:
+            from bertexport.core.families import layer_count
+            from bertexport.students.shapes import score_importance, shrink
+
+            full = len(keep) == layer_count(self.teacher_model.config)
+            model = self.teacher_model if full else shrink(self.teacher_model, list(keep))
+            with self.search.reporter.step(f"score heads, FFN neurons and hidden dims of layers {list(keep)} (first-order Taylor)"):
+                batches, outs = self.scoring(texts, labels, cfg)
+                self._importance[key] = score_importance(model, batches, self.ckpt.task, outs)
+        return self._importance[key]
+
+    def layers(self, shape, teacher, texts, labels, cfg) -> tuple[list[int], list[dict]]:
+        """The teacher layers the student starts from, chosen by measured effect (once per depth)."""
+        from bertexport.students.shapes import choose_layers
+
+        if shape.layers == teacher.layers:
+            return list(range(teacher.layers)), []
+        if shape.layers not in self._layer_choice:
+            batches, outs = self.scoring(texts, labels, cfg)
+            self._layer_choice[shape.layers] = choose_layers(self.teacher_model, shape.layers, batches, self.ckpt.task, outs)
+        return self._layer_choice[shape.layers]
+
+    def train(self, shape) -> tuple[Path, dict, bool]:
+        """The trained student's checkpoint folder, its report and whether it came from the cache.
+        A ``--student-init`` checkpoint goes under the teacher's task head, distilled with the same
+        losses (projections where the widths differ; student layers mapped uniformly onto the
+        teacher's), cached and resumed like the sliced students."""
+        from bertexport.core.cache import cache_dir
+
+        texts, labels, data_digest = self.data()
+        cfg = self.config(shape)
+        out = cache_dir("students") / self._key(shape, data_digest, cfg)
+        report_file = out / "student_report.json"
+        if report_file.is_file():
+            return out, json.loads(report_file.read_text()), True
+        if isinstance(shape, InitShape):
+            import torch
+
+            from bertexport.core.families import layer_count
+            from bertexport.students.distill_config import uniform_layer_map
+            from bertexport.students.pretrained import load_init_student, student_tokenizer, training_tokenizer
+
+            init = shape.init
+            torch.manual_seed(self.seed)  # a fresh head: the same one every run
+            student = load_init_student(init, self.ckpt)
+            layer_map = uniform_layer_map(layer_count(self.teacher_model.config), shape.layers)
+            record = {"shape": shape.name, "init": init.to_dict(), "kept_teacher_layers": None, "layer_choice": []}
+            return self._distil(student, training_tokenizer(self.tokenizer, init), layer_map, out, cfg, (texts, labels, data_digest), record,
+                                student_tokenizer(self.tokenizer, self.ckpt.family, init), [self.ckpt.path, init.path])
+        from bertexport.students.distill_config import default_layer_map
+        from bertexport.students.shapes import make_student, teacher_shape
+
+        teacher = teacher_shape(self.teacher_model.config)
+        width = (shape.hidden, shape.heads, shape.ffn) != (teacher.hidden, teacher.heads, teacher.ffn)
+        keep, layer_table = self.layers(shape, teacher, texts, labels, cfg)
+        importance = self.importance(keep, texts, labels, cfg) if width else None
+        student = make_student(self.teacher_model, shape, keep, importance)
+        # the student's last layer learns from the teacher's last (kept layers map onto themselves
+        # only when they end there, e.g. every k-th; lower layers map uniformly)
+        layer_map = default_layer_map(teacher.layers, keep, shape.layers)
+        record = {"shape": shape.name, "kept_teacher_layers": list(keep), "layer_choice": layer_table}
+        return self._distil(student, self.tokenizer, layer_map, out, cfg, (texts, labels, data_digest), record, self.tokenizer,
+                            [self.ckpt.path])
+
+    def _distil(self, student, tokenizer, layer_map, out: Path, cfg, data: tuple, record: dict, student_tok,
+                protect: list) -> tuple[Path, dict, bool]:
+        """Train ``student`` on ``data`` (texts, labels, digest; inputs from ``tokenizer``) in its work folder in the cache (kept when
+        interrupted: the next run resumes from it), then publish it with ``student_tok`` and its
+        report (``record`` + timings) to ``out``. A student the deadline stopped is judged on its
+        best state and its work folder kept to continue."""
+        from bertexport.core.cache import cache_dir
+        from bertexport.core.staging import StagedFolder
+        from bertexport.students.training import train_student
+
+        texts, labels, data_digest = data
+        work = cache_dir("students") / f"{out.name}.work"  # kept when interrupted: the next run resumes from it
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        best, report = train_student(self.teacher_model, student, tokenizer, texts, labels, self.ckpt.task, cfg, work,
+                                     self.search.reporter, layer_map,
+                                     teacher_cache=cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}",
+                                     deadline=time.monotonic() + self.search.remaining())
+        seconds = time.perf_counter() - t0
+        report = {k: v for k, v in report.items() if not k.startswith("_")} | record | {  # "_eval" holds tensors
+            "wall_seconds": round(seconds, 1), "train_seconds": report.get("train_seconds", seconds),
+            "data_digest": data_digest, "teacher_sha256": self.ckpt.sha256}
+        if report.get("stopped") == "time":  # the deadline stopped it: judge its best state, keep its work to continue
+            student_tok.save_pretrained(work / "best")
+            return work / "best", report, False
+        with StagedFolder(out, force=True, protect=protect, what="student folder") as staged:
+            best.save_pretrained(staged.staging, safe_serialization=True)
+            student_tok.save_pretrained(staged.staging)
+            (staged.staging / "student_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+            staged.publish(True)
+        shutil.rmtree(work, ignore_errors=True)
+        return out, report, False
+
+    def _cached_path(self, shape, data_digest: str) -> Path:
+        from bertexport.core.cache import cache_dir
+
+        return cache_dir("students") / self._key(shape, data_digest, self.config(shape))

@@ -1,0 +1,337 @@
+"""``train_student``: the distillation loop (losses: ``bertexport.students.losses``). Held-out
+texts are evaluated every few steps and the best student is kept; with ``patience`` training
+stops when held-out agreement stops improving; a checkpoint (model, projections, optimizer,
+schedule, RNG, position, evaluations) is written atomically so an interrupted or time-capped
+run resumes. See ``train_student``'s docstring."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bertexport.core.errors import UserError
+from bertexport.core.families import layer_count as _layer_count
+from bertexport.core.progress import Reporter
+from bertexport.students.device import batches_on_device, device_record, training_device
+from bertexport.students.distill_config import DistillConfig, hidden_loss_weight, schedule_steps, uniform_layer_map
+from bertexport.students.losses import _Intermediate, _loss
+from bertexport.students.training_data import TeacherOutputs, length_batches, sequence_length, split_eval, training_rows
+
+
+_RESUME_IGNORES = ("threads", "checkpoint_every", "device")
+
+
+def _inputs_digest(teacher_model, texts, labels, task, cfg: DistillConfig) -> str:
+    from bertexport.core.hashing import cache_key
+
+    keys = ("batch_size", "max_length", "seed", "eval_fraction", "augment", "augment_below")
+    teacher_config = {k: v for k, v in teacher_model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    return cache_key(texts, labels, task, teacher_config, {k: getattr(cfg, k) for k in keys})
+
+
+def _prepare_work(work: Path, digest: str) -> None:
+    """``work`` holds one run's caches: refuse to resume another run's checkpoint, drop stale caches."""
+    stamp = work / "inputs.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("digest") != digest:
+        if (work / "checkpoint.pt").is_file():
+            raise UserError(f"{work} holds an interrupted run on other data or settings; start again without resuming")
+        for f in work.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"digest": digest}) + "\n")
+
+
+def _evaluate(model, batches, teacher_outs, task) -> dict:
+    import torch
+
+    model.eval()
+    agree = total = correct = labelled = 0
+    cosines = []
+    with torch.inference_mode():
+        for b, t in zip(batches, teacher_outs):
+            o = model(**b["inputs"])
+            mask = b["inputs"]["attention_mask"].bool()
+            if task == "feature-extraction":
+                m = mask.float()[..., None]
+                ps = (o.last_hidden_state * m).sum(1) / m.sum(1)
+                pt = (torch.as_tensor(t["hidden"], device=m.device) * m).sum(1) / m.sum(1)
+                cosines += torch.nn.functional.cosine_similarity(ps, pt, dim=-1).tolist()
+                continue
+            if task == "question-answering":
+                s, tt = o.start_logits.argmax(-1), torch.as_tensor(t["start"], device=mask.device).argmax(-1)
+            elif task == "text-classification":
+                s, tt = o.logits.argmax(-1), torch.as_tensor(t["logits"], device=mask.device).argmax(-1)
+            else:
+                s, tt = o.logits.argmax(-1)[mask], torch.as_tensor(t["logits"], device=mask.device).argmax(-1)[mask]
+            agree += int((s == tt).sum())
+            total += int(s.numel())
+            if "labels" in b and task == "text-classification":
+                correct += int((s == b["labels"]).sum())
+                labelled += len(b["labels"])
+    model.train()
+    out = {}
+    if cosines:
+        out["cosine_mean"] = float(np.mean(cosines))
+        out["score"] = out["cosine_mean"]
+    else:
+        out["agreement"] = agree / max(total, 1)
+        out["score"] = out["agreement"]
+    if labelled:
+        out["accuracy"] = correct / labelled
+    return out
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _means(values: list[float]) -> dict:
+    k = max(1, len(values) // 10)
+    return {"first_10pct": float(np.mean(values[:k])), "last_10pct": float(np.mean(values[-k:])), "steps": len(values)}
+
+
+def train_student(teacher_model, student_model, tokenizer, texts: list[str], labels: list | None, task: str,
+                  cfg: DistillConfig, work: Path, reporter: Reporter | None = None, layer_map: list[int] | None = None,
+                  *, on_step: Callable[[int, float], None] | None = None, teacher_cache: Path | None = None,
+                  deadline: float | None = None):
+    """Distil ``teacher_model`` into ``student_model`` (same family and tokenizer) on
+    ``texts`` (``labels``: label ids, or None). Returns ``(best student, report)``.
+
+    Losses (each weighted by its ``cfg.alpha_*``; a 0 turns it off):
+    - ``kd``: temperature-scaled KL on the teacher's logits (start/end for QA); ``ce``:
+      cross-entropy on labels where rows have them; encoders: ``cos`` + ``mse`` on the
+      pooled / last hidden states;
+    - ``hidden`` (TinyBERT): MSE between the embedding outputs and between each student
+      layer's hidden states and its mapped teacher layer's (``layer_map[i]`` = the teacher
+      layer of student layer i; default ``uniform_layer_map``); where the widths differ a
+      learned ``nn.Linear`` per mapped layer projects the student onto the teacher's width;
+      the projections train with the student and are discarded;
+    - ``attention`` (MiniLMv2): Q-Q, K-K, V-V scaled dot-product relations of the last
+      student layer vs teacher layer ``layer_map[-1]``, split into relation heads that
+      divide both widths (any student width), KL summed over the three; Q/K/V are caught
+      by forward hooks on the query/key/value Linear modules.
+    Which losses: ``hidden`` only with enough data (``hidden_loss_weight``: per-layer losses
+    overfit small data, Ko et al. 2023); ``attention`` (the last layer only) always.
+    Weights 1.0 when on, as the sources weigh them (TinyBERT sums
+    its layer losses unweighted, MiniLMv2 sums Q-Q, K-K and V-V unweighted): both parts are
+    scale-free enough for that (a KL between distributions; an MSE of LayerNorm outputs) and
+    both are the published objectives that beat logit-only KD for shallow students
+    (TinyBERT 89.3-90.7 -> 91.5 on SST-2 with augmentation; attention transfer the
+    strongest single objective, arXiv 2305.15032). Not tuned here on real models yet.
+
+    Data: a seeded split holds out ``cfg.eval_fraction`` of ``texts`` (originals only,
+    never augmented); when there are fewer than ``cfg.augment_below`` texts,
+    ``cfg.augment`` variants of every training text (``bertexport.students.augment``) are added and
+    labelled by the teacher (the student learns its soft outputs on them). The teacher's
+    logits for every training and held-out row are computed once and cached in ``work``
+    (teacher-train.npz, teacher-eval.npz); its intermediate outputs (hidden states, Q/K/V)
+    are computed on the fly under no_grad, per batch: hidden states of every layer for every
+    batch would not fit a cache.
+
+    Sequence length: ``sequence_length`` (the data's 99th percentile unless given). Schedule:
+    AdamW at ``cfg.lr`` (1e-4: small students like higher rates than BERT fine-tuning's
+    2e-5..5e-5; the BERT-miniature grid of Turc et al. goes to 3e-4), linear warmup over
+    ``cfg.warmup`` of the schedule (at most one epoch), linear decay to 0 at its end (the
+    epoch count, or ``cfg.max_epochs`` with patience).
+
+    When it stops: the held-out texts are evaluated every ``eval_every`` steps (default
+    ``EVALS_PER_EPOCH`` a epoch) and the best state is kept in work/best (the step-0
+    evaluation is the curve's start, not a candidate). With ``cfg.patience`` training stops
+    after that many evaluations without a better score (``stopped: plateau``) or at
+    ``cfg.max_epochs``; without it, after ``cfg.epochs``. ``deadline`` (a ``time.monotonic()``
+    value) stops it after the step that passes it (evaluated first; ``stopped: time``).
+
+    Resumable: ``work/checkpoint.pt`` (model, projections, optimizer, schedule, RNG,
+    position, evaluations, plateau count) is written atomically every ``cfg.checkpoint_every``
+    steps and after every evaluation; a call finding it continues from the saved step (same
+    data and settings, else UserError). Resumed from a checkpoint, the run repeats what an
+    uninterrupted one would have done (same order, RNG and evaluations: the same weights
+    within float noise); one stopped by ``deadline`` had an extra evaluation at the stop, so
+    its plateau count can differ from an uninterrupted run's by that evaluation.
+    """
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    reporter = reporter or Reporter()
+    work = Path(work)
+    student = student_model
+    teacher_model.eval()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = training_device(cfg.device)
+    n_teacher, n_student = _layer_count(teacher_model.config), _layer_count(student.config)
+    layer_map = list(layer_map) if layer_map is not None else uniform_layer_map(n_teacher, n_student)
+    if len(layer_map) != n_student or any(not 0 <= t < n_teacher for t in layer_map):
+        raise UserError(f"layer map {layer_map} must give a teacher layer (0..{n_teacher - 1}) for each of the "
+                        f"student's {n_student} layers")
+    if cfg.augment < 0 or (cfg.alpha_hidden or 0) < 0 or cfg.alpha_attention < 0:
+        raise UserError("augment, alpha_hidden and alpha_attention must be >= 0")
+
+    digest = _inputs_digest(teacher_model, texts, labels, task, cfg)
+    _prepare_work(work, digest)
+    train_idx, eval_idx = split_eval(len(texts), cfg)
+    data = training_rows(texts, labels, train_idx, eval_idx, cfg)
+    if data["augmented"]:
+        reporter.log(f"{data['augmented']} variants of {data['originals']} training texts, labelled by the teacher")
+    max_length = sequence_length(tokenizer, texts, cfg, teacher_model.config)
+    if cfg.batch_size * max_length > cfg.max_tokens_per_batch:
+        raise UserError(f"batch_size x max_length = {cfg.batch_size * max_length} tokens per batch risks running out of "
+                        f"memory (limit {cfg.max_tokens_per_batch}); lower the batch size or the max length")
+    alpha_hidden, hidden_why = hidden_loss_weight(cfg, data["originals"])
+    reporter.log(f"max length {max_length} ({'given' if cfg.max_length else f'p{cfg.length_percentile:g} of the data'}); "
+                 f"hidden-state loss {alpha_hidden:g} ({hidden_why})")
+    train_b = length_batches(tokenizer, data["texts"], data["labels"], cfg.batch_size, max_length, cfg.seed)
+    eval_b = length_batches(tokenizer, [texts[i] for i in eval_idx], [labels[i] for i in eval_idx] if labels is not None else None,
+                             cfg.batch_size, max_length, cfg.seed)
+    teacher_home = next(teacher_model.parameters()).device
+    train_b, eval_b = batches_on_device(train_b, device), batches_on_device(eval_b, device)
+    teacher_model.to(device)
+    student.to(device)
+    with reporter.step("teacher outputs (computed once, cached)"):
+        # ``teacher_cache``: a folder of this teacher's outputs shared by several students (the
+        # digest covers the texts, labels, task and batching; the folder must be the teacher's own)
+        where = (Path(teacher_cache), f"{digest[:20]}-") if teacher_cache else (work, "")
+        where[0].mkdir(parents=True, exist_ok=True)
+        teacher_train = TeacherOutputs(where[0] / f"{where[1]}teacher-train.npz").load_or_compute(teacher_model, train_b, task, reporter.log)
+        teacher_eval = TeacherOutputs(where[0] / f"{where[1]}teacher-eval.npz").load_or_compute(teacher_model, eval_b, task, reporter.log)
+
+    inter = _Intermediate(teacher_model, student, layer_map, dataclasses.replace(cfg, alpha_hidden=alpha_hidden))
+    try:
+        steps_per_epoch = len(train_b)
+        plan = schedule_steps(cfg, steps_per_epoch)
+        total, every = plan["total"], plan["eval_every"]
+        opt = torch.optim.AdamW(list(student.parameters()) + inter.parameters(), lr=cfg.lr, weight_decay=0.01)
+        sched = get_linear_schedule_with_warmup(opt, plan["warmup"], total)
+        state = {"step": 0, "best": -math.inf, "best_step": None, "since_best": 0, "stopped": None, "evals": [],
+                 "history": [], "parts": {}, "resumed_from_step": None}
+        if (work / "checkpoint.pt").is_file():
+            saved = torch.load(work / "checkpoint.pt", weights_only=False, map_location="cpu")
+            now = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORES}
+            then = {k: v for k, v in saved["config"].items() if k not in _RESUME_IGNORES}
+            if now != then:
+                changed = sorted(k for k in now if now[k] != then.get(k))
+                raise UserError(f"the interrupted run in {work} used other settings ({', '.join(changed)}); "
+                                "resume with the same ones or start again")
+            student.load_state_dict(saved["model"])
+            if inter.projections is not None:
+                inter.projections.load_state_dict(saved["projections"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            torch.set_rng_state(saved["torch_rng"])
+            state = saved["state"] | {"resumed_from_step": saved["state"]["step"]}
+            if state.get("stopped") == "time":  # a time cap is this call's, not the run's: go on
+                state["stopped"] = None
+            reporter.log(f"resuming at step {state['step']} of {total}")
+
+        def checkpoint():
+            _save_checkpoint(work / "checkpoint.pt", {
+                "model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "projections": inter.projections.state_dict() if inter.projections is not None else None,
+                "torch_rng": torch.get_rng_state(), "state": state, "config": asdict(cfg)})
+
+        def evaluate():
+            """Held-out agreement now; the best state kept in work/best; the plateau counted."""
+            metrics = _evaluate(student, eval_b, teacher_eval, task)
+            inter.drop_captures()
+            state["evals"].append({"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 3), **metrics})
+            if metrics["score"] > state["best"]:
+                state["best"], state["best_step"], state["since_best"] = metrics["score"], state["step"], 0
+                student.save_pretrained(work / "best", safe_serialization=True)
+            else:
+                state["since_best"] += 1
+            recent = state["history"][-every:]
+            reporter.log(f"step {state['step']} (epoch {state['step'] / steps_per_epoch:.2f}): loss "
+                         f"{np.mean(recent) if recent else float('nan'):.4f}, "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score")
+                         + (f"; best {state['best']:.4f} at step {state['best_step']}" if state["since_best"] else "; best"))
+            if cfg.patience is not None and state["since_best"] >= cfg.patience:
+                state["stopped"] = "plateau"
+
+        if state["step"] == 0 and state.get("initial_eval") is None:
+            state["initial_eval"] = _evaluate(student, eval_b, teacher_eval, task)  # the curve's start, not a candidate
+            inter.drop_captures()
+        student.train()
+        t0 = time.perf_counter()
+        how = (f"until {cfg.patience} evaluations without a better held-out score, at most {cfg.max_epochs} epochs"
+               if cfg.patience is not None else f"{cfg.epochs} epochs")
+        with reporter.step(f"distill {how} ({steps_per_epoch} steps each, evaluated every {every})"):
+            while state["step"] < total and state["stopped"] is None:
+                epoch, pos = divmod(state["step"], steps_per_epoch)
+                order = list(range(steps_per_epoch))
+                random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # same order on resume
+                for bi in order[pos:]:
+                    b = train_b[bi]
+                    out = student(**b["inputs"], **inter.student_kwargs())
+                    parts = _loss(out, teacher_train[bi], b, task, cfg)
+                    if inter.active:
+                        parts |= inter.parts(out, b["inputs"])
+                    loss = sum(parts.values())
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(list(student.parameters()) + inter.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad()
+                    state["step"] += 1
+                    state["history"].append(round(float(loss.detach()), 6))
+                    for k, v in parts.items():
+                        state["parts"].setdefault(k, []).append(round(float(v.detach()), 6))
+                    out_of_time = deadline is not None and time.monotonic() >= deadline
+                    due = state["step"] % every == 0 or state["step"] == total or out_of_time
+                    if due:
+                        evaluate()
+                        if out_of_time and state["stopped"] is None:
+                            state["stopped"] = "time"
+                    if due or state["step"] % cfg.checkpoint_every == 0:
+                        checkpoint()  # after the evaluation: a resumed run repeats none and skips none
+                    if on_step:
+                        on_step(state["step"], float(loss))
+                    if state["stopped"]:
+                        break
+        train_seconds = time.perf_counter() - t0
+    finally:
+        inter.close()
+        teacher_model.to(teacher_home)
+        student.to("cpu")
+
+    best = type(student).from_pretrained(work / "best").to(device).eval()
+    final = _evaluate(best, eval_b, teacher_eval, task)
+    best = best.to("cpu").eval()
+    h = state["history"]
+    report = {
+        "task": task,
+        "layer_map": layer_map,
+        "intermediate": {"alpha_hidden": alpha_hidden, "hidden_rule": hidden_why, "alpha_attention": cfg.alpha_attention,
+                         "projection": inter.projections is not None, "relation_heads": inter.heads,
+                         "attention_layers": {"student": n_student - 1, "teacher": layer_map[-1]} if inter.attention else None},
+        "data": {"texts": len(texts), "labelled": labels is not None, "train_texts": data["originals"],
+                 "eval_texts": len(eval_idx), "augmented": data["augmented"],
+                 "augment_per_text": cfg.augment if data["augmented"] else 0,
+                 "teacher_labelled_rows": data["originals"] + data["augmented"]},
+        "max_length": max_length, "max_length_source": "given" if cfg.max_length else f"p{cfg.length_percentile:g} of the data",
+        "schedule": {"lr": cfg.lr, "warmup_steps": plan["warmup"], "total_steps": total, "decay": "linear to 0",
+                     "steps_per_epoch": steps_per_epoch, "eval_every": every, "patience": cfg.patience},
+        # why training ended: "plateau" (patience), "max_epochs" (the cap, with patience), "epochs" (the
+        # fixed count) or "time" (the caller's deadline: resumable, the work folder continues it)
+        "stopped": state["stopped"] or ("max_epochs" if cfg.patience is not None else "epochs"),
+        "best_step": state["best_step"], "epochs_run": round(state["step"] / steps_per_epoch, 3),
+        "steps": state["step"], "resumed_from_step": state.get("resumed_from_step"),
+        "loss_first_10pct": _means(h)["first_10pct"], "loss_last_10pct": _means(h)["last_10pct"],
+        "loss_parts": {k: _means(v) for k, v in state["parts"].items()},
+        "initial_eval": state.get("initial_eval"), "evals": state.get("evals", []), "final_eval": final,
+        "train_seconds": train_seconds, "device": device_record(device, cfg.device),
+    }
+    return best, report

@@ -1,0 +1,103 @@
+"""The rows a student trains and is judged on: the seeded held-out split, teacher-labelled
+variants of small data (``bertexport.students.augment``), the sequence length training pads
+to, batches bucketed by length, and the teacher's outputs for them (computed once, cached)."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from bertexport.students.distill_config import DistillConfig
+
+
+def split_eval(n: int, cfg: DistillConfig) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of ``n`` texts: a seeded shuffle, ``eval_fraction`` (>= 8) held out."""
+    idx = list(range(n))
+    random.Random(cfg.seed).shuffle(idx)
+    n_eval = max(8, int(n * cfg.eval_fraction))
+    return idx[n_eval:], idx[:n_eval]
+
+
+def training_rows(texts, labels, train_idx, eval_idx, cfg: DistillConfig) -> dict:
+    """The training rows: the training split's texts (with their labels) and, when the data
+    is small, ``cfg.augment`` variants of each (no label: the teacher labels them). Held-out
+    texts are never varied and no variant equals one."""
+    from bertexport.students.augment import variants
+
+    train_texts = [texts[i] for i in train_idx]
+    train_labels = [labels[i] for i in train_idx] if labels is not None else None
+    extra: list[str] = []
+    if cfg.augment > 0 and len(texts) < cfg.augment_below:
+        extra = variants(train_texts, cfg.augment, cfg.seed, exclude={texts[i] for i in eval_idx})
+    return {"texts": train_texts + extra,
+            "labels": (train_labels + [None] * len(extra)) if train_labels is not None else None,
+            "originals": len(train_texts), "augmented": len(extra)}
+
+
+def sequence_length(tokenizer, texts: list[str], cfg: DistillConfig, model_config) -> int:
+    """The longest sequence training pads to: ``cfg.max_length`` when given, else the data's
+    ``cfg.length_percentile`` token length (special tokens included), never above what the
+    model accepts (``checkpoint.model_max_length``). Short texts need no 128-token batches:
+    the cost of a step grows with the padded length, and the bucketed batches only pad to
+    their longest row, which this cuts at the tail of the distribution."""
+    from bertexport.building.checkpoint import model_max_length
+
+    cap = model_max_length(model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config), tokenizer)
+    if cfg.max_length is not None:
+        return min(int(cfg.max_length), cap)
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"]]
+    return max(8, min(cap, int(math.ceil(np.percentile(lengths, cfg.length_percentile)))))
+
+
+def length_batches(tokenizer, texts, labels, batch_size, max_length, seed):
+    """Batches of similar length (less padding), in a fixed order. A label of None (a
+    teacher-labelled variant) becomes -100: no cross-entropy on that row."""
+    import torch
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        b = {"inputs": dict(enc), "index": idx}
+        if labels is not None:
+            b["labels"] = torch.tensor([-100 if labels[i] is None else labels[i] for i in idx])
+        batches.append(b)
+    return batches
+
+
+class TeacherOutputs:
+    """Teacher outputs (logits, or last hidden states for encoders) for every batch,
+    computed once, kept in memory and on disk (``{batch}:{name}`` arrays of one .npz)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load_or_compute(self, teacher, batches, task: str, log) -> list[dict]:
+        import torch
+
+        if self.path.is_file():
+            data = np.load(self.path, allow_pickle=False)
+            out = [{k[len(f"{i}:"):]: data[k] for k in data.files if k.startswith(f"{i}:")} for i in range(len(batches))]
+            log(f"teacher outputs loaded from {self.path.name} ({len(batches)} batches)")
+            return out
+        out = []
+        with torch.inference_mode():
+            for b in batches:
+                o = teacher(**b["inputs"])
+                item = {}
+                if task == "feature-extraction":
+                    item["hidden"] = o.last_hidden_state.cpu().numpy()
+                elif task == "question-answering":
+                    item["start"], item["end"] = o.start_logits.cpu().numpy(), o.end_logits.cpu().numpy()
+                else:
+                    item["logits"] = o.logits.cpu().numpy()
+                out.append(item)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"{i}:{k}": v for i, item in enumerate(out) for k, v in item.items()})
+        os.replace(tmp, self.path)
+        log(f"teacher outputs computed for {sum(len(b['index']) for b in batches)} texts, cached in {self.path.name}")
+        return out
