@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bertexport.core.cache import cache_dir
-from bertexport.judging.compare import Gates, fixed_cell_feeds
+from bertexport.judging.compare import fixed_cell_feeds
+from bertexport.judging.gates import Gates
 from bertexport.core.envinfo import cpu_features, environment
 from bertexport.judging.latency import speedup, time_interleaved
 from bertexport.core.textdata import builtin_calibration, builtin_samples

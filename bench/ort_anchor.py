@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from bertexport.core.cache import cache_dir
-from bertexport.judging.compare import Gates, compare_on_data, fixed_cell_feeds, reference_runner, task_metrics
+from bertexport.judging.compare import compare_on_data, fixed_cell_feeds, reference_runner, task_metrics
+from bertexport.judging.gates import Gates
 from bertexport.core.envinfo import cpu_features, environment
 from bertexport.judging.latency import speedup, time_interleaved
 from bertexport.core.textdata import builtin_samples

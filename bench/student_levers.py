@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bertexport.core.cache import cache_dir  # noqa: E402
-from bertexport.judging.compare import Gates, compare_on_data, reference_runner, task_metrics  # noqa: E402
+from bertexport.judging.compare import compare_on_data, reference_runner, task_metrics  # noqa: E402
+from bertexport.judging.gates import Gates  # noqa: E402
 from bertexport.core.envinfo import cpu_features, environment  # noqa: E402
 
 

@@ -71,6 +71,8 @@ def test_every_artifact_the_suite_built_matches_the_published_schema(tmp_path_fa
         m = json.loads(p.read_text())
         if m.get("schema_version", 1) < 2 or not m.get("bertexport_version") or "manifest_sha256" not in m:
             continue  # hand-made fixtures of other tests (tampering, old versions)
+        if any(x.startswith("handmade-") for x in p.parts):
+            continue  # other tests' deliberately invalid manifests (e.g. a backend no runtime has)
         checked += 1
         errors = [e.message for e in validator.iter_errors(m)]
         if errors:

@@ -15,19 +15,13 @@ from bertexport.judging.gates import Gates
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.manifest import load_manifest, verify_files
 from bertexport.search.optimize import candidate_recipes, optimize, parse_budget
-from tests.tinymodels import keyword_sentence
+from tests.tinymodels import write_keyword_jsonl
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    rng = np.random.default_rng(5)
-    path = tmp_path_factory.mktemp("data") / "kw.jsonl"
-    with open(path, "w") as f:
-        for _ in range(500):  # the default 1-point gate needs >= 200 held-out rows
-            y = int(rng.integers(0, 2))
-            f.write(json.dumps({"text": keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if y else None),
-                                "label": ["absent", "present"][y]}) + "\n")
-    return path
+    # the default 1-point gate needs >= 200 held-out rows
+    return write_keyword_jsonl(tmp_path_factory.mktemp("data") / "kw.jsonl", seed=5, rows=500)
 
 
 @pytest.fixture(scope="module")

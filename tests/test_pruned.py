@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -15,19 +14,13 @@ from bertexport.cli import cli
 from bertexport.core.errors import UserError
 from bertexport.search.pruned import AUTO_BUDGETS, plan_pruning, pruned_candidates
 from bertexport.search.candidates import Candidate
-from tests.tinymodels import keyword_sentence
+from tests.tinymodels import write_keyword_jsonl
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    rng = np.random.default_rng(7)
-    path = tmp_path_factory.mktemp("data") / "kw.jsonl"
-    with open(path, "w") as f:
-        for _ in range(500):  # the default 1-point gate needs >= 200 held-out rows
-            y = int(rng.integers(0, 2))
-            f.write(json.dumps({"text": keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if y else None),
-                                "label": ["absent", "present"][y]}) + "\n")
-    return path
+    # the default 1-point gate needs >= 200 held-out rows
+    return write_keyword_jsonl(tmp_path_factory.mktemp("data") / "kw.jsonl", seed=7, rows=500)
 
 
 def _ckpt(path):

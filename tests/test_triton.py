@@ -318,7 +318,7 @@ def test_cli_pack_triton_and_refusals(embed_art, tmp_path):
     r = run(cli, ["pack", str(embed_art), "--format", "triton", "--out", str(foreign), "--force"])
     assert r.exit_code == 2 and (foreign / "notes.txt").read_text() == "keep me"
 
-    torch_art = _rewritten(embed_art, tmp_path / "torchy", model={**load_manifest(embed_art)["model"], "backend": "torch"})
+    torch_art = _rewritten(embed_art, tmp_path / "handmade-torch-backend", model={**load_manifest(embed_art)["model"], "backend": "torch"})
     r = run(cli, ["pack", str(torch_art), "--format", "triton", "--out", str(tmp_path / "t")])
     assert r.exit_code == 2 and "no Triton backend" in r.output and not (tmp_path / "t").exists()
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bertexport import __version__
 from bertexport.core.staging import (REJECTED_SUFFIX, StagedFolder, WorkFolder, check_destination, check_writable,
                                 made_by_bertexport)
 from bertexport.backends import get_backend
@@ -20,7 +18,7 @@ from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.families import get_family
 from bertexport.building.export import ExportedModel, export_onnx
 from bertexport.judging.latency import speedup, time_interleaved
-from bertexport.core.manifest import Manifest, write_manifest
+from bertexport.core.manifest import Manifest, manifest_header, write_manifest
 from bertexport.judging.compare import batch_invariance, fixed_cell_feeds, parity_checks, reference_runner
 from bertexport.judging.gates import Gates, check_gates_resolvable, judge_checks, profile_status
 from bertexport.core.tasks import get_task
@@ -259,14 +257,7 @@ def convert(
             load_seconds = candidate.load_seconds
         passed = not failures
         env = environment()
-        manifest = Manifest(**{
-            "bertexport_version": __version__,
-            "status": "passed" if passed else "rejected",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": ckpt.describe(),
-            "family": ckpt.family,
-            "task": ckpt.task,
-            "max_length": max_length,
+        manifest = Manifest(**manifest_header(ckpt, passed, max_length), **{
             "pooling": sentence_pooling(ckpt.path) if ckpt.task == "feature-extraction" else None,
             "model": {"path": model_path.relative_to(staged.staging).as_posix(), "format": final.format,
                       "backend": profile.backend, "opset": exported.opset},

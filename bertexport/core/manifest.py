@@ -162,3 +162,17 @@ def verify_files(folder: str | Path, manifest: dict | None = None) -> list[str]:
         if p.is_file() and rel not in (MANIFEST, SIGNATURE) and rel not in listed:
             problems.append(f"unlisted file: {p.relative_to(folder).as_posix()}")
     return problems
+
+
+def manifest_header(ckpt, passed: bool, max_length: int) -> dict:
+    """The fields every artifact's manifest opens with: who built it, when, from which
+    checkpoint (``ckpt``: building.checkpoint's resolved checkpoint), and its verdict."""
+    import datetime
+
+    from bertexport import __version__
+
+    return {"bertexport_version": __version__,
+            "status": "passed" if passed else "rejected",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": ckpt.describe(), "family": ckpt.family, "task": ckpt.task, "max_length": max_length}
+

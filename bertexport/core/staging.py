@@ -156,6 +156,19 @@ class WorkFolder:
 
 # -- staged publication ------------------------------------------------------------------
 
+def swap_into_place(staging: Path, dest: Path) -> None:
+    """Rename a complete ``staging`` folder to ``dest``; an existing ``dest`` (already checked
+    replaceable by the caller) is moved aside first and removed only after, so ``dest`` is
+    always either the old folder or the new one, never half of each."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class StagedFolder:
     """Write into ``.NAME.partial-PID`` beside ``out``; ``publish`` renames it into place
     (the old output, if any, is removed only after the new one is complete)."""
@@ -185,17 +198,12 @@ class StagedFolder:
 
     def publish(self, passed: bool = True) -> Path:
         dest = self.out if passed else self.rejected_path
-        old = None
         if dest.exists():
             if dest == self.out and not self.force:
                 raise UserError(f"output folder {dest} appeared while building; not replacing it")
             if dest.is_dir() and any(dest.iterdir()) and made_by_bertexport(dest) is None:
                 raise UserError(f"refusing to replace {dest}: it is not something bertexport made")
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(self.staging, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(self.staging, dest)
         rejected = self.rejected_path
         if passed and rejected.exists() and made_by_bertexport(rejected):  # a stale rejected build would only confuse
             shutil.rmtree(rejected, ignore_errors=True)

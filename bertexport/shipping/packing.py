@@ -16,7 +16,7 @@ from bertexport.core.errors import UserError
 from bertexport.core.hashing import sha256_file
 from bertexport.core.manifest import DIGEST_KEY, MANIFEST, SIGNATURE, load_manifest, manifest_digest, verify_files
 from bertexport.core.orphans import sweep_orphans
-from bertexport.core.staging import check_destination
+from bertexport.core.staging import check_destination, swap_into_place
 
 # what a damaged pack raises while being read: truncated (EOFError), not gzip
 # (gzip.BadGzipFile, an OSError), bad deflate data (zlib.error), not a tar (TarError)
@@ -138,13 +138,7 @@ def unpack(pack_path: str | Path, dest: str | Path, force: bool = False, trusted
             from bertexport.shipping.signing import verify_signature
 
             verify_signature(staging, trusted_key)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(staging, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest

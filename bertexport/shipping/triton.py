@@ -34,7 +34,7 @@ from pathlib import Path
 from bertexport.core.errors import UserError
 from bertexport.core.manifest import DIGEST_KEY, load_manifest, verify_files
 from bertexport.core.orphans import sweep_orphans
-from bertexport.core.staging import protected_reason
+from bertexport.core.staging import protected_reason, swap_into_place
 
 MARKER = "bertexport-triton.json"  # at the repository's root: what it was made from (Triton ignores files there)
 VERSION = "1"
@@ -384,13 +384,7 @@ def triton_repository(artifact: str | Path, out: str | Path, *, force: bool = Fa
                 "max_batch_size": max_batch, "models": {"ensemble": name, "tokenizer": tok_cfg["name"], "model": model_cfg["name"]},
                 "inputs": [t["name"] for t in ens_cfg["input"]], "outputs": [t["name"] for t in ens_cfg["output"]]}
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"path": str(out), **info}

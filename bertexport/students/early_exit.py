@@ -24,14 +24,12 @@ timed per held-out row (batch 1): at the threshold and with no row exiting (the 
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
 
-from bertexport import __version__
 from bertexport.core.errors import GateFailed, UserError
 
 MODEL_DIR = "model"
@@ -450,7 +448,7 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
     from bertexport.building.report import render_report, summary_rows
     from bertexport.core.envinfo import cpu_count, environment
     from bertexport.core.families import get_family
-    from bertexport.core.manifest import Manifest, write_manifest
+    from bertexport.core.manifest import Manifest, manifest_header, write_manifest
     from bertexport.core.progress import Reporter
     from bertexport.core.staging import StagedFolder, WorkFolder
     from bertexport.judging.compare import batch_invariance, parity_checks, reference_runner
@@ -542,14 +540,7 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
         _, outs = io_specs(staged.staging / records[-1]["path"])
         passed = not failures
         env = environment()
-        manifest = Manifest(**{
-            "bertexport_version": __version__,
-            "status": "passed" if passed else "rejected",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": ckpt.describe(),
-            "family": ckpt.family,
-            "task": ckpt.task,
-            "max_length": max_length,
+        manifest = Manifest(**manifest_header(ckpt, passed, max_length), **{
             "model": {"path": records[0]["path"], "format": "onnx", "backend": profile.backend, "opset": profile.opset},
             "tokenizer": TOKENIZER_DIR,
             "labels": "labels.json" if ckpt.id2label else None,

@@ -63,13 +63,13 @@ from bertexport.core.errors import UserError
 from bertexport.students.shapes import (
     StudentShape,
     WIDTH_FAMILIES,
-    _layer_norms,
     _layers,
     _top,
     _width,
     head_size,
     slice_width,
     teacher_shape,
+    unit_gate_gradients,
     width_prunable,
 )
 
@@ -113,42 +113,14 @@ def mask_gradients(model, batches, labels: list[np.ndarray]) -> MaskGradients:
     import torch
     import torch.nn.functional as F
 
-    width = _width(model)
-    layers, _ = _layers(model)
-    shape = teacher_shape(model.config)
-    hs = head_size(shape)
-    n = len(layers)
-    head_gate = torch.ones(n, shape.heads, requires_grad=True)
-    ffn_gate = torch.ones(n, shape.ffn, requires_grad=True)
-    hidden_gate = torch.ones(shape.hidden, requires_grad=True)
-    handles = []
-
-    def gate_heads(i):
-        def hook(module, args):
-            gated = (args[0].unflatten(-1, (shape.heads, hs)) * head_gate[i][:, None]).flatten(-2)
-            return (gated,) + tuple(args[1:])
-        return hook
-
-    def gate_ffn(i):
-        return lambda module, args: (args[0] * ffn_gate[i],) + tuple(args[1:])
+    def loss_of(i, pair):
+        b, y = pair
+        return F.cross_entropy(model(**b["inputs"]).logits, torch.as_tensor(y, dtype=torch.long))
 
     rows = ([], [], [])
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.get_submodule(width.attn_out).register_forward_pre_hook(gate_heads(i)))
-            handles.append(layer.get_submodule(width.ffn_out).register_forward_pre_hook(gate_ffn(i)))
-        for ln in _layer_norms(model, shape.hidden):
-            handles.append(ln.register_forward_hook(lambda module, args, output: output * hidden_gate))
-        model.eval()
-        for b, y in zip(batches, labels, strict=True):
-            logits = model(**b["inputs"]).logits
-            loss = F.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long))
-            grads = torch.autograd.grad(loss, (head_gate, ffn_gate, hidden_gate))
-            for r, g in zip(rows, grads):
-                r.append(g.detach().numpy().copy())
-    finally:
-        for h in handles:
-            h.remove()
+    for grads in unit_gate_gradients(model, zip(batches, labels, strict=True), loss_of):
+        for r, g in zip(rows, grads):
+            r.append(g.detach().numpy().copy())
     return MaskGradients(*(np.stack(r) for r in rows))
 
 

@@ -262,6 +262,49 @@ def _scoring_loss(out, teacher: dict, batch, task: str, seed: int):
     return loss
 
 
+def unit_gate_gradients(model, items, loss_of):
+    """Per item, the gradients of ``loss_of(i, item)`` (which runs ``model``) with respect to
+    gates of ones on every head (before the attention output), FFN neuron (before the FFN
+    output) and hidden dimension (after every LayerNorm) of ``model``: a generator of
+    (heads [layers, heads], ffn [layers, ffn], hidden [hidden]) tensors. The model runs in
+    eval mode; its hooks are removed and its mode restored when the generator ends."""
+    import torch
+
+    width = _width(model)
+    layers, _ = _layers(model)
+    shape = teacher_shape(model.config)
+    hs = head_size(shape)
+    gates = (torch.ones(len(layers), shape.heads, requires_grad=True),
+             torch.ones(len(layers), shape.ffn, requires_grad=True),
+             torch.ones(shape.hidden, requires_grad=True))
+    head_gate, ffn_gate, hidden_gate = gates
+    handles = []
+
+    def gate_heads(i):
+        def hook(module, args):
+            gated = (args[0].unflatten(-1, (shape.heads, hs)) * head_gate[i][:, None]).flatten(-2)
+            return (gated,) + tuple(args[1:])
+        return hook
+
+    def gate_ffn(i):
+        return lambda module, args: (args[0] * ffn_gate[i],) + tuple(args[1:])
+
+    was_training = model.training
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.get_submodule(width.attn_out).register_forward_pre_hook(gate_heads(i)))
+            handles.append(layer.get_submodule(width.ffn_out).register_forward_pre_hook(gate_ffn(i)))
+        for ln in _layer_norms(model, shape.hidden):
+            handles.append(ln.register_forward_hook(lambda module, args, output: output * hidden_gate))
+        model.eval()
+        for i, item in enumerate(items):
+            yield torch.autograd.grad(loss_of(i, item), gates)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def score_importance(model, batches, task: str, teacher_outputs, signed: bool = True) -> Importance:
     """First-order Taylor importance of every head, FFN neuron and hidden dimension of
     ``model`` on ``batches`` (``training_data.length_batches``) against ``teacher_outputs``
@@ -271,44 +314,16 @@ def score_importance(model, batches, task: str, teacher_outputs, signed: bool = 
     predicted loss increase when the unit is removed); else |dL/dg| summed per batch."""
     import torch
 
-    width = _width(model)
-    layers, _ = _layers(model)
-    shape = teacher_shape(model.config)
-    hs = head_size(shape)
-    n = len(layers)
-    head_gate = torch.ones(n, shape.heads, requires_grad=True)
-    ffn_gate = torch.ones(n, shape.ffn, requires_grad=True)
-    hidden_gate = torch.ones(shape.hidden, requires_grad=True)
-    handles = []
+    def loss_of(i, pair):
+        b, t = pair
+        return _scoring_loss(model(**b["inputs"]), t, b, task, seed=i)
 
-    def gate_heads(i):
-        def hook(module, args):
-            ctx = args[0]
-            gated = (ctx.unflatten(-1, (shape.heads, hs)) * head_gate[i][:, None]).flatten(-2)
-            return (gated,) + tuple(args[1:])
-        return hook
-
-    def gate_ffn(i):
-        return lambda module, args: (args[0] * ffn_gate[i],) + tuple(args[1:])
-
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.get_submodule(width.attn_out).register_forward_pre_hook(gate_heads(i)))
-            handles.append(layer.get_submodule(width.ffn_out).register_forward_pre_hook(gate_ffn(i)))
-        for ln in _layer_norms(model, shape.hidden):
-            handles.append(ln.register_forward_hook(lambda module, args, output: output * hidden_gate))
-        was_training = model.training
-        model.eval()
-        acc = [torch.zeros_like(g) for g in (head_gate, ffn_gate, hidden_gate)]
-        for i, (b, t) in enumerate(zip(batches, teacher_outputs, strict=True)):
-            loss = _scoring_loss(model(**b["inputs"]), t, b, task, seed=i)
-            grads = torch.autograd.grad(loss, (head_gate, ffn_gate, hidden_gate))
-            for a, g in zip(acc, grads):
-                a += -g if signed else g.abs()
-        model.train(was_training)
-    finally:
-        for h in handles:
-            h.remove()
+    acc = None
+    for grads in unit_gate_gradients(model, zip(batches, teacher_outputs, strict=True), loss_of):
+        step = [-g if signed else g.abs() for g in grads]
+        acc = step if acc is None else [a + g for a, g in zip(acc, step)]
+    if acc is None:
+        acc = [torch.zeros(0)] * 3
     heads = acc[0].numpy()
     heads = heads / (np.sqrt((heads ** 2).sum(-1, keepdims=True)) + 1e-20)  # L2 per layer (Michel et al.)
     return Importance(heads, acc[1].numpy(), acc[2].numpy(), "taylor-signed" if signed else "taylor-abs")

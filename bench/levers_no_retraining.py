@@ -1,0 +1,368 @@
+"""Issue 24, "the lever table again": what post-training pruning and early exit (no gradient
+training of the body) contribute on Rotten Tomatoes, against the best anchor, in one run.
+
+Rows (the teacher is bench/rotten_tomatoes.py's MiniLM classifier, fine-tuned --epochs on the
+training split, cached):
+  teacher, OpenVINO + NNCF int8 anchor (optimize_targets.anchor_ir: NNCF's documented BERT recipe)
+  teacher, ORT anchor int8 (ort_anchor.ort_anchor: Olive's recipe, onnxruntime's own API)
+  teacher, the best bertexport int8 recipe (--recipe, or auto: the faster at b1+b8 of the machine's
+           first ORT fused int8 and first OpenVINO int8 recipes, timed on the teacher first)
+  teacher, ort-fp32 (what the early-exit artifact is built from)
+  teacher pruned without retraining to each --budgets fraction of its MACs
+           (bertexport.students.pruning: calibrate once on --prune-samples training texts with
+           their labels, prune_calibrated per budget), each with the same int8 recipe
+  early exit on the teacher (students.early_exit.build_early_exit, ort-fp32 segments; heads
+           trained on --exit-data training texts, the threshold chosen by the library on its
+           held-out 30 %), at that threshold and with no row exiting (the worst case)
+
+Every row: accuracy on the test split (movies unseen in training) with the paired interval of
+its drop vs the PyTorch teacher, agreement with the teacher, artifact bytes, p50 at b1/s128 and
+b8/s128 (fixed cells, one interleaved run per cell, threads pinned), and per-row latency over
+--latency-rows test rows (batch 1, each row at its own length, every contestant interleaved on
+each row, p50 of --row-runs per row; mean and p90 over the rows). "x best anchor" divides the
+faster anchor's figure by the row's, naming that anchor.
+
+Usage: flock /tmp/bench.lock python bench/levers_no_retraining.py [--threads 2] [--runs 30]
+         [--budgets 0.75,0.6] [--prune-samples 2048] [--exit-data 2000] [--latency-rows 500]
+Results: <cache>/bench/levers-nr/results.json and results.md; nothing is written to the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bertexport.core.cache import cache_dir  # noqa: E402
+
+NNCF, ORT = "NNCF anchor", "ORT anchor"
+
+
+def pruned_checkpoints(teacher: Path, texts: list[str], labels: list[int], budgets: list[float], samples: int,
+                       threads: int, folder: Path) -> dict[float, tuple[Path, dict]]:
+    """Each budget's pruned checkpoint (cached), with its PruneResult as a dict; one calibration."""
+    out, todo = {}, []
+    for b in budgets:
+        d = folder / f"pruned-{b}-{samples}"
+        out[b] = (d, json.loads((d / "prune_report.json").read_text())) if (d / "prune_report.json").is_file() else None
+        todo += [] if out[b] else [b]
+    if todo:
+        import torch
+
+        from bertexport.building.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+        from bertexport.students.pruning import calibrate, prune_calibrated
+
+        torch.set_num_threads(threads)
+        ckpt = resolve_checkpoint(str(teacher))
+        model, tok = load_model(ckpt), load_tokenizer(ckpt)
+        t0 = time.time()
+        cal = calibrate(model, tok, texts, labels, samples=samples)
+        print(f"pruning calibration: {time.time() - t0:.0f} s", flush=True)
+        for b in todo:
+            pruned, res = prune_calibrated(model, cal, b)
+            d = folder / f"pruned-{b}-{samples}"
+            tmp = d.with_name(d.name + ".tmp")
+            pruned.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            report = res.to_dict()
+            (tmp / "prune_report.json").write_text(json.dumps(report, indent=1, default=str))
+            tmp.rename(d)
+            out[b] = (d, report)
+            print(f"pruned to {b}: {res.student['name'] if isinstance(res.student, dict) else res.student} "
+                  f"({res.seconds:.0f} s)", flush=True)
+    return out
+
+
+def per_row_latency(calls_for, texts: list[str], encode, runs: int) -> dict[str, dict]:
+    """Per-row p50 (batch 1, own length), every contestant interleaved on each row; mean/p90 over rows."""
+    from bertexport.judging.latency import Latency, time_interleaved
+
+    per: dict[str, list[float]] = {}
+    for text in texts:
+        feeds = encode([text])
+        for k, t in time_interleaved(calls_for(feeds), runs=runs, warmup=1).items():
+            per.setdefault(k, []).append(t.p50)
+    return {k: {"mean_ms": Latency.from_values(v).mean * 1e3, "p90_ms": Latency.from_values(v).p90 * 1e3} for k, v in per.items()}
+
+
+def vs_best_anchor(figures: dict[str, float]) -> tuple[str, float]:
+    name = min((NNCF, ORT), key=lambda n: figures[n])
+    return name, figures[name]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--runs", type=int, default=30, help="interleaved rounds per fixed cell")
+    ap.add_argument("--epochs", type=int, default=1, help="the teacher's fine-tuning epochs (cached)")
+    ap.add_argument("--recipe", default="auto", help="the int8 recipe of the teacher and the pruned rows")
+    ap.add_argument("--budgets", default="0.75,0.6", help="MAC fractions of the pruned rows")
+    ap.add_argument("--prune-samples", type=int, default=2048, help="calibration texts (a further 20 %% held out)")
+    ap.add_argument("--exit-data", type=int, default=2000, help="training texts for the exit heads (30 %% held out)")
+    ap.add_argument("--test-limit", type=int, default=None, help="accuracy on the first N test rows (default: all)")
+    ap.add_argument("--latency-rows", type=int, default=500, help="test rows for the per-row latency")
+    ap.add_argument("--row-runs", type=int, default=3, help="timed runs per row and contestant")
+    args = ap.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+
+    import openvino as ov
+
+    from bertexport.backends.onnxruntime.runner import OrtRunner
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.building.export import export_onnx
+    from bertexport.core.envinfo import cpu_features, environment
+    from bertexport.core.errors import GateFailed
+    from bertexport.core.textdata import builtin_samples, label_ids, load_texts
+    from bertexport.judging.compare import compare_on_data, fixed_cell_feeds, reference_runner, task_labels, task_metrics
+    from bertexport.judging.latency import time_interleaved
+    from bertexport.search.candidates import candidate_recipes
+    from bertexport.shipping.runtime import Artifact
+    from bertexport.students.early_exit import build_early_exit
+    from optimize_targets import anchor_ir, artifact_bytes
+    from ort_anchor import ort_anchor
+    from rotten_tomatoes import rotten_tomatoes_rows, split_by_movie, train_classifier, write_csv
+    from student_levers import build as levers_build
+
+    rejected: list[str] = []
+
+    def build(*a):  # a build a gate rejected is still measured (kept as <out>.rejected), and said so
+        try:
+            return levers_build(*a)
+        except GateFailed as e:
+            rejected.append(f"{a[2]}: {'; '.join(e.failures)[:200]}")
+            return Path(e.result.artifact)
+
+    started, t_start = dt.datetime.now(dt.timezone.utc), time.time()
+    stages: dict[str, float] = {}
+
+    def stage(name, t0):
+        stages[name] = round(time.time() - t0, 1)
+        print(f"[{time.time() - t_start:6.0f} s] {name}: {stages[name]:.0f} s", flush=True)
+
+    folder = cache_dir("bench", "levers-nr")
+    rt = cache_dir("bench", "rotten-tomatoes")
+    train, test = split_by_movie(rotten_tomatoes_rows())
+    test = test[: args.test_limit] if args.test_limit else test
+    test_csv, train_csv = write_csv(test, folder / "test.csv"), write_csv(train, rt / "train.csv")
+    t0 = time.time()
+    teacher = train_classifier(train, rt / f"minilm-sentiment-{args.epochs}ep", args.epochs, None, threads=args.threads)
+    stage("teacher (fine-tune or cache)", t0)
+    ckpt = resolve_checkpoint(str(teacher))
+
+    # -- builds --------------------------------------------------------------------------------
+    t0 = time.time()
+    torch_model = load_model(ckpt)
+    exported = export_onnx(ckpt, torch_model, 18)
+    ort_anchor_path, ort_anchor_info = ort_anchor(exported.path, ckpt.config, folder)
+    nncf_xml = anchor_ir(teacher, rt, [r["text"] for r in train])
+    stage("anchors", t0)
+    recipes = {c.recipe: c for c in candidate_recipes(cpu_features(), {"onnxruntime", "openvino"})}
+    t0 = time.time()
+    fp32 = build(teacher, recipes["ort-fp32"], "teacher-ort-fp32", train_csv, args.threads, folder)
+    if args.recipe == "auto":
+        tried = [next(c for c in recipes.values() if c.backend == "onnxruntime" and c.int8),
+                 next(c for c in recipes.values() if c.backend == "openvino" and c.int8)]
+    else:
+        tried = [recipes[args.recipe]]
+    int8 = {c.recipe: build(teacher, c, f"teacher-{c.recipe}", train_csv, args.threads, folder) for c in tried}
+    stage("teacher builds", t0)
+    selection = None
+    if len(int8) > 1:  # the faster on the teacher (geometric mean of b1 and b8), one short interleaved run
+        arts = {k: Artifact(p, threads=args.threads, allow_rejected=True) for k, p in int8.items()}
+        for a in arts.values():
+            a.runner.activate()
+        score = {k: 1.0 for k in arts}
+        for b in (1, 8):
+            feeds = fixed_cell_feeds(next(iter(arts.values())).encoder.encode, builtin_samples(), b, 128)
+            for k, t in time_interleaved({k: (lambda a=a: a.infer(feeds)) for k, a in arts.items()}, runs=15, warmup=3).items():
+                score[k] *= t.p50 * 1e3
+        for a in arts.values():
+            a.runner.deactivate()
+        selection = {k: v ** 0.5 for k, v in score.items()}
+        recipe = recipes[min(selection, key=selection.get)]
+        print(f"int8 recipe: {recipe.recipe} (geometric mean b1/b8 ms {selection})", flush=True)
+    else:
+        recipe = tried[0]
+
+    t0 = time.time()
+    rng = random.Random(2)
+    pool = rng.sample(train, min(len(train), int(args.prune_samples * 1.25) + args.exit_data))
+    prune_rows, exit_rows = pool[: int(args.prune_samples * 1.25)], pool[int(args.prune_samples * 1.25):]
+    pruned = pruned_checkpoints(teacher, [r["text"] for r in prune_rows],
+                                list(label_ids([r["category"] for r in prune_rows], ckpt.id2label)),
+                                budgets, args.prune_samples, args.threads, folder)
+    stage("pruning", t0)
+    t0 = time.time()
+    pruned_arts = {b: build(d, recipe, f"pruned-{b}-{args.prune_samples}-{recipe.recipe}", train_csv, args.threads, folder)
+                   for b, (d, _) in pruned.items()}
+    stage("pruned builds", t0)
+    t0 = time.time()
+    exit_dir = folder / f"early-exit-{args.exit_data}"
+    if not (exit_dir / "manifest.json").is_file():
+        try:
+            build_early_exit(str(teacher), "ort-fp32", exit_dir, write_csv(exit_rows, folder / "exit-data.csv"),
+                             force=True, threads=args.threads, latency_runs=0)
+        except GateFailed as e:
+            rejected.append(f"early exit: {'; '.join(e.failures)[:200]}")
+            exit_dir = Path(e.result.artifact)
+    early = json.loads((exit_dir / "manifest.json").read_text())["early_exit"]
+    stage("early-exit build", t0)
+
+    # -- contestants ---------------------------------------------------------------------------
+    label_of = {"fp32": "teacher, ort-fp32 (fp32)", "int8": f"teacher, {recipe.recipe}"}
+    rows: dict[str, object] = {}
+    paths: dict[str, Path | None] = {NNCF: None, ORT: None}
+    core = ov.Core()
+    nncf_model = core.compile_model(core.read_model(str(nncf_xml)), "CPU",
+                                    {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(args.threads)})
+
+    class NncfRunner:  # the anchor IR behind the runner interface compare_on_data uses
+        req = nncf_model.create_infer_request()
+
+        def infer(self, feeds):
+            return {"logits": np.asarray(next(iter(self.req.infer(dict(feeds)).values())))}
+
+    rows[NNCF], rows[ORT] = NncfRunner(), OrtRunner(ort_anchor_path, threads=args.threads)
+    opened = {label_of["int8"]: int8[recipe.recipe], label_of["fp32"]: fp32}
+    opened |= {f"teacher pruned to {b} MACs ({pruned[b][1]['student']['name']}), {recipe.recipe}": p for b, p in pruned_arts.items()}
+    for k, p in opened.items():
+        rows[k], paths[k] = Artifact(p, threads=args.threads, allow_rejected=True), p
+    ee_at = f"early exit (fp32), threshold {early['threshold']:.4g}"
+    ee_worst = "early exit (fp32), no row exits (worst case)"
+    rows[ee_at] = Artifact(exit_dir, threads=args.threads, allow_rejected=True)
+    rows[ee_worst] = Artifact(exit_dir, threads=args.threads, allow_rejected=True, exit_threshold=1.0)
+    paths[ee_at] = paths[ee_worst] = exit_dir
+    runner_of = {k: (r.runner if isinstance(r, Artifact) else r) for k, r in rows.items()}
+    for k, r in runner_of.items():
+        if hasattr(r, "activate"):
+            r.activate()
+    encode = rows[label_of["int8"]].encoder.encode
+    results = {"date": started.isoformat(timespec="seconds"), "command": " ".join(["levers_no_retraining.py"] + (argv or sys.argv[1:])),
+               "environment": environment(), "cpu_features": sorted(cpu_features()), "threads": args.threads,
+               "recipe": recipe.recipe, "recipe_selection_ms": selection, "ort_anchor": ort_anchor_info,
+               "nncf_precision_hint": str(nncf_model.get_property("INFERENCE_PRECISION_HINT")),
+               "pruning": {str(b): {k: r[k] for k in ("student", "mac_fraction", "tuned", "agreement", "agreement_untuned",
+                                                    "accuracy", "samples", "held_out", "seq_len", "seconds",
+                                                    "calibration_seconds") if k in r} for b, (_, r) in pruned.items()},
+               "early_exit": {k: early[k] for k in ("exit_layers", "layers", "threshold", "choice", "data", "agreement_gate")},
+               "fp32_checkpoint_bytes": sum(p.stat().st_size for p in Path(teacher).glob("*.safetensors")),
+               "test_rows": len(test), "rows": {k: {} for k in rows}}
+    out = results["rows"]
+    try:
+        # -- accuracy on the test split vs the PyTorch teacher ---------------------------------
+        t0 = time.time()
+        ts = load_texts(test_csv)
+        labels = task_labels(ts, ckpt.task, ckpt.id2label)
+        reference = reference_runner(ckpt, exported.input_names, args.threads, torch_model=torch_model)
+        cache: dict = {}
+        with reference:
+            for k, r in rows.items():
+                m = task_metrics(compare_on_data(r, reference, encode, ts, ckpt.task, reference_cache=cache), labels)
+                out[k] |= {f: m.get(f) for f in ("metric_reference", "metric_candidate", "metric_drop", "agreement", "samples")}
+                out[k]["drop_interval"] = (m.get("stats") or {}).get("metric_drop")
+                out[k]["bytes"] = artifact_bytes(paths[k]) if paths[k] else None
+                print(f"{k}: {m['metric_candidate']:.2f} % (drop {m['metric_drop']:+.2f}, agreement {m['agreement']:.4f})", flush=True)
+        out[NNCF]["bytes"] = sum(f.stat().st_size for f in (nncf_xml, nncf_xml.with_suffix(".bin")))
+        out[ORT]["bytes"] = ort_anchor_path.stat().st_size
+        stage("accuracy", t0)
+        # -- fixed cells, one interleaved run each ---------------------------------------------
+        t0 = time.time()
+        for b in (1, 8):
+            feeds = fixed_cell_feeds(encode, builtin_samples(), b, 128)
+            load0 = os.getloadavg()[0]
+            timed = time_interleaved({k: (lambda r=r: r.infer(feeds)) for k, r in runner_of.items()}, runs=args.runs, warmup=5)
+            best, best_ms = vs_best_anchor({k: t.p50 for k, t in timed.items()})
+            for k, t in timed.items():
+                out[k][f"b{b}/s128"] = {"p50_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "x_best_anchor": best_ms / t.p50,
+                                        "best_anchor": best}
+            results[f"load_avg_b{b}"] = [load0, os.getloadavg()[0]]
+        stage("fixed cells", t0)
+        # -- per-row latency over test rows ----------------------------------------------------
+        t0 = time.time()
+        sample = [r["text"] for r in random.Random(3).sample(test, min(args.latency_rows, len(test)))]
+        load0 = os.getloadavg()[0]
+        per = per_row_latency(lambda feeds: {k: (lambda r=r: r.infer(feeds)) for k, r in runner_of.items()},
+                              sample, encode, args.row_runs)
+        best, best_ms = vs_best_anchor({k: v["mean_ms"] for k, v in per.items()})
+        for k, v in per.items():
+            out[k]["per_row_b1"] = v | {"x_best_anchor": best_ms / v["mean_ms"], "best_anchor": best}
+        results["per_row"] = {"rows": len(sample), "runs_per_row": args.row_runs, "load_avg": [load0, os.getloadavg()[0]]}
+        stage("per-row latency", t0)
+    finally:
+        for r in runner_of.values():
+            if hasattr(r, "deactivate"):
+                r.deactivate()
+    results["rejected_by_gates"] = rejected
+    results["stages_seconds"], results["total_seconds"] = stages, round(time.time() - t_start, 1)
+    md = table(results)
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (folder / "results.md").write_text(md)
+    print(md)
+    print(f"written: {folder / 'results.json'}, {folder / 'results.md'}")
+
+
+def _ab(name: str) -> str:
+    return "NNCF" if name == NNCF else "ORT"
+
+
+def table(r: dict) -> str:
+    fp32 = r["fp32_checkpoint_bytes"]
+    ee, c = r["early_exit"], r["early_exit"]["choice"]
+    lines = [f"{r['date']} · `{r['command']}` · {r['environment']['cpu'].get('model', '?')} · {r['threads']} threads pinned · "
+             f"CPU features {', '.join(r['cpu_features'])} · load avg b1 {r['load_avg_b1']}, b8 {r['load_avg_b8']}, "
+             f"per-row {r['per_row']['load_avg']} · whole run {r['total_seconds'] / 60:.1f} min", "",
+             "| row | test accuracy | drop vs PyTorch (pts, 95 % paired interval) | agreement | bytes (of fp32) | "
+             "b1/s128 p50 ms (x best anchor) | b8/s128 p50 ms (x best anchor) | per-row b1 mean / p90 ms (x best anchor, mean) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, v in r["rows"].items():
+        iv = v.get("drop_interval") or {}
+        size = f"{v['bytes'] / 1e6:.1f} MB ({v['bytes'] / fp32:.0%})" if v.get("bytes") else "—"
+        cells = [f"{v[c_]['p50_ms']:.2f} ({v[c_]['x_best_anchor']:.2f}x {_ab(v[c_]['best_anchor'])})" for c_ in ("b1/s128", "b8/s128")]
+        pr = v["per_row_b1"]
+        lines.append(f"| {k} | {v['metric_candidate']:.2f} % | {v['metric_drop']:+.2f} [{iv.get('low', float('nan')):+.2f}, "
+                     f"{iv.get('high', float('nan')):+.2f}] | {v['agreement']:.4f} | {size} | {cells[0]} | {cells[1]} | "
+                     f"{pr['mean_ms']:.2f} / {pr['p90_ms']:.2f} ({pr['x_best_anchor']:.2f}x {_ab(pr['best_anchor'])}) |")
+    ref = next(iter(r["rows"].values()))["metric_reference"]
+    lines += ["", f"PyTorch fp32 teacher: {ref:.2f} % on {r['test_rows']} test snippets (movies unseen in training). "
+              f"x best anchor = the faster anchor's figure / the row's (NNCF: OpenVINO + NNCF int8, precision hint "
+              f"{r['nncf_precision_hint']}; ORT: Olive's fused + dynamic per-tensor int8). Per-row latency: "
+              f"{r['per_row']['rows']} test rows at batch 1 and their own length, p50 of {r['per_row']['runs_per_row']} "
+              f"interleaved runs per row; mean and p90 over the rows. int8 recipe: {r['recipe']}"
+              + (f" (chosen by b1/b8 geometric-mean ms {', '.join(f'{k} {v:.2f}' for k, v in r['recipe_selection_ms'].items())})"
+                 if r.get("recipe_selection_ms") else "") + ".", ""]
+    for b, p in r["pruning"].items():
+        lines.append(f"- pruned to {b}: {p['student']['name']}, measured MAC fraction {p.get('mac_fraction', float('nan')):.3f} "
+                     f"at {p.get('seq_len')} tokens, least-squares tuning {'kept' if p.get('tuned') else 'dropped'}, held-out "
+                     f"agreement {p.get('agreement', float('nan')):.4f} (untuned {p.get('agreement_untuned', float('nan')):.4f}) on "
+                     f"{p.get('held_out')} rows, {p.get('samples')} calibration texts, {p.get('seconds', 0):.0f} s "
+                     f"(+ {p.get('calibration_seconds', 0):.0f} s shared calibration)")
+    lines.append(f"- early exit: exits after layers {ee['exit_layers']} of {ee['layers']}, heads on {ee['data']['train']} training "
+                 f"texts, threshold {ee['threshold']:.4g} chosen on {ee['data']['heldout']} held-out rows (agreement gate "
+                 f"{ee['agreement_gate']}: held-out agreement {c['agreement']:.4f}, {c['mean_layers']:.2f} layers per row on "
+                 f"average, exits {c['exits']}); fp32 ONNX Runtime segments (no int8).")
+    rows = r["rows"]
+    pr = {k: v["per_row_b1"]["mean_ms"] for k, v in rows.items()}
+    at, worst = (next(k for k in rows if k.startswith("early exit") and ("worst" in k) == w) for w in (False, True))
+    fp32_row, int8_row = (next(k for k in rows if k.startswith("teacher, ") and t in k) for t in ("ort-fp32", r["recipe"]))
+    lines.append(f"- early exit against the fp32 teacher (same ORT fp32 kernels), per-row mean: {pr[fp32_row] / pr[at]:.2f}x at "
+                 f"the threshold, {pr[fp32_row] / pr[worst]:.2f}x with no row exiting; against the teacher's int8 "
+                 f"({r['recipe']}): {pr[int8_row] / pr[at]:.2f}x / {pr[int8_row] / pr[worst]:.2f}x.")
+    lines.append("- bytes: artifacts count their manifest's files (model + tokenizer + config); the anchors their model "
+                 "files only (NNCF: .xml + .bin; ORT: the .onnx).")
+    if r.get("rejected_by_gates"):
+        lines.append(f"- rejected by the profile's parity gates but measured anyway: {r['rejected_by_gates']}")
+    lines.append(f"- stages (s): {r['stages_seconds']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
