@@ -11,6 +11,9 @@ training split, cached):
   teacher pruned without retraining to each --budgets fraction of its MACs
            (bertexport.students.pruning: calibrate once on --prune-samples training texts with
            their labels, prune_calibrated per budget), each with the same int8 recipe
+  with --distill-pruned: each pruned checkpoint distilled from the teacher on the training split
+           (students.distill with --student-init PRUNED: patience on held-out agreement), the same
+           int8 recipe — the "pruned + distilled" lever
   early exit on the teacher (students.early_exit.build_early_exit, ort-fp32 segments; heads
            trained on --exit-data training texts, the threshold chosen by the library on its
            held-out 30 %), at that threshold and with no row exiting (the worst case)
@@ -82,6 +85,23 @@ def pruned_checkpoints(teacher: Path, texts: list[str], labels: list[int], budge
     return out
 
 
+def distilled_pruned(teacher: Path, pruned: Path, train_csv: Path, args, folder: Path) -> tuple[Path, dict]:
+    """The pruned checkpoint distilled from the teacher on the training split (cached), with its report."""
+    from bertexport.students.distill import distill
+    from bertexport.students.distill_config import DistillConfig
+
+    out = folder / f"{pruned.name}-distilled-p{args.distill_patience}-e{args.distill_max_epochs}"
+    if not (out / "distill_report.json").is_file():
+        t0 = time.time()
+        distill(str(teacher), out, data=train_csv, force=True,
+                config=DistillConfig(student=str(pruned), patience=args.distill_patience,
+                                     max_epochs=args.distill_max_epochs, threads=args.threads))
+        print(f"distilled {pruned.name}: {time.time() - t0:.0f} s", flush=True)
+    report = json.loads((out / "distill_report.json").read_text())
+    report.setdefault("seconds", report.get("train_seconds"))
+    return out, report
+
+
 def per_row_latency(calls_for, texts: list[str], encode, runs: int) -> dict[str, dict]:
     """Per-row p50 (batch 1, own length), every contestant interleaved on each row; mean/p90 over rows."""
     from bertexport.judging.latency import Latency, time_interleaved
@@ -111,6 +131,12 @@ def main(argv=None):
     ap.add_argument("--test-limit", type=int, default=None, help="accuracy on the first N test rows (default: all)")
     ap.add_argument("--latency-rows", type=int, default=500, help="test rows for the per-row latency")
     ap.add_argument("--row-runs", type=int, default=3, help="timed runs per row and contestant")
+    ap.add_argument("--distill-pruned", action="store_true",
+                    help="add 'pruned + distilled' rows: each pruned checkpoint distilled from the teacher on the "
+                         "training split (distill --student-init PRUNED, until held-out agreement plateaus)")
+    ap.add_argument("--distill-budgets", help="with --distill-pruned: only these budgets (default: all)")
+    ap.add_argument("--distill-patience", type=int, default=3, help="held-out evaluations without gain (2 per epoch)")
+    ap.add_argument("--distill-max-epochs", type=int, default=4)
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",") if b]
 
@@ -205,6 +231,17 @@ def main(argv=None):
     pruned_arts = {b: build(d, recipe, f"pruned-{b}-{args.prune_samples}-{recipe.recipe}", train_csv, args.threads, folder)
                    for b, (d, _) in pruned.items()}
     stage("pruned builds", t0)
+    distilled_arts, distilled = {}, {}
+    if args.distill_pruned:
+        t0 = time.time()
+        wanted = [float(x) for x in args.distill_budgets.split(",")] if args.distill_budgets else list(pruned)
+        for b, (d, _) in pruned.items():
+            if b not in wanted:
+                continue
+            distilled[b] = distilled_pruned(teacher, d, train_csv, args, folder)
+            distilled_arts[b] = build(distilled[b][0], recipe, f"{distilled[b][0].name}-{recipe.recipe}", train_csv,
+                                      args.threads, folder)
+        stage("pruned + distilled (train or cache) and builds", t0)
     t0 = time.time()
     exit_dir = folder / f"early-exit-{args.exit_data}"
     if not (exit_dir / "manifest.json").is_file():
@@ -234,6 +271,8 @@ def main(argv=None):
     rows[NNCF], rows[ORT] = NncfRunner(), OrtRunner(ort_anchor_path, threads=args.threads)
     opened = {label_of["int8"]: int8[recipe.recipe], label_of["fp32"]: fp32}
     opened |= {f"teacher pruned to {b} MACs ({pruned[b][1]['student']['name']}), {recipe.recipe}": p for b, p in pruned_arts.items()}
+    opened |= {f"teacher pruned to {b} MACs + distilled ({distilled[b][1]['epochs_run']:g} epochs), {recipe.recipe}": p
+               for b, p in distilled_arts.items()}
     for k, p in opened.items():
         rows[k], paths[k] = Artifact(p, threads=args.threads, allow_rejected=True), p
     ee_at = f"early exit (fp32), threshold {early['threshold']:.4g}"
@@ -253,6 +292,9 @@ def main(argv=None):
                "pruning": {str(b): {k: r[k] for k in ("student", "mac_fraction", "tuned", "agreement", "agreement_untuned",
                                                     "accuracy", "samples", "held_out", "seq_len", "seconds",
                                                     "calibration_seconds") if k in r} for b, (_, r) in pruned.items()},
+               "pruned_distilled": {str(b): {k: r[k] for k in ("epochs_run", "stopped", "best_step", "final_eval", "seconds",
+                                                              "train_texts", "max_length", "losses") if k in r}
+                                    for b, (_, r) in distilled.items()},
                "early_exit": {k: early[k] for k in ("exit_layers", "layers", "threshold", "choice", "data", "agreement_gate")},
                "fp32_checkpoint_bytes": sum(p.stat().st_size for p in Path(teacher).glob("*.safetensors")),
                "test_rows": len(test), "rows": {k: {} for k in rows}}

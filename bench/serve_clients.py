@@ -402,7 +402,7 @@ def fairness_main(argv):
     from bertexport.shipping.runtime import Artifact, Predictor
     from bertexport.core.envinfo import cpu_count
     from bertexport.shipping.model_routing import token_counter
-    from bertexport.shipping.serve_app import SERVE_BATCH_SIZE
+    from bertexport.shipping.settings import SERVE_BATCH_SIZE
 
     ap = argparse.ArgumentParser(description=FAIRNESS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fairness", action="store_true")

@@ -258,3 +258,31 @@ def test_compare_keeps_two_builds_of_one_profile_apart(lookalikes):
     rows = compare_reports(rep, rep)
     assert sorted(r["candidate"] for r in rows) == sorted(c["name"] for c in rep["candidates"])
     assert all(r["ratio"] == 1.0 for r in rows)
+
+
+def test_the_settings_record_resolves_what_to_time(tmp_path):
+    """benchmark's record: the comma lists are typed (a bad part exits 2), a first positional
+    with a manifest is an artifact, a missing artifact or a MODEL alone is refused before any work."""
+    from bertexport.cli.settings import settings_from
+    from bertexport.judging.benchmark import candidates_of
+    from bertexport.judging.settings import BenchmarkSettings
+
+    def record(**values):
+        return settings_from(BenchmarkSettings, values, "benchmark")
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text("{}")
+    assert candidates_of(record(model=str(art))) == (None, [art])
+    assert candidates_of(record(model="m", targets=["ort-int8"])) == ("m", [])
+    with pytest.raises(UserError, match="artifact not found"):
+        candidates_of(record(model=str(art), artifacts=[tmp_path / "gone"]))
+    with pytest.raises(UserError, match="nothing to compare"):
+        candidates_of(record(model=str(tmp_path)))
+    with pytest.raises(UserError, match="batches"):
+        record(batches=[0])
+    for bad in ("1,x", "0", "1,,2"):
+        r = CliRunner().invoke(cli, ["benchmark", str(art), "--batch", bad])
+        assert r.exit_code == 2 and "--batch" in r.output, r.output
+    r = CliRunner().invoke(cli, ["benchmark", "--compare", str(art / "manifest.json")])
+    assert r.exit_code == 2 and "requires 2 arguments" in r.output

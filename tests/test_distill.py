@@ -293,7 +293,8 @@ def test_distill_options_checked_before_the_teacher_loads(keyword_model, transfe
                            (["--shape", "L1-H20"], "multiple of the teacher's head size"),
                            (["--shape", "L1", "--layers", "2"], "contradicts"),
                            (["--shape", "L1", "--student", str(keyword_model)], "does not go with"),
-                           (["--layers", "1", "--augment", "-1"], "-1"), (["--layers", "1", "--alpha-hidden", "-0.5"], "-0.5")):
+                           (["--layers", "1", "--augment", "-1"], "-1"), (["--layers", "1", "--alpha-hidden", "-0.5"], "-0.5"),
+                           (["--keep-layers", "0,a"], "'a' is not a valid integer")):
         r = CliRunner().invoke(cli, base + extra)
         assert r.exit_code == 2 and message in r.output, (extra, r.output)
     r = CliRunner().invoke(cli, base + ["--task", "feature-extraction", "--shape", "L1-H16"])

@@ -337,7 +337,7 @@ def test_refused_at_plan_time(tiny, keyword_model, data, tmp_path, monkeypatch):
         ([str(tiny("bert", "feature-extraction")), "-t", "ort-fp32", "--early-exit", str(data)], "text-classification only"),
         ([str(keyword_model), "-t", "ort-int8", "--early-exit", str(data)], "without passes"),
         ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(data), "--exit-layers", "2"], "exit layers must be in [1, 1]"),
-        ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(data), "--exit-layers", "one"], "--exit-layers takes"),
+        ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(data), "--exit-layers", "one"], "takes values separated by ','"),
         ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(few)], "needs >= 20"),
         ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(data), "--distill", "1"], "does not take --distill"),
         ([str(keyword_model), "-t", "ort-fp32", "--exit-threshold", "0.5"], "go with --early-exit"),

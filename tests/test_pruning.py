@@ -309,7 +309,7 @@ def test_cli_prune_refuses_before_any_model_loads(tiny, keyword_model, tmp_path,
         (base + ["--out", str(tmp_path / "o"), "--prune", "1.5"], "MAC budget"),
         (base + ["--out", str(tmp_path / "o"), "--prune", "0"], "MAC budget"),
         (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--layers", "1"], "does not go with --layers"),
-        (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--epochs", "3", "--patience", "2", "--lr", "1e-4",
+        (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--epochs", "3", "--patience", "2", "--lr", "3e-4",
                  "--device", "cpu"], "does not go with --epochs, --patience, --lr, --device"),
         (["distill", str(keyword_model), "--out", str(tmp_path / "o"), "--prune", "0.7"], "needs --data"),
         (["distill", str(keyword_model), "--out", str(tmp_path / "o"), "--prune", "0.7", "--data",
@@ -326,3 +326,18 @@ def test_cli_prune_refuses_before_any_model_loads(tiny, keyword_model, tmp_path,
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert not (tmp_path / "o").exists() and (theirs / "notes.txt").read_text() == "user data"
     assert not (keyword_model / "inside").exists()
+
+
+def test_prune_settings_refuse_training_values_but_not_the_defaults():
+    """The rule lives on the record (library callers get it too): a training setting other
+    than its default does not go with --prune; one at its default trains nothing either."""
+    from bertexport.core.options import build
+    from bertexport.students.settings import DistillSettings
+
+    base = {"teacher": "t", "out": "o", "prune_fraction": 0.7, "distill_data": "d.jsonl"}
+    with pytest.raises(UserError, match="does not go with --student-init, --alpha-attention, --resume"):
+        build(DistillSettings, base | {"student": "s", "alpha_attention": 0.5, "resume": True}, "distill")
+    with pytest.raises(UserError, match="MAC budget"):
+        build(DistillSettings, base | {"prune_fraction": 1.0}, "distill")
+    kept = build(DistillSettings, base | {"lr": 1e-4, "device": "auto", "seed": 3, "distill_threads": 2}, "distill")
+    assert kept.training_options_set() == [] and kept.seed == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import math
 import os
 import shutil
 import signal
@@ -513,13 +514,6 @@ def test_batcher_isolates_a_failing_request_and_refuses_when_full():
     b.stop(5)
 
 
-def test_cli_default_batch_size_is_the_library_one():
-    from bertexport.shipping import serve_app
-    from bertexport.cli.serve import SERVE_BATCH_SIZE
-
-    assert SERVE_BATCH_SIZE == serve_app.SERVE_BATCH_SIZE
-
-
 # -- several models in one server, reranking, API keys ------------------------------------------------
 
 KEY = "sk-test-0123456789abcdef"
@@ -660,6 +654,30 @@ def test_rerank_one_logit_head_is_its_sigmoid(multi, rerankers):
     got = {r["index"]: r["relevance_score"] for r in out["results"]}
     assert [round(got[i], 5) for i in range(len(docs))] == [round(e, 5) for e in expected]
     assert [r["index"] for r in out["results"]] == sorted(range(len(docs)), key=lambda i: -got[i])
+
+
+def test_tei_rerank_shape_has_the_same_scores(multi):
+    """TEI's `/rerank`: `texts` -> a bare list of {index, score[, text]}, best first; the scores
+    are `/v1/rerank`'s; `raw_scores` gives the log-odds whose sigmoid they are."""
+    for model in ("reranker", "reranker-1"):
+        status, _, ours = multi.post(RERANK_ENDPOINT, {"model": model, "query": QUERY, "documents": DOCUMENTS}, headers=AUTH)
+        assert status == 200
+        status, _, tei = multi.post("/rerank", {"model": model, "query": QUERY, "texts": DOCUMENTS, "return_text": True},
+                                    headers=AUTH)
+        assert status == 200 and isinstance(tei, list)
+        assert [(r["index"], r["score"]) for r in tei] == [(r["index"], r["relevance_score"]) for r in ours["results"]]
+        assert all(r["text"] == DOCUMENTS[r["index"]] for r in tei)
+        status, _, raw = multi.post("/rerank", {"model": model, "query": QUERY, "texts": DOCUMENTS, "raw_scores": True},
+                                    headers=AUTH)
+        assert status == 200 and [r["index"] for r in raw] == [r["index"] for r in tei] and "text" not in raw[0]
+        for r, t in zip(raw, tei):
+            assert abs(1 / (1 + math.exp(-r["score"])) - t["score"]) < 1e-9
+    # several rerankers served and none named: said, naming them
+    status, _, out = multi.post("/rerank", {"query": QUERY, "texts": DOCUMENTS}, headers=AUTH)
+    assert status == 400 and "'reranker', 'reranker-1'" in out["error"]["message"]
+    status, _, out = multi.post("/rerank", {"model": "reranker", "query": QUERY, "texts": DOCUMENTS, "raw_scores": 1},
+                                headers=AUTH)
+    assert status == 400 and "'raw_scores' must be true or false" in out["error"]["message"]
 
 
 def test_rerank_refusals_say_why(multi):

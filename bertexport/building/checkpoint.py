@@ -14,8 +14,7 @@ from pathlib import Path
 from bertexport.core.errors import UserError
 from bertexport.core.families import FAMILIES, TASKS, get_family, supported_families_text, task_from_architectures, tasks_served
 from bertexport.core.hashing import sha256_files
-
-DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
+from bertexport.core.shared_settings import DEFAULT_MODEL
 
 _SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -48,6 +48,7 @@ class ConvertResult:
     rows: list[dict] = field(default_factory=list)
     verdict: str = "passed"  # passed, failed, or undecided (kept: the texts could not decide the gate)
     undecided: list[str] = field(default_factory=list)
+    signature: Path | None = None  # the signature file when the command signed the artifact
 
 
 def _copy_model(model: ModelFile, dest_dir: Path) -> Path:
@@ -296,3 +297,4 @@ def convert(
     if not passed:
         raise GateFailed(failures, result)
     return result
+

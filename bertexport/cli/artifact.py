@@ -6,97 +6,80 @@ from pathlib import Path
 
 import click
 
-from bertexport.cli.group import EXIT_CODES_HELP, _say, _trusted_key_option, cli, emit_json, json_option
+from bertexport.cli.group import EXIT_CODES_HELP, _say, cli, emit_json, json_option
+from bertexport.cli.settings import options_from, settings_from
+from bertexport.shipping.settings import (CacheSettings, InspectSettings, PackSettings, SignSettings, UnpackSettings,
+                                          VerifySettings)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("artifact", type=click.Path(path_type=Path))
-@_trusted_key_option
+@options_from(VerifySettings)
 @json_option("the verification result")
-def verify(artifact, trusted_key, json_out):
+def verify(json_out, **values):
     """Check an artifact: every file against the manifest's checksums, the manifest's own digest,
     and with --trusted-key its signature."""
-    from bertexport.core.manifest import load_manifest, verify_files
+    from bertexport.shipping.artifact_commands import VerificationFailed, verify_command
 
-    manifest = load_manifest(artifact)
-    problems = verify_files(artifact, manifest)
-    if trusted_key and not problems:
-        from bertexport.shipping.signing import verify_signature
-
-        verify_signature(artifact, trusted_key)
-    emit_json(json_out, {"artifact": str(artifact), "passed": not problems, "problems": problems,
-                         "files": len(manifest.get("files", {})), "manifest_sha256": manifest.get("manifest_sha256")})
-    if problems:
-        from bertexport.core.errors import UserError
-
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UserError(f"{artifact} failed verification: {'; '.join(problems[:5])}{more}")
-    signed = " and its signature by the trusted key" if trusted_key else ""
-    _say(json_out, f"PASSED: {artifact}: {len(manifest['files'])} files, the manifest{signed} verified (status {manifest.get('status')})")
+    try:
+        result = verify_command(settings_from(VerifySettings, values, "verify"))
+    except VerificationFailed as e:
+        emit_json(json_out, e.verification.payload())
+        raise
+    emit_json(json_out, result.payload())
+    signed = " and its signature by the trusted key" if result.signed else ""
+    _say(json_out, f"PASSED: {result.artifact}: {result.files} files, the manifest{signed} verified (status {result.status})")
 
 
 @cli.command("sign", epilog=EXIT_CODES_HELP)
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--key", "key", required=True, type=click.Path(path_type=Path), help="Private key (PEM, elliptic curve, e.g. P-256).")
-@click.option("--password", envvar="BERTEXPORT_KEY_PASSWORD", help="Password of the private key (also BERTEXPORT_KEY_PASSWORD).")
-def sign_cmd(artifact, key, password):
+@options_from(SignSettings)
+def sign_cmd(**values):
     """Sign ARTIFACT (OpenSSF model-signing, key-pair mode): devices then accept it only with the matching public key."""
-    from bertexport.shipping.signing import sign
+    from bertexport.shipping.artifact_commands import sign_command
 
-    click.echo(f"signed: {sign(artifact, key, password)}")
+    click.echo(f"signed: {sign_command(settings_from(SignSettings, values, 'sign'))}")
 
 
 @cli.command("pack", epilog=EXIT_CODES_HELP)
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(path_type=Path),
-              help="Pack file (default: ARTIFACT.tar.gz); with --format triton the repository folder (default: ARTIFACT-triton).")
-@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport pack (never another file).")
-@click.option("--format", "fmt", default="tar.gz", show_default=True, metavar="[tar.gz|triton]",
-              help="tar.gz: one file for shipping; triton: an NVIDIA Triton model repository (model + Python-backend "
-                   "tokenizer + ensemble; not served on this machine).")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=None,
-              help="With --format triton: max_batch_size of the models (default 32; a TensorRT engine's largest batch).")
-@click.option("--model-name", help="With --format triton: the ensemble's name clients call (default: the artifact folder's name).")
-def pack_cmd(artifact, out, force, fmt, max_batch_size, model_name):
+@options_from(PackSettings)
+def pack_cmd(**values):
     """Pack ARTIFACT into one .tar.gz (+ .sha256) for shipping, or with --format triton into a Triton model repository."""
-    from bertexport.shipping.packing import pack
+    from bertexport.shipping.artifact_commands import pack_command
 
-    options = {k: v for k, v in (("max_batch_size", max_batch_size), ("model_name", model_name)) if v is not None}
-    p = pack(artifact, out, force, format=fmt, **options)
-    if fmt == "triton":
-        click.echo(f"Triton model repository: {p} (ensemble '{model_name or Path(artifact).resolve().name}'; "
+    settings = settings_from(PackSettings, values, "pack")
+    p = pack_command(settings)
+    if settings.fmt == "triton":
+        click.echo(f"Triton model repository: {p} (ensemble '{settings.model_name or Path(settings.artifact).resolve().name}'; "
                    f"tritonserver --model-repository {p})")
         return
     click.echo(f"packed: {p} ({p.stat().st_size / 1e6:.1f} MB); checksum: {p}.sha256")
 
 
 @cli.command("unpack", epilog=EXIT_CODES_HELP)
-@click.argument("pack_file", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to create.")
-@click.option("--force", is_flag=True, help="Replace --out if it is a bertexport artifact (never a folder of other files).")
-@_trusted_key_option
-def unpack_cmd(pack_file, out, force, trusted_key):
+@options_from(UnpackSettings)
+def unpack_cmd(**values):
     """Unpack a pack safely (no path traversal, no links out) and verify its checksums (and signature)."""
-    from bertexport.shipping.packing import unpack
+    from bertexport.shipping.artifact_commands import unpack_command
 
-    click.echo(f"PASSED: unpacked and verified {unpack(pack_file, out, force, trusted_key)}")
+    click.echo(f"PASSED: unpacked and verified {unpack_command(settings_from(UnpackSettings, values, 'unpack'))}")
 
 
 @cli.command("inspect", epilog=EXIT_CODES_HELP)
-@click.argument("path", type=click.Path(path_type=Path))
+@options_from(InspectSettings)
 @json_option("the summary")
-def inspect_cmd(path, json_out):
+def inspect_cmd(json_out, **values):
     """Summarise an artifact folder or pack: model, task, target, inputs, parity, latency, versions."""
-    from bertexport.shipping.packing import inspect, inspect_rows
+    from bertexport.shipping.artifact_commands import inspect_command
+    from bertexport.shipping.packing import inspect_rows
 
-    info = inspect(path)
+    settings = settings_from(InspectSettings, values, "inspect")
+    info = inspect_command(settings)
     emit_json(json_out, info)
     if json_out == "-":
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=str(path), show_header=False)
+    table = Table(title=str(settings.path), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for k, v in inspect_rows(info):
@@ -105,21 +88,20 @@ def inspect_cmd(path, json_out):
 
 
 @cli.command("cache", epilog=EXIT_CODES_HELP)
-@click.option("--prune", is_flag=True, help="Remove orphaned work folders and entries not used for --older-than days.")
-@click.option("--older-than", type=click.IntRange(min=0), default=30, show_default=True, help="Days; with --prune.")
-@click.option("--clear", is_flag=True, help="Remove everything in the cache.")
+@options_from(CacheSettings)
 @json_option("the cache listing")
-def cache_cmd(prune, older_than, clear, json_out):
+def cache_cmd(json_out, **values):
     """Show what the cache holds (exports, students, work folders, logs...) and its size; prune it."""
-    from bertexport.core.cache import cache_summary, clear_cache, prune_cache
+    from bertexport.shipping.artifact_commands import cache_command
 
-    if clear:
-        freed = clear_cache()
-        _say(json_out, f"cleared the cache: {freed / 1e6:.1f} MB freed")
-    elif prune:
-        removed, freed = prune_cache(older_than_days=older_than)
-        _say(json_out, f"pruned {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}: {freed / 1e6:.1f} MB freed")
-    info = cache_summary()
+    settings = settings_from(CacheSettings, values, "cache")
+    report = cache_command(settings)
+    if report.cleared:
+        _say(json_out, f"cleared the cache: {report.freed_bytes / 1e6:.1f} MB freed")
+    elif settings.prune:
+        n = len(report.pruned)
+        _say(json_out, f"pruned {n} entr{'y' if n == 1 else 'ies'}: {report.freed_bytes / 1e6:.1f} MB freed")
+    info = report.summary
     emit_json(json_out, info)
     _say(json_out, f"cache: {info['root']} ({info['bytes'] / 1e6:.1f} MB)")
     for kind, v in info["kinds"].items():

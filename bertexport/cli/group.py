@@ -24,8 +24,6 @@ from bertexport.core.errors import BertExportError, GateFailed, Interrupted
 EXIT_CODES_HELP = ("Exit codes: 0 passed; 1 a quality gate failed; 2 bad input or an environment that cannot "
                    "serve the request; 3 internal error (traceback in a log file); 130/143 interrupted.")
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EMFILE}
-TASK_CHOICE = click.Choice(["feature-extraction", "text-classification", "token-classification",
-                            "question-answering", "fill-mask"])  # == tasks.TASKS (tested; the CLI stays import-light)
 
 
 def _debug() -> bool:
@@ -151,14 +149,6 @@ def _print_rows(rows, title):
     for r in rows:
         table.add_row(r["metric"], r["original"], r["artifact"])
     Console(stderr=True).print(table)
-
-
-def _threads_option(default=1, help="Threads for PyTorch and the artifact (pinned, reported)."):
-    return click.option("--threads", type=click.IntRange(min=1), default=default, show_default=default is not None, help=help)
-
-def _trusted_key_option(f):
-    return click.option("--trusted-key", type=click.Path(path_type=Path), envvar="BERTEXPORT_TRUSTED_KEY",
-                        help="Public key (PEM) the artifact must be signed with (also BERTEXPORT_TRUSTED_KEY).")(f)
 
 
 def install_signal_handlers() -> None:

@@ -17,10 +17,23 @@ from bertexport.core.errors import UserError
 
 
 def option(default: Any = MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
-           min_open: bool = False, choices: tuple | None = None, default_factory: Any = MISSING):
-    """A dataclass field with a description and its allowed values. ``min_open`` makes the
-    lower bound exclusive (``(0, 1]``)."""
-    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "choices": tuple(choices) if choices else None}
+           min_open: bool = False, max_open: bool = False, choices: tuple | None = None, default_factory: Any = MISSING,
+           flag: str | tuple[str, ...] | None = None, argument: bool = False, metavar: str | None = None,
+           separator: str | None = None, envvar: str | None = None, show_default: bool = True,
+           show_envvar: bool = False, flag_value: Any = None):
+    """A dataclass field with a description and its allowed values. ``min_open``/``max_open``
+    make a bound exclusive (``(0, 1]``).
+
+    The rest say how a command's settings record (``bertexport.cli.settings``) shows the
+    field on the command line: ``flag`` (its names, the first the main one; default
+    ``--field-name``), ``argument`` (a positional argument instead), ``metavar``, ``envvar``,
+    ``separator`` (a list typed as one value, e.g. ``2,4`` with ``","``; without it a list
+    field is a repeatable option), ``show_default``, ``show_envvar`` and ``flag_value`` (an
+    option whose value may be left out, taking this one: ``--ray`` alone is ``--ray local``)."""
+    meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open,
+            "choices": tuple(choices) if choices else None, "flag": (flag,) if isinstance(flag, str) else flag,
+            "argument": argument, "metavar": metavar, "separator": separator, "envvar": envvar,
+            "show_default": show_default, "show_envvar": show_envvar, "flag_value": flag_value}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -61,6 +74,11 @@ def _coerce(value, tp, path: str):
         if not isinstance(value, list):
             raise TypeError(f"{path} must be {_type_name(tp)}, got {value!r}")
         return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # a fixed number of values
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"{path} must be {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{path} must be a table, got {value!r}")
@@ -99,13 +117,17 @@ def _check_range(name: str, value, meta: dict, path: str) -> None:
         bad = [v for v in vals if v not in choices]
         if bad:
             raise ValueError(f"{path} must be one of {', '.join(map(str, choices))}, got {bad[0]!r}")
+    if isinstance(value, (list, tuple)):  # every value of a list in range, as on the command line
+        for i, v in enumerate(value):
+            _check_range(name, v, {**meta, "choices": None}, f"{path}[{i}]")
+        return
     lo, hi = meta.get("min"), meta.get("max")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and (value <= lo if meta.get("min_open") else value < lo):
             raise ValueError(f"{path} must be {'>' if meta.get('min_open') else '>='} {lo}" +
                              (f" and <= {hi}" if hi is not None else "") + f", got {value!r}")
-        if hi is not None and value > hi:
-            raise ValueError(f"{path} must be <= {hi}, got {value!r}")
+        if hi is not None and (value >= hi if meta.get("max_open") else value > hi):
+            raise ValueError(f"{path} must be {'<' if meta.get('max_open') else '<='} {hi}, got {value!r}")
 
 
 def build(cls, values: dict | None, where: str):
@@ -154,7 +176,7 @@ def describe(cls) -> list[dict]:
         elif meta.get("min") is not None or meta.get("max") is not None:
             lo = meta.get("min")
             allowed = (("(" if meta.get("min_open") else "[") + ("-inf" if lo is None else f"{lo}") + ", " +
-                       ("inf)" if meta.get("max") is None else f"{meta['max']}]"))
+                       ("inf)" if meta.get("max") is None else f"{meta['max']}" + (")" if meta.get("max_open") else "]")))
         rows.append({"name": f.name, "type": _type_name(hints[f.name]).replace("a list of", "list of").removeprefix("an ").removeprefix("a "),
                      "default": default if not dataclasses.is_dataclass(default) else dataclasses.asdict(default),
                      "allowed": allowed, "help": meta.get("help", "")})

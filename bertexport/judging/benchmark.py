@@ -23,6 +23,7 @@ from bertexport.core.errors import UserError
 from bertexport.core.hashing import cache_key
 from bertexport.judging.gates import GATES
 from bertexport.judging.latency import speedup, time_interleaved
+from bertexport.judging.settings import BenchmarkSettings
 from bertexport.core.progress import Reporter
 from bertexport.building.report import (artifact_label, interval_level, interval_note, interval_of, student_shape, unique_labels,
                                with_interval)
@@ -520,3 +521,92 @@ def compare_reports(a: dict, b: dict, labels: tuple[str, str] = ("host", "device
     if not rows:
         raise UserError("the two reports share no candidate and cell to compare")
     return rows
+
+
+# -- the command ------------------------------------------------------------------------------
+
+@dataclass
+class ReportComparison:
+    """Two benchmark reports side by side (``--compare HOST.json DEVICE.json``): the reports
+    and the rows pairing their candidates and cells (``compare_reports``)."""
+
+    host: dict
+    device: dict
+    rows: list[dict]
+
+    def title(self) -> str:
+        def side(r: dict) -> str:
+            return f"{r.get('environment', {}).get('cpu', {}).get('model', '?')} · {r['config']['threads']} thread(s)"
+
+        return f"host: {side(self.host)}   vs   device: {side(self.device)}"
+
+
+def read_report(path: str | Path) -> dict:
+    """A benchmark.json (``UserError``, exit 2, when it cannot be read)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read benchmark report {path}: {e}") from e
+
+
+def compare_report_files(host: str | Path, device: str | Path) -> ReportComparison:
+    """The reports in two benchmark.json files side by side (see ``compare_reports``)."""
+    a, b = read_report(host), read_report(device)
+    return ReportComparison(a, b, compare_reports(a, b))
+
+
+def comparison_table(comparison: ReportComparison):
+    """The table ``benchmark --compare`` prints (rich)."""
+    from rich.table import Table
+
+    table = Table(title=comparison.title())
+    for col in ("candidate", "b", "seq", "host p50 ms", "device p50 ms", "device / host"):
+        table.add_column(col)
+    for r in comparison.rows:
+        table.add_row(r["candidate"], str(r["batch"]), r["sequence"], f"{r['host_p50_ms']:.2f}", f"{r['device_p50_ms']:.2f}",
+                      f"{r['ratio']:.2f}x")
+    return table
+
+
+@dataclass
+class BenchmarkOutcome:
+    """What ``benchmark_command`` did: a benchmark run (``report``, and the files ``written``
+    to ``out_dir`` by kind) or, with ``compare_files``, two reports side by side
+    (``comparison``)."""
+
+    report: dict | None = None
+    written: dict[str, Path] = field(default_factory=dict)
+    comparison: ReportComparison | None = None
+
+
+def candidates_of(settings: BenchmarkSettings) -> tuple[str | None, list[Path]]:
+    """MODEL and the artifacts to time: a first positional that is an artifact (it has a
+    manifest.json) is one; every artifact must exist, and a MODEL alone needs a --target."""
+    model, artifacts = settings.model, list(settings.artifacts)
+    if model and Path(model).joinpath("manifest.json").is_file():
+        model, artifacts = None, [Path(settings.model), *artifacts]
+    for a in artifacts:
+        if not Path(a).exists():
+            raise UserError(f"artifact not found: {a}")
+    if model and not artifacts and not settings.targets:
+        raise UserError(f"{model} is not an artifact (no manifest.json), and no --target was given: nothing to compare")
+    return model, artifacts
+
+
+def benchmark_command(settings: BenchmarkSettings, reporter: Reporter | None = None) -> BenchmarkOutcome:
+    """``bertexport benchmark`` as a library call: with ``compare_files``, the two reports
+    side by side; else the candidates resolved (``candidates_of``), ``out_dir`` checked
+    before anything is measured, ``benchmark`` run and its files written to ``out_dir``.
+    Raises like ``benchmark``."""
+    s = settings
+    if s.compare_files:
+        return BenchmarkOutcome(comparison=compare_report_files(*s.compare_files))
+    model, artifacts = candidates_of(s)
+    if s.out_dir:
+        check_out_dir(s.out_dir, s.force)
+    report = benchmark(model, artifacts, targets=list(s.targets), batches=list(s.batches), sequences=list(s.sequences),
+                       texts=s.texts, data=s.data, data_limit=s.data_limit, runs=s.runs, warmup=s.warmup,
+                       threads=s.threads, force=s.force, reference=s.reference, trusted_key=s.trusted_key,
+                       reporter=reporter)
+    written = write_outputs(report, s.out_dir, force=s.force) if s.out_dir else {}
+    return BenchmarkOutcome(report=report, written=written)

@@ -7,7 +7,7 @@ range, the default ``optimize`` falls back to, how many rows its data needs befo
 be resolved, whether it needs labels, and whether it is judged with its paired interval
 (``bertexport.judging.stats``). ``--confidence`` is one setting record (``CONFIDENCE``)
 with one range for every command. The CLI flags are made from these records
-(``click_options``), ``Gates`` (the settings object callers pass around) takes its field
+(``gate_field``: the gate fields of the commands' settings records), ``Gates`` (the settings object callers pass around) takes its field
 ranges from them, ``judge`` turns figures into ``Verdict`` records, and everything that
 reports a verdict — convert's manifest, validate's JSON and JUnit, optimize and its
 report — reads those records, never the wording of a message.
@@ -58,9 +58,11 @@ class Setting:
         if bad:
             raise UserError(f"{where or self.flag} must be in {self.range_text()}, got {value!r}")
 
-    def field(self, default=None):
-        """A ``core.options`` dataclass field with this range (profiles' [validation] tables)."""
-        return option(default, self.help, min=self.low, max=self.high, min_open=self.low_open)
+    def field(self, default=None, help: str = ""):
+        """A ``core.options`` dataclass field with this flag and range (profiles' [validation]
+        tables, the gate fields of a command's settings record); ``help`` adds a sentence."""
+        return option(default, f"{self.help} {help}".strip(), min=self.low, max=self.high, min_open=self.low_open,
+                      max_open=self.high_open, flag=self.flag)
 
 
 @dataclass(frozen=True)
@@ -381,25 +383,15 @@ def profile_status(decision: Decision) -> str:
 
 # -- CLI flags made from the registry ---------------------------------------------------------------
 
-def click_options(*names: str, help: dict[str, str] | None = None, defaults: bool = False):
-    """Click options for the named gates (and ``confidence``), with the registry's flag,
-    range and help (``help`` adds a command's own sentence; ``defaults``: say the default a
-    command falls back to when no gate is given, as ``optimize`` does)."""
-    import click
-
-    specs = [CONFIDENCE if n == "confidence" else GATES[n] for n in names]
-    extra = help or {}
-
-    def decorate(f):
-        for s in reversed(specs):
-            kind = click.FloatRange(s.low, s.high, min_open=s.low_open, max_open=s.high_open)
-            default = (f" Default when no gate is given and the data is {s.default_when}: {s.default}."
-                       if defaults and getattr(s, "default", None) is not None else "")
-            text = s.help + (f" {extra[s.name]}" if s.name in extra else "") + default + f" Range {s.range_text()}."
-            f = click.option(s.flag, s.name, type=kind, help=text)(f)
-        return f
-
-    return decorate
+def gate_field(name: str, help: str = "", fallback: bool = False):
+    """The settings-record field of gate ``name`` (or ``confidence``): the registry's flag and
+    range, its help, then ``help`` (a command's own sentence), the default a command falls back to
+    when no gate is given (``fallback``: as ``optimize`` does) and the range."""
+    spec = CONFIDENCE if name == "confidence" else GATES[name]
+    default = getattr(spec, "default", None)
+    falls = (f"Default when no gate is given and the data is {spec.default_when}: {default}."
+             if fallback and default is not None else "")
+    return spec.field(None, help=" ".join(p for p in (help, falls, f"Range {spec.range_text()}.") if p))
 
 
 def flag_specs() -> dict[str, Setting]:

@@ -15,6 +15,7 @@ from bertexport.judging.compare import compare_on_data, reference_for_manifest, 
 from bertexport.judging.gates import Gates, check_gates_fit, check_gates_resolvable, judge
 from bertexport.core.errors import GateFailed
 from bertexport.core.textdata import TextSet, load_texts
+from bertexport.judging.settings import ValidateSettings
 
 
 @dataclass
@@ -81,3 +82,12 @@ def validate(artifact: str | Path, data: str | Path | None = None, *, model: str
         raise GateFailed(d.reasons(), result, result.verdict)
     return result
 
+
+def validate_command(settings: ValidateSettings) -> ValidationResult:
+    """``bertexport validate`` as a library call: ``validate`` with the record's gates and
+    settings (a record built in code is checked here too). Raises like ``validate``."""
+    s = settings
+    s.validate()
+    return validate(s.artifact, s.data, model=s.model, gates=s.gates, text_column=s.text_column,
+                    label_column=s.label_column, limit=s.limit, threads=s.threads, force=s.force, junit=s.junit,
+                    trusted_key=s.trusted_key)

@@ -50,6 +50,7 @@ from bertexport.judging.gates import Gates, check_gates_fit, check_gates_resolva
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.progress import Reporter
 from bertexport.search.report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
+from bertexport.search.settings import OptimizeSettings
 from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
 from bertexport.search.pruned import plan_pruning, search_pruned
 from bertexport.search.student_shapes import plan_init_students, plan_students
@@ -230,6 +231,18 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     if winner is None:
         raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
     return result
+
+
+def optimize_command(settings: OptimizeSettings, reporter: Reporter | None = None) -> SearchResult:
+    """``bertexport optimize`` as a library call: ``optimize`` with the record's settings
+    (its gates; no backend given: every installed one). Raises like ``optimize``."""
+    s = settings
+    return optimize(s.model, s.data, s.out, task=s.task, gates=s.gates(), budget=s.budget, distill=s.distill,
+                    batch_invariant=s.batch_invariant, distill_epochs=s.distill_epochs, distill_data=s.distill_data,
+                    prune=s.prune, threads=s.threads, batch=s.batch, sequence=s.sequence, calib=s.calib,
+                    text_column=s.text_column, label_column=s.label_column, seed=s.seed, force=s.force,
+                    trust_remote_code=s.trust_remote_code, backends=set(s.backends) or None,
+                    student_init=list(s.student_init), device=s.device, reporter=reporter)
 
 
 def check_classes(ts, labels, gates: Gates) -> None:

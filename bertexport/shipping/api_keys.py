@@ -11,8 +11,8 @@ from pathlib import Path
 
 from bertexport.core.errors import UserError
 from bertexport.shipping.serve_requests import ApiError
+from bertexport.shipping.settings import API_KEY_ENV
 
-API_KEY_ENV = "BERTEXPORT_API_KEY"
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: an orchestrator has no key
 
 

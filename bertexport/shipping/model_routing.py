@@ -22,6 +22,7 @@ log = logging.getLogger("bertexport.shipping.serve")
 
 EMBEDDINGS = "/v1/embeddings"
 RERANK = "/v1/rerank"
+RERANK_TEI = "/rerank"  # Text Embeddings Inference's path and shape
 
 
 class ServedModel:
@@ -66,7 +67,7 @@ class ServedModel:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "bertexport", "task": self.task,
                 "target": self.manifest["target"]["name"], "source": (self.manifest.get("source") or {}).get("source"),
                 "max_length": self.manifest["max_length"], "endpoints": [self.endpoint()]
-                + ([RERANK] if self.rerank_logits else [])}
+                + ([RERANK, RERANK_TEI] if self.rerank_logits else [])}
 
 
 class Service:
@@ -97,6 +98,15 @@ class Service:
             raise ApiError(404, f"model '{name}' is not served here; this server serves {self.served()}", param="model",
                            code="model_not_found")
         return self.models[name]
+
+    def only_reranker(self) -> ServedModel:
+        """The model a rerank request without ``model`` means: the one reranker served."""
+        able = [m for m in self.models.values() if m.rerank_logits]
+        if len(able) != 1:
+            which = (f"the rerankers are {', '.join(repr(m.name) for m in able)}" if able
+                     else f"none of {self.served()} can rerank")
+            raise ApiError(400, f"'model' is missing: {which}", param="model", code="model_required")
+        return able[0]
 
     def wrong_endpoint(self, model: ServedModel) -> ApiError:
         return ApiError(404, f"model '{model.name}' is a {model.task} model: POST {model.endpoint()}",

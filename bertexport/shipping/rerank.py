@@ -1,4 +1,4 @@
-"""``POST /v1/rerank``: a text-classification artifact as a cross-encoder. Which artifacts can
+"""``POST /v1/rerank`` (and TEI's ``/rerank``): a text-classification artifact as a cross-encoder. Which artifacts can
 rerank (a 1- or 2-logit relevance head), the relevance score of a (query, document) pair's
 logits, and a predictor whose answers are those scores (``run --context``'s pair encoding,
 windowing and batching)."""
@@ -45,16 +45,22 @@ def relevance(logits: np.ndarray) -> float:
     return float(softmax(z)[1])
 
 
+def relevance_logit(logits: np.ndarray) -> float:
+    """The pair's relevance as a log-odds (TEI's ``raw_scores``): the logit of a 1-logit head,
+    relevant minus not relevant for a 2-logit head; its sigmoid is ``relevance``."""
+    z = np.asarray(logits, dtype=np.float64)
+    return float(z[0]) if z.shape[-1] == 1 else float(z[1] - z[0])
+
+
 def reranker(predictor):
-    """A copy of ``predictor`` whose answers are ``{"relevance_score": float}``: the same
-    pair encoding, windowing of long documents and batching as ``run --context``; windows of
-    one document are combined as ``run`` does (``mean``: their logits averaged; ``max``: the
-    best window's score)."""
+    """A copy of ``predictor`` whose answers are ``{"relevance_score": float, "logit": float}``
+    (``relevance`` and ``relevance_logit``): the same pair encoding, windowing of long documents
+    and batching as ``run --context``; windows of one document are combined as ``run`` does
+    (``mean``: their logits averaged; ``max``: the best window's)."""
     def aggregate(text, pair, windows, post):
         stack = np.stack(windows)
-        if post.aggregation == "max":
-            return {"relevance_score": max(relevance(w) for w in stack), "windows": len(windows)}
-        return {"relevance_score": relevance(stack.mean(0)), "windows": len(windows)}
+        best = max(stack, key=relevance) if post.aggregation == "max" else stack.mean(0)
+        return {"relevance_score": relevance(best), "logit": relevance_logit(best), "windows": len(windows)}
 
     r = copy.copy(predictor)
     r.task = dataclasses.replace(predictor.task, aggregate=aggregate)

@@ -31,7 +31,7 @@ from bertexport.shipping.serve_requests import ServeOptions
 
 def require_stack():
     missing = []
-    for name in ("starlette", "uvicorn", "prometheus_client"):
+    for name in ("starlette", "uvicorn", "prometheus_client", "orjson"):
         try:
             __import__(name)
         except ImportError:

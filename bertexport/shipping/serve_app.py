@@ -9,6 +9,7 @@ Endpoints follow each model's task record:
   ``{"results": [...]}``, each result exactly one line of ``bertexport run --json``;
 - ``POST /v1/rerank`` (a text-classification model with a 1- or 2-logit relevance head, a
   cross-encoder): the request/response shape of Cohere's, Jina's and infinity's rerank APIs;
+  ``POST /rerank``: the same scores in Text Embeddings Inference's own shape;
 - ``GET /v1/models``, ``/health`` (the process answers), ``/ready`` (models loaded,
   inference threads running), ``/metrics`` (Prometheus text format).
 
@@ -31,17 +32,13 @@ from typing import Sequence
 import numpy as np
 
 from bertexport.shipping.api_keys import Access, KeyGuard
-from bertexport.shipping.model_routing import EMBEDDINGS, RERANK, Service, check_names
+from bertexport.shipping.model_routing import EMBEDDINGS, RERANK, RERANK_TEI, Service, check_names
 from bertexport.shipping.serve_metrics import MeasuredApp
+from bertexport.shipping.settings import SERVE_BATCH_SIZE
 from bertexport.shipping.serve_requests import ApiError, ServeOptions, check_chars, read_documents, read_json, read_texts
 
 log = logging.getLogger("bertexport.shipping.serve")
 
-# Windows per inference call. Coalesced windows are sorted by length and cut into batches of
-# this many: on CPU, short sorted batches win (less padding); measured on MiniLM ort-int8 with
-# Rotten Tomatoes snippets on a shared 2-core EPYC, CPU time per text: alone 11.9 ms, 32
-# coalesced in batches of 8 9.9 ms, in one batch of 32 17.5 ms.
-SERVE_BATCH_SIZE = 8
 
 
 # Served answers come from batches of other requests' texts; an artifact whose outputs move
@@ -59,6 +56,22 @@ def batch_tolerance(manifest: dict) -> float:
     return float(inv.get("tolerance") or DEFAULT_BATCH_TOLERANCE)
 
 
+def json_response_class():
+    """Starlette's ``JSONResponse`` rendered by orjson: the event loop every served model
+    shares spends less of its time (and of the GIL) on each answer. Same JSON: floats in
+    their shortest round-trip form, as ``json`` writes them."""
+    import orjson
+    from starlette.responses import JSONResponse
+
+    options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+    class OrjsonResponse(JSONResponse):
+        def render(self, content) -> bytes:
+            return orjson.dumps(content, option=options)
+
+    return OrjsonResponse
+
+
 def build_app(models: Sequence[tuple[str, object]], options: ServeOptions = ServeOptions(), *, access: Access = Access(),
               predictor_options: dict | None = None):
     """The ASGI application serving ``models``, a list of ``(name, Artifact)`` (opened
@@ -67,12 +80,13 @@ def build_app(models: Sequence[tuple[str, object]], options: ServeOptions = Serv
     the app's lifespan does. ``app.state.service`` (on the inner Starlette app) holds them."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
     from starlette.routing import Route
 
     from bertexport.core.tasks import TASKS
     from bertexport.shipping.runtime import Predictor
 
+    JSONResponse = json_response_class()
     options.check()
     access.check()
     check_names([name for name, _ in models])
@@ -138,20 +152,8 @@ def build_app(models: Sequence[tuple[str, object]], options: ServeOptions = Serv
                                  "usage": {"prompt_tokens": used, "total_tokens": used}})
         return predict
 
-    async def rerank(request):
-        data = await read_json(request, options.max_body_bytes)
-        model = svc.pick(data)
-        if not model.rerank_logits:
-            raise ApiError(400, f"model '{model.name}' cannot rerank: {model.rerank_refusal}", param="model",
-                           code="not_a_reranker")
-        query = read_texts(data.get("query"), "query", options, allow_list=False)[0]
-        docs = read_documents(data.get("documents"), options)
-        top_n = data.get("top_n")
-        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
-            raise ApiError(400, "'top_n' must be a positive integer", param="top_n")
-        with_docs = data.get("return_documents", False)
-        if not isinstance(with_docs, bool):
-            raise ApiError(400, "'return_documents' must be true or false", param="return_documents")
+    async def ranked(model, query: str, docs: list[str]) -> tuple[list[int], list[dict], int]:
+        """The documents' scores for the query, and their order (best first; ties: lower index first)."""
         check_chars(options, [query], docs)
         # the query is kept whole in every window of a document: it must leave the document room
         room = model.predictor.max_length - model.predictor.stride - 8
@@ -161,15 +163,57 @@ def build_app(models: Sequence[tuple[str, object]], options: ServeOptions = Serv
                                 f"{model.predictor.max_length}-token window holds the document)", param="query")
         results, tokens = await model.infer([query] * len(docs), docs, mode="rerank")
         order = sorted(range(len(docs)), key=lambda i: -results[i]["relevance_score"])  # stable: ties by index
+        return order, results, int(sum(tokens))
+
+    def reranking_model(data: dict):
+        model = svc.pick(data) if data.get("model") is not None or len(svc.models) == 1 else svc.only_reranker()
+        if not model.rerank_logits:
+            raise ApiError(400, f"model '{model.name}' cannot rerank: {model.rerank_refusal}", param="model",
+                           code="not_a_reranker")
+        return model
+
+    def flag(data: dict, key: str) -> bool:
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"'{key}' must be true or false", param=key)
+        return value
+
+    async def rerank(request):
+        """Cohere's, Jina's and infinity's shape."""
+        data = await read_json(request, options.max_body_bytes)
+        model = reranking_model(data)
+        query = read_texts(data.get("query"), "query", options, allow_list=False)[0]
+        docs = read_documents(data.get("documents"), options)
+        top_n = data.get("top_n")
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+            raise ApiError(400, "'top_n' must be a positive integer", param="top_n")
+        with_docs = flag(data, "return_documents")
+        order, results, used = await ranked(model, query, docs)
         rows = []
         for i in order[:top_n]:
             row = {"index": i, "relevance_score": results[i]["relevance_score"]}
             if with_docs:
                 row["document"] = {"text": docs[i]}
             rows.append(row)
-        used = int(sum(tokens))
         return JSONResponse({"object": "rerank", "model": model.name, "results": rows,
                              "usage": {"prompt_tokens": used, "total_tokens": used}})
+
+    async def rerank_tei(request):
+        """Text Embeddings Inference's own shape: ``texts``, ``raw_scores``, ``return_text`` ->
+        a list of ``{index, score[, text]}``, best first."""
+        data = await read_json(request, options.max_body_bytes)
+        model = reranking_model(data)
+        query = read_texts(data.get("query"), "query", options, allow_list=False)[0]
+        docs = read_texts(data.get("texts"), "texts", options)
+        raw, with_text = flag(data, "raw_scores"), flag(data, "return_text")
+        order, results, _ = await ranked(model, query, docs)
+        rows = []
+        for i in order:
+            row = {"index": i, "score": results[i]["logit" if raw else "relevance_score"]}
+            if with_text:
+                row["text"] = docs[i]
+            rows.append(row)
+        return JSONResponse(rows)
 
     async def list_models(request):
         return JSONResponse({"object": "list", "data": [m.describe() for m in svc.models.values()]})
@@ -214,7 +258,8 @@ def build_app(models: Sequence[tuple[str, object]], options: ServeOptions = Serv
             for m in svc.models.values():  # each answers whatever is still queued
                 await asyncio.to_thread(m.batcher.stop)
 
-    routes = [Route(EMBEDDINGS, embeddings, methods=["POST"]), Route(RERANK, rerank, methods=["POST"])]
+    routes = [Route(EMBEDDINGS, embeddings, methods=["POST"]), Route(RERANK, rerank, methods=["POST"]),
+              Route(RERANK_TEI, rerank_tei, methods=["POST"])]
     routes += [Route(f"/v1/{t}", task_endpoint(t), methods=["POST"]) for t in TASKS]
     routes += [Route("/v1/models", list_models, methods=["GET"]), Route("/health", health, methods=["GET"]),
                Route("/ready", ready, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]

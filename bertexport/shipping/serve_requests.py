@@ -58,10 +58,15 @@ async def read_json(request, limit: int) -> dict:
             raise ApiError(413, f"the request body is over {limit} bytes", code="body_too_large")
     if not body:
         raise ApiError(400, "the request body is empty: send a JSON object")
+    import orjson  # the serve extra's: 3-10x json's speed on the event loop every model shares
+
     try:
-        data = json.loads(bytes(body))
-    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
-        raise ApiError(400, "the request body is not valid JSON") from None
+        data = orjson.loads(bytes(body))
+    except ValueError:  # orjson refuses lone surrogates (\ud800) too: json reads them, so the texts' check can say so
+        try:
+            data = json.loads(bytes(body))
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
+            raise ApiError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return data

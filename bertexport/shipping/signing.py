@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bertexport.core.errors import UserError
 from bertexport.core.manifest import SIGNATURE
-TRUSTED_KEY_ENV = "BERTEXPORT_TRUSTED_KEY"
+from bertexport.core.shared_settings import TRUSTED_KEY_ENV
 
 
 def _library():

@@ -26,6 +26,7 @@ from bertexport.core.errors import UserError
 from bertexport.core.families import get_family, layer_count as _layer_count
 from bertexport.students.distill_config import DistillConfig, check_config, default_layer_map
 from bertexport.students.distill_report import distill_report
+from bertexport.students.settings import DistillSettings
 from bertexport.students.pretrained import check_student_init, load_init_student, student_tokenizer, training_tokenizer
 from bertexport.students.shapes import keep_every, shrink
 from bertexport.students.training import train_student
@@ -173,6 +174,26 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
         staged.publish(True)
     shutil.rmtree(work, ignore_errors=True)
     return DistillResult(out, report)
+
+
+def distill_command(settings: DistillSettings, reporter: Reporter | None = None):
+    """``bertexport distill`` as a library call: with ``settings.prune_fraction`` the teacher
+    pruned after training on ``--data`` (``students.pruning.prune_data``; a ``PruneResult``),
+    else a student distilled (``distill``; a ``DistillResult``). The rules spanning options
+    were checked when the record was built (``DistillSettings.validate``)."""
+    s = settings
+    if s.prune_fraction is not None:
+        from bertexport.students.pruning import prune_data
+
+        return prune_data(s.teacher, s.distill_data, s.out, mac_budget=s.prune_fraction, task=s.task, force=s.force,
+                          seed=s.seed, threads=s.distill_threads)
+    given = {"epochs": s.epochs, "max_epochs": s.max_epochs}  # None: DistillConfig's default (3 epochs, cap 10)
+    cfg = DistillConfig(layers=s.layers, keep_layers=s.keep_layers, student=s.student, shape=s.shape,
+                        alpha_hidden=s.alpha_hidden, alpha_attention=s.alpha_attention, augment=s.augment,
+                        patience=s.patience, batch_size=s.batch_size, lr=s.lr, temperature=s.temperature, seed=s.seed,
+                        threads=s.distill_threads, device=s.device, **{k: v for k, v in given.items() if v is not None})
+    return distill(s.teacher, s.out, task=s.task, data=s.distill_data, config=cfg, resume=s.resume, force=s.force,
+                   reporter=reporter)
 
 
 def cached_student(model: str, task: str | None, layers: int, data=None, epochs: int = 3,

@@ -432,6 +432,7 @@ class EarlyExitResult:
     rows: list[dict] = field(default_factory=list)
     verdict: str = "passed"
     undecided: list[str] = field(default_factory=list)
+    signature: Path | None = None
 
 
 def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig | None = None, task: str | None = None,
