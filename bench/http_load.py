@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import multiprocessing as mp
 import signal
 import socket
 import subprocess
@@ -243,3 +244,26 @@ def flood(target: Target, server: ServerProcess, texts: list[str], rate: float, 
             "p50_ok_ms": percentile_ms(ok_lat, 50), "p99_ok_ms": percentile_ms(ok_lat, 99),
             "p99_send_late_ms": percentile_ms([max(0.0, x) for x in late], 99),
             "rss_before_mb": rss[0] / 2**20, "rss_peak_mb": max(rss) / 2**20}
+
+
+# -- one model probed from its own process while another is loaded (issue #25) --------------------
+
+def _probe(target: Target, width: int, texts, seconds: float, warmup: float, ready, go, results) -> None:
+    ready.set()
+    go.wait()
+    (res,) = closed_loop([(target, 1, width)], texts, seconds, warmup)
+    results.put(res)
+
+
+def measure_beside(a: Target, b: Target, widths: dict, texts, seconds: float, warmup: float, clients: int) -> tuple[dict, dict | None]:
+    """``b`` probed from its own process; with ``clients``, ``a`` loaded from this one at the same time."""
+    ctx = mp.get_context("spawn")
+    ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    p = ctx.Process(target=_probe, args=(b, widths[b.model], texts, seconds, warmup, ready, go, results))
+    p.start()
+    ready.wait(60)
+    go.set()
+    ra = closed_loop([(a, clients, widths[a.model])], texts, seconds, warmup)[0] if clients else None
+    rb = results.get(timeout=seconds + warmup + 120)
+    p.join(30)
+    return rb, ra

@@ -24,7 +24,8 @@ One run measures, every part interleaved (servers take turns: A B C, then C B A,
    closed-loop req/s in part 1), over --flood-connections connections: share of 503s, p99 of the
    200s (from each request's scheduled time, so a client that could not send on time counts),
    the server's RSS (its process tree, idle and peak);
-3. two models in one server (bertexport only): "second" probed by one closed-loop client,
+3. two models in one server (bertexport only): "second" probed by one closed-loop client (in a
+   process of its own: a probe sharing the load generator's GIL measures the generator),
    alone, then while "minilm" is loaded by --two-model-clients closed-loop clients; second's p99
    under load vs alone (target: within 2x). On the race server (--threads each) and on a server
    started with serve's default threads (cores split between the models).
@@ -60,7 +61,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import infinity_peer  # noqa: E402
-from http_load import ServerProcess, Target, closed_loop, flood, free_port, percentile_ms, probe_width  # noqa: E402
+from http_load import (ServerProcess, Target, closed_loop, flood, free_port, measure_beside, percentile_ms,  # noqa: E402
+                       probe_width)
 from rotten_tomatoes import rotten_tomatoes_rows  # noqa: E402
 
 from bertexport.core.cache import cache_dir  # noqa: E402
@@ -195,11 +197,12 @@ def two_models(server: ServerProcess, a: Target, b: Target, widths: dict, texts,
     for r in range(args.rounds):
         for mode in (("solo", "loaded") if r % 2 == 0 else ("loaded", "solo")):
             load_avg.append(os.getloadavg()[0])
+            # b's client in a process of its own: sharing the load generator's GIL, it measured the generator
+            rb, ra = measure_beside(a, b, widths, texts, args.seconds, args.warmup,
+                                    args.two_model_clients if mode == "loaded" else 0)
             if mode == "solo":
-                solo += closed_loop([(b, 1, widths[b.model])], texts, args.seconds, args.warmup)
+                solo.append(rb)
             else:
-                rb, ra = closed_loop([(b, 1, widths[b.model]), (a, args.two_model_clients, widths[a.model])], texts,
-                                     args.seconds, args.warmup)
                 loaded.append(rb)
                 a_runs.append(ra)
     s, l, la = summarize(solo, 1), summarize(loaded, 1), summarize(a_runs, args.two_model_clients)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -31,31 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from http_load import ServerProcess, Target, closed_loop, free_port, probe_width  # noqa: E402
+from http_load import ServerProcess, Target, free_port, measure_beside, probe_width  # noqa: E402
 from serve_clients import load_texts, lscpu, summarize, target_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _probe(target: Target, width: int, texts, seconds: float, warmup: float, ready, go, results) -> None:
-    ready.set()
-    go.wait()
-    (res,) = closed_loop([(target, 1, width)], texts, seconds, warmup)
-    results.put(res)
-
-
-def measure(a: Target, b: Target, widths: dict, texts, seconds: float, warmup: float, clients: int) -> tuple[dict, dict | None]:
-    """``b`` probed from its own process; with ``clients``, ``a`` loaded from this one at the same time."""
-    ctx = mp.get_context("spawn")
-    ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
-    p = ctx.Process(target=_probe, args=(b, widths[b.model], texts, seconds, warmup, ready, go, results))
-    p.start()
-    ready.wait(60)
-    go.set()
-    ra = closed_loop([(a, clients, widths[a.model])], texts, seconds, warmup)[0] if clients else None
-    rb = results.get(timeout=seconds + warmup + 120)
-    p.join(30)
-    return rb, ra
 
 
 def main(argv=None):
@@ -112,7 +90,7 @@ def main(argv=None):
                 a, b = targets[v]
                 for mode in (("solo", "loaded") if r % 2 == 0 else ("loaded", "solo")):
                     cells[v]["load_avg"].append(os.getloadavg()[0])
-                    rb, ra = measure(a, b, widths, texts, args.seconds, args.warmup, args.clients if mode == "loaded" else 0)
+                    rb, ra = measure_beside(a, b, widths, texts, args.seconds, args.warmup, args.clients if mode == "loaded" else 0)
                     cells[v][mode].append(rb)
                     if ra:
                         cells[v]["a"].append(ra)
