@@ -659,6 +659,8 @@ def test_rerank_one_logit_head_is_its_sigmoid(multi, rerankers):
 def test_tei_rerank_shape_has_the_same_scores(multi):
     """TEI's `/rerank`: `texts` -> a bare list of {index, score[, text]}, best first; the scores
     are `/v1/rerank`'s; `raw_scores` gives the log-odds whose sigmoid they are."""
+    listening = next(line for line in multi.log.read_text().splitlines() if line.startswith("serving "))
+    assert "POST /v1/rerank" in listening and "POST /rerank" in listening  # the start-up line says so
     for model in ("reranker", "reranker-1"):
         status, _, ours = multi.post(RERANK_ENDPOINT, {"model": model, "query": QUERY, "documents": DOCUMENTS}, headers=AUTH)
         assert status == 200

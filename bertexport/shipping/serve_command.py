@@ -40,8 +40,14 @@ def serve_command(settings: ServeSettings, *, on_listening: Callable[[str, str],
         if on_listening is None:
             return
         served = ", ".join(f"{name} ({art.task}, {art.name})" for name, art in loaded)
-        endpoints = sorted({"POST /v1/embeddings" if art.task == "feature-extraction" else f"POST /v1/{art.task}"
-                            for _, art in loaded})
+        from bertexport.shipping.model_routing import RERANK, RERANK_TEI
+        from bertexport.shipping.rerank import relevance_head
+
+        endpoints = {"POST /v1/embeddings" if art.task == "feature-extraction" else f"POST /v1/{art.task}"
+                     for _, art in loaded}
+        if any(relevance_head(art.manifest, art.id2label)[0] for _, art in loaded):  # a cross-encoder also reranks
+            endpoints |= {f"POST {RERANK}", f"POST {RERANK_TEI}"}
+        endpoints = sorted(endpoints)
         keyed = "; API key required" if access.api_key else ""
         on_listening(url, f"{served} on {url} — {', '.join(endpoints)}; GET /v1/models /health /ready /metrics{keyed}")
 
