@@ -324,7 +324,11 @@ def test_segments_chain_to_the_model_in_every_family(tiny, family):
 # -- refusals before any model loads --------------------------------------------------------------------
 
 def test_refused_at_plan_time(tiny, keyword_model, data, tmp_path, monkeypatch):
+    import importlib
+
     import bertexport.building.checkpoint as checkpoint
+
+    importlib.import_module("bertexport.building.convert")  # imported before the patch: it binds load_model at import
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
@@ -335,7 +339,9 @@ def test_refused_at_plan_time(tiny, keyword_model, data, tmp_path, monkeypatch):
     cases = [
         ([str(tiny("bert", "token-classification")), "-t", "ort-fp32", "--early-exit", str(data)], "text-classification only"),
         ([str(tiny("bert", "feature-extraction")), "-t", "ort-fp32", "--early-exit", str(data)], "text-classification only"),
-        ([str(keyword_model), "-t", "ort-int8", "--early-exit", str(data)], "without passes"),
+        ([str(keyword_model), "-t", "ort-int8-skip", "--early-exit", str(data)], "has first-token-skip"),
+        ([str(tiny("deberta-v2", "text-classification")), "-t", "openvino-int8", "--early-exit", str(data)],
+         "converts DeBERTa-v2/v3 from PyTorch"),
         ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(data), "--exit-layers", "2"], "exit layers must be in [1, 1]"),
         ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(data), "--exit-layers", "one"], "takes values separated by ','"),
         ([str(keyword_model), "-t", "ort-fp32", "--early-exit", str(few)], "needs >= 20"),
@@ -356,3 +362,188 @@ def test_run_time_threshold_is_checked(plain, fixed):
     for bad in (1.5, -0.1, True):
         with pytest.raises(UserError, match="exit threshold must be a probability"):
             Artifact(fixed(1.0), exit_threshold=bad)
+
+
+# -- run/serve --exit-threshold ---------------------------------------------------------------------------
+
+def test_exit_threshold_refused_for_a_normal_artifact_before_it_loads(plain, data, tmp_path, monkeypatch):
+    from bertexport.shipping import runtime
+
+    def no_loading(*a, **k):
+        raise AssertionError("an artifact was opened before --exit-threshold was checked")
+
+    monkeypatch.setattr(runtime, "Artifact", no_loading)
+    texts = tmp_path / "in.txt"
+    texts.write_text("a film\n")
+    cases = [["run", str(plain), "a film", "--exit-threshold", "0.5"],
+             ["run", str(plain), "--file", str(texts), "--out", str(tmp_path / "out.jsonl"), "--exit-threshold", "1"],
+             ["serve", str(plain), "--port", "0", "--exit-threshold", "0.5"]]
+    for args in cases:
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "has no early exits: --exit-threshold applies to an early-exit artifact" in r.output, \
+            (args, r.output)
+    assert not (tmp_path / "out.jsonl").exists()
+    r = CliRunner().invoke(cli, ["run", str(plain), "a film", "--exit-threshold", "1.5"])
+    assert r.exit_code == 2 and "1.5" in r.output
+
+
+def test_bulk_exit_threshold_overrides_the_manifest(fixed, tmp_path):
+    from bertexport.shipping.bulk import run_local
+
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n".join(TEXTS) + "\n")
+    run_local(fixed(1.0), inp, tmp_path / "over.jsonl", predictor_options={"top_k": 2, "exit_threshold": 0.0})
+    run_local(fixed(0.0), inp, tmp_path / "zero.jsonl", predictor_options={"top_k": 2})
+    rows = [[json.loads(line) for line in (tmp_path / f).read_text().splitlines()] for f in ("over.jsonl", "zero.jsonl")]
+    assert [r["label"] for r in rows[0]] == [r["label"] for r in rows[1]]
+    np.testing.assert_array_equal(_probs(rows[0]), _probs(rows[1]))
+    sidecar = json.loads((tmp_path / ".over.jsonl.bulk.json").read_text())
+    assert sidecar["options"]["exit_threshold"] == 0.0  # part of the output's identity (resume)
+
+
+def test_serve_exit_threshold_overrides_the_manifest(fixed, tmp_path):
+    from tests.test_serve import Server
+
+    pytest.importorskip("uvicorn", reason="serve needs bertexport[serve]")
+    art = tmp_path / "one"
+    shutil.copytree(fixed(1.0), art)
+    server = Server(art, "--exit-threshold", "0.0", "--top-k", 2, log=tmp_path / "serve.log").wait_listening()
+    try:
+        status, _, out = server.post("/v1/text-classification", {"model": "one", "inputs": TEXTS})
+        assert status == 200, out
+        np.testing.assert_allclose(_probs(out["results"]), _first_exit_probs(fixed(0.0), TEXTS), atol=1e-7, rtol=0)
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.stop() == 143
+
+
+# -- int8 segments: ONNX Runtime and OpenVINO ---------------------------------------------------------------
+
+INT8_TARGETS = {"ort-int8": ("onnxruntime", "onnx"), "ort-fused-int8": ("onnxruntime", "onnx"),
+                "openvino-int8": ("openvino", "openvino-ir")}
+
+
+@pytest.fixture(scope="module")
+def int8_built(keyword_model, data, tmp_path_factory):
+    """int8_built(target) -> an early-exit artifact of the keyword classifier compiled by that int8
+    profile, its threshold chosen on the held-out rows."""
+    root = tmp_path_factory.mktemp("ee-int8")
+    samples = root / "samples.jsonl"  # enough rows for the int8 gate to decide, few for a fast parity check
+    samples.write_text("".join(data.read_text().splitlines(keepends=True)[:48]))
+    built = {}
+
+    def get(target: str) -> Path:
+        if target not in built:
+            pytest.importorskip(INT8_TARGETS[target][0])
+            built[target] = E.build_early_exit(str(keyword_model), target, root / target, data, samples=samples,
+                                               latency_runs=0).artifact
+        return built[target]
+
+    return get
+
+
+def _segment_ops(path: Path) -> set[str]:
+    if path.suffix == ".onnx":
+        import onnx
+
+        return {n.op_type for n in onnx.load(str(path)).graph.node}
+    import openvino as ov
+
+    return {op.get_type_name() for op in ov.Core().read_model(str(path)).get_ops()}
+
+
+@pytest.mark.parametrize("target", list(INT8_TARGETS))
+def test_int8_segments_are_compiled_by_the_profile_and_pass_its_gate(int8_built, target):
+    from bertexport.building.profiles import load_profile
+
+    art = int8_built(target)
+    manifest = json.loads((art / "manifest.json").read_text())
+    early, profile = manifest["early_exit"], load_profile(target)
+    backend, fmt = INT8_TARGETS[target]
+    assert (early["backend"], early["precision"], early["format"]) == (backend, "int8", fmt)
+    assert manifest["model"]["backend"] == backend and manifest["model"]["format"] == fmt
+    assert [p["type"] for p in manifest["target"]["passes"]] == [p.type for p in profile.passes]
+    quantized = {"onnx": "MatMulInteger", "openvino-ir": "FakeQuantize"}[fmt]
+    for seg in early["segments"]:
+        assert seg["format"] == fmt and [p["type"] for p in seg["passes"]] == [p.type for p in profile.passes]
+        assert quantized in _segment_ops(art / seg["path"]), seg["path"]
+    assert early["segments"][0]["outputs"] == ["hidden_states", "exit_logits"]
+    # the no-exit path is judged by the profile's own int8 gate, as a normal build of it
+    assert manifest["parity"]["rule"] == profile.validation.rule == "int8-decisions" and manifest["parity"]["passed"]
+    assert manifest["calibration"]["count"] == early["data"]["train"]
+    import jsonschema
+
+    schema = json.loads(Path(E.__file__).parent.parent.joinpath("core", "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(manifest)
+    r = CliRunner().invoke(cli, ["verify", str(art)])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("target", list(INT8_TARGETS))
+def test_int8_threshold_is_chosen_on_the_int8_exits(int8_built, data, target):
+    """The held-out rows run again through the artifact's own segments give the manifest's choice."""
+    art = int8_built(target)
+    early = json.loads((art / "manifest.json").read_text())["early_exit"]
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    order = np.random.default_rng(0).permutation(len(texts))  # the build's held-out split (seed 0, 30 %)
+    held = [texts[i] for i in sorted(order[:early["data"]["heldout"]].tolist())]
+    with Artifact(art, threads=1) as a:
+        exits, final = E.runner_outputs(a.runner, a.encoder.encode, held)
+    again = E.choose_threshold(exits, final, early["exit_layers"], early["layers"], early["agreement_gate"])
+    assert again["threshold"] == early["threshold"] and again["exits"] == early["choice"]["exits"]
+    assert again["agreement"] == early["choice"]["agreement"] >= early["agreement_gate"]
+
+
+@pytest.mark.parametrize("target", list(INT8_TARGETS))
+def test_int8_one_zero_and_midway(int8_built, target):
+    art = int8_built(target)
+    with Artifact(art) as a:
+        feeds = a.encoder.encode(TEXTS)
+        exits, final = a.runner.every_exit(feeds)
+        one, zero = a.runner.infer(feeds, 1.0), a.runner.infer(feeds, 0.0)
+        assert (one["exit_layer"] == 2).all() and (zero["exit_layer"] == 1).all()
+        np.testing.assert_array_equal(one["logits"], final)  # 1.0: the full int8 path of this artifact
+        np.testing.assert_array_equal(zero["logits"], exits[0])  # 0.0: every row at the first exit
+        alone = [a.runner.every_exit(a.encoder.encode([t])) for t in TEXTS]
+        # the backend's batch tolerance on these texts: a row alone vs in the batch, none or all leaving
+        tol = max(max(np.abs(e[0][0] - exits[0][i]).max(), np.abs(f[0] - final[i]).max()) for i, (e, f) in enumerate(alone))
+        tol = 2 * tol + 1e-5
+        # a threshold in the widest gap of the first exit's confidences: some rows leave, the others go on
+        conf = np.sort(np.concatenate([_softmax(exits[0].astype(np.float64)).max(-1),
+                                       [_softmax(e[0][0].astype(np.float64)).max() for e, _ in alone]]))
+        k = int(np.argmax(np.diff(conf)))
+        midway = float((conf[k] + conf[k + 1]) / 2)
+        batch = a.runner.infer(feeds, midway)
+        assert set(batch["exit_layer"].tolist()) == {1, 2}, batch["exit_layer"]
+        for i, text in enumerate(TEXTS):
+            one_row = a.runner.infer(a.encoder.encode([text]), midway)
+            assert one_row["exit_layer"][0] == batch["exit_layer"][i]
+            np.testing.assert_allclose(one_row["logits"][0], batch["logits"][i], atol=tol, rtol=0)
+            assert one_row["logits"][0].argmax() == batch["logits"][i].argmax()
+
+
+def _alone_probs(folder, texts, which: str):
+    """Each text alone through every segment: the first exit's or the final probabilities, in label order."""
+    with Artifact(folder) as art:
+        rows = []
+        for t in texts:
+            exits, final = art.runner.every_exit(art.encoder.encode([t]))
+            rows.append((exits[0] if which == "first" else final)[0])
+        order = np.argsort([art.id2label[i] for i in range(len(rows[0]))])
+    return _softmax(np.array(rows, dtype=np.float64))[:, order]
+
+
+@pytest.mark.parametrize("target", list(INT8_TARGETS))
+def test_int8_run_exit_threshold(int8_built, target):
+    art = int8_built(target)
+
+    def run(threshold):
+        r = CliRunner().invoke(cli, ["run", str(art), *TEXTS, "--json", "-", "--top-k", "2", "--batch-size", "1",
+                                     "--exit-threshold", threshold])
+        assert r.exit_code == 0, r.output
+        return _probs([json.loads(line) for line in r.stdout.strip().splitlines()])
+
+    full, first = _alone_probs(art, TEXTS, "final"), _alone_probs(art, TEXTS, "first")
+    assert np.abs(full - first).max() > 1e-6
+    np.testing.assert_allclose(run("1.0"), full, atol=1e-6, rtol=0)  # no row exits
+    np.testing.assert_allclose(run("0"), first, atol=1e-6, rtol=0)  # every row at the first exit

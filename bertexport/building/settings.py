@@ -37,7 +37,8 @@ class ConvertSettings:
     distill_epochs: int = option(3, "Training epochs for --distill.", min=1)
     early_exit_data: Path | None = option(
         None, "Text classification: build an early-exit artifact, exit heads trained on these texts (labels used when "
-              "present) with the model frozen, run as ONNX segments (profiles without passes, e.g. ort-fp32).",
+              "present) with the model frozen, run as segments compiled by the profile (e.g. ort-fp32, ort-int8, "
+              "openvino-int8; docs/early-exit.md).",
         flag="--early-exit")
     exit_layers: list[int] | None = option(
         None, "With --early-exit: layers to exit after, e.g. 2,4 (default: every second layer).", min=1, separator=",",

@@ -44,7 +44,8 @@ PREFIX_CHARS = 40
 SIDECAR_FORMAT = 1
 RAY_CONNECT_TIMEOUT_S = 45  # an unreachable or incompatible cluster is refused within this
 # the Predictor's result-shaping options, as the CLI defaults them (recorded in full in the sidecar)
-PREDICTOR_DEFAULTS = {"stride": None, "max_length": None, "aggregation": "mean", "top_k": 1, "normalize": None}
+PREDICTOR_DEFAULTS = {"stride": None, "max_length": None, "aggregation": "mean", "top_k": 1, "normalize": None,
+                      "exit_threshold": None}
 
 
 def _suffix(path: Path, allowed: tuple[str, ...], what: str) -> str:

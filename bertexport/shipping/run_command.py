@@ -22,7 +22,11 @@ def run_command(settings: RunSettings, on_result: Callable[[int, str, dict], Non
     ``on_result(index, text, result)`` in input order; returns None. The input is checked
     (its format and text column) before the artifact loads, and ``on_ready()`` is called
     between the two (the place to open where the results go); the artifact's warnings go
-    to ``on_warning``."""
+    to ``on_warning``. ``--exit-threshold`` is refused for an artifact without early exits
+    before anything else is read."""
+    from bertexport.shipping.runtime import check_exit_threshold_applies
+
+    check_exit_threshold_applies(settings.artifact, settings.exit_threshold)  # its manifest only: no model loads
     if settings.bulk:
         return _run_bulk(settings)
     from bertexport.core.textdata import TextFile

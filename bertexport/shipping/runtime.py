@@ -110,9 +110,10 @@ class Artifact:
         self.id2label = ({int(k): v for k, v in json.loads((self.folder / labels).read_text()).items()} if labels else None)
         from bertexport.backends import get_backend
 
-        backend = get_backend(self.manifest["model"]["backend"])
-        runtime = dict(self.manifest["target"].get("runtime") or {}) | (runtime_overrides or {})
         early = self.manifest.get("early_exit")
+        # the backend the manifest names (an early-exit artifact's segments: ONNX Runtime or OpenVINO files)
+        backend = get_backend((early or {}).get("backend") or self.manifest["model"]["backend"])
+        runtime = dict(self.manifest["target"].get("runtime") or {}) | (runtime_overrides or {})
         if early:  # consecutive segments, rows leaving at confident exits (EarlyExitRunner)
             self.runner = EarlyExitRunner.from_manifest(early, lambda rel: backend.make_runner(self.folder / rel, runtime, threads),
                                                         exit_threshold)
@@ -136,14 +137,39 @@ class Artifact:
     def __exit__(self, *exc):
         self.runner.deactivate()
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.runner.infer(feeds)
+    @property
+    def early_exit(self) -> bool:
+        return bool(self.manifest.get("early_exit"))
+
+    def infer(self, feeds: dict[str, np.ndarray], exit_threshold: float | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs; ``exit_threshold`` (an early-exit artifact only) overrides the
+        threshold for this call."""
+        if exit_threshold is None:
+            return self.runner.infer(feeds)
+        if not self.early_exit:
+            raise UserError(f"artifact {self.folder} has no early exits: an exit threshold does not apply to it")
+        return self.runner.infer(feeds, check_exit_threshold(exit_threshold))
 
 
 def check_exit_threshold(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise UserError(f"the exit threshold must be a probability in [0, 1], not {value!r}")
     return float(value)
+
+
+def check_exit_threshold_applies(folders, threshold: float | None) -> None:
+    """``--exit-threshold`` of ``run``/``serve`` checked before anything loads: a probability,
+    and every artifact folder an early-exit one (its manifest only is read)."""
+    if threshold is None:
+        return
+    check_exit_threshold(threshold)
+    for folder in [folders] if isinstance(folders, (str, Path)) else folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"artifact not found: {folder}")
+        if not load_manifest(folder).get("early_exit"):
+            raise UserError(f"artifact {folder} has no early exits: --exit-threshold applies to an early-exit artifact "
+                            f"(convert --early-exit) only")
 
 
 def _softmax_max(logits: np.ndarray) -> np.ndarray:
@@ -296,10 +322,15 @@ class Predictor:
 
     def __init__(self, artifact: Artifact, *, batch_size: int = 16, stride: int | None = None,
                  max_length: int | None = None, aggregation: str = "mean", top_k: int = 1,
-                 normalize: bool | None = None):
+                 normalize: bool | None = None, exit_threshold: float | None = None):
         from bertexport.core.tasks import Post, get_task
 
         self.art = artifact
+        if exit_threshold is not None:  # an early-exit artifact's threshold for this predictor's calls
+            if not artifact.early_exit:
+                raise UserError(f"artifact {artifact.folder} has no early exits: an exit threshold does not apply to it")
+            exit_threshold = check_exit_threshold(exit_threshold)
+        self.exit_threshold = exit_threshold
         self.task = get_task(artifact.task)
         self.batch_size = batch_size
         self.max_length = min(max_length or artifact.encoder.max_length, artifact.encoder.max_length)
@@ -353,7 +384,7 @@ class Predictor:
                 feeds["input_ids"][r, :n] = w.ids
                 feeds["attention_mask"][r, :n] = 1
                 feeds["token_type_ids"][r, :n] = w.type_ids
-            out = self.art.infer({n: feeds[n] for n in names})
+            out = self.art.infer({n: feeds[n] for n in names}, self.exit_threshold)
             for r, k in enumerate(idx):
                 n = len(windows[k].ids)
                 raw = {name: (v[r, :n] if self.task.per_token else v[r]) for name, v in out.items()}

@@ -16,15 +16,18 @@ def serve_command(settings: ServeSettings, *, on_listening: Callable[[str, str],
     ``Interrupted`` once the server has stopped). Names, limits and the API key are checked
     before anything loads (``UserError``). ``on_listening(url, what)`` is called once the
     port is open, ``what`` saying what is served where; ``on_warning`` gets the warnings
-    (an artifact's versions, a setting that changes nothing)."""
+    (an artifact's versions, a setting that changes nothing). ``--exit-threshold`` applies to
+    every artifact served: each must be an early-exit one (refused before anything loads)."""
     from bertexport.shipping.api_keys import Access, read_api_key
     from bertexport.shipping.model_routing import model_names
+    from bertexport.shipping.runtime import check_exit_threshold_applies
     from bertexport.shipping.serve_requests import ServeOptions
 
     s = settings
     warn = on_warning or (lambda message: None)
     options = ServeOptions(**s.request_limits())
     model_names(s.artifacts, s.model_names)  # duplicates and extra names: refused before anything loads
+    check_exit_threshold_applies(s.artifacts, s.exit_threshold)  # their manifests only
     access = Access(api_key=read_api_key(s.api_key, s.api_key_file), metrics_open=s.metrics_open)
     if s.metrics_open and not access.api_key:
         warn("--metrics-open without an API key changes nothing (every endpoint is open)")

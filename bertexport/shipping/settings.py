@@ -26,6 +26,13 @@ def ray_address_field(help: str):
     return option(None, help, flag="--ray", flag_value="local", metavar="[ADDRESS]")
 
 
+def exit_threshold_field():
+    """``--exit-threshold``: an early-exit artifact's threshold instead of its manifest's."""
+    return option(None, "An early-exit artifact: a row leaves at the first exit whose highest class probability is above "
+                        "this, instead of the manifest's threshold (1.0: no row exits; 0.0: every row at the first exit). "
+                        "Refused for any other artifact.", min=0.0, max=1.0)
+
+
 @dataclass(kw_only=True)
 class RunSettings:
     """``bertexport run``: texts through an artifact without torch, printed, or a whole file in bulk."""
@@ -60,6 +67,7 @@ class RunSettings:
     ray_address: str | None = ray_address_field(
         "Bulk mode on a Ray cluster through Ray Data (ADDRESS of a running cluster, or a local one).")
     workers: int = option(2, "With --ray: Predictor actors.", min=1)
+    exit_threshold: float | None = exit_threshold_field()
 
     @property
     def bulk(self) -> bool:
@@ -69,7 +77,7 @@ class RunSettings:
     def predictor_options(self) -> dict:
         """How texts become results (``runtime.Predictor``'s options but the batch size)."""
         return dict(stride=self.stride, max_length=self.max_length, aggregation=self.aggregation, top_k=self.top_k,
-                    normalize=self.normalize)
+                    normalize=self.normalize, exit_threshold=self.exit_threshold)
 
     def validate(self) -> None:
         if self.text_column and not self.file_:
@@ -127,6 +135,7 @@ class ServeSettings:
               "--min/--max-replicas, the number to start with).", min=1)
     min_replicas: int | None = option(None, "With --ray: autoscale from this many...", min=0)
     max_replicas: int | None = option(None, "...to this many replicas.", min=1)
+    exit_threshold: float | None = exit_threshold_field()
 
     def request_limits(self) -> dict:
         """``serve_requests.ServeOptions``' fields: batching, queue and request limits."""
@@ -136,7 +145,7 @@ class ServeSettings:
     def predictor_options(self) -> dict:
         """How texts become results (``runtime.Predictor``'s options)."""
         return dict(batch_size=self.batch_size, top_k=self.top_k, stride=self.stride, max_length=self.max_length,
-                    aggregation=self.aggregation, normalize=self.normalize)
+                    aggregation=self.aggregation, normalize=self.normalize, exit_threshold=self.exit_threshold)
 
     def validate(self) -> None:
         if self.api_key is not None and self.api_key_file is not None:

@@ -14,10 +14,14 @@ Segments: ``embeddings + layers[0:a]`` -> (``hidden_states``, ``exit_logits``); 
 model's head -> ``logits``. A
 segment after the first is the model with its embeddings replaced by a pass-through, so
 each family's own attention-mask handling and heads are exported, not re-implemented.
+A profile with passes (ort-int8, ort-fused-int8, openvino-int8, ...) compiles each fp32
+segment with its own recipe (``compile_segments``: convert's pass loop, calibrated and scored
+on the inputs that segment really sees); the runtime loads them with the profile's backend.
 
 The threshold is chosen on a held-out part of the data: the smallest one (scanning down
 from 1.0) at which the artifact's decisions still agree with the full model's on at least
-``agreement`` of the held-out rows, measured with the segments themselves. Latency is
+``agreement`` of the held-out rows, measured with the compiled segments themselves (their
+own int8 exit logits, so the agreement promised is the artifact's). Latency is
 timed per held-out row (batch 1): at the threshold and with no row exiting (the worst case).
 """
 
@@ -35,6 +39,7 @@ from bertexport.core.errors import GateFailed, UserError
 MODEL_DIR = "model"
 TASK = "text-classification"
 MIN_TEXTS = 20  # fewer cannot both train heads and hold rows out to choose a threshold on
+CALIBRATION_TEXTS = 300  # training texts a profile's passes calibrate each segment on (as convert's calib_samples)
 RULE = "a row leaves at the first exit whose highest class probability is above the threshold (1.0: never; 0.0: always the first exit)"
 
 
@@ -84,6 +89,39 @@ def check_exit_layers(exit_layers: list[int] | None, layers: int) -> list[int]:
     return chosen
 
 
+# The passes a segment can go through: each takes one ONNX file and the inputs it sees (the
+# segment's own, from ``segment_encoder``). Not here: first-token-skip and int8-embeddings
+# start from the whole PyTorch model; TensorRT engines are built for the model's own inputs.
+SEGMENT_PASSES = ("ort-transformers-optimize", "ort-dynamic-quantize", "ort-static-quantize", "openvino-convert",
+                  "openvino-compress-weights", "nncf-quantize")
+SEGMENT_BACKENDS = ("onnxruntime", "openvino")
+
+
+def check_segment_profile(profile, family) -> None:
+    """Refuse (``UserError``, before any model loads) a profile whose recipe cannot be applied
+    to each segment: another backend, a pass that needs the whole model, a region kept float
+    at a given layer (a segment numbers its layers from 0), or OpenVINO converting from PyTorch."""
+    from bertexport.building.passes import get_pass
+
+    what = (f"early exit builds segments for ONNX Runtime and OpenVINO profiles whose passes each take a segment "
+            f"({', '.join(SEGMENT_PASSES)}; e.g. ort-fp32, ort-int8, ort-fused-int8, openvino-int8)")
+    if profile.backend not in SEGMENT_BACKENDS:
+        raise UserError(f"{what}; {profile.name} is a {profile.backend} profile")
+    others = [p.type for p in profile.passes if p.type not in SEGMENT_PASSES]
+    if others:
+        raise UserError(f"{what}; {profile.name} has {', '.join(others)}")
+    for spec in profile.passes:
+        at_layer = [r for r in spec.config.get("keep_float", []) if "@" in r]
+        if at_layer:
+            raise UserError(f"{what}; {profile.name} keeps {', '.join(at_layer)} float, and a segment numbers its layers "
+                            f"from 0: give the region without @LAYER")
+        if spec.type == "openvino-convert":
+            source = get_pass(spec.type).make_config(spec.config).source
+            if source == "pytorch" or (source == "auto" and family.openvino_source == "pytorch"):
+                raise UserError(f"{what}; OpenVINO converts {family.display} from PyTorch, and segments are converted "
+                                f"from their ONNX files")
+
+
 @dataclass
 class EarlyExitPlan:
     convert: object  # building.convert.ConvertPlan
@@ -98,8 +136,9 @@ class EarlyExitPlan:
 def plan_early_exit(model: str, target, out, data, *, config: EarlyExitConfig | None = None, text_column: str | None = None,
                     label_column: str | None = None, **convert_kw) -> EarlyExitPlan:
     """Everything checked before any model loads: the convert plan (profile, checkpoint,
-    destination, gates), the task (text-classification only), the profile (an ONNX Runtime
-    profile without passes), the family (one list of layers), the exit layers and the data."""
+    destination, gates), the task (text-classification only), the profile (one whose passes
+    each take a segment: ``check_segment_profile``), the family (one list of layers), the exit
+    layers and the data."""
     from bertexport.building.convert import plan_convert
     from bertexport.core.families import get_family
     from bertexport.core.textdata import label_ids, load_texts
@@ -111,10 +150,8 @@ def plan_early_exit(model: str, target, out, data, *, config: EarlyExitConfig | 
     ckpt, profile = plan.ckpt, plan.profile
     if ckpt.task != TASK:
         raise UserError(f"early exit serves text-classification only; {ckpt.path} is a {ckpt.task} model")
-    if profile.backend != "onnxruntime" or profile.passes:
-        raise UserError(f"early exit builds ONNX Runtime segments as exported (a profile without passes, e.g. ort-fp32); "
-                        f"{profile.name} is {profile.backend} with {len(profile.passes)} pass(es)")
     family = get_family(ckpt.family)
+    check_segment_profile(profile, family)
     if family.layers_module is None or family.shared_layers:
         raise UserError(f"early exit needs one list of transformer layers; {family.display} does not have one")
     layers = int(family.config_value(ckpt.config, family.layers_key, 0))
@@ -262,6 +299,94 @@ def export_segments(segments: list, input_names: list[str], folder: Path, opset:
                 hidden = seg(*args)[0]
         records.append({"path": f"{MODEL_DIR}/{path.name}", "inputs": names, "outputs": outputs})
     return records
+
+
+# -- segments through the profile's passes ---------------------------------------------------------
+
+# What the ONNX Runtime fallbacks of ``ort-dynamic-quantize`` judge is the task's output
+# (``logits``): a segment with an exit is compiled with its ``exit_logits`` named so, and
+# named back afterwards, so its exit head's decisions are what its float fallback keeps.
+_JUDGED = "logits"
+
+
+def _rename_output(model, old: str, new: str):
+    """``model`` (an ``onnx.ModelProto``) with the tensor ``old`` named ``new`` everywhere."""
+    for node in model.graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+        node.input[:] = [new if i == old else i for i in node.input]
+    for v in [*model.graph.output, *model.graph.value_info]:
+        if v.name == old:
+            v.name = new
+    return model
+
+
+def segment_encoder(encode, fp32_runners: list, k: int):
+    """``encode(texts, padding=..., length=...)`` for segment ``k``: the inputs it really sees,
+    the texts run through the fp32 segments before it (the tokenizer's inputs for segment 0).
+    What a pass calibrates or scores a segment on."""
+
+    def encode_k(texts, pairs=None, padding: str = "longest", length: int | None = None) -> dict:
+        feeds = encode(texts, pairs, padding=padding, length=length)
+        if k == 0:
+            return feeds
+        mask = feeds["attention_mask"]
+        out = fp32_runners[0].infer(feeds)
+        for runner in fp32_runners[1:k]:
+            out = runner.infer({"hidden_states_in": out["hidden_states"], "attention_mask": mask})
+        return {"hidden_states_in": out["hidden_states"], "attention_mask": mask}
+
+    return encode_k
+
+
+def compile_segments(profile, fp32_dir: Path, records: list[dict], dest: Path, *, encode, calibration_texts: list[str],
+                     workdir: Path, family: str, model_config: dict, threads: int, reporter) -> list[dict]:
+    """Each fp32 segment of ``fp32_dir`` through the profile's passes (``building.convert``'s own
+    pass loop, the profile's settings), calibrated and scored on the inputs that segment sees
+    (``segment_encoder``); the results in ``dest`` as ``segment-K.onnx`` (or ``.xml``/``.bin``).
+    Returns the segments' records: path, inputs, outputs, format and the passes' notes."""
+    import contextlib
+    import shutil
+    from types import SimpleNamespace
+
+    import onnx
+
+    from bertexport.backends import get_backend
+    from bertexport.building.convert import _run_passes
+    from bertexport.building.passes import PassContext
+
+    ort = get_backend("onnxruntime")
+    fp32 = [ort.make_runner(fp32_dir / Path(r["path"]).name, None, threads) for r in records]
+    dest.mkdir(parents=True, exist_ok=True)
+    compiled = []
+    with contextlib.ExitStack() as stack:
+        for runner in fp32[:-1]:  # the last one's output is no segment's input
+            stack.enter_context(runner)
+        for k, record in enumerate(records):
+            last = k == len(records) - 1
+            src = fp32_dir / Path(record["path"]).name
+            seg_dir = workdir / f"segment-{k}"
+            seg_dir.mkdir(parents=True)
+            renamed = not last and profile.backend == "onnxruntime"
+            if renamed:  # the exit head's logits are what the float fallback judges
+                src_model = _rename_output(onnx.load(str(src)), "exit_logits", _JUDGED)
+                src = seg_dir / src.name
+                onnx.save(src_model, str(src))
+            outputs = [_JUDGED if (renamed and o == "exit_logits") else o for o in record["outputs"]]
+            ctx = PassContext(workdir=seg_dir, input_names=list(record["inputs"]), encode=segment_encoder(encode, fp32, k),
+                              calibration_texts=lambda: calibration_texts, threads=threads, log=reporter.log, family=family,
+                              task=TASK, model_config=model_config, profile=profile, output_names=outputs)
+            reporter.log(f"segment {k + 1} of {len(records)}: {', '.join(p.type for p in profile.passes)}")
+            final, history = _run_passes(profile, SimpleNamespace(path=src), ctx, reporter)
+            if final.format == "onnx":
+                target = dest / f"segment-{k}.onnx"
+                model = onnx.load(str(final.path))
+                onnx.save(_rename_output(model, _JUDGED, "exit_logits") if renamed else model, str(target))
+            else:  # OpenVINO IR: the .xml finds its .bin by name
+                for f in final.files:
+                    shutil.copy2(f, dest / f"segment-{k}{f.suffix}")
+                target = dest / f"segment-{k}{final.path.suffix}"
+            compiled.append(record | {"path": f"{MODEL_DIR}/{target.name}", "format": final.format, "passes": history})
+    return compiled
 
 
 # -- heads ---------------------------------------------------------------------------------------
@@ -440,9 +565,10 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
                      threads: int = 1, latency_runs: int | None = None, allow_pickle: bool = False,
                      trust_remote_code: bool = False, revision: str | None = None, reporter=None, calib=None) -> EarlyExitResult:
     """An early-exit artifact of ``model`` (a text classifier) in ``out``: heads trained on
-    ``data``, ONNX segments, parity of the no-exit path against PyTorch by the profile's gates
-    (``samples`` or the built-in texts), the threshold (``config.threshold`` or chosen on held-out
-    rows), latency per held-out row. Raises ``UserError`` before any model loads for bad input
+    ``data``, ONNX segments compiled by the profile's passes (``compile_segments``; calibrated on
+    the training rows of ``data``), parity of the no-exit path against PyTorch by the profile's
+    gates (``samples`` or the built-in texts), the threshold (``config.threshold`` or chosen on
+    held-out rows through the compiled segments), latency per held-out row. Raises ``UserError`` before any model loads for bad input
     and ``GateFailed`` (kept as ``<out>.rejected``) when parity fails."""
     from bertexport.building.checkpoint import load_model, load_tokenizer, model_max_length
     from bertexport.building.convert import TOKENIZER_DIR, _write_side_files
@@ -456,11 +582,12 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
     from bertexport.judging.gates import judge_checks, profile_status
     from bertexport.backends import get_backend
     from bertexport.building.export import io_specs
+    from bertexport.core.textdata import sample as sample_texts
     from bertexport.shipping.runtime import EarlyExitRunner, TextEncoder
 
     reporter = reporter or Reporter()
     if calib is not None:
-        raise UserError("an early-exit build does not calibrate (fp32 segments): it takes no calibration text")
+        raise UserError("an early-exit build calibrates on its own texts (the --early-exit data): it takes no calibration file")
     plan = plan_early_exit(model, target, out, data, config=config, text_column=text_column, label_column=label_column,
                            task=task, samples=samples, force=force, threads=threads, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, revision=revision)
@@ -478,7 +605,7 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
     n_held = max(1, int(round(len(order) * cfg.heldout_fraction)))
     held, train = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
 
-    with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged, WorkFolder("early-exit"):
+    with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged, WorkFolder("early-exit") as work:
         _write_side_files(staged.staging, ckpt, tokenizer, max_length)
         tok_dir = staged.staging / TOKENIZER_DIR
         input_names = model_input_names(torch_model, tokenizer)
@@ -492,14 +619,26 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
             with reporter.step(f"train {len(plan.exit_layers)} exit head(s) on {len(train)} texts, body frozen"):
                 heads, head_figures = train_heads(torch_model, [s[train] for s in states], teacher_logits[train],
                                                   plan.labels[train] if plan.labels is not None else None, cfg)
+            # fp32 segments are the artifact for a profile without passes, else what its passes start from
+            fp32_dir = Path(work) / "fp32" if profile.passes else staged.staging / MODEL_DIR
             with reporter.step(f"export {len(plan.exit_layers) + 1} ONNX segments (opset {profile.opset})"):
                 segments = segment_modules(torch_model, family, plan.exit_layers, heads, input_names)
                 sample = encoder.encode(plan.texts[:2])
-                records = export_segments(segments, input_names, staged.staging / MODEL_DIR, profile.opset, sample)
+                records = export_segments(segments, input_names, fp32_dir, profile.opset, sample)
         finally:
             torch.set_num_threads(before)
+        fp32_records = records
+        calibration_texts = sample_texts([plan.texts[i] for i in train], CALIBRATION_TEXTS, cfg.seed)
+        if profile.passes:
+            with reporter.step(f"{profile.name} recipe on each segment (calibrated on {len(calibration_texts)} training texts)"):
+                records = compile_segments(profile, fp32_dir, records, staged.staging / MODEL_DIR, encode=encoder.encode,
+                                           calibration_texts=calibration_texts, workdir=Path(work) / "passes",
+                                           family=ckpt.family, model_config=ckpt.config, threads=threads, reporter=reporter)
+        else:
+            records = [r | {"format": "onnx", "passes": []} for r in records]
         backend = get_backend(profile.backend)
-        early = {"layers": plan.layers, "exit_layers": plan.exit_layers, "threshold": 1.0, "segments": records}
+        early = {"layers": plan.layers, "exit_layers": plan.exit_layers, "threshold": 1.0, "segments": records,
+                 "backend": profile.backend, "precision": profile.precision, "format": records[0]["format"]}
         runner = EarlyExitRunner.from_manifest(early, lambda rel: backend.make_runner(staged.staging / rel, profile.runtime, threads))
         reference = reference_runner(ckpt, input_names, threads, torch_model=torch_model)
         with reference, runner:
@@ -537,12 +676,13 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
                            "labels": plan.labels is not None},
                   "training": {"epochs": cfg.epochs, "lr": cfg.lr, "temperature": cfg.temperature,
                                "alpha_ce": cfg.alpha_ce if plan.labels is not None else 0.0, "seed": cfg.seed}}
-        ins, _ = io_specs(staged.staging / records[0]["path"])
-        _, outs = io_specs(staged.staging / records[-1]["path"])
+        ins, _ = io_specs(fp32_dir / Path(fp32_records[0]["path"]).name)  # the compiled segments keep these names
+        _, outs = io_specs(fp32_dir / Path(fp32_records[-1]["path"]).name)
         passed = not failures
         env = environment()
         manifest = Manifest(**manifest_header(ckpt, passed, max_length), **{
-            "model": {"path": records[0]["path"], "format": "onnx", "backend": profile.backend, "opset": profile.opset},
+            "model": {"path": records[0]["path"], "format": records[0]["format"], "backend": profile.backend,
+                      "opset": profile.opset},
             "tokenizer": TOKENIZER_DIR,
             "labels": "labels.json" if ckpt.id2label else None,
             "inputs": [t.to_dict() for t in ins],
@@ -550,7 +690,10 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
             "target": {"name": profile.name, "backend": profile.backend, "precision": profile.precision,
                        "description": profile.description, "runtime": profile.runtime,
                        "shapes": {"batch": profile.batch.__dict__, "sequence": profile.sequence.__dict__},
-                       "passes": []},
+                       # each segment went through these (its own notes: early_exit.segments[k].passes)
+                       "passes": [{"type": h["type"], "config": h["config"]} for h in records[0]["passes"]]},
+            "calibration": {"source": f"{plan.data_source} (training rows)", "count": len(calibration_texts), "seed": cfg.seed,
+                            "skipped": {}} if profile.passes else None,
             "parity": {"texts": len(cp.validation_texts), "source": cp.validation_source, "path": "no exit (threshold 1.0)",
                        "gates": cp.gates.given(), "rule": profile.validation.rule,
                        "checks": checks, "passed": passed, "verdict": profile_status(decision), "failures": failures,
@@ -561,7 +704,7 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
             "early_exit": early,
             "load_seconds": load_seconds,
             "sizes": {"source_weights_bytes": sum(p.stat().st_size for p in ckpt.weight_files),
-                      "model_bytes": sum((staged.staging / r["path"]).stat().st_size for r in records)},
+                      "model_bytes": sum(f.stat().st_size for f in (staged.staging / MODEL_DIR).iterdir())},
             "threads": threads,
             "versions": env["packages"] | backend.versions(),
             "environment": {k: v for k, v in env.items() if k != "packages"},
