@@ -173,6 +173,30 @@ def test_head_kept_for_the_same_labels_fresh_for_others(keyword_model, tmp_path)
     assert model.classifier.weight.shape == (2, 16) and model.config.id2label == {0: "absent", 1: "present"}
 
 
+def test_fresh_head_warm_started_from_the_teacher(keyword_model, tmp_path):
+    """A head-less general checkpoint of the teacher's width starts from the teacher's pooler and
+    classifier (where the shapes agree); its body stays its own."""
+    import torch
+
+    from bertexport.building.checkpoint import load_model, resolve_checkpoint
+    from bertexport.students.pretrained import check_student_init, load_init_student
+    from safetensors.torch import load_file
+
+    teacher = resolve_checkpoint(str(keyword_model))
+    teacher_model = load_model(teacher)
+    width = teacher_model.config.hidden_size
+    other = _init(tmp_path / "other", tmp_path, arch="AutoModelForSequenceClassification", labels=["neg", "pos"],
+                  hidden=width, ffn=width)
+    init = check_student_init(str(other), teacher)
+    model = load_init_student(init, teacher, teacher_model)
+    assert torch.equal(model.classifier.weight, teacher_model.classifier.weight)
+    assert torch.equal(model.classifier.bias, teacher_model.classifier.bias)
+    assert "classifier.weight" in model.warm_started
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight,
+                       load_file(other / "model.safetensors")["bert.embeddings.word_embeddings.weight"])  # the body is kept
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight, teacher_model.bert.embeddings.word_embeddings.weight)
+
+
 def test_another_family_sharing_the_tokenizer(keyword_model, transfer, tmp_path):
     """A DistilBERT student of a BERT teacher (the same WordPiece vocabulary): both get the
     inputs both take (no token_type_ids), and the student keeps its own tokenizer class."""

@@ -6,8 +6,10 @@ the linear layers' MACs, which the cost model's fit recovers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -158,7 +160,7 @@ def test_no_passing_student_returns_the_best_recipe_on_the_original(keyword_mode
     trained: list = []
     _fake_clock(monkeypatch, trained)
 
-    def untrained(self, shape):
+    def untrained(self, shape, seconds=None):
         import torch
 
         out = tmp_path / f"random-{shape.name}"
@@ -230,7 +232,7 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     search = _Search([original], budget=first_seconds + (need[deep_narrow] + need[wide]) / 2)
     trained = []
 
-    def train(self, shape):
+    def train(self, shape, seconds=None):
         trained.append(shape.name)
         seconds = first_seconds if shape == middle else need[shape]
         self.search.clock += seconds
@@ -351,3 +353,260 @@ def test_a_student_stopped_by_the_budget_is_judged_on_its_best_state_and_the_nex
                                                      "prediction": "predicted", **curve}], "cost_model": {}}))
     assert "Learning curves" in md and f"- {shape.name}: stopped by {report2['stopped']}" in md
     assert "resumed at step 1" in md and "*" in md.split("Learning curves")[1]
+
+
+def _held_out_agreement(teacher_path, student_path, texts: list[str]) -> float:
+    """Agreement of two classifiers' decisions on the rows a search student is evaluated on
+    (``training_data.split_eval`` of ``texts`` with the search's settings), batched as training batches them."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bertexport.students.distill_config import DistillConfig
+    from bertexport.students.training_data import length_batches, sequence_length, split_eval
+
+    cfg = DistillConfig(student=str(student_path))
+    tok = AutoTokenizer.from_pretrained(teacher_path)
+    teacher, student = (AutoModelForSequenceClassification.from_pretrained(p, attn_implementation="eager").eval()
+                        for p in (teacher_path, student_path))
+    _, held_out = split_eval(len(texts), cfg)
+    batches = length_batches(tok, [texts[i] for i in held_out], None, cfg.batch_size,
+                             sequence_length(tok, texts, cfg, teacher.config), cfg.seed)
+    same = total = 0
+    with torch.inference_mode():
+        for b in batches:
+            a, s = teacher(**b["inputs"]).logits.argmax(-1), student(**b["inputs"]).logits.argmax(-1)
+            same, total = same + int((a == s).sum()), total + len(a)
+    return same / total
+
+
+def test_a_pruned_original_that_missed_the_gate_is_distilled_from_its_pruned_weights(tiny, tmp_path, monkeypatch):
+    """``--prune 0.5 --distill L1``: a random-init classifier pruned to half its MACs misses the
+    98 % agreement gate (its decisions are not robust to pruning), so it becomes a student,
+    ``pruned 0.5 MACs + distilled``: initialised from the pruned checkpoint (its shape, and at step 0
+    exactly the pruned model's held-out agreement), trained, judged against the original."""
+    from transformers import AutoConfig
+
+    from bertexport.search.optimize import optimize
+
+    keyword_rows = [json.loads(line)["text"] for line in write_keyword_jsonl(tmp_path / "kw.jsonl", 5).read_text().splitlines()]
+    data, train = tmp_path / "texts.txt", tmp_path / "train.txt"
+    data.write_text("\n".join(keyword_rows) + "\n")
+    train.write_text("\n".join(keyword_rows[:200]) + "\n")  # --distill-data: the rows the students learn and are evaluated on
+    model = tiny("bert", "text-classification")
+    trained: list = []
+    _fake_clock(monkeypatch, trained)
+
+    def fake_ms(cand):  # the pruned original: 0.5 ms; distilled from it: 0.4 ms; the original's int8 builds 1 ms
+        if cand.student:
+            return 0.4 if cand.student.startswith("pruned") else 0.3
+        return cand.pruned or (2.0 if cand.precision == "fp32" else 1.0 + 0.4 * len(cand.keep_float))
+
+    inject_search_clock(monkeypatch, fake_ms)
+    res = optimize(str(model), data, tmp_path / "o", budget="5m", prune="0.5", distill="1", distill_epochs=1,
+                   distill_data=train, backends={"onnxruntime"}, threads=1)
+    (pruned,) = res.report["pruning"]["records"]
+    assert pruned["status"] == "not passed" and pruned["checkpoint"]
+    by_name = {r["shape"]: r for r in res.report["students"]}
+    assert set(by_name) == {"L1-H32-A2-F64", "pruned 0.5 MACs + distilled"}
+    rec = by_name["pruned 0.5 MACs + distilled"]
+    assert rec["pruned"]["checkpoint"] == pruned["checkpoint"] and rec["init"]["path"] == pruned["checkpoint"]
+    assert rec["pruned"]["shape"] == pruned["shape"] and rec["prediction"] in ("predicted", "measured")
+    assert rec["train_seconds"] is not None and rec["stopped"] == "epochs" and rec["status"] in ("passed", "not passed")
+    # judged like every student: its builds, against the original
+    builds = [c for c in res.report["candidates"] if c["candidate"]["student"] == rec["shape"]]
+    assert [c["candidate"]["name"] for c in builds] == rec["candidates"] and builds
+    assert all(c["status"] in ("passed", "failed", "undecided", "hopeless", "pruned") for c in builds)
+    judged = next(c for c in builds if c["artifact"])
+    student_path = json.loads((Path(judged["artifact"]) / "manifest.json").read_text())["source"]["path"]
+    # started from the pruned weights: the pruned shape, and at step 0 exactly the pruned model's agreement
+    pruned_cfg, student_cfg = AutoConfig.from_pretrained(pruned["checkpoint"]), AutoConfig.from_pretrained(student_path)
+    dims = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    assert [getattr(student_cfg, k) for k in dims] == [getattr(pruned_cfg, k) for k in dims]
+    assert pruned["shape"] == "L{}-H{}-A{}-F{}".format(*(getattr(pruned_cfg, k) for k in dims))
+    texts = train.read_text().splitlines()
+    assert rec["curve"][0]["step"] == 0
+    assert rec["curve"][0]["score"] == pytest.approx(_held_out_agreement(model, pruned["checkpoint"], texts), abs=1e-9)
+    assert _held_out_agreement(model, student_path, texts) == pytest.approx(max(c["score"] for c in rec["curve"][1:]), abs=1e-9)
+    md = (res.artifact / "search.md").read_text()
+    assert "| pruned 0.5 MACs + distilled |" in md and "- pruned 0.5 MACs + distilled: stopped by epochs" in md
+
+
+class _MissingSearch(_Search):
+    """``_Search`` whose every student build misses the gate with figures (closest to the gate: highest agreement)."""
+
+    def try_candidate(self, cand, path):
+        t = super().try_candidate(cand, path)
+        t.metrics = {"agreement": 0.9, "metric_drop": 3.0}
+        return t
+
+
+def _continuing_search(keyword_model, labelled, tmp_path, monkeypatch, cap: int):
+    """A student search over one student, the keyword classifier's last layer with its head turned
+    against it (``--student-init``: it starts far from its teacher, so its agreement rises as the
+    head learns), on 200 labelled texts; every build misses the gate."""
+    import torch
+
+    import bertexport.search.student_training as st
+    import bertexport.search.students as ss
+    from bertexport.building.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from bertexport.search.cost_model import Cost
+    from bertexport.search.session import Trial
+    from bertexport.search.student_shapes import plan_init_students
+    from bertexport.students.shapes import shrink
+
+    monkeypatch.setattr(st, "MAX_EPOCHS", cap)  # one run's epoch cap
+    monkeypatch.setattr(ss.StudentSearch, "costs", lambda self, bases: (
+        {s.name: Cost(s.name, 0.45, "predicted", 0.0) for s in self.shapes + self.inits}, None))
+    ckpt = resolve_checkpoint(str(keyword_model), None)
+    teacher, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    folder = tmp_path / "flipped-l1"
+    student = shrink(teacher, [1])
+    with torch.no_grad():  # its head says the opposite of the teacher's: it starts near 0 agreement
+        student.classifier.weight.neg_()
+        student.classifier.bias.neg_()
+    student.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (init,) = plan_init_students([str(folder)], ckpt)
+    assert init.init.head == "kept"
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(labelled.read_text().splitlines()[300:500]))
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+
+    def run():
+        search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=600)
+        records = ss.StudentSearch(search, ckpt=ckpt, teacher_model=teacher, tokenizer=tokenizer, tok_dir=None,
+                                   shapes=[], inits=[init], recipes=[base], distill_data=data, seed=3).run()
+        return records, search
+
+    return run, init
+
+
+def test_a_capped_student_still_improving_is_continued_from_its_checkpoint_before_new_shapes(keyword_model, labelled,
+                                                                                          tmp_path, monkeypatch):
+    """Every build misses the gate; the student stops at its epoch cap (1 epoch here) while its
+    agreement is still rising, so the rest of the budget continues it from its checkpoint (a segment
+    with a cap one run later, cached under its own key) until its patience runs out: its curve is
+    the first run's, then evaluations past the cap; a rerun trains nothing."""
+    import bertexport.students.training as training
+    from bertexport.search.report import students_markdown
+    from bertexport.search.students import still_improving
+
+    run, init = _continuing_search(keyword_model, labelled, tmp_path, monkeypatch, cap=1)
+    records, search = run()
+    first, *continued = records
+    assert first["shape"] == init.name and first["stopped"] == "max_epochs" and first["status"] == "not passed"
+    assert len(first["curve"]) == 3 and first["epochs_run"] == 1 and still_improving(first["curve"])  # one run's cap
+    assert first["curve"][0]["score"] < 0.2  # its flipped head
+    assert first["continued_as"] == f"{init.name} continued" and "still improving at the 1-epoch cap" in first["reason"]
+    cont = continued[0]
+    assert cont["shape"] == first["continued_as"] and cont["continues"] == init.name and cont["segment"] == 1
+    cap_step = first["curve"][-1]["step"]
+    assert cont["resumed_from_step"] == cap_step  # trained on from the checkpoint at the cap, not from the start
+    assert cont["curve"][:3] == first["curve"] and len(cont["curve"]) > 3  # its history, then more evaluations
+    assert all(c["step"] > cap_step for c in cont["curve"][3:]) and cont["epochs_run"] > 1
+    last = continued[-1]  # continued while it kept rising at its cap; it ends when that stops
+    assert last["stopped"] == "plateau" or not still_improving(last["curve"])
+    assert all(r["stopped"] == "max_epochs" for r in records[:-1])
+    assert [r["segment"] for r in continued] == list(range(1, len(continued) + 1))
+    # each continuation was built and judged as builds of its own
+    assert [n for n in search.tried if "continued" in n] == [c for r in continued for c in r["candidates"]]
+    assert all(n.startswith(f"{init.name} continued") for r in continued for n in r["candidates"])
+    md = "\n".join(students_markdown({"students": records, "cost_model": {}}))
+    assert f"- {init.name} continued: stopped by" in md and f"resumed at step {cap_step}" in md
+
+    monkeypatch.setattr(training, "train_student", lambda *a, **k: pytest.fail("retrained a cached student"))
+    again, _ = run()  # a rerun: the first run and every continuation come from the cache
+    assert [r["shape"] for r in again] == [r["shape"] for r in records] and all(r["cached"] for r in again)
+    assert [r["curve"] for r in again] == [r["curve"] for r in records]
+
+
+def _stub_report(scores: list[float], stopped: str, resumed: int | None = None, every: int = 10) -> dict:
+    """A training report (``train_student``'s fields the search reads) with held-out ``scores``."""
+    evals = [{"step": every * (i + 1), "epoch": (i + 1) / 2, "score": sc} for i, sc in enumerate(scores[1:])]
+    best = max(evals, key=lambda e: e["score"])
+    return {"train_seconds": 10.0, "stopped": stopped, "initial_eval": {"score": scores[0]}, "evals": evals,
+            "best_step": best["step"], "epochs_run": evals[-1]["epoch"], "resumed_from_step": resumed,
+            "steps": evals[-1]["step"], "schedule": {"steps_per_epoch": 2 * every}}
+
+
+def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_new_shapes_a_flat_one_is_not(
+        tmp_path, monkeypatch):
+    """No model: training and judging stubbed (every build misses the gate). A new student trains
+    for at most its share of the time left; the first (the middle shape) stops there with a rising
+    curve, so it is continued with all the time left before any new shape; missing again, it rules
+    out the shapes it dominates. One that reaches its cap with a flat curve is not continued."""
+    import bertexport.search.students as ss
+    from bertexport.search.cost_model import Cost
+    from bertexport.search.session import Trial
+
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    ratios = {"L4-H192-A6-F384": 0.2, "L2-H192-A6-F384": 0.3, "L3-H256-A8-F768": 0.45, "L4-H384-A12-F1536": 0.7}
+    fast, small, middle, wide = (_shape_of(n) for n in ratios)
+    search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000)
+    calls = []
+
+    def train(self, shape, seconds=None):
+        calls.append((shape.name, seconds))
+        self.search.clock += 10
+        if shape == middle and seconds is not None:  # its share ran out while it was still rising
+            return tmp_path / "m", _stub_report([0.5, 0.6, 0.7], "time"), False
+        if shape == middle:  # continued from there: rising no more, its patience ran out
+            return tmp_path / "m", _stub_report([0.5, 0.6, 0.7, 0.72, 0.71, 0.7, 0.7], "plateau", resumed=20), False
+        return tmp_path / "w", _stub_report([0.8, 0.8, 0.8], "max_epochs"), False  # at its cap, flat
+
+    monkeypatch.setattr(ss.StudentSearch, "costs", lambda self, bases: (
+        {s.name: Cost(s.name, ratios[s.name], "predicted", 0.0) for s in self.shapes}, None))
+    monkeypatch.setattr(ss.StudentSearch, "train", train)
+    monkeypatch.setattr(ss.StudentSearch, "extend", lambda self, shape, segment: pytest.fail("no cap to extend"))
+    monkeypatch.setattr(ss.StudentSearch, "data", lambda self: ([], None, "digest"))
+    monkeypatch.setattr(ss.StudentSearch, "_cached_path", lambda self, shape, digest: tmp_path / "none")
+
+    class Ckpt:
+        task, family, sha256, trust_remote_code = "text-classification", "bert", "sha", False
+        config = {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12,
+                  "intermediate_size": 1536}
+
+    records = ss.StudentSearch(search, ckpt=Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+                               shapes=[fast, small, middle, wide], recipes=[base]).run()
+    assert calls == [(middle.name, ss.STUDENT_SHARE * 1000), (middle.name, None), (wide.name, ss.STUDENT_SHARE * 980)]
+    assert [(r["shape"], r["status"]) for r in records] == [
+        (middle.name, "not passed"), (f"{middle.name} continued", "not passed"), (small.name, "dominated"),
+        (wide.name, "not passed"), (fast.name, "dominated")]
+    first, cont = records[0], records[1]
+    assert first["continued_as"] == cont["shape"] and cont["continues"] == middle.name and cont["segment"] == 0
+    assert "time it had" in first["reason"] and cont["resumed_from_step"] == 20 and len(cont["curve"]) == 7
+    assert "continued_as" not in records[3] and "still improving" not in records[3]["reason"]  # flat at its cap
+    assert search.tried == [c for r in (first, cont, records[3]) for c in r["candidates"]]
+    assert all(c.startswith(f"{middle.name} continued/") for c in cont["candidates"])
+
+
+def test_the_student_to_continue_is_the_one_closest_to_the_gate_that_is_still_rising():
+    """``most_promising``: the lowest metric drop (then the highest agreement) among the students
+    that missed while rising; never one that is flat, passed, already continued or now hopeless."""
+    from bertexport.search.session import Trial
+    from bertexport.search.students import StudentSearch, still_improving
+
+    assert still_improving([{"score": 0.5}, {"score": 0.6}]) and not still_improving([{"score": 0.5}, {"score": 0.5}])
+    assert still_improving([{"score": s} for s in (0.5, 0.9, 0.6, 0.7, 0.8, 0.91)])
+    assert not still_improving([{"score": s} for s in (0.5, 0.9, 0.6, 0.7, 0.8, 0.85)])  # best before the patience window
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    best = Trial(base, "passed", "meets the gate", latency_ms=1.0)
+    ss = StudentSearch(_Search([best], budget=100), ckpt=None, teacher_model=None, tokenizer=None, tok_dir=None,
+                       shapes=[], recipes=[base])
+    rising = [{"step": 0, "score": 0.5}, {"step": 10, "score": 0.7}]
+
+    def entry(name, drop, agreement, curve=rising, status="not passed", predicted=0.5, **extra):
+        t = Trial(dataclasses.replace(base, student=name), "failed", "missed", latency_ms=predicted)
+        t.metrics = {"metric_drop": drop, "agreement": agreement}
+        rec = {"shape": name, "status": status, "stopped": "time", "curve": curve, "predicted_ms": predicted} | extra
+        return {"rec": rec, "shape": _shape_of(name), "segment": 0, "trials": [t], "epoch_seconds": 5.0}
+
+    far, near, nearer_flat, nearest_passed, done, slow = (
+        entry("L1-H32-A1-F64", 3.0, 0.90), entry("L2-H32-A1-F64", 1.5, 0.93),
+        entry("L3-H32-A1-F64", 1.1, 0.95, curve=[{"step": 0, "score": 0.7}, {"step": 10, "score": 0.7}]),
+        entry("L4-H32-A1-F64", 0.5, 0.99, status="passed"), entry("L5-H32-A1-F64", 0.2, 0.99, continued_as="x"),
+        entry("L6-H32-A1-F64", 0.1, 0.99, predicted=1.2))
+    ss._judged = [far, near, nearer_flat, nearest_passed, done, slow]
+    assert ss.most_promising() is near
+    near["epoch_seconds"] = 150.0  # an epoch of it no longer fits the time left
+    assert ss.most_promising() is far

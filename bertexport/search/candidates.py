@@ -29,6 +29,7 @@ class Candidate:
     anchor: bool = False
     student: str | None = None  # the student's shape, e.g. L3-H256-A8-F768 (``students.StudentShape.name``)
     pruned: float | None = None  # the original pruned to this fraction of its MACs (``search.pruned``)
+    early_exit: bool = False  # segments of this recipe with exit heads (``search.early_exit_candidate``)
 
     @property
     def name(self) -> str:
@@ -38,6 +39,8 @@ class Candidate:
             n = f"{self.student}/{self.recipe}"
         else:
             n = self.recipe if not self.student_layers else f"student-L{self.student_layers}/{self.recipe}"
+        if self.early_exit:
+            n = f"early-exit/{n}"
         return n + (f"+float[{len(self.keep_float)}]" if self.keep_float else "")
 
     @property

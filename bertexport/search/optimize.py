@@ -24,7 +24,10 @@ What it does, in order:
    (``prune``; ``bertexport.search.pruned``: no training, minutes; fastest int8 recipes)
    and searches students (``distill``; ``bertexport.search.students``): shapes ordered
    by a latency cost model measured on this machine, hopeless ones never trained, the rest
-   trained within the budget and judged against the *original* model.
+   trained within the budget and judged against the *original* model. With ``early_exit``
+   (text classification; ``bertexport.search.early_exit_candidate``) it also tries an
+   early-exit artifact: heads and threshold from the search slice, its latency the slice's
+   mean row cost on the latency cell, judged by the gate like any candidate.
 5. Times the passing candidates, the anchor and PyTorch interleaved, confirms the fastest
    on the held-out slice, and publishes it as a normal artifact whose manifest carries a
    ``search`` section, with ``search.json``, ``search.md`` and ``search.png`` inside.
@@ -53,6 +56,7 @@ from bertexport.search.report import build_report, plot, to_markdown  # noqa: F4
 from bertexport.search.settings import OptimizeSettings
 from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
 from bertexport.search.pruned import plan_pruning, search_pruned
+from bertexport.search.early_exit_candidate import exit_mix, plan_exit_search, search_early_exit
 from bertexport.search.student_shapes import plan_init_students, plan_students
 from bertexport.search.students import search_students
 from bertexport.students.device import training_device
@@ -100,7 +104,7 @@ def region_ranking(search: Search, model_path: str, torch_model, samples: int = 
 
 def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str | None = None, gates: Gates | None = None,
              budget: str | float = "20m", distill: str | list[int] | None = None, distill_epochs: int | None = None,
-             prune: str | list[float] | None = None,
+             prune: str | list[float] | None = None, early_exit: str | None = None,
              distill_data: str | Path | None = None,
              threads: int | None = None, batch: int = 1, sequence: int = 128, calib: str | Path | None = None,
              search_fraction: float = 0.5, max_search_rows: int = 600, seed: int = 0, text_column: str | None = None,
@@ -150,6 +154,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         gates = dataclasses.replace(default_gates(labels is not None), confidence=gates.confidence)
     check_gates_fit(gates, ckpt.task, labels is not None)
     check_classes(ts, labels, gates)
+    exits = plan_exit_search(early_exit, ckpt, bool(ts.pairs))  # --early-exit on a model it cannot serve: exit 2 now
     # --student-init: vocabulary, family, size and task checked from configs and tokenizers (no weights)
     inits = plan_init_students(student_init, ckpt, ts.texts)
     train_device = training_device(device)  # --device cuda without a GPU: exit 2 now
@@ -197,15 +202,17 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
                         ranking = region_ranking(search, str(ckpt.path), torch_model)
                     reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6] if r["harm"] is not None))
                 search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
+        early = search_early_exit(search, plan=exits, ckpt=ckpt, recipes=recipes, seed=seed)
         pruned = search_pruned(search, plan=pruning, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer,
                                recipes=recipes, seed=seed)
         found = search_students(search, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer, tok_dir=tok_dir, shapes=students,
                                 recipes=recipes, distill_data=distill_data, epochs=distill_epochs, seed=seed, inits=inits,
-                                device=device) if students or inits else {}
+                                device=device, pruned=pruned) if students or inits else {}  # pruned: missed ones distilled
 
         passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)  # all confirmed
         anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
-        final = _final_timing(passing[:4], anchor, reference, encoder, batch, sequence, threads, reporter)
+        final = _final_timing(passing[:4], anchor, reference, encoder, batch, sequence, threads, reporter,
+                              exit_paths=exit_mix(early))
         ranked = sorted(passing[:4], key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms))
         winner = ranked[0] if ranked else None
         confirm = winner.confirm_metrics if winner else None
@@ -222,6 +229,8 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         report["students"], report["cost_model"] = found.get("students"), found.get("cost_model")
         report["training_device"] = train_device if students or inits else None
         report["pruning"] = pruned
+        if early is not None:  # --early-exit auto|on (off: search.json as before)
+            report["early_exit"] = early
         if chosen is None:
             raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
         with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
@@ -239,7 +248,7 @@ def optimize_command(settings: OptimizeSettings, reporter: Reporter | None = Non
     s = settings
     return optimize(s.model, s.data, s.out, task=s.task, gates=s.gates(), budget=s.budget, distill=s.distill,
                     batch_invariant=s.batch_invariant, distill_epochs=s.distill_epochs, distill_data=s.distill_data,
-                    prune=s.prune, threads=s.threads, batch=s.batch, sequence=s.sequence, calib=s.calib,
+                    prune=s.prune, early_exit=s.early_exit, threads=s.threads, batch=s.batch, sequence=s.sequence, calib=s.calib,
                     text_column=s.text_column, label_column=s.label_column, seed=s.seed, force=s.force,
                     trust_remote_code=s.trust_remote_code, backends=set(s.backends) or None,
                     student_init=list(s.student_init), device=s.device, reporter=reporter)
@@ -262,13 +271,17 @@ def check_classes(ts, labels, gates: Gates) -> None:
                     "or more classes, or gate on agreement (--min-agreement 0.98; it needs no labels)")
 
 
-def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads, reporter) -> dict:
+def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads, reporter, exit_paths=None) -> dict:
     """The passing candidates and the anchor timed interleaved (60 rounds): this run picks
     the winner. PyTorch is timed in a second run with them, for the "vs PyTorch" ratio
     only: in the rotation its threads keep spinning after its turn and slow whichever
-    candidate follows (measured here: it turned a 1.4x-faster student into a slower one)."""
+    candidate follows (measured here: it turned a 1.4x-faster student into a slower one).
+    An early-exit artifact (``exit_paths``: name -> each exit path's share of search-slice rows)
+    is timed one exit path per call and folded back per round into its mean row cost
+    (``search.early_exit_candidate``)."""
     from bertexport.judging.compare import fixed_cell_feeds
     from bertexport.judging.latency import speedup, time_interleaved
+    from bertexport.search.early_exit_candidate import fold_paths, path_calls
     from bertexport.shipping.runtime import Artifact
     from bertexport.core.textdata import builtin_samples
 
@@ -283,11 +296,12 @@ def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads,
     for a in arts.values():
         a.runner.activate()
     try:
-        calls = {n: (lambda a=a: a.infer(feeds)) for n, a in arts.items()}
-        with reporter.step(f"time {len(calls)} candidates interleaved, b{batch}/s{sequence}, {threads} thread(s)"):
-            timed = time_interleaved(calls, runs=60, warmup=5)
+        calls = path_calls({n: (lambda a=a: a.infer(feeds)) for n, a in arts.items()}, arts, exit_paths or {}, feeds)
+        with reporter.step(f"time {len(arts)} candidates interleaved, b{batch}/s{sequence}, {threads} thread(s)"):
+            timed = fold_paths(time_interleaved(calls, runs=60, warmup=5), exit_paths or {})
         with reporter.step("time PyTorch with them (for the vs-PyTorch ratio only)"):
-            with_torch = time_interleaved({"pytorch": lambda: reference.infer(feeds)} | calls, runs=15, warmup=3)
+            with_torch = fold_paths(time_interleaved({"pytorch": lambda: reference.infer(feeds)} | calls, runs=15, warmup=3),
+                                    exit_paths or {})
     finally:
         for a in arts.values():
             a.runner.deactivate()
@@ -334,6 +348,7 @@ def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candi
     manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
                                                  "backends", "backends_restricted", "batch_invariant", "students",
                                                  "pruning")} | {
+        k: report[k] for k in ("early_exit",) if k in report} | {
         "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
                         "latency_ms": c["latency_ms"], "metrics": c["metrics"], "within_noise": c["within_noise"],
                         "batch_invariance": c["batch_invariance"]} for c in report["candidates"]]}

@@ -23,6 +23,8 @@ def candidate_label(candidate: dict, folder: str | Path | None = None) -> str:
     name = candidate["recipe"] if built else ""
     if candidate.get("keep_float"):
         name += f"+float[{len(candidate['keep_float'])}]"
+    if candidate.get("early_exit"):  # exit heads on this recipe's segments (``search.early_exit_candidate``)
+        return "early exit + " + describe_build(name, candidate.get("precision") if built else None)
     if candidate.get("pruned"):  # the original after post-training pruning (``search.pruned``)
         return f"pruned {candidate['pruned']:g} MACs + " + describe_build(name, candidate.get("precision") if built else None)
     shape = candidate.get("student")  # the shape's name (L3-H256-A8-F768); older records: the depth only
@@ -123,6 +125,8 @@ def to_markdown(report: dict) -> str:
                       "the interval of what the slice's rows can tell apart."]
     if report.get("pruning"):
         lines += ["", *pruning_markdown(report["pruning"])]
+    if report.get("early_exit"):
+        lines += ["", *early_exit_markdown(report["early_exit"])]
     if report.get("students"):
         lines += ["", *students_markdown(report)]
     if report.get("region_ranking"):
@@ -147,6 +151,33 @@ def pruning_markdown(pruning: dict) -> list[str]:
         lines.append(f"| {r['mac_budget']:g} | {r.get('shape') or '-'} | {_fmt(r.get('mac_fraction'), '.3f')} | "
                      f"{_fmt(r.get('agreement'), '.3f')} | {tuned} | {_fmt(r.get('seconds'), '.1f')} | "
                      f"{r['status']}{cached} | {r.get('reason', '')} |")
+    return lines
+
+
+def early_exit_markdown(section: dict) -> list[str]:
+    """The early-exit candidate (``optimize --early-exit``): its threshold (chosen on the search
+    slice), agreement with its own full model on the search slice, where rows leave, its mean
+    row latency on the latency cell with the row p90 and the worst case (no row exits), and the
+    gate's figures on the held-out confirm slice (the verdict is the candidate's row above)."""
+    if section.get("skipped"):
+        return [f"Early exit (--early-exit {section.get('asked')}): skipped — {section['skipped']}"]
+    lines = [f"Early exit (--early-exit {section.get('asked')}; heads trained and threshold chosen on the search slice, "
+             f"agreement target {section['agreement_target']:.4f}):", ""]
+    if section.get("threshold") is None:
+        return lines + [f"- {section.get('candidate') or 'no build'}: {section['status']} — {section['reason']}"]
+    sl, lat, conf = section.get("search_slice") or {}, section.get("latency") or {}, section.get("confirm") or {}
+    refused = "".join(f"; {r['recipe']} refused: {r['reason']}" for r in section.get("refused_targets", []))
+    cell = lat.get("cell") or {}
+    lines += [f"- {section['candidate']} (segments built on {section['target']}{refused}){' (cached)' if section.get('cached') else ''}",
+              f"- threshold **{section['threshold']:.6g}**: agreement with its full model "
+              f"{_fmt(sl.get('agreement_with_full_model'), '.4f')} on the {sl.get('rows', '-')} search-slice rows, "
+              f"{_fmt(sl.get('mean_layers'), '.2f')} layers per row on average; rows leaving after each layer: "
+              + ", ".join(f"{k}: {v}" for k, v in (sl.get("exits") or {}).items()),
+              f"- latency per row on the cell b{cell.get('batch')}/s{cell.get('sequence')}, {cell.get('threads')} thread(s): "
+              f"mean {_fmt(lat.get('mean_ms'), '.2f')} ms (each exit path timed interleaved, weighted by the rows taking it), "
+              f"p90 {_fmt(lat.get('p90_ms'), '.2f')} ms, worst case (no row exits) {_fmt(lat.get('worst_ms'), '.2f')} ms",
+              f"- held-out confirm slice: agreement with the original {_fmt(conf.get('agreement'), '.4f')}, drop "
+              f"{_fmt(conf.get('metric_drop'), '+.2f')} pts · {section['status']}: {section['reason']}"]
     return lines
 
 

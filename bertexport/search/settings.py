@@ -51,6 +51,10 @@ class OptimizeSettings:
         None, "Also try the original after post-training pruning (text classification; no training, minutes): 'auto' "
               "(0.6, 0.75, 0.85 of its MACs; skipped with a reason for other models), fractions (e.g. 0.6,0.75), or "
               "'off' (the default).")
+    early_exit: str = option(
+        "off", "Also try an early-exit artifact (text classification): exit heads trained and the threshold chosen on the "
+               "search slice, judged by the gate on the held-out slice; 'auto' skips other models with a reason, 'on' "
+               "refuses them (exit 2).", choices=("off", "auto", "on"))
     calib: Path | None = option(None, "Calibration text for int8 recipes (default: calib/ set).")
     batch: int = option(1, "Batch size of the latency cell the search minimises.", min=1)
     sequence: int = option(128, "Sequence length of the latency cell.", min=1, flag="--seq")

@@ -58,7 +58,7 @@ def fastest_bases(trials, recipes: list[Candidate], count: int = 2) -> list[tupl
     measured: dict[str, tuple[Candidate, float]] = {}
     for t in trials:
         c = t.candidate
-        if c.student or c.student_layers or c.pruned or c.keep_float or t.latency_ms is None or not c.int8 or t.status == "excluded":
+        if c.student or c.student_layers or c.pruned or c.early_exit or c.keep_float or t.latency_ms is None or not c.int8 or t.status == "excluded":
             continue
         if c.recipe not in measured or t.latency_ms < measured[c.recipe][1]:
             measured[c.recipe] = (c, t.latency_ms)

@@ -7,6 +7,10 @@
 - ``--student-init`` checkpoints (``plan_init_students``: pre-trained smaller models sharing the
   teacher's vocabulary, checked before any work by ``students.pretrained``) join the shapes as
   ``InitShape``s named by what they are (``init:minilm-l3 L3-H384``), never dominated.
+- A checkpoint ``optimize --prune`` made that missed the gate (``pruned_students``) joins them
+  too, as a ``PrunedShape`` (``pruned 0.6 MACs + distilled``): the same path as
+  ``--student-init`` (the pruned model keeps the teacher's vocabulary and task head), never
+  dominated.
 - The search bisects over them by predicted latency (``next_shape``) and never trains a shape
   no larger in any dimension than a student that missed the gate (``dominated``).
 """
@@ -153,6 +157,44 @@ def plan_init_students(sources, ckpt, texts=()) -> list:
         shape = init_shape(init, skip_supported(ckpt.task, init.family, init.config))
         if shape not in shapes:
             shapes.append(shape)
+    return shapes
+
+
+class PrunedShape(InitShape):
+    """A checkpoint ``optimize --prune`` made (the original pruned to ``budget`` of its MACs,
+    no training) as a student to distil: an ``InitShape`` whose init is that folder, named
+    ``pruned 0.6 MACs + distilled``; ``pruned`` is its pruning record (budget, checkpoint,
+    agreement). Set by ``pruned_students``."""
+
+    budget = None
+    pruned = None
+
+    @property
+    def name(self) -> str:
+        return f"pruned {self.budget:g} MACs + distilled"
+
+
+def pruned_students(pruning: dict | None, ckpt, tokenizer=None, log=print) -> list:
+    """The pruned checkpoints of ``optimize --prune`` (its report section) that missed the gate,
+    as ``PrunedShape``s, checked like ``--student-init`` checkpoints (configs and tokenizers).
+    One that passed is not distilled: training keeps its shape, so it cannot get faster."""
+    from bertexport.students.pretrained import check_student_init
+
+    shapes: list = []
+    for r in (pruning or {}).get("records") or []:
+        if r.get("status") != "not passed" or not r.get("checkpoint"):
+            continue
+        try:
+            init = check_student_init(str(r["checkpoint"]), ckpt, teacher_tokenizer=tokenizer)
+        except UserError as e:  # a pruned folder is ours: this is unexpected, but it must not end the search
+            log(f"pruned {r['mac_budget']:g} MACs: not distilled ({e})")
+            continue
+        shape = PrunedShape(init.shape.layers, init.shape.hidden, init.shape.heads, init.shape.ffn)
+        for k, v in (("init", init), ("skip", skip_supported(ckpt.task, init.family, init.config)),
+                     ("budget", float(r["mac_budget"])), ("pruned", {k: r.get(k) for k in (
+                         "mac_budget", "mac_fraction", "checkpoint", "agreement", "shape")})):
+            object.__setattr__(shape, k, v)
+        shapes.append(shape)
     return shapes
 
 

@@ -16,6 +16,14 @@ importance scores it is sliced with, training and publishing.
   its work folder stays in the cache: the next run continues *that* student from the saved
   step. Every student's learning curve (held-out agreement per evaluation) goes into the
   report (``learning_curve``).
+- A new student trains for at most ``seconds`` (the search gives it ``STUDENT_SHARE`` of the
+  time left), so it is judged before it can spend the whole budget; the search then decides
+  whether it is the one to continue (``search.students``). A student the epoch cap stopped
+  keeps its work folder too (its checkpoint: ``extend``). Continuing it (``extend``, segment
+  ``n``) raises its cap by ``MAX_EPOCHS`` per segment and trains on from that checkpoint
+  (``train_student(extend=True)``: same weights, optimizer and plateau count; the schedule's
+  linear decay restarted towards the new cap) until its patience runs out; cached under its
+  own key (the segment is part of it).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from bertexport.search.student_shapes import InitShape
 PATIENCE = 3  # held-out evaluations without a better score before a student stops (2 evaluations an epoch)
 MAX_EPOCHS = 10  # the most epochs a student trains (published recipes: 3-40; the budget usually stops it first)
 SCORING_TEXTS = 512  # texts the importance scores and the layer choice are measured on
+STUDENT_SHARE = 0.5  # of the time left, the most a new student trains before it is judged
 
 
 def training_units(shape, teacher) -> float:
@@ -90,11 +99,16 @@ class StudentTraining:
         self._data = (texts, labels, cache_key(texts, labels))
         return self._data
 
-    def config(self, shape):
-        """The distillation settings of ``shape`` (a ``--student-init`` checkpoint: its path), on ``--device``."""
+    def config(self, shape, segment: int = 0):
+        """The distillation settings of ``shape`` (a ``--student-init`` checkpoint: its path), on ``--device``;
+        continued ``segment`` times (``extend``): its epoch cap raised by ``MAX_EPOCHS`` each time."""
         cfg = self._base_config(shape)
         if isinstance(shape, InitShape):
             cfg = dataclasses.replace(cfg, shape=None, student=str(shape.init.path))
+        if segment:
+            if cfg.patience is None:
+                raise ValueError("only a student trained with patience is continued past its cap")
+            cfg = dataclasses.replace(cfg, max_epochs=cfg.max_epochs + segment * MAX_EPOCHS)
         return dataclasses.replace(cfg, device=self.device)
 
     def _base_config(self, shape):
@@ -105,12 +119,13 @@ class StudentTraining:
         return DistillConfig(shape=shape.name, patience=PATIENCE, max_epochs=MAX_EPOCHS, seed=self.seed,
                              threads=self.search.threads)
 
-    def _key(self, shape, data_digest: str, cfg) -> str:
+    def _key(self, shape, data_digest: str, cfg, segment: int = 0) -> str:
         c = dataclasses.asdict(cfg)
         c.pop("threads", None)  # threads change the speed, not the student
         c.pop("device", None)  # ... and so does the device
         init = [shape.init.sha256] if isinstance(shape, InitShape) else []  # its weights
-        return cache_key("student/3", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c, *init)
+        continued = ["continued", segment] if segment else []  # not a fresh run to that cap: its schedule restarted
+        return cache_key("student/3", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c, *init, *continued)
 
     def scoring(self, texts, labels, cfg) -> tuple[list, list]:
         """Batches of the training data (at most ``SCORING_TEXTS``) with the teacher's outputs,
@@ -154,8 +169,9 @@ class StudentTraining:
             self._layer_choice[shape.layers] = choose_layers(self.teacher_model, shape.layers, batches, self.ckpt.task, outs)
         return self._layer_choice[shape.layers]
 
-    def train(self, shape) -> tuple[Path, dict, bool]:
-        """The trained student's checkpoint folder, its report and whether it came from the cache.
+    def train(self, shape, seconds: float | None = None) -> tuple[Path, dict, bool]:
+        """The trained student's checkpoint folder, its report and whether it came from the cache;
+        training stops after ``seconds`` (None: the search's deadline), judged on its best state.
         A ``--student-init`` checkpoint goes under the teacher's task head, distilled with the same
         losses (projections where the widths differ; student layers mapped uniformly onto the
         teacher's), cached and resumed like the sliced students."""
@@ -176,11 +192,11 @@ class StudentTraining:
 
             init = shape.init
             torch.manual_seed(self.seed)  # a fresh head: the same one every run
-            student = load_init_student(init, self.ckpt)
+            student = load_init_student(init, self.ckpt, self.teacher_model)
             layer_map = uniform_layer_map(layer_count(self.teacher_model.config), shape.layers)
             record = {"shape": shape.name, "init": init.to_dict(), "kept_teacher_layers": None, "layer_choice": []}
             return self._distil(student, training_tokenizer(self.tokenizer, init), layer_map, out, cfg, (texts, labels, data_digest), record,
-                                student_tokenizer(self.tokenizer, self.ckpt.family, init), [self.ckpt.path, init.path])
+                                student_tokenizer(self.tokenizer, self.ckpt.family, init), [self.ckpt.path, init.path], seconds)
         from bertexport.students.distill_config import default_layer_map
         from bertexport.students.shapes import make_student, teacher_shape
 
@@ -194,10 +210,48 @@ class StudentTraining:
         layer_map = default_layer_map(teacher.layers, keep, shape.layers)
         record = {"shape": shape.name, "kept_teacher_layers": list(keep), "layer_choice": layer_table}
         return self._distil(student, self.tokenizer, layer_map, out, cfg, (texts, labels, data_digest), record, self.tokenizer,
-                            [self.ckpt.path])
+                            [self.ckpt.path], seconds)
+
+    def extend(self, shape, segment: int) -> tuple[Path, dict, bool]:
+        """``shape``'s student continued past the epoch cap that stopped its segment ``segment - 1``
+        (0: its first training): trained on from that segment's checkpoint to a cap ``MAX_EPOCHS``
+        epochs later (``config``), until its patience runs out, the new cap or the deadline.
+        Returns like ``train``."""
+        from bertexport.core.cache import cache_dir
+        from bertexport.core.errors import UserError
+
+        texts, labels, data_digest = self.data()
+        cfg = self.config(shape, segment)
+        out = cache_dir("students") / self._key(shape, data_digest, cfg, segment)
+        if (out / "student_report.json").is_file():
+            return out, json.loads((out / "student_report.json").read_text()), True
+        before = cache_dir("students") / self._key(shape, data_digest, self.config(shape, segment - 1), segment - 1)
+        work, before_work = _work_folder(out), _work_folder(before)
+        if not (before / "student_report.json").is_file():
+            raise UserError(f"{shape.name}: its previous training is not in the cache any more; nothing to continue")
+        if not (work / "checkpoint.pt").is_file():
+            if not (before_work / "checkpoint.pt").is_file():
+                raise UserError(f"{shape.name}: no checkpoint of its previous training to continue")
+            shutil.rmtree(work, ignore_errors=True)
+            before_work.rename(work)  # that segment is published; its checkpoint now belongs to this one
+        previous = json.loads((before / "student_report.json").read_text())
+        student = _load(self.ckpt.task, before)  # the architecture; the checkpoint has the weights
+        record = {k: previous.get(k) for k in ("shape", "init", "kept_teacher_layers", "layer_choice")} | {
+            "continues_student": before.name, "segment": segment}  # the cached student it trained on from
+        tok = self.tokenizer
+        if isinstance(shape, InitShape):
+            from bertexport.students.pretrained import student_tokenizer, training_tokenizer
+
+            tok = training_tokenizer(self.tokenizer, shape.init)
+            student_tok = student_tokenizer(self.tokenizer, self.ckpt.family, shape.init)
+            protect = [self.ckpt.path, shape.init.path]
+        else:
+            student_tok, protect = self.tokenizer, [self.ckpt.path]
+        return self._distil(student, tok, previous["layer_map"], out, cfg, (texts, labels, data_digest), record, student_tok,
+                            protect, extend=True)
 
     def _distil(self, student, tokenizer, layer_map, out: Path, cfg, data: tuple, record: dict, student_tok,
-                protect: list) -> tuple[Path, dict, bool]:
+                protect: list, seconds: float | None = None, extend: bool = False) -> tuple[Path, dict, bool]:
         """Train ``student`` on ``data`` (texts, labels, digest; inputs from ``tokenizer``) in its work folder in the cache (kept when
         interrupted: the next run resumes from it), then publish it with ``student_tok`` and its
         report (``record`` + timings) to ``out``. A student the deadline stopped is judged on its
@@ -207,13 +261,14 @@ class StudentTraining:
         from bertexport.students.training import train_student
 
         texts, labels, data_digest = data
-        work = cache_dir("students") / f"{out.name}.work"  # kept when interrupted: the next run resumes from it
+        work = _work_folder(out)  # kept when interrupted: the next run resumes from it
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        left = self.search.remaining() if seconds is None else min(seconds, self.search.remaining())
         best, report = train_student(self.teacher_model, student, tokenizer, texts, labels, self.ckpt.task, cfg, work,
                                      self.search.reporter, layer_map,
                                      teacher_cache=cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}",
-                                     deadline=time.monotonic() + self.search.remaining())
+                                     deadline=time.monotonic() + left, extend=extend)
         seconds = time.perf_counter() - t0
         report = {k: v for k, v in report.items() if not k.startswith("_")} | record | {  # "_eval" holds tensors
             "wall_seconds": round(seconds, 1), "train_seconds": report.get("train_seconds", seconds),
@@ -226,10 +281,41 @@ class StudentTraining:
             student_tok.save_pretrained(staged.staging)
             (staged.staging / "student_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
             staged.publish(True)
-        shutil.rmtree(work, ignore_errors=True)
+        if report.get("stopped") != "max_epochs":  # the cap stopped it: its checkpoint stays, to be continued (``extend``)
+            shutil.rmtree(work, ignore_errors=True)
         return out, report, False
+
+    def can_extend(self, shape, segment: int) -> bool:
+        """Whether ``shape``'s segment ``segment`` is cached or its previous one's checkpoint is kept."""
+        from bertexport.core.cache import cache_dir
+
+        texts, labels, digest = self.data()
+        out = cache_dir("students") / self._key(shape, digest, self.config(shape, segment), segment)
+        before = cache_dir("students") / self._key(shape, digest, self.config(shape, segment - 1), segment - 1)
+        return (out / "student_report.json").is_file() or ((before / "student_report.json").is_file() and (
+            (_work_folder(out) / "checkpoint.pt").is_file() or (_work_folder(before) / "checkpoint.pt").is_file()))
 
     def _cached_path(self, shape, data_digest: str) -> Path:
         from bertexport.core.cache import cache_dir
 
         return cache_dir("students") / self._key(shape, data_digest, self.config(shape))
+
+
+def _work_folder(out: Path) -> Path:
+    """Where the student published to ``out`` trains: its checkpoint, kept to resume or continue it."""
+    return out.with_name(f"{out.name}.work")
+
+
+def _load(task: str, folder: Path):
+    """A published student, with eager attention as students are built (``students.pretrained``)."""
+    import transformers
+
+    from bertexport.core.tasks import get_task
+
+    auto = getattr(transformers, get_task(task).auto_class)
+    try:
+        return auto.from_pretrained(folder, attn_implementation="eager")
+    except (TypeError, ValueError) as e:
+        if "attn_implementation" not in str(e) and "attention" not in str(e):
+            raise
+        return auto.from_pretrained(folder)

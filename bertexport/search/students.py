@@ -10,7 +10,17 @@ sliced or ``--student-init``, cached, resumable, within the deadline) and judged
 (``Search.try_candidate``) against the *original* model with the gate's statistics on the
 builds ``search.student_builds`` gives it. A student that cannot finish in the time left
 (estimated from the first student's training time, scaled by MACs) is skipped with a reason.
-Which shapes: ``search.student_shapes``.
+Which shapes: ``search.student_shapes`` (the pruned originals that missed the gate among them,
+``PrunedShape``: distilled from the pruned weights, ordered and judged like every student).
+
+The budget goes to the few students most likely to pass: a new student trains for at most
+``STUDENT_SHARE`` of the time left, and before any new shape starts, the student closest to
+the gate among those that missed it while still improving (stopped by that share or by its
+epoch cap, not by its patience; ``most_promising``) is continued from its checkpoint with all
+the time left, until its patience runs out (``student_training``: ``train`` resumes a
+time-stopped one, ``extend`` takes one past its cap), then judged again as a record of its own
+(``<shape> continued``, with ``continues`` and its whole learning curve: search.md shows where
+it resumed).
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ from bertexport.core.errors import UserError
 from bertexport.core.hashing import cache_key
 from bertexport.search.candidates import Candidate
 from bertexport.search.student_builds import fastest_bases, skip_supported, student_candidates
-from bertexport.search.student_shapes import InitShape, dominated, next_shape
-from bertexport.search.student_training import StudentTraining, learning_curve, training_units
+from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, next_shape, pruned_students
+from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentTraining, learning_curve, training_units
 
 
 class StudentSearch(StudentTraining):
@@ -31,15 +41,18 @@ class StudentSearch(StudentTraining):
 
     def __init__(self, search, *, ckpt, teacher_model, tokenizer, tok_dir: Path, shapes: list, recipes: list[Candidate],
                  distill_data=None, epochs: int | None = None, seed: int = 0, cost_timer=None, inits: list = (),
-                 device: str = "auto"):
+                 device: str = "auto", pruned: dict | None = None):
         super().__init__(search, ckpt=ckpt, teacher_model=teacher_model, tokenizer=tokenizer, distill_data=distill_data,
                          epochs=epochs, seed=seed, device=device)
-        self.inits = list(inits)  # --student-init checkpoints (InitShape)
+        # --student-init checkpoints and the pruned originals that missed the gate (both InitShape)
+        self.inits = list(inits) + pruned_students(pruned, ckpt, tokenizer, search.reporter.log)
         self.tok_dir, self.shapes, self.recipes = tok_dir, shapes, recipes
         self.cost_timer = cost_timer
         self.records: list[dict] = []
         self.cost_record: dict | None = None
         self._rate: float | None = None  # training seconds per ``training_units`` (the first student trained here)
+        self._judged: list[dict] = []  # every trained student judged: its record, shape, segment, trials
+        self._continuations: dict[str, int] = {}
 
     # -- the search over shapes ---------------------------------------------------------------------
     def costs(self, bases) -> tuple[dict, object]:
@@ -90,7 +103,11 @@ class StudentSearch(StudentTraining):
         self.log("students by predicted latency: " + ", ".join(
             f"{sh.name} {costs[sh.name].ratio:.2f}x ({costs[sh.name].source})" for sh in order))
         pending, missed = list(order), []
-        while pending:
+        while pending or self.most_promising() is not None:
+            follow = self.most_promising()
+            if follow is not None:  # the budget continues the best student before it starts a new shape
+                self._continue(follow, bases, costs, missed)
+                continue
             shape = next_shape(pending)
             pending.remove(shape)
             c = costs[shape.name]
@@ -106,19 +123,17 @@ class StudentSearch(StudentTraining):
                 for cand, (_, ms) in zip(student_candidates(shape, [b for b, _ in bases], self.skip), bases):
                     self._record(Trial(cand, "skipped", rec["reason"]), None if ms is None else c.ratio * ms)
                 continue
-            cands = [(cand, None if ms is None else c.ratio * ms)
-                     for cand, (_, ms) in zip(student_candidates(shape, [b for b, _ in bases], self.skip), bases)]
+            cands = self._candidates(shape, shape.name, bases, c)
             rec = {"shape": shape.name, **dataclasses.asdict(shape), "predicted_ratio": round(c.ratio, 4),
                    "prediction": c.source, "predicted_ms": cands[0][1], "measured_ms": None, "train_seconds": None,
                    "cached": False, "status": "", "reason": "", "candidates": [cand.name for cand, _ in cands]}
             self.records.append(rec)
             if isinstance(shape, InitShape):
                 rec["init"] = shape.init.to_dict()
+            if isinstance(shape, PrunedShape):  # the original pruned without training, distilled from here
+                rec["pruned"] = dict(shape.pruned)
 
-            def hopeless(pred):
-                return pred is not None and s.best is not None and pred >= s.best.latency_ms
-
-            live = [(cand, pred) for cand, pred in cands if not hopeless(pred)]
+            live = [(cand, pred) for cand, pred in cands if not self._hopeless(pred)]
             if not live:
                 rec["status"] = "hopeless"
                 rec["reason"] = (f"predicted {cands[0][1]:.2f} ms >= the best passing {s.best.candidate.name} "
@@ -143,45 +158,151 @@ class StudentSearch(StudentTraining):
                 continue
             try:
                 with s.reporter.step(f"student {shape.name} (predicted {c.ratio:.2f}x the teacher's latency)"):
-                    path, report, rec["cached"] = self.train(shape)
+                    path, report, rec["cached"] = self.train(shape, seconds=STUDENT_SHARE * s.remaining())
             except Exception as e:  # one student failing (a shape a backend refuses, ...) must not end the search
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                rec["status"], rec["reason"] = "error", first if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
-                for cand, pred in cands:
-                    self._record(Trial(cand, "error", rec["reason"]), pred)
+                self._failed(rec, cands, e)
                 continue
-            rec["train_seconds"] = report.get("train_seconds")
-            rec["kept_teacher_layers"] = report.get("kept_teacher_layers")
-            rec |= learning_curve(report)
-            rec["device"] = report.get("device")
-            if self._rate is None and rec["train_seconds"] and rec["stopped"] != "time":  # a whole training, now or cached
-                self._rate = float(rec["train_seconds"]) / training_units(shape, self.teacher)
-            latencies, statuses = [], []
-            for cand, pred in cands:
-                if hopeless(pred):  # a student candidate that passed made this one hopeless
-                    t = self._record(Trial(cand, "hopeless", f"not built: predicted {pred:.2f} ms >= best passing "
-                                                             f"{s.best.latency_ms:.2f} ms"), pred)
-                else:
-                    t = s.try_candidate(cand, str(path))
-                    t.predicted_ms = pred
-                statuses.append(t.status)
-                if t.latency_ms is not None:
-                    latencies.append(t.latency_ms)
-            rec["measured_ms"] = min(latencies) if latencies else None
-            rec["status"] = "passed" if "passed" in statuses else "not passed"
-            if "failed" in statuses and "passed" not in statuses:  # missed outright, not within noise
-                missed.append(shape)
-            rec["reason"] = ", ".join(f"{cand.recipe}: {st}" for (cand, _), st in zip(cands, statuses))
-            if rec["stopped"] == "time":
-                rec["reason"] += (f"; training stopped by the budget at epoch {rec['epochs_run']} (judged on its best state; "
-                                  "the next run continues it)")
+            if self._rate is None and report.get("train_seconds") and report.get("stopped") != "time":  # a whole training
+                self._rate = float(report["train_seconds"]) / training_units(shape, self.teacher)
+            self._judge(rec, shape, 0, cands, path, report, missed)
         return self.records
+
+    # -- continuing the most promising student -------------------------------------------------------
+    def _candidates(self, shape, name: str, bases, cost) -> list[tuple[Candidate, float | None]]:
+        """The student's builds (named ``name``: a continued student's builds are other builds) with predicted latencies."""
+        return [(dataclasses.replace(cand, student=name), None if ms is None else cost.ratio * ms)
+                for cand, (_, ms) in zip(student_candidates(shape, [b for b, _ in bases], self.skip), bases)]
+
+    def _hopeless(self, pred) -> bool:
+        s = self.search
+        return pred is not None and s.best is not None and pred >= s.best.latency_ms
+
+    def _failed(self, rec: dict, cands, e: Exception) -> None:
+        from bertexport.search.session import Trial
+
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        rec["status"], rec["reason"] = "error", first if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
+        for cand, pred in cands:
+            self._record(Trial(cand, "error", rec["reason"]), pred)
+
+    def _judge(self, rec: dict, shape, segment: int, cands, path: Path, report: dict, missed: list) -> None:
+        """Judge a trained student's builds against the original; remember it as one that may be continued."""
+        from bertexport.search.session import Trial
+
+        s = self.search
+        rec["train_seconds"] = report.get("train_seconds")
+        rec["kept_teacher_layers"] = report.get("kept_teacher_layers")
+        rec |= learning_curve(report)
+        rec["device"] = report.get("device")
+        getattr(s, "_digests", {}).pop(str(path), None)  # a continued student may be judged from the same folder again
+        trials = []
+        for cand, pred in cands:
+            if self._hopeless(pred):  # a student candidate that passed made this one hopeless
+                t = self._record(Trial(cand, "hopeless", f"not built: predicted {pred:.2f} ms >= best passing "
+                                                         f"{s.best.latency_ms:.2f} ms"), pred)
+            else:
+                t = s.try_candidate(cand, str(path))
+                t.predicted_ms = pred
+            trials.append(t)
+        statuses = [t.status for t in trials]
+        latencies = [t.latency_ms for t in trials if t.latency_ms is not None]
+        rec["measured_ms"] = min(latencies) if latencies else None
+        rec["status"] = "passed" if "passed" in statuses else "not passed"
+        if "failed" in statuses and "passed" not in statuses and shape not in missed:  # missed outright, not within noise
+            missed.append(shape)
+        if "passed" in statuses and shape in missed:  # continued, it made the gate: it rules nothing out any more
+            missed.remove(shape)
+        rec["reason"] = ", ".join(f"{cand.recipe}: {st}" for (cand, _), st in zip(cands, statuses))
+        rising = rec["status"] != "passed" and still_improving(rec["curve"])
+        if rec["stopped"] == "time":
+            rec["reason"] += (f"; training stopped by the time it had at epoch {rec['epochs_run']} (judged on its best "
+                              "state; " + ("still improving: continued if it is the most promising, else " if rising else "")
+                              + "the next run continues it)")
+        elif rec["stopped"] == "max_epochs" and rising:
+            rec["reason"] += f"; still improving at the {rec['epochs_run']:g}-epoch cap (continued if it is the most promising)"
+        steps = report.get("steps") or 0
+        per_epoch = (report.get("schedule") or {}).get("steps_per_epoch")
+        trained = steps - (report.get("resumed_from_step") or 0)
+        self._judged.append({"rec": rec, "shape": shape, "segment": segment, "trials": trials,
+                             "epoch_seconds": (float(report["train_seconds"]) * per_epoch / trained
+                                               if report.get("train_seconds") and per_epoch and trained > 0 else None)})
+
+    def most_promising(self) -> dict | None:
+        """The student to continue, if any: among those that missed the gate while still improving
+        (stopped by their time share or their epoch cap, not by their patience, with a rising curve:
+        ``still_improving``) and are not
+        hopeless now, the one closest to the gate (lowest metric drop, then highest agreement, then
+        cosine), when at least one of its epochs fits in the time left."""
+        s = self.search
+        if s.remaining() <= 0:
+            return None
+        able = []
+        for entry in self._judged:
+            rec = entry["rec"]
+            if rec.get("continued_as") or rec["status"] != "not passed" or rec.get("stopped") not in ("time", "max_epochs"):
+                continue
+            if not still_improving(rec.get("curve") or []):
+                continue
+            judged = [t for t in entry["trials"] if t.status in ("failed", "undecided") and t.metrics is not None]
+            if not judged or self._hopeless(rec.get("predicted_ms")):  # not judged on the gate (slower, error), or beaten
+                continue
+            if entry["epoch_seconds"] is not None and entry["epoch_seconds"] > s.remaining():
+                continue
+            if rec["stopped"] == "max_epochs" and not self.can_extend(entry["shape"], entry["segment"] + 1):
+                continue
+            able.append((min(_closeness(t.metrics) for t in judged), rec.get("predicted_ms") or 0.0, len(able), entry))
+        return min(able)[-1] if able else None
+
+    def _continue(self, entry: dict, bases, costs, missed: list) -> None:
+        """Train ``entry``'s student on (resumed from its checkpoint) with all the time left, and judge it again
+        as a record of its own (``<shape> continued``)."""
+        s, before, shape = self.search, entry["rec"], entry["shape"]
+        segment = entry["segment"] + (before["stopped"] == "max_epochs")
+        self._continuations[shape.name] = n = self._continuations.get(shape.name, 0) + 1
+        name = f"{shape.name} continued" + (f" ({n})" if n > 1 else "")
+        before["continued_as"] = name
+        c = costs[shape.name]
+        cands = self._candidates(shape, name, bases, c)
+        rec = {"shape": name, **dataclasses.asdict(shape), "predicted_ratio": before["predicted_ratio"],
+               "prediction": before["prediction"], "predicted_ms": cands[0][1], "measured_ms": None, "train_seconds": None,
+               "cached": False, "status": "", "reason": "", "candidates": [cand.name for cand, _ in cands],
+               "continues": before["shape"], "segment": segment}
+        for k in ("init", "pruned"):
+            if k in before:
+                rec[k] = before[k]
+        self.records.append(rec)
+        why = "its time share" if before["stopped"] == "time" else f"its {before['epochs_run']:g}-epoch cap"
+        self.log(f"continue {shape.name}: the closest to the gate of the students that missed it, still improving at {why}")
+        try:
+            at = before["curve"][-1]["step"] if before.get("curve") else 0
+            with s.reporter.step(f"continue student {shape.name} from step {at}"):
+                path, report, rec["cached"] = self.extend(shape, segment) if segment else self.train(shape)
+        except Exception as e:  # continuing one student must not end the search
+            self._failed(rec, cands, e)
+            return
+        self._judge(rec, shape, segment, cands, path, report, missed)
 
     def _record(self, trial, predicted_ms):
         trial.predicted_ms = predicted_ms
         self.search.trials.append(trial)
         self.search.log_board(trial)
         return trial
+
+
+def still_improving(curve: list[dict], window: int = PATIENCE) -> bool:
+    """Whether a learning curve (``learning_curve``: step 0 first) was still rising when training
+    stopped: its best score in the last ``window`` evaluations (the patience) beats every score
+    before them, the step-0 one included. A flat curve is not (nothing says more training helps)."""
+    scores = [c["score"] for c in curve]
+    if len(scores) < 2:
+        return False
+    recent = scores[1:][-window:]
+    return max(recent) > max(scores[:len(scores) - len(recent)])
+
+
+def _closeness(metrics: dict) -> tuple:
+    """How far a judged build is from the gate, smaller nearer: its metric drop, then its agreement, then cosine."""
+    return (metrics.get("metric_drop") or 0.0, -(metrics.get("agreement") or 0.0), -(metrics.get("cosine_min") or 0.0))
 
 
 def search_students(search, **kw) -> dict:

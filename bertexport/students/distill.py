@@ -148,9 +148,9 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
     teacher_tok = tok
     if init is not None:
         with reporter.step(f"load student {init.name} (head: {init.head})"):
-            student = load_init_student(init, ckpt)
+            student = load_init_student(init, ckpt, teacher_model)
         tok = training_tokenizer(teacher_tok, init)  # the inputs both models take
-        keep, shape_info = None, {"init": init.to_dict()}
+        keep, shape_info = None, {"init": init.to_dict(), "warm_started_from_teacher": getattr(student, "warm_started", [])}
     elif shape is not None:
         with reporter.step(f"build student {shape.name}"):
             student, keep, shape_info = _shaped_student(teacher_model, tok, shape, ts.texts, labels, ckpt.task, cfg,

@@ -220,8 +220,11 @@ def student_tokenizer(teacher_tok, teacher_family: str, init: InitStudent):
     return teacher_tok if init.family == teacher_family else _tokenizer(init.path, init.source)
 
 
-def load_init_student(init: InitStudent, teacher_ckpt):
-    """The student model: ``init``'s weights under the teacher's task head (see ``InitStudent.head``)."""
+def load_init_student(init: InitStudent, teacher_ckpt, teacher_model=None):
+    """The student model: ``init``'s weights under the teacher's task head (see ``InitStudent.head``).
+    A fresh head starts from the teacher's own head weights where ``teacher_model`` is given and
+    the shapes agree (a head-less general checkpoint of the teacher's width: pooler and classifier
+    warm-started), else from the model's own initialisation; ``model.warm_started`` names them."""
     import transformers
 
     from bertexport.core.tasks import get_task
@@ -234,20 +237,32 @@ def load_init_student(init: InitStudent, teacher_ckpt):
         config.id2label, config.label2id = id2label, {v: k for k, v in id2label.items()}
         config.num_labels = len(id2label)
         config.problem_type = teacher_ckpt.config.get("problem_type")
-    kwargs = dict(config=config, ignore_mismatched_sizes=True, use_safetensors=True)
+    kwargs = dict(config=config, ignore_mismatched_sizes=True, use_safetensors=True, output_loading_info=True)
     try:
         try:
-            model = auto.from_pretrained(init.path, attn_implementation="eager", **kwargs)
+            model, info = auto.from_pretrained(init.path, attn_implementation="eager", **kwargs)
         except (TypeError, ValueError) as e:
             if "attn_implementation" not in str(e) and "attention" not in str(e):
                 raise
-            model = auto.from_pretrained(init.path, **kwargs)
+            model, info = auto.from_pretrained(init.path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         _refuse(init.source, f"could not be loaded: {first}")
+    fresh = set(info.get("missing_keys") or []) | {m[0] for m in info.get("mismatched_keys") or []}
     if init.head.startswith("fresh") and task != "fill-mask":
         # a head of the same shape but other labels loads without complaint: initialise it anew
         for name, child in model.named_children():
             if name != model.base_model_prefix:
                 child.apply(model._init_weights)
+                fresh |= {f"{name}.{k}" for k in child.state_dict()}
+    if teacher_model is not None and fresh and task != "fill-mask":
+        import torch
+
+        theirs = teacher_model.state_dict()
+        mine = model.state_dict()
+        warm = {k: theirs[k] for k in fresh if k in theirs and k in mine and theirs[k].shape == mine[k].shape}
+        with torch.no_grad():
+            for k, v in warm.items():
+                mine[k].copy_(v)
+        model.warm_started = sorted(warm)  # which fresh weights came from the teacher (the report says)
     return model.eval()

@@ -28,6 +28,7 @@ from bertexport.students.training_data import TeacherOutputs, length_batches, se
 
 
 _RESUME_IGNORES = ("threads", "checkpoint_every", "device")
+_EXTENDABLE = ("epochs", "max_epochs")  # what ``extend=True`` may raise: a finished run continued to a later cap
 
 
 def _inputs_digest(teacher_model, texts, labels, task, cfg: DistillConfig) -> str:
@@ -106,7 +107,7 @@ def _means(values: list[float]) -> dict:
 def train_student(teacher_model, student_model, tokenizer, texts: list[str], labels: list | None, task: str,
                   cfg: DistillConfig, work: Path, reporter: Reporter | None = None, layer_map: list[int] | None = None,
                   *, on_step: Callable[[int, float], None] | None = None, teacher_cache: Path | None = None,
-                  deadline: float | None = None):
+                  deadline: float | None = None, extend: bool = False):
     """Distil ``teacher_model`` into ``student_model`` (same family and tokenizer) on
     ``texts`` (``labels``: label ids, or None). Returns ``(best student, report)``.
 
@@ -161,6 +162,12 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     uninterrupted one would have done (same order, RNG and evaluations: the same weights
     within float noise); one stopped by ``deadline`` had an extra evaluation at the stop, so
     its plateau count can differ from an uninterrupted run's by that evaluation.
+
+    ``extend``: the checkpoint is of a run that ended at its cap (``epochs`` or ``max_epochs``)
+    and ``cfg`` raises that cap (nothing else may differ): training continues from the saved
+    step, weights, optimizer and plateau count. The schedule becomes ``cfg``'s (linear decay to 0
+    at the new cap): its rate jumps from 0 back to where that line stands at the saved step
+    (a warm restart); the best state so far stays the one to beat.
     """
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -220,8 +227,9 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                  "history": [], "parts": {}, "resumed_from_step": None}
         if (work / "checkpoint.pt").is_file():
             saved = torch.load(work / "checkpoint.pt", weights_only=False, map_location="cpu")
-            now = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORES}
-            then = {k: v for k, v in saved["config"].items() if k not in _RESUME_IGNORES}
+            ignores = _RESUME_IGNORES + (_EXTENDABLE if extend else ())
+            now = {k: v for k, v in asdict(cfg).items() if k not in ignores}
+            then = {k: v for k, v in saved["config"].items() if k not in ignores}
             if now != then:
                 changed = sorted(k for k in now if now[k] != then.get(k))
                 raise UserError(f"the interrupted run in {work} used other settings ({', '.join(changed)}); "
@@ -232,6 +240,8 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
             torch.set_rng_state(saved["torch_rng"])
+            if extend and total <= saved["state"]["step"]:
+                raise UserError(f"the run in {work} is at step {saved['state']['step']}: a cap of {total} steps does not extend it")
             state = saved["state"] | {"resumed_from_step": saved["state"]["step"]}
             if state.get("stopped") == "time":  # a time cap is this call's, not the run's: go on
                 state["stopped"] = None
