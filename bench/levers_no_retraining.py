@@ -13,8 +13,10 @@ training split, cached):
            their labels, prune_calibrated per budget), each with the same int8 recipe
   with --distill-pruned: each pruned checkpoint distilled from the teacher on the training split
            (students.distill with --student-init PRUNED: patience on held-out agreement), the same
-           int8 recipe — the "pruned + distilled" lever
-  early exit on the teacher (students.early_exit.build_early_exit, ort-fp32 segments; heads
+           int8 recipe — the "pruned + distilled" lever; with --skip each again with first-token skipping
+  with --layer-drop N: N of the teacher's layers at full width, distilled ("distillation alone")
+  with --init-student DIR: a pre-trained smaller checkpoint (bench/pretrained_l3.py), distilled
+  early exit (--exit MODEL@TARGET, repeatable; default the teacher with ort-fp32 segments; heads
            trained on --exit-data training texts, the threshold chosen by the library on its
            held-out 30 %), at that threshold and with no row exiting (the worst case)
 
@@ -85,21 +87,31 @@ def pruned_checkpoints(teacher: Path, texts: list[str], labels: list[int], budge
     return out
 
 
-def distilled_pruned(teacher: Path, pruned: Path, train_csv: Path, args, folder: Path) -> tuple[Path, dict]:
-    """The pruned checkpoint distilled from the teacher on the training split (cached), with its report."""
+def distilled_student(teacher: Path, name: str, train_csv: Path, args, folder: Path, **student) -> tuple[Path, dict]:
+    """A student distilled from the teacher on the training split (cached by ``name``), with its report:
+    ``student=PATH`` starts from a checkpoint (a pruned teacher, a pre-trained small model: --student-init),
+    ``layers=N`` from N of the teacher's own layers (full width: "distillation alone")."""
     from bertexport.students.distill import distill
     from bertexport.students.distill_config import DistillConfig
 
-    out = folder / f"{pruned.name}-distilled-p{args.distill_patience}-e{args.distill_max_epochs}"
+    out = folder / f"{name}-distilled-p{args.distill_patience}-e{args.distill_max_epochs}"
     if not (out / "distill_report.json").is_file():
         t0 = time.time()
         distill(str(teacher), out, data=train_csv, force=True,
-                config=DistillConfig(student=str(pruned), patience=args.distill_patience,
-                                     max_epochs=args.distill_max_epochs, threads=args.threads))
-        print(f"distilled {pruned.name}: {time.time() - t0:.0f} s", flush=True)
+                config=DistillConfig(**student, patience=args.distill_patience, max_epochs=args.distill_max_epochs,
+                                     threads=args.threads))
+        print(f"distilled {name}: {time.time() - t0:.0f} s", flush=True)
     report = json.loads((out / "distill_report.json").read_text())
     report.setdefault("seconds", report.get("train_seconds"))
     return out, report
+
+
+def with_skip(recipe):
+    """The recipe with first-token skipping first (the last layer on the first token only: text classification)."""
+    import dataclasses
+
+    return dataclasses.replace(recipe, recipe=recipe.recipe + "+skip",
+                               passes=[{"type": "first-token-skip"}] + [dict(p) for p in recipe.passes])
 
 
 def per_row_latency(calls_for, texts: list[str], encode, runs: int) -> dict[str, dict]:
@@ -117,6 +129,62 @@ def per_row_latency(calls_for, texts: list[str], encode, runs: int) -> dict[str,
 def vs_best_anchor(figures: dict[str, float]) -> tuple[str, float]:
     name = min((NNCF, ORT), key=lambda n: figures[n])
     return name, figures[name]
+
+
+class NncfAnchorRunner:
+    """The NNCF anchor IR (OpenVINO CPU, latency hint, threads pinned) behind the runner interface
+    compare_on_data and the timers use."""
+
+    def __init__(self, xml: Path, threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(str(xml)), "CPU",
+                                        {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)})
+        self.req = self.model.create_infer_request()
+
+    def infer(self, feeds):
+        return {"logits": np.asarray(next(iter(self.req.infer(dict(feeds)).values())))}
+
+
+def accuracy_rows(runners: dict, reference, encode, ts, task: str, labels, out: dict) -> None:
+    """Each runner's task metric on ``ts`` vs the PyTorch reference, with the paired interval of its drop, into ``out``."""
+    from bertexport.judging.compare import compare_on_data, task_metrics
+
+    cache: dict = {}
+    with reference:
+        for k, r in runners.items():
+            m = task_metrics(compare_on_data(r, reference, encode, ts, task, reference_cache=cache), labels)
+            out[k] |= {f: m.get(f) for f in ("metric_reference", "metric_candidate", "metric_drop", "agreement", "samples")}
+            out[k]["drop_interval"] = (m.get("stats") or {}).get("metric_drop")
+            print(f"{k}: {m['metric_candidate']:.2f} % (drop {m['metric_drop']:+.2f}, agreement {m['agreement']:.4f})", flush=True)
+
+
+def fixed_cells(runners: dict, encode, runs: int, out: dict, results: dict) -> None:
+    """p50/p90 at b1/s128 and b8/s128, every runner interleaved in one run per cell, x the best anchor, into ``out``."""
+    from bertexport.core.textdata import builtin_samples
+    from bertexport.judging.compare import fixed_cell_feeds
+    from bertexport.judging.latency import time_interleaved
+
+    for b in (1, 8):
+        feeds = fixed_cell_feeds(encode, builtin_samples(), b, 128)
+        load0 = os.getloadavg()[0]
+        timed = time_interleaved({k: (lambda r=r: r.infer(feeds)) for k, r in runners.items()}, runs=runs, warmup=5)
+        best, best_s = vs_best_anchor({k: t.p50 for k, t in timed.items()})
+        for k, t in timed.items():
+            out[k][f"b{b}/s128"] = {"p50_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "x_best_anchor": best_s / t.p50,
+                                    "best_anchor": best}
+        results[f"load_avg_b{b}"] = [load0, os.getloadavg()[0]]
+
+
+def per_row_cells(runners: dict, texts: list[str], encode, runs: int, out: dict) -> dict:
+    """Per-row latency (``per_row_latency``) x the best anchor into ``out``; returns the run's record."""
+    load0 = os.getloadavg()[0]
+    per = per_row_latency(lambda feeds: {k: (lambda r=r: r.infer(feeds)) for k, r in runners.items()}, texts, encode, runs)
+    best, best_ms = vs_best_anchor({k: v["mean_ms"] for k, v in per.items()})
+    for k, v in per.items():
+        out[k]["per_row_b1"] = v | {"x_best_anchor": best_ms / v["mean_ms"], "best_anchor": best}
+    return {"rows": len(texts), "runs_per_row": runs, "load_avg": [load0, os.getloadavg()[0]]}
 
 
 def main(argv=None):
@@ -137,10 +205,20 @@ def main(argv=None):
     ap.add_argument("--distill-budgets", help="with --distill-pruned: only these budgets (default: all)")
     ap.add_argument("--distill-patience", type=int, default=3, help="held-out evaluations without gain (2 per epoch)")
     ap.add_argument("--distill-max-epochs", type=int, default=4)
+    ap.add_argument("--skip", action="store_true",
+                    help="add each distilled row again with first-token skipping (the last layer on [CLS] only)")
+    ap.add_argument("--layer-drop", type=int, action="append", default=[],
+                    help="add a 'distillation alone' row: N of the teacher's layers at full width, distilled (repeatable)")
+    ap.add_argument("--init-student", action="append", default=[],
+                    help="add a 'pre-trained init' row: this smaller checkpoint (the teacher's vocabulary) distilled (repeatable)")
+    ap.add_argument("--exit", action="append", default=[], metavar="MODEL@TARGET",
+                    help="an early-exit row (repeatable; default teacher@ort-fp32): MODEL is 'teacher' or a distilled "
+                         "budget (e.g. 0.35: the pruned + distilled checkpoint), TARGET a profile or a recipe name "
+                         "('int8': the run's int8 recipe)")
+    ap.add_argument("--prepare-only", action="store_true", help="train and build (cached), measure nothing")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",") if b]
 
-    import openvino as ov
 
     from bertexport.backends.onnxruntime.runner import OrtRunner
     from bertexport.building.checkpoint import load_model, resolve_checkpoint
@@ -148,7 +226,7 @@ def main(argv=None):
     from bertexport.core.envinfo import cpu_features, environment
     from bertexport.core.errors import GateFailed
     from bertexport.core.textdata import builtin_samples, label_ids, load_texts
-    from bertexport.judging.compare import compare_on_data, fixed_cell_feeds, reference_runner, task_labels, task_metrics
+    from bertexport.judging.compare import fixed_cell_feeds, reference_runner, task_labels
     from bertexport.judging.latency import time_interleaved
     from bertexport.search.candidates import candidate_recipes
     from bertexport.shipping.runtime import Artifact
@@ -238,48 +316,77 @@ def main(argv=None):
         for b, (d, _) in pruned.items():
             if b not in wanted:
                 continue
-            distilled[b] = distilled_pruned(teacher, d, train_csv, args, folder)
+            distilled[b] = distilled_student(teacher, d.name, train_csv, args, folder, student=str(d))
             distilled_arts[b] = build(distilled[b][0], recipe, f"{distilled[b][0].name}-{recipe.recipe}", train_csv,
                                       args.threads, folder)
         stage("pruned + distilled (train or cache) and builds", t0)
+    others: dict[str, tuple[Path, dict]] = {}  # "distillation alone" and "pre-trained init" rows
     t0 = time.time()
-    exit_dir = folder / f"early-exit-{args.exit_data}"
-    if not (exit_dir / "manifest.json").is_file():
-        try:
-            build_early_exit(str(teacher), "ort-fp32", exit_dir, write_csv(exit_rows, folder / "exit-data.csv"),
-                             force=True, threads=args.threads, latency_runs=0)
-        except GateFailed as e:
-            rejected.append(f"early exit: {'; '.join(e.failures)[:200]}")
-            exit_dir = Path(e.result.artifact)
-    early = json.loads((exit_dir / "manifest.json").read_text())["early_exit"]
+    for n in args.layer_drop:
+        d, rep = distilled_student(teacher, f"layer-drop-L{n}", train_csv, args, folder, layers=n)
+        others[f"distillation alone: {n} of the teacher's layers (full width) + distilled ({rep['epochs_run']:g} epochs)"] = (d, rep)
+    for init in args.init_student:
+        d, rep = distilled_student(teacher, f"init-{Path(init).name}", train_csv, args, folder, student=init)
+        others[f"pre-trained init {Path(init).name} + distilled ({rep['epochs_run']:g} epochs)"] = (d, rep)
+    other_arts = {k: build(d, recipe, f"{d.name}-{recipe.recipe}", train_csv, args.threads, folder) for k, (d, _) in others.items()}
+    if others:
+        stage("distillation alone / pre-trained init (train or cache) and builds", t0)
+    skipped: dict[str, Path] = {}
+    if args.skip:
+        t0 = time.time()
+        skip = with_skip(recipe)
+        for b, (d, rep) in distilled.items():
+            skipped[f"teacher pruned to {b} MACs + distilled ({rep['epochs_run']:g} epochs), {skip.recipe}"] = build(
+                d, skip, f"{d.name}-{skip.recipe}", train_csv, args.threads, folder)
+        for k, (d, _) in others.items():
+            skipped[f"{k}, {skip.recipe}"] = build(d, skip, f"{d.name}-{skip.recipe}", train_csv, args.threads, folder)
+        stage("first-token-skip builds", t0)
+    t0 = time.time()
+    early: dict[str, tuple[Path, dict]] = {}  # "MODEL@TARGET" -> (artifact, its manifest's early_exit)
+    for spec in args.exit or ["teacher@ort-fp32"]:
+        name, _, target = spec.partition("@")
+        target = recipe.recipe if target == "int8" else (target or "ort-fp32")
+        exit_model = teacher if name == "teacher" else distilled[float(name)][0]
+        exit_dir = folder / ("early-exit" + ("" if name == "teacher" else f"-on-{exit_model.name}")
+                             + ("" if target == "ort-fp32" else f"-{target}") + f"-{args.exit_data}")
+        if not (exit_dir / "manifest.json").is_file():
+            try:
+                build_early_exit(str(exit_model), recipes[target].profile() if target in recipes else target, exit_dir,
+                                 write_csv(exit_rows, folder / "exit-data.csv"), force=True, threads=args.threads,
+                                 latency_runs=0)
+            except GateFailed as e:
+                rejected.append(f"early exit {spec}: {'; '.join(e.failures)[:200]}")
+                exit_dir = Path(e.result.artifact)
+        early[f"{name}@{target}"] = (exit_dir, json.loads((exit_dir / "manifest.json").read_text())["early_exit"])
     stage("early-exit build", t0)
+    if args.prepare_only:
+        print("--prepare-only: trained and built, nothing measured", flush=True)
+        return
 
     # -- contestants ---------------------------------------------------------------------------
     label_of = {"fp32": "teacher, ort-fp32 (fp32)", "int8": f"teacher, {recipe.recipe}"}
     rows: dict[str, object] = {}
     paths: dict[str, Path | None] = {NNCF: None, ORT: None}
-    core = ov.Core()
-    nncf_model = core.compile_model(core.read_model(str(nncf_xml)), "CPU",
-                                    {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(args.threads)})
-
-    class NncfRunner:  # the anchor IR behind the runner interface compare_on_data uses
-        req = nncf_model.create_infer_request()
-
-        def infer(self, feeds):
-            return {"logits": np.asarray(next(iter(self.req.infer(dict(feeds)).values())))}
-
-    rows[NNCF], rows[ORT] = NncfRunner(), OrtRunner(ort_anchor_path, threads=args.threads)
+    nncf_runner = NncfAnchorRunner(nncf_xml, args.threads)
+    nncf_model = nncf_runner.model
+    rows[NNCF], rows[ORT] = nncf_runner, OrtRunner(ort_anchor_path, threads=args.threads)
     opened = {label_of["int8"]: int8[recipe.recipe], label_of["fp32"]: fp32}
     opened |= {f"teacher pruned to {b} MACs ({pruned[b][1]['student']['name']}), {recipe.recipe}": p for b, p in pruned_arts.items()}
     opened |= {f"teacher pruned to {b} MACs + distilled ({distilled[b][1]['epochs_run']:g} epochs), {recipe.recipe}": p
                for b, p in distilled_arts.items()}
+    opened |= {f"{k}, {recipe.recipe}": p for k, p in other_arts.items()} | skipped
     for k, p in opened.items():
         rows[k], paths[k] = Artifact(p, threads=args.threads, allow_rejected=True), p
-    ee_at = f"early exit (fp32), threshold {early['threshold']:.4g}"
-    ee_worst = "early exit (fp32), no row exits (worst case)"
-    rows[ee_at] = Artifact(exit_dir, threads=args.threads, allow_rejected=True)
-    rows[ee_worst] = Artifact(exit_dir, threads=args.threads, allow_rejected=True, exit_threshold=1.0)
-    paths[ee_at] = paths[ee_worst] = exit_dir
+    exit_rows_of: dict[str, tuple[str, str]] = {}
+    for spec, (exit_dir, ee) in early.items():
+        name, _, target = spec.partition("@")
+        on = "" if name == "teacher" else f" on pruned {name} + distilled"
+        ee_at = f"early exit{on} ({target}), threshold {ee['threshold']:.4g}"
+        ee_worst = f"early exit{on} ({target}), no row exits (worst case)"
+        rows[ee_at] = Artifact(exit_dir, threads=args.threads, allow_rejected=True)
+        rows[ee_worst] = Artifact(exit_dir, threads=args.threads, allow_rejected=True, exit_threshold=1.0)
+        paths[ee_at] = paths[ee_worst] = exit_dir
+        exit_rows_of[spec] = (ee_at, ee_worst)
     runner_of = {k: (r.runner if isinstance(r, Artifact) else r) for k, r in rows.items()}
     for k, r in runner_of.items():
         if hasattr(r, "activate"):
@@ -295,7 +402,12 @@ def main(argv=None):
                "pruned_distilled": {str(b): {k: r[k] for k in ("epochs_run", "stopped", "best_step", "final_eval", "seconds",
                                                               "train_texts", "max_length", "losses") if k in r}
                                     for b, (_, r) in distilled.items()},
-               "early_exit": {k: early[k] for k in ("exit_layers", "layers", "threshold", "choice", "data", "agreement_gate")},
+               "other_students": {k: {f: r[f] for f in ("epochs_run", "stopped", "best_step", "final_eval", "seconds",
+                                                        "train_texts", "max_length", "losses", "student") if f in r}
+                                  for k, (_, r) in others.items()},
+               "early_exit": {spec: {k: ee.get(k) for k in ("exit_layers", "layers", "threshold", "choice", "data",
+                                                           "agreement_gate", "backend", "precision")}
+                              | {"rows": exit_rows_of[spec]} for spec, (_, ee) in early.items()},
                "fp32_checkpoint_bytes": sum(p.stat().st_size for p in Path(teacher).glob("*.safetensors")),
                "test_rows": len(test), "rows": {k: {} for k in rows}}
     out = results["rows"]
@@ -305,39 +417,18 @@ def main(argv=None):
         ts = load_texts(test_csv)
         labels = task_labels(ts, ckpt.task, ckpt.id2label)
         reference = reference_runner(ckpt, exported.input_names, args.threads, torch_model=torch_model)
-        cache: dict = {}
-        with reference:
-            for k, r in rows.items():
-                m = task_metrics(compare_on_data(r, reference, encode, ts, ckpt.task, reference_cache=cache), labels)
-                out[k] |= {f: m.get(f) for f in ("metric_reference", "metric_candidate", "metric_drop", "agreement", "samples")}
-                out[k]["drop_interval"] = (m.get("stats") or {}).get("metric_drop")
-                out[k]["bytes"] = artifact_bytes(paths[k]) if paths[k] else None
-                print(f"{k}: {m['metric_candidate']:.2f} % (drop {m['metric_drop']:+.2f}, agreement {m['agreement']:.4f})", flush=True)
+        accuracy_rows(rows, reference, encode, ts, ckpt.task, labels, out)
+        for k in rows:
+            out[k]["bytes"] = artifact_bytes(paths[k]) if paths[k] else None
         out[NNCF]["bytes"] = sum(f.stat().st_size for f in (nncf_xml, nncf_xml.with_suffix(".bin")))
         out[ORT]["bytes"] = ort_anchor_path.stat().st_size
         stage("accuracy", t0)
-        # -- fixed cells, one interleaved run each ---------------------------------------------
         t0 = time.time()
-        for b in (1, 8):
-            feeds = fixed_cell_feeds(encode, builtin_samples(), b, 128)
-            load0 = os.getloadavg()[0]
-            timed = time_interleaved({k: (lambda r=r: r.infer(feeds)) for k, r in runner_of.items()}, runs=args.runs, warmup=5)
-            best, best_ms = vs_best_anchor({k: t.p50 for k, t in timed.items()})
-            for k, t in timed.items():
-                out[k][f"b{b}/s128"] = {"p50_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "x_best_anchor": best_ms / t.p50,
-                                        "best_anchor": best}
-            results[f"load_avg_b{b}"] = [load0, os.getloadavg()[0]]
+        fixed_cells(runner_of, encode, args.runs, out, results)
         stage("fixed cells", t0)
-        # -- per-row latency over test rows ----------------------------------------------------
         t0 = time.time()
         sample = [r["text"] for r in random.Random(3).sample(test, min(args.latency_rows, len(test)))]
-        load0 = os.getloadavg()[0]
-        per = per_row_latency(lambda feeds: {k: (lambda r=r: r.infer(feeds)) for k, r in runner_of.items()},
-                              sample, encode, args.row_runs)
-        best, best_ms = vs_best_anchor({k: v["mean_ms"] for k, v in per.items()})
-        for k, v in per.items():
-            out[k]["per_row_b1"] = v | {"x_best_anchor": best_ms / v["mean_ms"], "best_anchor": best}
-        results["per_row"] = {"rows": len(sample), "runs_per_row": args.row_runs, "load_avg": [load0, os.getloadavg()[0]]}
+        results["per_row"] = per_row_cells(runner_of, sample, encode, args.row_runs, out)
         stage("per-row latency", t0)
     finally:
         for r in runner_of.values():
@@ -358,7 +449,6 @@ def _ab(name: str) -> str:
 
 def table(r: dict) -> str:
     fp32 = r["fp32_checkpoint_bytes"]
-    ee, c = r["early_exit"], r["early_exit"]["choice"]
     lines = [f"{r['date']} · `{r['command']}` · {r['environment']['cpu'].get('model', '?')} · {r['threads']} threads pinned · "
              f"CPU features {', '.join(r['cpu_features'])} · load avg b1 {r['load_avg_b1']}, b8 {r['load_avg_b8']}, "
              f"per-row {r['per_row']['load_avg']} · whole run {r['total_seconds'] / 60:.1f} min", "",
@@ -387,17 +477,24 @@ def table(r: dict) -> str:
                      f"agreement {p.get('agreement', float('nan')):.4f} (untuned {p.get('agreement_untuned', float('nan')):.4f}) on "
                      f"{p.get('held_out')} rows, {p.get('samples')} calibration texts, {p.get('seconds', 0):.0f} s "
                      f"(+ {p.get('calibration_seconds', 0):.0f} s shared calibration)")
-    lines.append(f"- early exit: exits after layers {ee['exit_layers']} of {ee['layers']}, heads on {ee['data']['train']} training "
-                 f"texts, threshold {ee['threshold']:.4g} chosen on {ee['data']['heldout']} held-out rows (agreement gate "
-                 f"{ee['agreement_gate']}: held-out agreement {c['agreement']:.4f}, {c['mean_layers']:.2f} layers per row on "
-                 f"average, exits {c['exits']}); fp32 ONNX Runtime segments (no int8).")
     rows = r["rows"]
     pr = {k: v["per_row_b1"]["mean_ms"] for k, v in rows.items()}
-    at, worst = (next(k for k in rows if k.startswith("early exit") and ("worst" in k) == w) for w in (False, True))
     fp32_row, int8_row = (next(k for k in rows if k.startswith("teacher, ") and t in k) for t in ("ort-fp32", r["recipe"]))
-    lines.append(f"- early exit against the fp32 teacher (same ORT fp32 kernels), per-row mean: {pr[fp32_row] / pr[at]:.2f}x at "
-                 f"the threshold, {pr[fp32_row] / pr[worst]:.2f}x with no row exiting; against the teacher's int8 "
-                 f"({r['recipe']}): {pr[int8_row] / pr[at]:.2f}x / {pr[int8_row] / pr[worst]:.2f}x.")
+    for spec, ee in r["early_exit"].items():
+        c, (at, worst) = ee["choice"], ee["rows"]
+        name, _, target = spec.partition("@")
+        lines.append(f"- early exit {spec}: exits after layers {ee['exit_layers']} of {ee['layers']}, heads on "
+                     f"{ee['data']['train']} training texts, threshold {ee['threshold']:.4g} chosen on {ee['data']['heldout']} "
+                     f"held-out rows (agreement gate {ee['agreement_gate']}: held-out agreement {c['agreement']:.4f}, "
+                     f"{c['mean_layers']:.2f} layers per row on average, exits {c['exits']}); segments: "
+                     f"{ee.get('backend') or 'onnxruntime'} {ee.get('precision') or 'fp32'} ({target}) on "
+                     + ("the teacher" if name == "teacher" else f"the {name} pruned + distilled checkpoint")
+                     + f"; per-row mean at the threshold / with no row exiting: {pr[fp32_row] / pr[at]:.2f}x / "
+                     f"{pr[fp32_row] / pr[worst]:.2f}x the fp32 teacher (ort-fp32), {pr[int8_row] / pr[at]:.2f}x / "
+                     f"{pr[int8_row] / pr[worst]:.2f}x the teacher's int8 ({r['recipe']}).")
+    for k, o in (r.get("other_students") or {}).items():
+        lines.append(f"- {k}: {o.get('epochs_run')} epochs, stopped {o.get('stopped')}, {o.get('seconds') or 0:.0f} s of training, "
+                     f"{o.get('train_texts')} texts at {o.get('max_length')} tokens")
     lines.append("- bytes: artifacts count their manifest's files (model + tokenizer + config); the anchors their model "
                  "files only (NNCF: .xml + .bin; ORT: the .onnx).")
     if r.get("rejected_by_gates"):

@@ -72,8 +72,13 @@ def write_csv(rows, path: Path) -> Path:
     return path
 
 
-def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int = 0, threads: int = 2) -> Path:
-    """Fine-tune MiniLM + a classification head with plain torch (AdamW, linear decay)."""
+def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int = 0, threads: int = 2, *,
+                     labels: list[str] | None = None, max_length: int = 128, lr: float = 5e-5,
+                     save_max_length: bool = False) -> Path:
+    """Fine-tune MiniLM + a classification head with plain torch (AdamW, 6 % warmup, linear decay),
+    cached at ``out``. ``labels``: the class names in id order (default Rotten Tomatoes' rotten,
+    fresh); ``save_max_length``: save the tokenizer with ``model_max_length = max_length`` so every
+    later step truncates where the model was trained (long texts)."""
     if (out / "model.safetensors").is_file():
         return out
     import torch
@@ -81,14 +86,18 @@ def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
+    names = list(labels or ("rotten", "fresh"))
+    label2id = {n: i for i, n in enumerate(names)}
     base = builtin_model_path()
     tok = AutoTokenizer.from_pretrained(base)
+    if save_max_length:
+        tok.model_max_length = max_length
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
+        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id)
     data = list(train)
     random.Random(seed).shuffle(data)
     data = data[:limit] if limit else data
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     bs = 32
     steps = epochs * ((len(data) + bs - 1) // bs)
     sched = get_linear_schedule_with_warmup(opt, int(0.06 * steps), steps)
@@ -98,9 +107,8 @@ def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int
         random.Random(seed + ep).shuffle(data)
         for i in range(0, len(data), bs):
             chunk = data[i:i + bs]
-            enc = tok([r["text"] for r in chunk], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            labels = torch.tensor([1 if r["category"] == "fresh" else 0 for r in chunk])
-            loss = model(**enc, labels=labels).loss
+            enc = tok([r["text"] for r in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor([label2id[r["category"]] for r in chunk])).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -113,6 +121,8 @@ def train_classifier(train, out: Path, epochs: int, limit: int | None, seed: int
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    (tmp / "train_record.json").write_text(json.dumps({"rows": len(data), "epochs": epochs, "steps": steps, "lr": lr,
+                                                       "max_length": max_length, "seconds": round(time.time() - t0, 1)}))
     tmp.rename(out)
     return out
 
