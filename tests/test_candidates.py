@@ -44,6 +44,21 @@ def test_ort_candidates_include_fused_int8_per_tensor_and_per_channel():
     assert all(c.backend == "openvino" for c in candidate_recipes({"avx2"}, {"openvino"}))
 
 
+def test_int8_candidates_carry_the_int8_profiles_gate():
+    """A build judged by its candidate's profile (an early-exit artifact's segments) gets the gate every
+    int8 profile has (decisions on their interval + a cosine floor), not the fp32 profiles' 0.99/0.999."""
+    from bertexport.building.profiles import load_profile
+
+    shipped = load_profile("openvino-int8").validation
+    assert shipped.rule == "int8-decisions"
+    for c in candidate_recipes({"avx2", "avx512_vnni"}, {"onnxruntime", "openvino"}):
+        v = c.profile().validation
+        if c.int8:
+            assert v.rule == "int8-decisions" and v.gates() == shipped.gates(), c.recipe
+        else:
+            assert v.rule is None, c.recipe  # float and weight-only recipes keep the default gate
+
+
 def test_check_backends_refuses_unknown_and_missing(monkeypatch):
     monkeypatch.setattr(candidates, "available_backends", lambda: {"onnxruntime"})
     assert check_backends(None) == {"onnxruntime"}

@@ -61,6 +61,8 @@ class Candidate:
             passes.append(p)
         raw = {"name": self.name, "backend": self.backend, "precision": self.precision, "passes": passes,
                "runtime": self.runtime, "description": f"optimize candidate {self.name}"}
+        if self.int8:  # the gate every int8 profile has (a build judged by its profile, e.g. early exit's segments)
+            raw["validation"] = {"rule": "int8-decisions"}
         return parse_profile(raw, f"optimize:{self.name}")
 
     def to_dict(self) -> dict:
