@@ -187,6 +187,30 @@ def per_row_cells(runners: dict, texts: list[str], encode, runs: int, out: dict)
     return {"rows": len(texts), "runs_per_row": runs, "load_avg": [load0, os.getloadavg()[0]]}
 
 
+def measure_contestants(judged: dict, timed: dict, *, ckpt, exported, torch_model, encode, test_csv, sample: list[str],
+                        args, out: dict, results: dict, stage, sizes: dict) -> None:
+    """One measuring run: each of ``judged``'s accuracy on the test file vs the PyTorch teacher
+    (``accuracy_rows``), ``sizes`` (label -> bytes), then ``timed``'s fixed cells and per-row latency
+    on ``sample`` (``results["per_row"]``), each stage timed by ``stage``."""
+    from bertexport.core.textdata import load_texts
+    from bertexport.judging.compare import reference_runner, task_labels
+
+    t0 = time.time()
+    ts = load_texts(test_csv)
+    labels = task_labels(ts, ckpt.task, ckpt.id2label)
+    reference = reference_runner(ckpt, exported.input_names, args.threads, torch_model=torch_model)
+    accuracy_rows(judged, reference, encode, ts, ckpt.task, labels, out)
+    for k, size in sizes.items():
+        out[k]["bytes"] = size
+    stage("accuracy on the test rows", t0)
+    t0 = time.time()
+    fixed_cells(timed, encode, args.runs, out, results)
+    stage("fixed cells", t0)
+    t0 = time.time()
+    results["per_row"] = per_row_cells(timed, sample, encode, args.row_runs, out)
+    stage("per-row latency", t0)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -225,8 +249,8 @@ def main(argv=None):
     from bertexport.building.export import export_onnx
     from bertexport.core.envinfo import cpu_features, environment
     from bertexport.core.errors import GateFailed
-    from bertexport.core.textdata import builtin_samples, label_ids, load_texts
-    from bertexport.judging.compare import fixed_cell_feeds, reference_runner, task_labels
+    from bertexport.core.textdata import builtin_samples, label_ids
+    from bertexport.judging.compare import fixed_cell_feeds
     from bertexport.judging.latency import time_interleaved
     from bertexport.search.candidates import candidate_recipes
     from bertexport.shipping.runtime import Artifact
@@ -412,24 +436,13 @@ def main(argv=None):
                "test_rows": len(test), "rows": {k: {} for k in rows}}
     out = results["rows"]
     try:
-        # -- accuracy on the test split vs the PyTorch teacher ---------------------------------
-        t0 = time.time()
-        ts = load_texts(test_csv)
-        labels = task_labels(ts, ckpt.task, ckpt.id2label)
-        reference = reference_runner(ckpt, exported.input_names, args.threads, torch_model=torch_model)
-        accuracy_rows(rows, reference, encode, ts, ckpt.task, labels, out)
-        for k in rows:
-            out[k]["bytes"] = artifact_bytes(paths[k]) if paths[k] else None
-        out[NNCF]["bytes"] = sum(f.stat().st_size for f in (nncf_xml, nncf_xml.with_suffix(".bin")))
-        out[ORT]["bytes"] = ort_anchor_path.stat().st_size
-        stage("accuracy", t0)
-        t0 = time.time()
-        fixed_cells(runner_of, encode, args.runs, out, results)
-        stage("fixed cells", t0)
-        t0 = time.time()
+        sizes = {k: artifact_bytes(paths[k]) if paths[k] else None for k in rows}
+        sizes[NNCF] = sum(f.stat().st_size for f in (nncf_xml, nncf_xml.with_suffix(".bin")))
+        sizes[ORT] = ort_anchor_path.stat().st_size
         sample = [r["text"] for r in random.Random(3).sample(test, min(args.latency_rows, len(test)))]
-        results["per_row"] = per_row_cells(runner_of, sample, encode, args.row_runs, out)
-        stage("per-row latency", t0)
+        measure_contestants(rows, runner_of, ckpt=ckpt, exported=exported, torch_model=torch_model, encode=encode,
+                            test_csv=test_csv, sample=sample, args=args, out=out, results=results, stage=stage,
+                            sizes=sizes)
     finally:
         for r in runner_of.values():
             if hasattr(r, "deactivate"):

@@ -8,7 +8,8 @@ def inject_search_clock(monkeypatch, fake_ms) -> None:
     import bertexport.search.optimize as opt
     from bertexport.search.session import Search
 
-    monkeypatch.setattr(Search, "quick_latency", lambda self, art: fake_ms(self._current))
+    # the clock replaces the cached timing as a whole: fake figures must not reach the timing cache
+    monkeypatch.setattr(Search, "latency", lambda self, art, folder, runtime: (fake_ms(self._current), False))
     real_try = Search.try_candidate
 
     def try_candidate(self, cand, model_path):

@@ -67,6 +67,37 @@ def test_interrupted_run_resumes(keyword_model, transfer, tmp_path):
     assert r["final_eval"]["agreement"] >= 0.85
 
 
+def test_a_work_folder_is_resumed_whatever_ran_the_teacher_before_and_another_runs_is_refused_by_name(tmp_path):
+    """The work folder's stamp names the teacher by its checkpoint digest (or its config without
+    runtime flags): a teacher whose loaded config gained ``output_attentions`` in this process
+    (another step ran it) still resumes its own checkpoint; other data is refused, saying so."""
+    from types import SimpleNamespace
+
+    from bertexport.students.training import _inputs_digest, _inputs_parts, _prepare_work
+
+    config = SimpleNamespace(to_dict=lambda: {"model_type": "bert", "hidden_size": 32, "output_attentions": False})
+    ran = SimpleNamespace(to_dict=lambda: {"model_type": "bert", "hidden_size": 32, "output_attentions": True,
+                                           "return_dict": False, "_attn_implementation_autoset": True})
+    teacher, used = SimpleNamespace(config=config), SimpleNamespace(config=ran)
+    cfg, texts = DistillConfig(), ["a film", "another film"]
+    assert _inputs_digest(teacher, texts, [0, 1], "text-classification", cfg) == \
+        _inputs_digest(used, texts, [0, 1], "text-classification", cfg)
+    assert _inputs_digest(teacher, texts, [0, 1], "text-classification", cfg, "sha-a") != \
+        _inputs_digest(teacher, texts, [0, 1], "text-classification", cfg, "sha-b")
+    work = tmp_path / "w.work"
+    parts = _inputs_parts(teacher, texts, [0, 1], "text-classification", cfg, "sha-a")
+    _prepare_work(work, _inputs_digest(teacher, texts, [0, 1], "text-classification", cfg, "sha-a"), parts)
+    (work / "checkpoint.pt").write_bytes(b"state")
+    _prepare_work(work, _inputs_digest(used, texts, [0, 1], "text-classification", cfg, "sha-a"), parts)  # resumes
+    assert (work / "checkpoint.pt").is_file()
+    other = _inputs_parts(teacher, texts, [1, 0], "text-classification", cfg, "sha-a")
+    with pytest.raises(UserError, match=r"holds an interrupted run on other labels;"):
+        _prepare_work(work, _inputs_digest(teacher, texts, [1, 0], "text-classification", cfg, "sha-a"), other)
+    # the search's own cache (keyed by its inputs already): a stale stamp is an older bertexport's, started again
+    _prepare_work(work, _inputs_digest(teacher, texts, [1, 0], "text-classification", cfg, "sha-a"), other, True)
+    assert not (work / "checkpoint.pt").exists() and (work / "inputs.json").is_file()
+
+
 def test_bad_inputs(keyword_model, transfer, tmp_path, tiny):
     with pytest.raises(UserError, match="between 1 and 1"):
         distill(str(keyword_model), tmp_path / "a", data=transfer, config=_cfg(layers=2))

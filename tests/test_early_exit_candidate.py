@@ -19,19 +19,13 @@ from bertexport.core.errors import UserError
 from bertexport.judging.gates import Gates
 from bertexport.judging.latency import Latency
 from bertexport.search import early_exit_candidate as X
-from tests.tinymodels import keyword_sentence, write_keyword_jsonl
+from tests.tinymodels import checkpoint as _ckpt, keyword_sentence, write_keyword_jsonl
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     # the default 1-point gate needs >= 200 held-out rows
     return write_keyword_jsonl(tmp_path_factory.mktemp("ee-search-data") / "kw.jsonl", seed=11, rows=500)
-
-
-def _ckpt(path):
-    from bertexport.building.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(str(path))
 
 
 def test_plan_reads_off_auto_on_and_refuses_on_where_early_exit_cannot_serve(tiny, keyword_model):

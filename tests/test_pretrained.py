@@ -7,6 +7,7 @@ loads; other refusals (not a checkpoint, not smaller, task mismatch, embedding w
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -270,7 +271,7 @@ def test_init_shapes_in_the_search(keyword_model, tmp_path):
     from bertexport.building.checkpoint import resolve_checkpoint
     from bertexport.search.candidates import Candidate
     from bertexport.search.student_builds import student_candidates
-    from bertexport.search.student_shapes import InitShape, dominated, plan_init_students
+    from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, next_shape, plan_init_students
     from bertexport.students.shapes import StudentShape
 
     teacher = resolve_checkpoint(str(keyword_model))
@@ -282,6 +283,13 @@ def test_init_shapes_in_the_search(keyword_model, tmp_path):
     assert shapes[0].to_dict()["name"] == "init:mini-a L1-H16" and shapes[0].ffn == 32
     big = StudentShape(2, 32, 2, 64)
     assert not dominated(shapes[0], big) and not dominated(big, shapes[0]) and dominated(StudentShape(1, 16, 1, 32), big)
+    # pre-trained inits are trained first (bisected among themselves), pruned originals keep their place by latency
+    pruned = PrunedShape(1, 24, 1, 48)
+    for k, v in (("budget", 0.5), ("init", SimpleNamespace(path=tmp_path / "pruned-0.5"))):
+        object.__setattr__(pruned, k, v)
+    by_latency = [StudentShape(1, 8, 1, 16), shapes[0], StudentShape(1, 16, 1, 16), pruned, shapes[1], big]
+    assert next_shape(by_latency) == shapes[1]  # the middle of the two inits
+    assert next_shape([s for s in by_latency if s not in shapes]) == pruned  # no init left: the middle of all
     base = Candidate("ort-int8", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
     (cand,) = student_candidates(shapes[0], [base], skip=not shapes[0].skip)
     assert cand.student == "init:mini-a L1-H16" and cand.name.startswith("init:mini-a L1-H16/ort-int8")

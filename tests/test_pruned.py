@@ -14,19 +14,13 @@ from bertexport.cli import cli
 from bertexport.core.errors import UserError
 from bertexport.search.pruned import AUTO_BUDGETS, plan_pruning, pruned_candidates
 from bertexport.search.candidates import Candidate
-from tests.tinymodels import write_keyword_jsonl
+from tests.tinymodels import checkpoint as _ckpt, write_keyword_jsonl
 
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     # the default 1-point gate needs >= 200 held-out rows
     return write_keyword_jsonl(tmp_path_factory.mktemp("data") / "kw.jsonl", seed=7, rows=500)
-
-
-def _ckpt(path):
-    from bertexport.building.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(str(path))
 
 
 def test_plan_reads_auto_fractions_and_off_and_refuses_what_pruning_cannot_take(tiny, keyword_model):

@@ -74,6 +74,27 @@ def _clock_ms(shape: StudentShape, skip: bool) -> float:
     return 0.2 + 0.8 * linear_macs(shape, 1, 128, skip) / linear_macs(TEACHER, 1, 128)
 
 
+class _Ckpt:
+    """What StudentSearch reads of the teacher's checkpoint: a MiniLM-shaped BERT classifier."""
+
+    task, family, sha256, trust_remote_code = "text-classification", "bert", "sha", False
+    config = {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12,
+              "intermediate_size": 1536}
+
+
+def _stub_costs_training_and_data(monkeypatch, tmp_path, ratios: dict, train) -> None:
+    """StudentSearch without a model: the cost model predicts ``ratios`` (shape name -> latency
+    ratio), ``train`` stands in for training, no data and nothing cached."""
+    import bertexport.search.students as ss
+    from bertexport.search.cost_model import Cost
+
+    monkeypatch.setattr(ss.StudentSearch, "costs", lambda self, bases: (
+        {s.name: Cost(s.name, ratios[s.name], "predicted", 0.0) for s in self.shapes}, None))
+    monkeypatch.setattr(ss.StudentSearch, "train", train)
+    monkeypatch.setattr(ss.StudentSearch, "data", lambda self: ([], None, "digest"))
+    monkeypatch.setattr(ss.StudentSearch, "_cached_path", lambda self, shape, digest: tmp_path / "none")
+
+
 def _fake_clock(monkeypatch, trained: list):
     import bertexport.students.training as training
     from bertexport.search.cost_model import CostModel
@@ -218,7 +239,6 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     misses the gate), so what is checked is the search's own decisions: bisection order,
     shapes dominated by a miss never trained, hopeless ones never trained, the budget estimate."""
     import bertexport.search.students as ss
-    from bertexport.search.cost_model import Cost
     from bertexport.search.student_training import training_units
     from bertexport.search.session import Trial
 
@@ -243,18 +263,9 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
         self.search.clock += seconds
         return tmp_path / shape.name, {"train_seconds": seconds}, False
 
-    monkeypatch.setattr(ss.StudentSearch, "costs", lambda self, bases: (
-        {s.name: Cost(s.name, ratios[s.name], "predicted", 0.0) for s in self.shapes}, None))
-    monkeypatch.setattr(ss.StudentSearch, "train", train)
-    monkeypatch.setattr(ss.StudentSearch, "data", lambda self: ([], None, "digest"))
-    monkeypatch.setattr(ss.StudentSearch, "_cached_path", lambda self, shape, digest: tmp_path / "none")
+    _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
 
-    class Ckpt:
-        task, family, sha256, trust_remote_code = "text-classification", "bert", "sha", False
-        config = {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12,
-                  "intermediate_size": 1536}
-
-    records = ss.StudentSearch(search, ckpt=Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None, shapes=shapes,
+    records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None, shapes=shapes,
                                recipes=[base]).run()
     status = {r["shape"]: r["status"] for r in records}
     # the middle shape first; its miss rules out the shapes it dominates; the wide one does not fit
@@ -538,10 +549,9 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
         tmp_path, monkeypatch):
     """No model: training and judging stubbed (every build misses the gate). A new student trains
     for at most its share of the time left; the first (the middle shape) stops there with a rising
-    curve, so it is continued with all the time left before any new shape; missing again, it rules
+    curve, so it is continued with all the time left (but what judging it takes) before any new shape; missing again, it rules
     out the shapes it dominates. One that reaches its cap with a flat curve is not continued."""
     import bertexport.search.students as ss
-    from bertexport.search.cost_model import Cost
     from bertexport.search.session import Trial
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
@@ -553,27 +563,21 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
     def train(self, shape, seconds=None):
         calls.append((shape.name, seconds))
         self.search.clock += 10
-        if shape == middle and seconds is not None:  # its share ran out while it was still rising
+        if shape == middle and [c for c, _ in calls].count(middle.name) == 1:  # its share ran out while still rising
             return tmp_path / "m", _stub_report([0.5, 0.6, 0.7], "time"), False
         if shape == middle:  # continued from there: rising no more, its patience ran out
             return tmp_path / "m", _stub_report([0.5, 0.6, 0.7, 0.72, 0.71, 0.7, 0.7], "plateau", resumed=20), False
         return tmp_path / "w", _stub_report([0.8, 0.8, 0.8], "max_epochs"), False  # at its cap, flat
 
-    monkeypatch.setattr(ss.StudentSearch, "costs", lambda self, bases: (
-        {s.name: Cost(s.name, ratios[s.name], "predicted", 0.0) for s in self.shapes}, None))
-    monkeypatch.setattr(ss.StudentSearch, "train", train)
-    monkeypatch.setattr(ss.StudentSearch, "extend", lambda self, shape, segment: pytest.fail("no cap to extend"))
-    monkeypatch.setattr(ss.StudentSearch, "data", lambda self: ([], None, "digest"))
-    monkeypatch.setattr(ss.StudentSearch, "_cached_path", lambda self, shape, digest: tmp_path / "none")
+    _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
+    monkeypatch.setattr(ss.StudentSearch, "extend", lambda self, shape, segment, seconds=None: pytest.fail("no cap to extend"))
 
-    class Ckpt:
-        task, family, sha256, trust_remote_code = "text-classification", "bert", "sha", False
-        config = {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12,
-                  "intermediate_size": 1536}
-
-    records = ss.StudentSearch(search, ckpt=Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+    records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
                                shapes=[fast, small, middle, wide], recipes=[base]).run()
-    assert calls == [(middle.name, ss.STUDENT_SHARE * 1000), (middle.name, None), (wide.name, ss.STUDENT_SHARE * 980)]
+    # continued with the time left but what judging it takes (its first judging took no time here: the floor)
+    assert calls == [(middle.name, ss.STUDENT_SHARE * 1000), (middle.name, 990 - ss.MIN_JUDGE_SECONDS),
+                     (wide.name, ss.STUDENT_SHARE * 980)]
+    assert ss.StudentSearch._judge_reserve({"judge_seconds": 100.0}) == 100.0 * ss.JUDGE_MARGIN  # a slow judging keeps more
     assert [(r["shape"], r["status"]) for r in records] == [
         (middle.name, "not passed"), (f"{middle.name} continued", "not passed"), (small.name, "dominated"),
         (wide.name, "not passed"), (fast.name, "dominated")]

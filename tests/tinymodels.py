@@ -189,3 +189,10 @@ def tiny_int8_gates():
     if cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         return Gates(min_cosine=0.8, min_agreement=0.85)
     return Gates(min_cosine=0.1, min_agreement=0.4)
+
+
+def checkpoint(path):
+    """A tiny model's folder as bertexport resolves it (family, task, config; no weights loaded)."""
+    from bertexport.building.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(str(path))

@@ -55,13 +55,15 @@ class Trial:
     noise: list[str] = field(default_factory=list)  # verdicts its data could not resolve (interval straddled the gate)
     batch_invariance: dict | None = None
     predicted_ms: float | None = None  # a student's latency predicted by the cost model before it was built
+    latency_cached: bool = False  # the quick latency came from an earlier run on this machine (``Search.latency``)
 
     def to_dict(self) -> dict:
         return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
                 "latency_ms": self.latency_ms, "predicted_ms": self.predicted_ms, "metrics": self.metrics,
                 "confirm_metrics": self.confirm_metrics,
                 "within_noise": bool(self.noise), "noise": self.noise, "batch_invariance": self.batch_invariance,
-                "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached}
+                "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached,
+                "latency_cached": self.latency_cached}
 
 
 @dataclass
@@ -161,6 +163,23 @@ class Search:
         timed = time_interleaved({"c": lambda: art.infer(self._feeds)}, runs=12, warmup=3)
         return timed["c"].p50 * 1e3
 
+    def latency(self, art, folder: Path, runtime: dict | None) -> tuple[float, bool]:
+        """A build's quick latency and whether it came from the cache: kept next to the build,
+        keyed by what makes a timing valid on another run (the machine's CPU and packages:
+        ``cost_model.machine_key``), the runtime settings, threads and cell. A rerun then makes
+        the decisions the first run made (two recipes within noise of each other do not swap
+        places) and times nothing but the final interleaved run."""
+        from bertexport.search.cost_model import machine_key
+
+        key = cache_key("quick-latency/1", machine_key(), runtime or {}, self.threads, self.batch, self.sequence)
+        cached = folder.with_name(f"{folder.name}.latency-{key}.json")
+        if cached.is_file():
+            return float(json.loads(cached.read_text())["p50_ms"]), True
+        ms = self.quick_latency(art)
+        cached.write_text(json.dumps({"p50_ms": ms, "threads": self.threads, "batch": self.batch,
+                                      "sequence": self.sequence}))
+        return ms, False
+
     def evaluate(self, art, folder: Path, sl: Slice, runtime: dict | None = None) -> dict:
         # the metrics' schema (intervals, at the gate's level) is part of the key
         rt = cache_key(runtime or {}, "metrics/2", self.gates.level)
@@ -200,9 +219,9 @@ class Search:
         art = Artifact(folder, threads=self.threads, allow_rejected=True, runtime_overrides=cand.runtime)
         invariance = art.manifest.get("batch_invariance")
         with art:
-            lat = self.quick_latency(art)
+            lat, lat_cached = self.latency(art, folder, cand.runtime)
             t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached,
-                      batch_invariance=invariance)
+                      batch_invariance=invariance, latency_cached=lat_cached)
             if self.batch_invariant and not (invariance or {}).get("invariant"):
                 t.status = "excluded"
                 t.reason = ("--batch-invariant: a text's output moves with its batch by up to "

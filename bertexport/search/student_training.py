@@ -212,11 +212,11 @@ class StudentTraining:
         return self._distil(student, self.tokenizer, layer_map, out, cfg, (texts, labels, data_digest), record, self.tokenizer,
                             [self.ckpt.path], seconds)
 
-    def extend(self, shape, segment: int) -> tuple[Path, dict, bool]:
+    def extend(self, shape, segment: int, seconds: float | None = None) -> tuple[Path, dict, bool]:
         """``shape``'s student continued past the epoch cap that stopped its segment ``segment - 1``
         (0: its first training): trained on from that segment's checkpoint to a cap ``MAX_EPOCHS``
-        epochs later (``config``), until its patience runs out, the new cap or the deadline.
-        Returns like ``train``."""
+        epochs later (``config``), until its patience runs out, the new cap, ``seconds`` or the
+        deadline. Returns like ``train``."""
         from bertexport.core.cache import cache_dir
         from bertexport.core.errors import UserError
 
@@ -248,7 +248,7 @@ class StudentTraining:
         else:
             student_tok, protect = self.tokenizer, [self.ckpt.path]
         return self._distil(student, tok, previous["layer_map"], out, cfg, (texts, labels, data_digest), record, student_tok,
-                            protect, extend=True)
+                            protect, seconds, extend=True)
 
     def _distil(self, student, tokenizer, layer_map, out: Path, cfg, data: tuple, record: dict, student_tok,
                 protect: list, seconds: float | None = None, extend: bool = False) -> tuple[Path, dict, bool]:
@@ -268,7 +268,8 @@ class StudentTraining:
         best, report = train_student(self.teacher_model, student, tokenizer, texts, labels, self.ckpt.task, cfg, work,
                                      self.search.reporter, layer_map,
                                      teacher_cache=cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}",
-                                     deadline=time.monotonic() + left, extend=extend)
+                                     deadline=time.monotonic() + left, extend=extend, teacher_id=self.ckpt.sha256,
+                                     restart_stale=True)  # its work folders are keyed by teacher, data and settings
         seconds = time.perf_counter() - t0
         report = {k: v for k, v in report.items() if not k.startswith("_")} | record | {  # "_eval" holds tensors
             "wall_seconds": round(seconds, 1), "train_seconds": report.get("train_seconds", seconds),

@@ -35,6 +35,12 @@ from bertexport.search.student_builds import fastest_bases, skip_supported, stud
 from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, next_shape, pruned_students
 from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentTraining, learning_curve, training_units
 
+# a continued student stops training this long before the deadline: what judging it took the first
+# time (its builds and evaluations, x JUDGE_MARGIN), at least MIN_JUDGE_SECONDS. Without it, a
+# continuation trained to the deadline and its builds were skipped: the time bought nothing (seen
+# in the Rotten Tomatoes run of 2026-12-03: 607 s of training, never judged)
+MIN_JUDGE_SECONDS, JUDGE_MARGIN = 30.0, 1.5
+
 
 class StudentSearch(StudentTraining):
     """Trains and judges the students of one ``optimize`` run (see the module doc)."""
@@ -195,7 +201,7 @@ class StudentSearch(StudentTraining):
         rec |= learning_curve(report)
         rec["device"] = report.get("device")
         getattr(s, "_digests", {}).pop(str(path), None)  # a continued student may be judged from the same folder again
-        trials = []
+        trials, left = [], s.remaining()  # the search's clock: what judging takes
         for cand, pred in cands:
             if self._hopeless(pred):  # a student candidate that passed made this one hopeless
                 t = self._record(Trial(cand, "hopeless", f"not built: predicted {pred:.2f} ms >= best passing "
@@ -224,6 +230,7 @@ class StudentSearch(StudentTraining):
         per_epoch = (report.get("schedule") or {}).get("steps_per_epoch")
         trained = steps - (report.get("resumed_from_step") or 0)
         self._judged.append({"rec": rec, "shape": shape, "segment": segment, "trials": trials,
+                             "judge_seconds": max(0.0, left - s.remaining()),
                              "epoch_seconds": (float(report["train_seconds"]) * per_epoch / trained
                                                if report.get("train_seconds") and per_epoch and trained > 0 else None)})
 
@@ -246,8 +253,8 @@ class StudentSearch(StudentTraining):
             judged = [t for t in entry["trials"] if t.status in ("failed", "undecided") and t.metrics is not None]
             if not judged or self._hopeless(rec.get("predicted_ms")):  # not judged on the gate (slower, error), or beaten
                 continue
-            if entry["epoch_seconds"] is not None and entry["epoch_seconds"] > s.remaining():
-                continue
+            if (entry["epoch_seconds"] or 0.0) + self._judge_reserve(entry) > s.remaining():
+                continue  # not one more epoch and its judging fit in the time left
             if rec["stopped"] == "max_epochs" and not self.can_extend(entry["shape"], entry["segment"] + 1):
                 continue
             able.append((min(_closeness(t.metrics) for t in judged), rec.get("predicted_ms") or 0.0, len(able), entry))
@@ -275,12 +282,19 @@ class StudentSearch(StudentTraining):
         self.log(f"continue {shape.name}: the closest to the gate of the students that missed it, still improving at {why}")
         try:
             at = before["curve"][-1]["step"] if before.get("curve") else 0
+            seconds = s.remaining() - self._judge_reserve(entry)  # time kept to judge what it trains
             with s.reporter.step(f"continue student {shape.name} from step {at}"):
-                path, report, rec["cached"] = self.extend(shape, segment) if segment else self.train(shape)
+                path, report, rec["cached"] = (self.extend(shape, segment, seconds) if segment
+                                               else self.train(shape, seconds))
         except Exception as e:  # continuing one student must not end the search
             self._failed(rec, cands, e)
             return
         self._judge(rec, shape, segment, cands, path, report, missed)
+
+    @staticmethod
+    def _judge_reserve(entry: dict) -> float:
+        """Seconds to keep for judging ``entry``'s student once more (``MIN_JUDGE_SECONDS``, ``JUDGE_MARGIN``)."""
+        return max(MIN_JUDGE_SECONDS, JUDGE_MARGIN * entry.get("judge_seconds", 0.0))
 
     def _record(self, trial, predicted_ms):
         trial.predicted_ms = predicted_ms

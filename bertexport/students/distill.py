@@ -160,7 +160,7 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
         student = shrink(teacher_model, keep)
     layer_map = default_layer_map(teacher_layers, keep, _layer_count(student.config))
     best, trained = train_student(teacher_model, student, tok, ts.texts, labels, ckpt.task, cfg, work, reporter,
-                                  layer_map, on_step=on_step)
+                                  layer_map, on_step=on_step, teacher_id=ckpt.sha256)
     _, eval_idx = split_eval(len(ts.texts), cfg)  # the held-out texts train_student evaluated on (outputs cached in work)
     eval_b = length_batches(tok, [ts.texts[i] for i in eval_idx], [labels[i] for i in eval_idx] if labels is not None else None,
                              cfg.batch_size, trained["max_length"], cfg.seed)

@@ -31,24 +31,44 @@ _RESUME_IGNORES = ("threads", "checkpoint_every", "device")
 _EXTENDABLE = ("epochs", "max_epochs")  # what ``extend=True`` may raise: a finished run continued to a later cap
 
 
-def _inputs_digest(teacher_model, texts, labels, task, cfg: DistillConfig) -> str:
+# a loaded config's runtime flags (set by whoever ran the model before, not by its checkpoint)
+_RUNTIME_CONFIG_KEYS = ("_name_or_path", "transformers_version", "return_dict", "output_hidden_states", "output_attentions",
+                        "torchscript", "use_cache", "dtype", "torch_dtype")
+
+
+def _inputs_parts(teacher_model, texts, labels, task, cfg: DistillConfig, teacher_id: str | None = None) -> dict:
+    """What a run's work folder is valid for, by part: the teacher (``teacher_id``, e.g. its
+    checkpoint's digest, else its config without runtime flags or private fields), the data and the
+    settings that shape the batches. Stable across processes: a rerun resumes its own checkpoint."""
     from bertexport.core.hashing import cache_key
 
     keys = ("batch_size", "max_length", "seed", "eval_fraction", "augment", "augment_below")
-    teacher_config = {k: v for k, v in teacher_model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    return cache_key(texts, labels, task, teacher_config, {k: getattr(cfg, k) for k in keys})
+    teacher = teacher_id or {k: v for k, v in teacher_model.config.to_dict().items()
+                             if k not in _RUNTIME_CONFIG_KEYS and not k.startswith("_")}
+    return {"teacher": cache_key(teacher), "texts": cache_key(texts), "labels": cache_key(labels), "task": task,
+            "settings": cache_key({k: getattr(cfg, k) for k in keys})}
 
 
-def _prepare_work(work: Path, digest: str) -> None:
-    """``work`` holds one run's caches: refuse to resume another run's checkpoint, drop stale caches."""
+def _inputs_digest(teacher_model, texts, labels, task, cfg: DistillConfig, teacher_id: str | None = None) -> str:
+    from bertexport.core.hashing import cache_key
+
+    return cache_key(_inputs_parts(teacher_model, texts, labels, task, cfg, teacher_id))
+
+
+def _prepare_work(work: Path, digest: str, parts: dict | None = None, restart_stale: bool = False) -> None:
+    """``work`` holds one run's caches: refuse to resume another run's checkpoint (naming what
+    differs), drop stale caches. ``restart_stale``: a folder keyed by its inputs already (the
+    search's cache) holding another stamp was stamped by an older bertexport: start it again."""
     stamp = work / "inputs.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("digest") != digest:
-        if (work / "checkpoint.pt").is_file():
-            raise UserError(f"{work} holds an interrupted run on other data or settings; start again without resuming")
+    if stamp.is_file() and (before := json.loads(stamp.read_text())).get("digest") != digest:
+        if (work / "checkpoint.pt").is_file() and not restart_stale:
+            differs = [k for k in (parts or {}) if (before.get("parts") or {}).get(k) != parts[k]]
+            raise UserError(f"{work} holds an interrupted run on other {', '.join(differs) or 'data or settings'}; "
+                            "start again without resuming (delete that folder)")
         for f in work.iterdir():
             shutil.rmtree(f) if f.is_dir() else f.unlink()
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"digest": digest}) + "\n")
+    stamp.write_text(json.dumps({"digest": digest, "parts": parts or {}}) + "\n")
 
 
 def _evaluate(model, batches, teacher_outs, task) -> dict:
@@ -107,7 +127,8 @@ def _means(values: list[float]) -> dict:
 def train_student(teacher_model, student_model, tokenizer, texts: list[str], labels: list | None, task: str,
                   cfg: DistillConfig, work: Path, reporter: Reporter | None = None, layer_map: list[int] | None = None,
                   *, on_step: Callable[[int, float], None] | None = None, teacher_cache: Path | None = None,
-                  deadline: float | None = None, extend: bool = False):
+                  deadline: float | None = None, extend: bool = False, teacher_id: str | None = None,
+                  restart_stale: bool = False):
     """Distil ``teacher_model`` into ``student_model`` (same family and tokenizer) on
     ``texts`` (``labels``: label ids, or None). Returns ``(best student, report)``.
 
@@ -168,6 +189,11 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     step, weights, optimizer and plateau count. The schedule becomes ``cfg``'s (linear decay to 0
     at the new cap): its rate jumps from 0 back to where that line stands at the saved step
     (a warm restart); the best state so far stays the one to beat.
+
+    ``teacher_id`` (e.g. the checkpoint's digest) names the teacher in the work folder's stamp and
+    the teacher-output caches; without it, its config (runtime flags left out) does.
+    ``restart_stale``: a work folder stamped for other inputs is started again, not refused
+    (``_prepare_work``).
     """
     import torch
     from transformers import get_linear_schedule_with_warmup
@@ -188,8 +214,9 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     if cfg.augment < 0 or (cfg.alpha_hidden or 0) < 0 or cfg.alpha_attention < 0:
         raise UserError("augment, alpha_hidden and alpha_attention must be >= 0")
 
-    digest = _inputs_digest(teacher_model, texts, labels, task, cfg)
-    _prepare_work(work, digest)
+    parts = _inputs_parts(teacher_model, texts, labels, task, cfg, teacher_id)
+    digest = _inputs_digest(teacher_model, texts, labels, task, cfg, teacher_id)
+    _prepare_work(work, digest, parts, restart_stale)
     train_idx, eval_idx = split_eval(len(texts), cfg)
     data = training_rows(texts, labels, train_idx, eval_idx, cfg)
     if data["augmented"]:
