@@ -589,6 +589,36 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
     assert all(c.startswith(f"{middle.name} continued/") for c in cont["candidates"])
 
 
+def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_is_not_started(tmp_path, monkeypatch):
+    """No model: the first student (the middle shape) trains 3 epochs of 100 s each, stopped by its
+    time share with a flat curve (not continued); what is left then gives the next shapes less than
+    one epoch each (estimated from the first's epoch time, scaled by training cost): skipped, saying so."""
+    import bertexport.search.students as ss
+    from bertexport.search.session import Trial
+
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    ratios = {"L4-H192-A6-F384": 0.2, "L3-H256-A8-F768": 0.45, "L4-H384-A12-F1536": 0.7}  # none dominates another
+    small, middle, wide = (_shape_of(n) for n in ratios)
+    search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=420)
+    trained = []
+
+    def train(self, shape, seconds=None):
+        trained.append(shape.name)
+        self.search.clock += 300
+        report = _stub_report([0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], "time")  # 3 epochs, flat
+        return tmp_path / shape.name, report | {"train_seconds": 300.0}, False
+
+    _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
+    records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+                               shapes=[wide, middle, small], recipes=[base]).run()
+    assert trained == [middle.name]  # 120 s left: a share of 60 s, under one epoch of either other shape (85, 193 s)
+    skipped = [r for r in records if r["status"] == "skipped"]
+    assert {r["shape"] for r in skipped} == {small.name, wide.name}
+    assert all("less than 1 epoch" in r["reason"] and "estimated from the students trained so far" in r["reason"]
+               for r in skipped)
+    assert not any(r.get("continued_as") for r in records)  # flat: not continued
+
+
 def test_the_student_to_continue_is_the_one_closest_to_the_gate_that_is_still_rising():
     """``most_promising``: the lowest metric drop (then the highest agreement) among the students
     that missed while rising; never one that is flat, passed, already continued or now hopeless."""

@@ -40,6 +40,10 @@ from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentT
 # continuation trained to the deadline and its builds were skipped: the time bought nothing (seen
 # in the Rotten Tomatoes run of 2026-12-03: 607 s of training, never judged)
 MIN_JUDGE_SECONDS, JUDGE_MARGIN = 30.0, 1.5
+# a new student whose time share is less than one pass over its data is not started: judged on so
+# little training it says nothing of its shape (seen: students of 0.01 and 0.27 epochs judged and
+# "missed" after the first passed, 2026-12-03)
+MIN_STUDENT_EPOCHS = 1.0
 
 
 class StudentSearch(StudentTraining):
@@ -156,9 +160,16 @@ class StudentSearch(StudentTraining):
             need = None if self._rate is None else self._rate * training_units(shape, self.teacher)
             texts, labels, digest = self.data()
             cached = (self._cached_path(shape, digest) / "student_report.json").is_file()
+            epoch = self._epoch_seconds(shape)
+            share = STUDENT_SHARE * s.remaining()
+            reason = None
             if need is not None and not cached and need > s.remaining():
-                rec["status"] = "skipped"
-                rec["reason"] = f"training needs ~{need:.0f} s (estimated from the first student), {s.remaining():.0f} s left"
+                reason = f"training needs ~{need:.0f} s (estimated from the first student), {s.remaining():.0f} s left"
+            elif epoch is not None and not cached and share < MIN_STUDENT_EPOCHS * epoch:
+                reason = (f"its share of the time left ({share:.0f} s) is less than {MIN_STUDENT_EPOCHS:g} epoch "
+                          f"(~{epoch:.0f} s, estimated from the students trained so far)")
+            if reason:
+                rec["status"], rec["reason"] = "skipped", reason
                 for cand, pred in cands:
                     self._record(Trial(cand, "skipped", rec["reason"]), pred)
                 continue
@@ -172,6 +183,13 @@ class StudentSearch(StudentTraining):
                 self._rate = float(report["train_seconds"]) / training_units(shape, self.teacher)
             self._judge(rec, shape, 0, cands, path, report, missed)
         return self.records
+
+    def _epoch_seconds(self, shape) -> float | None:
+        """Seconds one epoch of ``shape`` would take: the students judged so far (a time-stopped one
+        too), their epoch time per ``training_units``, the slowest rate; None before any."""
+        rates = [e["epoch_seconds"] / training_units(e["shape"], self.teacher) for e in self._judged
+                 if e.get("epoch_seconds")]
+        return max(rates) * training_units(shape, self.teacher) if rates else None
 
     # -- continuing the most promising student -------------------------------------------------------
     def _candidates(self, shape, name: str, bases, cost) -> list[tuple[Candidate, float | None]]:
