@@ -187,6 +187,18 @@ def per_row_cells(runners: dict, texts: list[str], encode, runs: int, out: dict)
     return {"rows": len(texts), "runs_per_row": runs, "load_avg": [load0, os.getloadavg()[0]]}
 
 
+def stage_clock():
+    """A run's stage timer: ``(stages, stage, t_start)``; ``stage(name, t0)`` records the seconds
+    since ``t0`` in ``stages`` and prints them with the time since the run started."""
+    t_start, stages = time.time(), {}
+
+    def stage(name: str, t0: float) -> None:
+        stages[name] = round(time.time() - t0, 1)
+        print(f"[{time.time() - t_start:6.0f} s] {name}: {stages[name]:.0f} s", flush=True)
+
+    return stages, stage, t_start
+
+
 def measure_contestants(judged: dict, timed: dict, *, ckpt, exported, torch_model, encode, test_csv, sample: list[str],
                         args, out: dict, results: dict, stage, sizes: dict) -> None:
     """One measuring run: each of ``judged``'s accuracy on the test file vs the PyTorch teacher
@@ -269,12 +281,7 @@ def main(argv=None):
             rejected.append(f"{a[2]}: {'; '.join(e.failures)[:200]}")
             return Path(e.result.artifact)
 
-    started, t_start = dt.datetime.now(dt.timezone.utc), time.time()
-    stages: dict[str, float] = {}
-
-    def stage(name, t0):
-        stages[name] = round(time.time() - t0, 1)
-        print(f"[{time.time() - t_start:6.0f} s] {name}: {stages[name]:.0f} s", flush=True)
+    started, (stages, stage, t_start) = dt.datetime.now(dt.timezone.utc), stage_clock()
 
     folder = cache_dir("bench", "levers-nr")
     rt = cache_dir("bench", "rotten-tomatoes")

@@ -273,12 +273,9 @@ def run(args, argv) -> None:
         raise UserError("--latency-rows must be <= --test-rows (the per-row latency runs on test rows)")
     parse_budget(args.budget)
 
-    started, t_start = dt.datetime.now(dt.timezone.utc), time.time()
-    stages: dict[str, float] = {}
+    from levers_no_retraining import stage_clock
 
-    def stage(name, t0):
-        stages[name] = round(time.time() - t0, 1)
-        print(f"[{time.time() - t_start:6.0f} s] {name}: {stages[name]:.0f} s", flush=True)
+    started, (stages, stage, t_start) = dt.datetime.now(dt.timezone.utc), stage_clock()
 
     root = cache_dir("bench", "news-topics")
     train, test, data_info = newsgroups(args.topics)
