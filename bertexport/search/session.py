@@ -171,7 +171,9 @@ class Search:
         places) and times nothing but the final interleaved run."""
         from bertexport.search.cost_model import machine_key
 
-        key = cache_key("quick-latency/1", machine_key(), runtime or {}, self.threads, self.batch, self.sequence)
+        if getattr(self, "_machine", None) is None:  # CPU and package versions: read once per search
+            self._machine = machine_key()
+        key = cache_key("quick-latency/1", self._machine, runtime or {}, self.threads, self.batch, self.sequence)
         cached = folder.with_name(f"{folder.name}.latency-{key}.json")
         if cached.is_file():
             return float(json.loads(cached.read_text())["p50_ms"]), True

@@ -214,8 +214,10 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     if cfg.augment < 0 or (cfg.alpha_hidden or 0) < 0 or cfg.alpha_attention < 0:
         raise UserError("augment, alpha_hidden and alpha_attention must be >= 0")
 
+    from bertexport.core.hashing import cache_key
+
     parts = _inputs_parts(teacher_model, texts, labels, task, cfg, teacher_id)
-    digest = _inputs_digest(teacher_model, texts, labels, task, cfg, teacher_id)
+    digest = cache_key(parts)  # as ``_inputs_digest``: the texts hashed once
     _prepare_work(work, digest, parts, restart_stale)
     train_idx, eval_idx = split_eval(len(texts), cfg)
     data = training_rows(texts, labels, train_idx, eval_idx, cfg)
