@@ -23,8 +23,10 @@ test file or appears in the training file are dropped (counted in the results).
    training text and int8 calibration), --test-rows untouched rows for the verdict.
 3. Search: ``optimize_command`` (``bertexport optimize``'s library entry) on the search rows
    with --max-accuracy-drop 1.0, --distill auto, --prune auto, --early-exit auto when
-   ``OptimizeSettings`` has that field, --budget, threads pinned; wall time recorded. Then the
-   SAME search again, its wall time recorded (the "rerun in seconds" target: the caches).
+   ``OptimizeSettings`` has that field, --student-init DIR when given (repeatable), --budget,
+   threads pinned; wall time recorded. Then the
+   SAME search again, its wall time recorded (the "rerun in seconds" target: a finished search
+   is replayed from its memo, ``bertexport.search.replay``; the report says whether it was).
 4. Verdict on the untouched test rows: the winner's accuracy vs the PyTorch teacher with the
    paired drop and its 95 % interval (``judging.compare.task_metrics``), the two anchors' too;
    latency of the winner and BOTH anchors (OpenVINO + NNCF int8: optimize_targets.anchor_ir,
@@ -37,6 +39,7 @@ Usage (benchmarks only under the machine's bench lock):
   flock /tmp/bench.lock python bench/news_topics.py [--epochs 1] [--train-limit N] [--max-length 128]
         [--search-rows 700] [--distill-rows 1000] [--test-rows 500] [--budget 30m] [--threads 2]
         [--runs 30] [--latency-rows 500] [--row-runs 3] [--seed 0] [--topics coarse|all] [--no-rerun]
+        [--student-init DIR]
 Writes <cache>/bench/news-topics/results.json and results.md (and the search's artifact
 folder there); prints the Markdown. Nothing is written to the repository.
 """
@@ -167,9 +170,11 @@ def train_topic_classifier(train: list[dict], out: Path, epochs: int, limit: int
 
 # -- search --------------------------------------------------------------------------------------
 
-def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path, budget: str, threads: int):
+def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path, budget: str, threads: int,
+                    student_init: list[str] | None = None):
     """The ``optimize`` settings record, checked as the CLI checks it (``core.options.build``):
-    the issue's gate and levers; --early-exit auto only when this bertexport has it."""
+    the issue's gate and levers (``student_init``: pre-trained smaller checkpoints as students);
+    --early-exit auto only when this bertexport has it."""
     from bertexport.core.options import build
     from bertexport.search.settings import OptimizeSettings
 
@@ -178,6 +183,8 @@ def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path,
               "budget": budget, "threads": threads, "force": True}
     if "early_exit" in {f.name for f in dataclasses.fields(OptimizeSettings)}:
         values["early_exit"] = "auto"
+    if student_init:
+        values["student_init"] = list(student_init)
     return build(OptimizeSettings, values, "news_topics search")
 
 
@@ -218,7 +225,7 @@ def run_search(settings) -> dict:
             "winner": win.get("name"), "confirm_metrics": win.get("confirm_metrics"),
             "elapsed_seconds_reported": rep.get("elapsed_seconds"), "budget_seconds": rep.get("budget_seconds"),
             "data": rep.get("data"), "final_timing": rep.get("final_timing"),
-            "early_exit": rep.get("early_exit"), "pruning": rep.get("pruning"),
+            "early_exit": rep.get("early_exit"), "pruning": rep.get("pruning"), "replayed": bool(rep.get("replayed")),
             "students": rep.get("students"),
             "candidates": [{"name": c["candidate"]["name"], "label": c.get("label"), "status": c["status"],
                             "latency_ms": c.get("latency_ms"), "reason": c.get("reason"),
@@ -244,7 +251,10 @@ def main(argv=None):
     ap.add_argument("--row-runs", **pos, default=3, help="timed runs per row and contestant")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draws from the test file")
     ap.add_argument("--no-rerun", dest="rerun", action="store_false",
-                    help="search once (a search its budget stopped continues its students when run again: not seconds)")
+                    help="search once (by default the same search runs again: the rerun-in-seconds target)")
+    ap.add_argument("--student-init", action="append", default=[], metavar="DIR",
+                    help="a pre-trained smaller checkpoint as a student (repeatable; optimize's --student-init), e.g. "
+                         "bench/pretrained_l3.py's paraphrase-MiniLM-L3-v2 (the teacher's vocabulary)")
     ap.add_argument("--topics", choices=("coarse", "all"), default="coarse",
                     help="coarse: 5 topics (computers, recreation, science, politics, religion; the issue's teacher had "
                          "5); all: the 20 groups")
@@ -295,8 +305,9 @@ def run(args, argv) -> None:
     lr = "" if args.lr == 5e-5 else f"-lr{args.lr:g}"
     teacher_dir = root / f"minilm-20ng{topics}-{args.epochs}ep-t{args.max_length}{limit}{lr}"
     # the search's settings checked now, before the teacher trains
-    settings = search_settings(teacher_dir, search_csv, distill_csv, root / f"winner-{teacher_dir.name}-{tag}", args.budget,
-                               args.threads)
+    init_tag = "".join(f"-init-{Path(d).name}" for d in args.student_init)
+    settings = search_settings(teacher_dir, search_csv, distill_csv, root / f"winner-{teacher_dir.name}-{tag}{init_tag}",
+                               args.budget, args.threads, args.student_init)
     t0 = time.time()
     cold = not (teacher_dir / "model.safetensors").is_file()  # a new checkpoint: no build or evaluation of it is cached
     teacher = train_topic_classifier(train, teacher_dir, args.epochs, args.train_limit, args.max_length, lr=args.lr,
@@ -381,7 +392,7 @@ def measure(teacher: Path, winner_path: Path, winner_name: str | None, drawn: di
     extra = {"environment": environment(), "cpu_features": sorted(cpu_features()),
              "nncf_precision_hint": str(nncf_model.get_property("INFERENCE_PRECISION_HINT")), "ort_anchor": ort_info,
              "encoder_max_length": winner.encoder.max_length, "winner_path": str(winner_path),
-             "winner_target": winner.manifest["target"].get("name"), "winner_early_exit": "early_exit" in winner.manifest,
+             "winner_target": winner.manifest["target"].get("name"), "winner_early_exit": bool(winner.manifest.get("early_exit")),
              "fp32_checkpoint_bytes": sum(p.stat().st_size for p in teacher.glob("*.safetensors")), "rows": rows}
     for r in runners.values():
         if hasattr(r, "activate"):
@@ -413,7 +424,8 @@ def targets(r: dict) -> dict:
             "drop_interval_met": iv.get("high") is not None and iv["high"] <= GATE_POINTS,
             "search_seconds": r["searches"]["first"]["seconds"],
             "search_under_30_min": r["searches"]["first"]["seconds"] <= 1800,
-            "rerun_seconds": (r["searches"].get("rerun") or {}).get("seconds")}
+            "rerun_seconds": (r["searches"].get("rerun") or {}).get("seconds"),
+            "rerun_replayed": (r["searches"].get("rerun") or {}).get("replayed")}
 
 
 def _anchor(name: str) -> str:
@@ -461,7 +473,8 @@ def table(r: dict) -> str:
               f"({'met' if t['drop_interval_met'] else 'NOT met'})",
               f"- search under 30 min on {r['threads']} threads: {t['search_seconds']:.0f} s "
               f"({'met' if t['search_under_30_min'] else 'NOT met'}); the same search again: "
-              + ("not run (--no-rerun)" if t["rerun_seconds"] is None else f"{t['rerun_seconds']:.1f} s"), "",
+              + ("not run (--no-rerun)" if t["rerun_seconds"] is None else f"{t['rerun_seconds']:.1f} s"
+                 + (" (replayed)" if t.get("rerun_replayed") else " (searched again from the step caches)")), "",
               "Searches (optimize_command with the same settings each time; the first "
               + ("on the teacher trained in this run: nothing of it cached)" if tr["trained_now"] else
                  "on a cached teacher: builds of earlier runs may have been reused)") + ":"]

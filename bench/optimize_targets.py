@@ -310,7 +310,7 @@ def rt_search(model: Path, test_csv: Path, train_csv: Path, out: Path, options: 
         again, rerun_seconds, rerun_failures = once()
         w0, w1 = rep.get("winner") or {}, again.report.get("winner") or {}
         run |= {"rerun_seconds": rerun_seconds, "rerun_passed": rerun_failures is None, "rerun_winner": w1.get("name"),
-                "rerun_same_winner": w0.get("name") == w1.get("name")}
+                "rerun_same_winner": w0.get("name") == w1.get("name"), "rerun_replayed": bool(again.report.get("replayed"))}
     return run
 
 
@@ -320,7 +320,8 @@ def search_summary(label: str, v: dict) -> str:
     head = f"Rotten Tomatoes, {label} ({v['options'] or 'optimize defaults'}): search {v['search_seconds']:.0f} s"
     if "rerun_seconds" in v:
         head += (f", rerun {v['rerun_seconds']:.1f} s (winner {v['rerun_winner']}"
-                 f"{', the same' if v['rerun_same_winner'] else ', a DIFFERENT one'})")
+                 f"{', the same' if v['rerun_same_winner'] else ', a DIFFERENT one'}"
+                 f"{'; replayed' if v.get('rerun_replayed') else ''})")
     if not w:
         return f"{head}; no candidate met the gate: {'; '.join(v['failures'] or [])}"
     c = w.get("confirm_metrics") or {}

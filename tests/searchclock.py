@@ -17,6 +17,9 @@ def inject_search_clock(monkeypatch, fake_ms) -> None:
         return real_try(self, cand, model_path)
 
     monkeypatch.setattr(Search, "try_candidate", try_candidate)
+    # a search on the clock neither replays a search timed for real nor is replayed by one (``search.replay``)
+    monkeypatch.setattr(opt, "load_memo", lambda key: (None, None))
+    monkeypatch.setattr(opt, "save_memo", lambda *a, **k: None)
     monkeypatch.setattr(opt, "_final_timing", lambda passing, anchor, *a, **k: {
         t.candidate.name: {"p50_ms": fake_ms(t.candidate), "p90_ms": fake_ms(t.candidate), "vs_pytorch": 1.0, "vs_anchor": None}
         for t in passing})

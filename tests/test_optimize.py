@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from bertexport.cli import cli
 from bertexport.judging.gates import Gates
+from bertexport.search.candidates import Candidate
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.manifest import load_manifest, verify_files
 from bertexport.search.optimize import candidate_recipes, optimize, parse_budget
@@ -93,8 +94,8 @@ def test_labelled_search_manifest_and_rerun(keyword_model, labelled, tmp_path):
     assert anchor and res.report["final_timing"][anchor[0]["candidate"]["name"]]["vs_anchor"] == pytest.approx(1.0)
     r = CliRunner().invoke(cli, ["run", str(res.artifact), "an excellent film", "--json", "-"])
     assert r.exit_code == 0 and json.loads(r.stdout)["label"] in ("absent", "present")
-    again = optimize(str(keyword_model), labelled, tmp_path / "kw2", budget="5m", threads=1)  # a rerun reuses every build
-    assert all(c["cached"] for c in again.report["candidates"] if c["artifact"])
+    again = optimize(str(keyword_model), labelled, tmp_path / "kw2", budget="5m", threads=1, search_again=True)
+    assert all(c["cached"] for c in again.report["candidates"] if c["artifact"])  # searched again: every build reused
 
 
 def test_budget_stops_the_search_after_the_first_build(keyword_model, labelled, tmp_path):
@@ -111,6 +112,12 @@ def test_no_winner_exits_1_and_keeps_the_best_as_rejected(tiny, texts, tmp_path)
     assert e.value.exit_code == 1 and not (tmp_path / "none").exists()
     m = load_manifest(rejected)
     assert m["status"] == "rejected" and m["search"]["winner"] is None and (rejected / "search.md").is_file()
+    # run again: the same verdict, replayed
+    with pytest.raises(GateFailed) as again:
+        optimize(str(tiny("bert")), texts, tmp_path / "none", gates=Gates(max_abs_diff=1e-12), budget="2m",
+                 backends={"onnxruntime"}, threads=1, force=True)
+    assert again.value.exit_code == 1 and "replayed" in str(again.value) and again.value.result.report["replayed"]
+    assert load_manifest(rejected)["status"] == "rejected" and not (tmp_path / "none").exists()
 
 
 def test_cli_refuses_bad_input_before_loading(tiny, tmp_path):
@@ -230,7 +237,7 @@ def test_a_rejection_within_noise_is_marked(tiny, texts, tmp_path):
     search.search = search.confirm = None
     outcomes = iter([metrics(5), metrics(6)])  # search slice: 1.25 [0.4, 2.9]; held out: 1.5 [0.6, 3.2]
     search.evaluate = lambda *a, **k: next(outcomes)
-    t = opt.Trial(opt.Candidate("ort-int8", "onnxruntime", "int8", [], {}), "failed")
+    t = opt.Trial(Candidate("ort-int8", "onnxruntime", "int8", [], {}), "failed")
     search._judge(t, None, tmp_path, t.candidate)
     assert t.status == "failed" and t.noise and t.to_dict()["within_noise"]
     assert "search slice" in t.noise[0] and any("within noise" in n for n in t.noise)

@@ -647,5 +647,7 @@ def test_the_student_to_continue_is_the_one_closest_to_the_gate_that_is_still_ri
         entry("L6-H32-A1-F64", 0.1, 0.99, predicted=1.2))
     ss._judged = [far, near, nearer_flat, nearest_passed, done, slow]
     assert ss.most_promising() is near
-    near["epoch_seconds"] = 150.0  # an epoch of it no longer fits the time left
+    near["epoch_seconds"] = 120.0  # a whole epoch does not fit the time left, one more evaluation (half) and judging do
+    assert ss.most_promising() is near
+    near["epoch_seconds"] = 150.0  # half an epoch and its judging no longer fit
     assert ss.most_promising() is far

@@ -156,6 +156,14 @@ class WorkFolder:
 
 # -- staged publication ------------------------------------------------------------------
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` written whole or not at all: a temporary file beside it (named by pid, so two
+    processes never share one) renamed over it; a kill mid-write leaves the previous file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def swap_into_place(staging: Path, dest: Path) -> None:
     """Rename a complete ``staging`` folder to ``dest``; an existing ``dest`` (already checked
     replaceable by the caller) is moved aside first and removed only after, so ``dest`` is

@@ -115,10 +115,10 @@ class CostModel:
             return None
 
     def _store(self, shape, record: dict) -> None:
-        p = self._path(shape)
-        tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record | {"key": self.base_key | {"shape": shape.name}}, indent=1, default=str))
-        os.replace(tmp, p)
+        from bertexport.core.staging import write_text_atomic
+
+        write_text_atomic(self._path(shape), json.dumps(record | {"key": self.base_key | {"shape": shape.name}}, indent=1,
+                                                        default=str))
 
     # -- measuring ---------------------------------------------------------------------------
     def measure(self, shapes) -> dict[str, float]:

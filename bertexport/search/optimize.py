@@ -35,7 +35,9 @@ What it does, in order:
 
 Every build is cached by (checkpoint, recipe, calibration, bertexport version) and every
 evaluation by (build, data slice), so a rerun after an interruption costs little; each
-candidate is plain data (``Candidate.to_dict``), so candidates could run elsewhere.
+candidate is plain data (``Candidate.to_dict``), so candidates could run elsewhere. A search
+that finished is replayed when run again with the same inputs, settings and budget on the
+same machine and versions (``bertexport.search.replay``): its result in seconds, said so.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ import shutil
 import time
 from pathlib import Path
 
-from bertexport.search.candidates import Candidate, candidate_recipes, check_backends  # noqa: F401  (candidate_recipes re-exported)
+from bertexport.search.candidates import candidate_recipes, check_backends  # noqa: F401  (candidate_recipes re-exported)
 from bertexport.judging.compare import compare_on_data, task_labels
 from bertexport.judging.gates import Gates, check_gates_fit, check_gates_resolvable, default_gates, rows_needed
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.progress import Reporter
 from bertexport.search.report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
 from bertexport.search.settings import OptimizeSettings
+from bertexport.search.replay import load_memo, save_memo
 from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
 from bertexport.search.pruned import plan_pruning, search_pruned
 from bertexport.search.early_exit_candidate import exit_mix, plan_exit_search, search_early_exit
@@ -110,12 +113,13 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
              search_fraction: float = 0.5, max_search_rows: int = 600, seed: int = 0, text_column: str | None = None,
              label_column: str | None = None, force: bool = False, trust_remote_code: bool = False,
              backends: set[str] | None = None, features: set[str] | None = None, batch_invariant: bool = False,
-             student_init: list[str] | None = None, device: str = "auto",
+             student_init: list[str] | None = None, device: str = "auto", search_again: bool = False,
              reporter: Reporter | None = None) -> SearchResult:
     """Search for the fastest artifact that meets ``gates`` on ``data``; see the module doc.
 
     Raises ``UserError`` (exit 2) on bad input before any model loads, ``GateFailed``
-    (exit 1) when no candidate passes (the best-scoring one is kept as ``OUT.rejected``)."""
+    (exit 1) when no candidate passes (the best-scoring one is kept as ``OUT.rejected``).
+    The same search finished before: its result replayed (``search_again``: searched again)."""
     from bertexport.building.checkpoint import load_model, load_tokenizer, model_max_length, resolve_checkpoint
     from bertexport.judging.compare import reference_runner
     from bertexport.core.envinfo import cpu_features
@@ -124,6 +128,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     from bertexport.core.textdata import load_texts
 
     reporter = reporter or Reporter()
+    t_called = time.monotonic()
     budget_s = parse_budget(budget)
     threads = threads or os.cpu_count() or 1
     if threads < 1 or batch < 1 or sequence < 1:
@@ -171,6 +176,15 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     check_gates_resolvable(gates, len(confirm_slice.data.texts), "the held-out confirm slice",
                            f" (give >= {total} rows in all: {search_fraction:.0%} of them, at most {max_search_rows}, "
                            "go to the search slice)")
+    memo = search_memo_key(ckpt, ts, gates, budget_s, distill, distill_epochs, prune, early_exit, threads, batch, sequence,
+                           search_fraction, max_search_rows, seed, backends, features, batch_invariant, train_device,
+                           trust_remote_code, distill_data, calib, inits)
+    if not search_again:
+        done, why = load_memo(memo)
+        if done is not None:
+            return _replay(done, out, force, ckpt, gates, reporter, time.monotonic() - t_called)
+        if why:
+            reporter.log(f"this search ran before, but {why}: searching again")
     t_start = time.monotonic()
     deadline = t_start + budget_s
     reporter.log(f"search slice {len(search_slice.data.texts)} texts, confirm slice {len(confirm_slice.data.texts)}; "
@@ -234,8 +248,10 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         if chosen is None:
             raise UserError("no candidate could be built on this machine: " + "; ".join(f"{t.candidate.name}: {t.reason}" for t in search.trials[:4]))
         with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
-            _publish(Path(chosen.artifact), staged.staging, report, winner is not None, chosen.candidate)
+            _publish(Path(chosen.artifact), staged.staging, report, winner is not None, chosen.candidate.name,
+                     chosen.candidate.runtime)
             published = staged.publish(winner is not None)
+        save_memo(memo, report, chosen.artifact, chosen.candidate.name, chosen.candidate.runtime, winner is not None)
     result = SearchResult(published, winner is not None, report)
     if winner is None:
         raise GateFailed([f"no candidate met the gate {gates.given()}; the best-scoring one is kept as {out.name}{REJECTED_SUFFIX}"], result)
@@ -251,7 +267,7 @@ def optimize_command(settings: OptimizeSettings, reporter: Reporter | None = Non
                     prune=s.prune, early_exit=s.early_exit, threads=s.threads, batch=s.batch, sequence=s.sequence, calib=s.calib,
                     text_column=s.text_column, label_column=s.label_column, seed=s.seed, force=s.force,
                     trust_remote_code=s.trust_remote_code, backends=set(s.backends) or None,
-                    student_init=list(s.student_init), device=s.device, reporter=reporter)
+                    student_init=list(s.student_init), device=s.device, search_again=s.search_again, reporter=reporter)
 
 
 def check_classes(ts, labels, gates: Gates) -> None:
@@ -326,7 +342,42 @@ def _best_scoring(trials: list[Trial]) -> Trial | None:
                                       -t.metrics.get("cosine_min", 0.0)))
 
 
-def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candidate) -> None:
+def search_memo_key(ckpt, ts, gates, budget_s, distill, distill_epochs, prune, early_exit, threads, batch, sequence,
+                    search_fraction, max_search_rows, seed, backends, features, batch_invariant, device, trust_remote_code,
+                    distill_data, calib, inits) -> str:
+    """The replay memo's key of this search (``bertexport.search.replay``): everything that decides its outcome."""
+    from bertexport.core.hashing import cache_key
+    from bertexport.search.replay import memo_key
+
+    settings = {"task": ckpt.task, "gates": dataclasses.asdict(gates), "budget_seconds": budget_s, "distill": distill,
+                "distill_epochs": distill_epochs, "prune": prune, "early_exit": early_exit, "threads": threads,
+                "batch": batch, "sequence": sequence, "search_fraction": search_fraction,
+                "max_search_rows": max_search_rows, "seed": seed, "backends": sorted(backends),
+                "features": sorted(features), "batch_invariant": batch_invariant, "device": device,
+                "trust_remote_code": trust_remote_code}
+    return memo_key(ckpt, cache_key(ts.texts, ts.pairs, ts.labels), settings, {"distill_data": distill_data, "calib": calib},
+                    [shape.init.path for shape in inits])
+
+
+def _replay(memo, out: Path, force: bool, ckpt, gates: Gates, reporter: Reporter, seconds: float) -> SearchResult:
+    """A finished search's result published again (``bertexport.search.replay``); raises like ``optimize``."""
+    from bertexport.core.staging import REJECTED_SUFFIX, StagedFolder
+
+    report = memo.report | {"replayed": {"search_created": memo.report.get("created") or memo.created,
+                                         "memo_created": memo.created, "seconds": round(seconds, 1)}}
+    reporter.log(f"this search ran on {memo.created} with the same model, data, settings, budget, machine and versions: "
+                 "its result replayed (--search-again to search again; a larger --budget searches further)")
+    with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
+        _publish(memo.build, staged.staging, report, memo.passed, memo.name, memo.runtime)
+        published = staged.publish(memo.passed)
+    result = SearchResult(published, memo.passed, report)
+    if not memo.passed:
+        raise GateFailed([f"no candidate met the gate {gates.given()} (replayed search); the best-scoring one is kept as "
+                          f"{out.name}{REJECTED_SUFFIX}"], result)
+    return result
+
+
+def _publish(build: Path, staging: Path, report: dict, passed: bool, name: str, runtime: dict | None) -> None:
     """The chosen build as a normal artifact, with the search record in its manifest and
     search.json/.md/.png beside the model (all listed in the file table)."""
     from bertexport.core.manifest import MANIFEST, load_manifest, write_manifest
@@ -342,13 +393,13 @@ def _publish(build: Path, staging: Path, report: dict, passed: bool, cand: Candi
     except ImportError:
         pass
     manifest["status"] = "passed" if passed else "rejected"
-    manifest["target"] |= {"name": cand.name, "runtime": cand.runtime, "description": f"optimize winner: {cand.name}"}
+    manifest["target"] |= {"name": name, "runtime": runtime, "description": f"optimize winner: {name}"}
     if not passed:
         manifest.setdefault("parity", {})["failures"] = ["optimize: no candidate met the gate"]
     manifest["search"] = {k: report[k] for k in ("gate", "data", "budget_seconds", "elapsed_seconds", "cell", "winner",
                                                  "backends", "backends_restricted", "batch_invariant", "students",
                                                  "pruning")} | {
-        k: report[k] for k in ("early_exit",) if k in report} | {
+        k: report[k] for k in ("early_exit", "replayed") if k in report} | {
         "candidates": [{"name": c["candidate"]["name"], "status": c["status"], "reason": c["reason"],
                         "latency_ms": c["latency_ms"], "metrics": c["metrics"], "within_noise": c["within_noise"],
                         "batch_invariance": c["batch_invariance"]} for c in report["candidates"]]}

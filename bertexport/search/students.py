@@ -33,6 +33,7 @@ from bertexport.core.hashing import cache_key
 from bertexport.search.candidates import Candidate
 from bertexport.search.student_builds import fastest_bases, skip_supported, student_candidates
 from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, next_shape, pruned_students
+from bertexport.students.distill_config import EVALS_PER_EPOCH
 from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentTraining, learning_curve, training_units
 
 # a continued student stops training this long before the deadline: what judging it took the first
@@ -44,6 +45,11 @@ MIN_JUDGE_SECONDS, JUDGE_MARGIN = 30.0, 1.5
 # little training it says nothing of its shape (seen: students of 0.01 and 0.27 epochs judged and
 # "missed" after the first passed, 2026-12-03)
 MIN_STUDENT_EPOCHS = 1.0
+# a student is continued when one more held-out evaluation (half an epoch) and its judging fit in
+# the time left: requiring a whole epoch started a new, narrower student instead (seen on the news
+# topics, 2026-12-03: the pre-trained L3, 0.81 agreement and rising at 0.72 epochs of ~575 s, was
+# not continued with 596 s left; an L3-H192 from scratch got 253 s and missed by 25 points)
+MIN_CONTINUE_EPOCHS = 1.0 / EVALS_PER_EPOCH
 
 
 class StudentSearch(StudentTraining):
@@ -255,9 +261,9 @@ class StudentSearch(StudentTraining):
     def most_promising(self) -> dict | None:
         """The student to continue, if any: among those that missed the gate while still improving
         (stopped by their time share or their epoch cap, not by their patience, with a rising curve:
-        ``still_improving``) and are not
-        hopeless now, the one closest to the gate (lowest metric drop, then highest agreement, then
-        cosine), when at least one of its epochs fits in the time left."""
+        ``still_improving``) and are not hopeless now, the one closest to the gate (lowest metric
+        drop, then highest agreement, then cosine), when one more of its held-out evaluations
+        (``MIN_CONTINUE_EPOCHS`` of an epoch) and its judging fit in the time left."""
         s = self.search
         if s.remaining() <= 0:
             return None
@@ -271,8 +277,8 @@ class StudentSearch(StudentTraining):
             judged = [t for t in entry["trials"] if t.status in ("failed", "undecided") and t.metrics is not None]
             if not judged or self._hopeless(rec.get("predicted_ms")):  # not judged on the gate (slower, error), or beaten
                 continue
-            if (entry["epoch_seconds"] or 0.0) + self._judge_reserve(entry) > s.remaining():
-                continue  # not one more epoch and its judging fit in the time left
+            if (entry["epoch_seconds"] or 0.0) * MIN_CONTINUE_EPOCHS + self._judge_reserve(entry) > s.remaining():
+                continue  # not one more evaluation and its judging fit in the time left
             if rec["stopped"] == "max_epochs" and not self.can_extend(entry["shape"], entry["segment"] + 1):
                 continue
             able.append((min(_closeness(t.metrics) for t in judged), rec.get("predicted_ms") or 0.0, len(able), entry))

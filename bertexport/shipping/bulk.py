@@ -150,10 +150,9 @@ def _read_sidecar(out: Path) -> dict | None:
 
 
 def _write_sidecar(out: Path, record: dict) -> None:
-    path = sidecar_path(out)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from bertexport.core.staging import write_text_atomic
+
+    write_text_atomic(sidecar_path(out), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _identity(record: dict) -> dict:
