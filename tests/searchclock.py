@@ -20,6 +20,20 @@ def inject_search_clock(monkeypatch, fake_ms) -> None:
     # a search on the clock neither replays a search timed for real nor is replayed by one (``search.replay``)
     monkeypatch.setattr(opt, "load_memo", lambda key: (None, None))
     monkeypatch.setattr(opt, "save_memo", lambda *a, **k: None)
-    monkeypatch.setattr(opt, "_final_timing", lambda passing, anchor, *a, **k: {
-        t.candidate.name: {"p50_ms": fake_ms(t.candidate), "p90_ms": fake_ms(t.candidate), "vs_pytorch": 1.0, "vs_anchor": None}
-        for t in passing})
+    monkeypatch.setattr(opt, "_final_timing", lambda passing, anchor, *a, **k: fake_final(passing, fake_ms))
+
+
+def fake_final(passing, fake_ms) -> dict:
+    """``_final_timing``'s record from the clock: every round the same, so an early-exit
+    candidate's round ratio to the fastest single model is its ratio."""
+    out = {t.candidate.name: {"p50_ms": fake_ms(t.candidate), "p90_ms": fake_ms(t.candidate), "vs_pytorch": 1.0,
+                              "vs_anchor": None} for t in passing}
+    singles = [t.candidate for t in passing if not t.candidate.early_exit]
+    if singles:
+        fastest = min(singles, key=fake_ms)
+        for t in passing:
+            if t.candidate.early_exit:
+                r = fake_ms(fastest) / fake_ms(t.candidate)
+                out[t.candidate.name]["vs_fastest_single"] = {"name": fastest.name, "p50_ratio": r, "round_ratio_p10": r,
+                                                              "round_ratio_p90": r}
+    return out

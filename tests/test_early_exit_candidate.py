@@ -61,6 +61,28 @@ def test_mix_rounds_weights_each_round_by_the_rows_taking_each_path():
     assert set(folded) == {"a", "ee"} and folded["ee"].values == pytest.approx([2.5, 3.0, 5.5])
 
 
+def test_an_early_exit_artifact_wins_the_final_timing_only_when_clearly_faster():
+    """Within the noise of the fastest single model (round ratio p10 <= 1), the single model
+    ranks first; clearly faster (p10 > 1), the early-exit artifact does."""
+    from bertexport.search.candidates import Candidate
+    from bertexport.search.optimize import rank_by_final_timing
+    from bertexport.search.session import Trial
+
+    base = Candidate("ov-int8-f32", "openvino", "int8", [], {})
+    single, ee = Trial(base, "passed", latency_ms=7.4), Trial(Candidate("ov-int8-f32", "openvino", "int8", [], {},
+                                                                          early_exit=True), "passed", latency_ms=7.0)
+
+    def final(p10):
+        return {single.candidate.name: {"p50_ms": 7.40}, ee.candidate.name: {
+            "p50_ms": 7.36, "vs_fastest_single": {"name": single.candidate.name, "round_ratio_p10": p10}}}
+
+    assert rank_by_final_timing([ee, single], final(0.94)) == [single, ee]  # 0.5 % ahead: noise
+    assert rank_by_final_timing([ee, single], final(1.03)) == [ee, single]
+    assert rank_by_final_timing([ee], final(0.94)) == [ee]  # nothing else passed
+    slower = final(1.2) | {ee.candidate.name: {"p50_ms": 7.9}}
+    assert rank_by_final_timing([ee, single], slower) == [single, ee]
+
+
 def test_cli_refuses_on_for_a_non_classifier_before_any_model_loads(tiny, tmp_path, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
@@ -156,8 +178,14 @@ def test_optimize_tries_an_early_exit_artifact_judged_by_the_gate(keyword_model,
     with Artifact(cand["artifact"], threads=1) as art:
         encoder = art.encoder
     pytorch = SimpleNamespace(infer=lambda feeds: None)  # only its own row of the table reads it
-    final = real_final_timing([trial], None, pytorch, encoder, 1, 32, 1, Reporter(), exit_paths=mix)
-    assert set(final) == {"pytorch", name} and final[name]["p50_ms"] > 0 and final[name]["p90_ms"] >= final[name]["p50_ms"]
+    plain = next(c for c in res.report["candidates"] if c["artifact"] and not c["candidate"]["early_exit"])
+    single = Trial(Candidate(**{k: v for k, v in plain["candidate"].items() if k != "name"}), "passed",
+                   latency_ms=plain["latency_ms"], artifact=plain["artifact"])
+    final = real_final_timing([trial, single], None, pytorch, encoder, 1, 32, 1, Reporter(), exit_paths=mix)
+    assert set(final) == {"pytorch", name, single.candidate.name}
+    assert final[name]["p50_ms"] > 0 and final[name]["p90_ms"] >= final[name]["p50_ms"]
+    vs = final[name]["vs_fastest_single"]  # what ranks it: its round-by-round ratio to the fastest single model
+    assert vs["name"] == single.candidate.name and 0 < vs["round_ratio_p10"] <= vs["round_ratio_p90"]
 
     # a rerun builds no heads (cached on the same search slice); off leaves search.json as it was before --early-exit
     again = optimize(str(keyword_model), labelled, tmp_path / "again", early_exit="auto", **kw)

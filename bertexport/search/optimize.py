@@ -227,7 +227,7 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
         anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)
         final = _final_timing(passing[:4], anchor, reference, encoder, batch, sequence, threads, reporter,
                               exit_paths=exit_mix(early))
-        ranked = sorted(passing[:4], key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms))
+        ranked = rank_by_final_timing(passing[:4], final)
         winner = ranked[0] if ranked else None
         confirm = winner.confirm_metrics if winner else None
         reference.deactivate()
@@ -322,6 +322,8 @@ def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads,
         for a in arts.values():
             a.runner.deactivate()
     anchor_lat = timed.get(anchor.candidate.name) if anchor is not None else None
+    singles = {n: lat for n, lat in timed.items() if n not in (exit_paths or {})}
+    fastest_single = min(singles, key=lambda n: singles[n].p50) if singles else None
     out = {"pytorch": {"p50_ms": with_torch["pytorch"].p50 * 1e3, "p90_ms": with_torch["pytorch"].p90 * 1e3,
                        "vs_pytorch": 1.0, "vs_anchor": None}}
     for n, lat in timed.items():
@@ -330,7 +332,26 @@ def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads,
                   "vs_anchor": (anchor_lat.p50 / lat.p50) if anchor_lat is not None else None,
                   "vs_anchor_p10_p90": [speedup(anchor_lat, lat)["round_ratio_p10"], speedup(anchor_lat, lat)["round_ratio_p90"]]
                   if anchor_lat is not None else None}
+        if n in (exit_paths or {}) and fastest_single is not None:  # for ``rank_by_final_timing``
+            out[n]["vs_fastest_single"] = {"name": fastest_single} | speedup(singles[fastest_single], lat)
     return out
+
+
+def rank_by_final_timing(passing: list[Trial], final: dict) -> list[Trial]:
+    """The passing candidates fastest first by the final interleaved timing, except that an
+    early-exit artifact ranks first only when it beats the fastest single model in at least
+    90 % of the interleaved rounds (``vs_fastest_single``: round ratio p10 above 1). Its
+    segments run in turn and its cost on real rows moves with each row's length and exit
+    (measured on the news topics, 2026-12-03: 0.5 % ahead at the fixed cell, within the
+    noise, and 11 % slower per row at the rows' own lengths), so it must win clearly."""
+    ranked = sorted(passing, key=lambda t: final.get(t.candidate.name, {}).get("p50_ms", t.latency_ms))
+    if ranked and ranked[0].candidate.early_exit:
+        clear = (final.get(ranked[0].candidate.name, {}).get("vs_fastest_single") or {}).get("round_ratio_p10")
+        single = next((t for t in ranked if not t.candidate.early_exit), None)
+        if single is not None and (clear is None or not clear > 1.0):
+            ranked.remove(single)
+            ranked.insert(0, single)
+    return ranked
 
 
 def _best_scoring(trials: list[Trial]) -> Trial | None:
