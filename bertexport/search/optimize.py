@@ -53,10 +53,11 @@ from bertexport.search.candidates import candidate_recipes, check_backends  # no
 from bertexport.judging.compare import compare_on_data, task_labels
 from bertexport.judging.gates import Gates, check_gates_fit, check_gates_resolvable, default_gates, rows_needed
 from bertexport.core.errors import GateFailed, UserError
+from bertexport.core.hashing import cache_key
 from bertexport.core.progress import Reporter
 from bertexport.search.report import build_report, plot, to_markdown  # noqa: F401  (re-exported)
 from bertexport.search.settings import OptimizeSettings
-from bertexport.search.replay import load_memo, save_memo
+from bertexport.search.replay import load_memo, memo_key, save_memo
 from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
 from bertexport.search.pruned import plan_pruning, search_pruned
 from bertexport.search.early_exit_candidate import exit_mix, plan_exit_search, search_early_exit
@@ -176,9 +177,13 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
     check_gates_resolvable(gates, len(confirm_slice.data.texts), "the held-out confirm slice",
                            f" (give >= {total} rows in all: {search_fraction:.0%} of them, at most {max_search_rows}, "
                            "go to the search slice)")
-    memo = search_memo_key(ckpt, ts, gates, budget_s, distill, distill_epochs, prune, early_exit, threads, batch, sequence,
-                           search_fraction, max_search_rows, seed, backends, features, batch_invariant, train_device,
-                           trust_remote_code, distill_data, calib, inits)
+    memo = memo_key(ckpt, cache_key(ts.texts, ts.pairs, ts.labels), {  # what decides the outcome (``search.replay``)
+        "task": ckpt.task, "gates": dataclasses.asdict(gates), "budget_seconds": budget_s, "distill": distill,
+        "distill_epochs": distill_epochs, "prune": prune, "early_exit": early_exit, "threads": threads, "batch": batch,
+        "sequence": sequence, "search_fraction": search_fraction, "max_search_rows": max_search_rows, "seed": seed,
+        "backends": sorted(backends), "features": sorted(features), "batch_invariant": batch_invariant,
+        "device": train_device, "trust_remote_code": trust_remote_code},
+        {"distill_data": distill_data, "calib": calib}, [shape.init.path for shape in inits])
     if not search_again:
         done, why = load_memo(memo)
         if done is not None:
@@ -361,23 +366,6 @@ def _best_scoring(trials: list[Trial]) -> Trial | None:
         return next((t for t in trials if t.artifact), None)
     return min(scored, key=lambda t: (t.metrics.get("metric_drop", 0.0), -(t.metrics.get("agreement") or 0.0),
                                       -t.metrics.get("cosine_min", 0.0)))
-
-
-def search_memo_key(ckpt, ts, gates, budget_s, distill, distill_epochs, prune, early_exit, threads, batch, sequence,
-                    search_fraction, max_search_rows, seed, backends, features, batch_invariant, device, trust_remote_code,
-                    distill_data, calib, inits) -> str:
-    """The replay memo's key of this search (``bertexport.search.replay``): everything that decides its outcome."""
-    from bertexport.core.hashing import cache_key
-    from bertexport.search.replay import memo_key
-
-    settings = {"task": ckpt.task, "gates": dataclasses.asdict(gates), "budget_seconds": budget_s, "distill": distill,
-                "distill_epochs": distill_epochs, "prune": prune, "early_exit": early_exit, "threads": threads,
-                "batch": batch, "sequence": sequence, "search_fraction": search_fraction,
-                "max_search_rows": max_search_rows, "seed": seed, "backends": sorted(backends),
-                "features": sorted(features), "batch_invariant": batch_invariant, "device": device,
-                "trust_remote_code": trust_remote_code}
-    return memo_key(ckpt, cache_key(ts.texts, ts.pairs, ts.labels), settings, {"distill_data": distill_data, "calib": calib},
-                    [shape.init.path for shape in inits])
 
 
 def _replay(memo, out: Path, force: bool, ckpt, gates: Gates, reporter: Reporter, seconds: float) -> SearchResult:
