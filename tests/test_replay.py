@@ -27,7 +27,8 @@ def test_the_key_holds_what_decides_the_outcome(tmp_path):
     (ckpt_dir / "tokenizer.json").write_text("{}")
     text = tmp_path / "distill.txt"
     text.write_text("a\nb\n")
-    ckpt = SimpleNamespace(sha256="w" * 64, path=ckpt_dir)
+    (ckpt_dir / "model.safetensors").write_bytes(b"weights")
+    ckpt = SimpleNamespace(sha256="w" * 64, path=ckpt_dir, weight_files=[ckpt_dir / "model.safetensors"])
 
     def key(**changes):
         parts = {"data": "d", "settings": {"budget_seconds": 60}, "files": {"distill_data": text, "calib": None}} | changes

@@ -28,12 +28,14 @@ from pathlib import Path
 MEMO_VERSION = "search-memo/1"
 
 
-def folder_digest(folder: str | Path) -> str:
-    """A digest of a checkpoint folder's top-level files (names, sizes and contents)."""
+def folder_digest(folder: str | Path, skip=()) -> str:
+    """A digest of a checkpoint folder's top-level files (names, sizes and contents), but
+    ``skip`` (files another digest already covers: the checkpoint's weights)."""
     from bertexport.core.hashing import cache_key, sha256_file
 
-    folder = Path(folder)
-    return cache_key([(p.name, p.stat().st_size, sha256_file(p)) for p in sorted(folder.iterdir()) if p.is_file()])
+    folder, skip = Path(folder), {Path(p).resolve() for p in skip}
+    return cache_key([(p.name, p.stat().st_size, sha256_file(p)) for p in sorted(folder.iterdir())
+                      if p.is_file() and p.resolve() not in skip])
 
 
 def memo_key(ckpt, data_digest: str, settings: dict, files: dict[str, str | Path | None], inits: list[Path]) -> str:
@@ -43,7 +45,9 @@ def memo_key(ckpt, data_digest: str, settings: dict, files: dict[str, str | Path
     from bertexport.core.hashing import cache_key, sha256_file
     from bertexport.search.cost_model import machine_key
 
-    return cache_key(MEMO_VERSION, __version__, ckpt.sha256, folder_digest(ckpt.path), data_digest, settings,
+    # the weights are in ckpt.sha256: hashed once (a BERT-base is 440 MB)
+    return cache_key(MEMO_VERSION, __version__, ckpt.sha256, folder_digest(ckpt.path, ckpt.weight_files), data_digest,
+                     settings,
                      {k: None if v is None else sha256_file(v) for k, v in files.items()},
                      [folder_digest(p) for p in inits], machine_key())
 
