@@ -1,5 +1,5 @@
 """An injected clock for ``optimize`` tests (tests never time): every candidate's quick and
-final latency come from ``fake_ms(candidate)``."""
+final latency (and a side-by-side ratio) come from ``fake_ms(candidate)``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ def inject_search_clock(monkeypatch, fake_ms) -> None:
 
     # the clock replaces the cached timing as a whole: fake figures must not reach the timing cache
     monkeypatch.setattr(Search, "latency", lambda self, art, folder, runtime: (fake_ms(self._current), False))
+    # a build timed again beside the best: the clock's ratio of the two
+    monkeypatch.setattr(Search, "side_by_side_ratio", lambda self, t, art, folder: fake_ms(t.candidate) / fake_ms(self.best.candidate))
     real_try = Search.try_candidate
 
     def try_candidate(self, cand, model_path):

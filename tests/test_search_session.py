@@ -40,3 +40,91 @@ def test_a_builds_quick_latency_is_timed_once_and_read_back_per_machine_runtime_
     # kept next to the build, not inside it (the build folder is the artifact)
     assert not any(p.name.startswith("latency") for p in build.iterdir())
     assert len(list(build.parent.glob("abc.latency-*.json"))) == 5
+
+
+def test_a_build_quick_timed_a_little_slower_than_the_best_is_timed_side_by_side_with_it_before_it_is_pruned(tmp_path, monkeypatch):
+    import bertexport.judging.latency as lat
+    import bertexport.shipping.runtime as rt
+    from bertexport.judging.latency import Latency
+    from bertexport.search.candidates import Candidate
+    from bertexport.search.session import SIDE_BY_SIDE_BELOW, Trial
+
+    opened, timed = [], []
+
+    class FakeArtifact:  # the best build, as the search reopens it
+        def __init__(self, folder, **kw):
+            opened.append((folder, kw["runtime_overrides"]))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def infer(self, feeds):
+            return None
+
+    p50 = {}
+
+    def fake_interleaved(calls, runs, warmup=3):
+        timed.append(sorted(calls))
+        return {k: Latency.from_values([p50[k]] * runs) for k in calls}
+
+    monkeypatch.setattr(rt, "Artifact", FakeArtifact)
+    monkeypatch.setattr(lat, "time_interleaved", fake_interleaved)
+    s = _search()
+    s._machine, s._feeds = {"cpu": "x"}, {"input_ids": None}  # what ``latency`` would have set
+    cand = Candidate("r", "onnxruntime", "int8", [], {})
+    s.best = Trial(cand, "passed", latency_ms=10.0, artifact=str(tmp_path / "builds" / "best"))
+    build = tmp_path / "builds" / "this"
+    build.mkdir(parents=True)
+
+    # far slower than the quick timing's noise: pruned on the quick timing, nothing else timed
+    t = Trial(cand, "failed", latency_ms=10.0 * SIDE_BY_SIDE_BELOW)
+    assert s._faster_side_by_side(t, "art", build) is False and timed == [] and t.latency_ms == 15.0
+    # a little slower alone, faster side by side: judged; its latency put on the best's scale
+    p50.update(best=0.004, this=0.003)
+    t = Trial(cand, "failed", latency_ms=12.0)
+    assert s._faster_side_by_side(t, "art", build) is True
+    assert timed == [["best", "this"]] and opened == [(s.best.artifact, {})] and t.latency_ms == 7.5
+    # cached next to the build: a rerun decides alike without timing
+    p50.update(best=0.003, this=0.004)
+    t = Trial(cand, "failed", latency_ms=12.0)
+    assert s._faster_side_by_side(t, "art", build) is True and len(timed) == 1 and t.latency_ms == 7.5
+    assert len(list(build.parent.glob("this.side-by-side-*.json"))) == 1
+    # against another best: timed again, slower there too -> pruned
+    s.best = Trial(cand, "passed", latency_ms=10.0, artifact=str(tmp_path / "builds" / "other"))
+    t = Trial(cand, "failed", latency_ms=12.0)
+    assert s._faster_side_by_side(t, "art", build) is False and len(timed) == 2
+    assert abs(t.latency_ms - 10.0 * 4 / 3) < 1e-9
+    # an early-exit best is timed per row, not at this cell: no side-by-side
+    s.best = Trial(Candidate("r", "onnxruntime", "int8", [], {}, early_exit=True), "passed", latency_ms=10.0,
+                   artifact=str(tmp_path / "builds" / "ee"))
+    assert s._faster_side_by_side(Trial(cand, "failed", latency_ms=11.0), "art", build) is False and len(timed) == 2
+
+
+def test_the_side_by_side_timing_runs_two_real_builds_in_one_run_and_keeps_the_ratio(fp32_artifact, tmp_path):
+    import json
+    import math
+    import shutil
+
+    from bertexport.core.textdata import builtin_samples
+    from bertexport.judging.compare import fixed_cell_feeds
+    from bertexport.search.candidates import Candidate
+    from bertexport.search.session import Trial
+    from bertexport.shipping.runtime import Artifact
+
+    shared = fp32_artifact("bert", "text-classification").artifact
+    best, this = tmp_path / "builds" / "best", tmp_path / "builds" / "this"
+    for folder in (best, this):  # copies: the shared artifact is read, never written beside
+        shutil.copytree(shared, folder)
+    s = _search(threads=1, batch=2, sequence=16)
+    cand = Candidate("ort-fp32", "onnxruntime", "fp32", [], {})
+    s.best = Trial(cand, "passed", latency_ms=1.0, artifact=str(best))
+    with Artifact(this, threads=1) as art:
+        s._feeds = fixed_cell_feeds(art.encoder.encode, builtin_samples(), 2, 16)
+        ratio = s.side_by_side_ratio(Trial(cand, "failed", latency_ms=1.1), art, this)
+        again = s.side_by_side_ratio(Trial(cand, "failed", latency_ms=1.1), art, this)
+    assert math.isfinite(ratio) and ratio > 0 and again == ratio  # the second read back from the cache
+    (kept,) = best.parent.glob("this.side-by-side-*.json")
+    assert json.loads(kept.read_text()) == {"p50_ratio": ratio, "best": "best"}
