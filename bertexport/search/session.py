@@ -159,6 +159,14 @@ class Search:
             self._digests[model_path] = resolve_checkpoint(model_path, self.task, trust_remote_code=self.trust_remote_code).sha256
         return self._digests[model_path]
 
+    def _machine_key(self) -> dict:
+        """The CPU and package versions a timing is valid for (``cost_model.machine_key``), read once per search."""
+        from bertexport.search.cost_model import machine_key
+
+        if getattr(self, "_machine", None) is None:
+            self._machine = machine_key()
+        return self._machine
+
     def quick_latency(self, art) -> float:
         from bertexport.judging.compare import fixed_cell_feeds
         from bertexport.judging.latency import time_interleaved
@@ -175,11 +183,7 @@ class Search:
         ``cost_model.machine_key``), the runtime settings, threads and cell. A rerun then makes
         the decisions the first run made (two recipes within noise of each other do not swap
         places) and times nothing but the final interleaved run."""
-        from bertexport.search.cost_model import machine_key
-
-        if getattr(self, "_machine", None) is None:  # CPU and package versions: read once per search
-            self._machine = machine_key()
-        key = cache_key("quick-latency/1", self._machine, runtime or {}, self.threads, self.batch, self.sequence)
+        key = cache_key("quick-latency/1", self._machine_key(), runtime or {}, self.threads, self.batch, self.sequence)
         cached = folder.with_name(f"{folder.name}.latency-{key}.json")
         if cached.is_file():
             return float(json.loads(cached.read_text())["p50_ms"]), True
@@ -261,12 +265,9 @@ class Search:
         ``SIDE_BY_SIDE_RUNS`` rounds at the search's cell; cached next to the build like its
         quick latency (same machine, runtimes, threads and cell), so a rerun decides alike."""
         from bertexport.judging.latency import time_interleaved
-        from bertexport.search.cost_model import machine_key
         from bertexport.shipping.runtime import Artifact
 
-        if getattr(self, "_machine", None) is None:
-            self._machine = machine_key()
-        key = cache_key("side-by-side/1", self._machine, Path(self.best.artifact).name, self.best.candidate.runtime or {},
+        key = cache_key("side-by-side/1", self._machine_key(), Path(self.best.artifact).name, self.best.candidate.runtime or {},
                         t.candidate.runtime or {}, self.threads, self.batch, self.sequence)
         cached = folder.with_name(f"{folder.name}.side-by-side-{key}.json")
         if cached.is_file():
