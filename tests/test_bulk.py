@@ -38,8 +38,10 @@ def art(fp32_artifact):
 
 @pytest.fixture(scope="module")
 def int8_art(tiny, tmp_path_factory):
+    # the gate only lets the build through (these tests need a batch-variant artifact, not an accurate
+    # one): the tiny random model's int8 vectors reach cosine_min 0.889 on an AVX2-only CPU (2026-12-03)
     return convert(str(tiny("bert", "feature-extraction")), DYNAMIC_INT8, tmp_path_factory.mktemp("bulk8") / "art",
-                   latency_runs=0, gates=Gates(min_cosine=0.9, min_agreement=0.5)).artifact
+                   latency_runs=0, gates=Gates(min_cosine=0.5, min_agreement=0.5)).artifact
 
 
 def _corpus(n):
