@@ -12,6 +12,8 @@ def inject_search_clock(monkeypatch, fake_ms) -> None:
     monkeypatch.setattr(Search, "latency", lambda self, art, folder, runtime: (fake_ms(self._current), False))
     # a build timed again beside the best: the clock's ratio of the two
     monkeypatch.setattr(Search, "side_by_side_ratio", lambda self, t, art, folder: fake_ms(t.candidate) / fake_ms(self.best.candidate))
+    # an early-exit build's paths are timed by the test's own fake (``time_paths``), never kept
+    monkeypatch.setattr(Search, "timed_once", lambda self, folder, kind, runtime, measure, *key: (measure(), False))
     real_try = Search.try_candidate
 
     def try_candidate(self, cand, model_path):

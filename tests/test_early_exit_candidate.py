@@ -19,6 +19,7 @@ from bertexport.core.errors import UserError
 from bertexport.judging.gates import Gates
 from bertexport.judging.latency import Latency
 from bertexport.search import early_exit_candidate as X
+from bertexport.search.exit_paths import TIMING_RUNS, TIMING_WARMUP
 from tests.tinymodels import checkpoint as _ckpt, keyword_sentence, write_keyword_jsonl
 
 
@@ -50,15 +51,6 @@ def test_agreement_target_halves_what_the_gate_allows():
     from bertexport.students.early_exit import EarlyExitConfig
 
     assert X.agreement_target(Gates(min_cosine=0.99)) == EarlyExitConfig.agreement  # no decision gate: the library's default
-
-
-def test_mix_rounds_weights_each_round_by_the_rows_taking_each_path():
-    first, none = Latency.from_values([1.0, 2.0, 3.0]), Latency.from_values([4.0, 4.0, 8.0])
-    mixed = X.mix_rounds([first, none], [0.75, 0.25])
-    assert mixed.values == pytest.approx([1.75, 2.5, 4.25])
-    timed = {"a": first, X.path_name("ee", 0): first, X.path_name("ee", 1): none}
-    folded = X.fold_paths(timed, {"ee": [0.5, 0.5]})
-    assert set(folded) == {"a", "ee"} and folded["ee"].values == pytest.approx([2.5, 3.0, 5.5])
 
 
 def test_an_early_exit_artifact_wins_the_final_timing_only_when_clearly_faster():
@@ -108,7 +100,7 @@ def test_auto_on_a_non_classifier_is_skipped_with_the_reason(tiny):
     assert X.exit_mix(section) == {} and X.exit_mix(None) == {}
 
 
-def _fake_paths(runner, feeds, runs=X.TIMING_RUNS, warmup=X.TIMING_WARMUP):
+def _fake_paths(runner, feeds, runs=TIMING_RUNS, warmup=TIMING_WARMUP):
     """An injected clock (tests never time): a row costs 0.8 ms per full model, in proportion to the layers it runs."""
     depth = [*runner.exit_layers, runner.layers]
     return [Latency.from_values([0.8e-3 * layers / runner.layers] * runs) for layers in depth]
@@ -120,12 +112,14 @@ def test_optimize_tries_an_early_exit_artifact_judged_by_the_gate(keyword_model,
     proportion to its layers, and 0.5 ms in the final timing; so the early-exit artifact is
     judged by the gate rather than pruned by its latency, and wins when the gate holds."""
     from bertexport.search.optimize import optimize
+    from bertexport.search.session import Search
     from bertexport.shipping.runtime import Artifact
     from tests.searchclock import inject_search_clock
 
     import bertexport.search.optimize as optimize_module
 
     real_final_timing = optimize_module._final_timing
+    real_side_by_side = Search.side_by_side_ratio
     inject_search_clock(monkeypatch, lambda c: 0.5 if c.early_exit else (1.0 if c.int8 else 2.0))
     monkeypatch.setattr(X, "time_paths", _fake_paths)
     kw = dict(budget="5m", backends={"onnxruntime"}, threads=1)  # the default gate: 1 point of accuracy
@@ -186,6 +180,22 @@ def test_optimize_tries_an_early_exit_artifact_judged_by_the_gate(keyword_model,
     assert final[name]["p50_ms"] > 0 and final[name]["p90_ms"] >= final[name]["p50_ms"]
     vs = final[name]["vs_fastest_single"]  # what ranks it: its round-by-round ratio to the fastest single model
     assert vs["name"] == single.candidate.name and 0 < vs["round_ratio_p10"] <= vs["round_ratio_p90"]
+
+    # the search's side-by-side timing, for real, both ways: an early-exit build's paths mixed by its shares of rows
+    import math
+
+    from bertexport.judging.compare import fixed_cell_feeds
+
+    trial.exit_shares = sl["shares"]
+    s = object.__new__(Search)
+    s.threads, s.batch, s.sequence, s._machine = 1, 1, 32, {"cpu": "test"}
+    s._feeds = fixed_cell_feeds(encoder.encode, ["an excellent film", "a dull one"], 1, 32)
+    for best, this in ((single, trial), (trial, single)):
+        s.best = best
+        with Artifact(this.artifact, threads=1, allow_rejected=True) as art:
+            ratio = real_side_by_side(s, this, art, Path(this.artifact))
+            assert math.isfinite(ratio) and ratio > 0 and real_side_by_side(s, this, art, Path(this.artifact)) == ratio
+        assert len(list(Path(this.artifact).parent.glob(Path(this.artifact).name + ".side-by-side-*.json"))) == 1
 
     # a rerun builds no heads (cached on the same search slice); off leaves search.json as it was before --early-exit
     again = optimize(str(keyword_model), labelled, tmp_path / "again", early_exit="auto", **kw)

@@ -4,6 +4,10 @@ recipes within noise of each other keep their order, and a rerun takes seconds).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
+
 from bertexport.search.session import Search
 
 
@@ -64,6 +68,8 @@ def test_a_build_quick_timed_a_little_slower_than_the_best_is_timed_side_by_side
         def infer(self, feeds):
             return None
 
+        runner = SimpleNamespace(input_names=["input_ids"])  # what an early-exit build's paths read
+
     p50 = {}
 
     def fake_interleaved(calls, runs, warmup=3):
@@ -97,10 +103,20 @@ def test_a_build_quick_timed_a_little_slower_than_the_best_is_timed_side_by_side
     t = Trial(cand, "failed", latency_ms=12.0)
     assert s._faster_side_by_side(t, "art", build) is False and len(timed) == 2
     assert abs(t.latency_ms - 10.0 * 4 / 3) < 1e-9
-    # an early-exit best is timed per row, not at this cell: no side-by-side
+    # an early-exit best, and an early-exit build: each exit path timed in the same rounds, mixed by its shares of rows
     s.best = Trial(Candidate("r", "onnxruntime", "int8", [], {}, early_exit=True), "passed", latency_ms=10.0,
-                   artifact=str(tmp_path / "builds" / "ee"))
-    assert s._faster_side_by_side(Trial(cand, "failed", latency_ms=11.0), "art", build) is False and len(timed) == 2
+                   artifact=str(tmp_path / "builds" / "ee"), exit_shares=[0.5, 0.5])
+    p50.update({"best@exit-path-0": 0.002, "best@exit-path-1": 0.004, "this": 0.0027})
+    t = Trial(cand, "failed", latency_ms=11.0)
+    assert s._faster_side_by_side(t, "art", build) is True and timed[-1] == ["best@exit-path-0", "best@exit-path-1", "this"]
+    assert t.latency_ms == pytest.approx(10.0 * 0.0027 / 0.003)
+    s.best = Trial(cand, "passed", latency_ms=10.0, artifact=str(tmp_path / "builds" / "best"))
+    p50.update({"best": 0.003, "this@exit-path-0": 0.001, "this@exit-path-1": 0.006})
+    t = Trial(cand, "failed", latency_ms=11.0, exit_shares=[0.25, 0.75])
+    exit_art = SimpleNamespace(runner=SimpleNamespace(input_names=["input_ids"]))
+    assert s._faster_side_by_side(t, exit_art, tmp_path / "builds" / "ee") is False
+    assert timed[-1] == ["best", "this@exit-path-0", "this@exit-path-1"] and len(timed) == 4
+    assert t.latency_ms == pytest.approx(10.0 * (0.25 * 0.001 + 0.75 * 0.006) / 0.003)
 
 
 def test_the_side_by_side_timing_runs_two_real_builds_in_one_run_and_keeps_the_ratio(fp32_artifact, tmp_path):

@@ -20,10 +20,14 @@
 - Its latency is the mean per-row latency over the search slice at the chosen threshold, on
   the search's latency cell: each exit path (leave after the first exit, the second, ..., no
   exit) is timed interleaved on the cell's feeds, and each round's figure is the paths'
-  times weighted by the share of search-slice rows that take each path (``mix_rounds``), so
+  times weighted by the share of search-slice rows that take each path (``exit_paths.mix_rounds``), so
   the p50 over rounds is the slice's mean row cost on the same scale as every candidate's
-  quick latency; the row p90 and the worst case (no row exits) are reported beside it.
-  ``optimize``'s final interleaved timing times the paths the same way (``path_calls`` /
+  quick latency; the row p90 and the worst case (no row exits) are reported beside it. The
+  paths' timing is kept next to the build (``Search.timed_once``: per machine, runtime, threads
+  and cell), and the decision to prune it unjudged is every candidate's
+  (``Search.slower_than_best``): within the quick timing's noise of the best, it is timed again
+  side by side with the best, its paths mixed by the same shares.
+  ``optimize``'s final interleaved timing times the paths the same way (``exit_paths.path_calls`` /
   ``fold_paths``).
 - It is judged like every candidate (``Search._judge``): on the search slice, then on the
   held-out confirm slice by the user's gate; its verdict is the gate's and it can win.
@@ -43,11 +47,11 @@ from bertexport import __version__
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.hashing import cache_key
 from bertexport.search.candidates import Candidate
+from bertexport.search.exit_paths import TIMING_RUNS, mix_rounds, time_paths
 
 MODES = ("off", "auto", "on")
 MARGIN = 0.5  # the share of the gate's allowed disagreement the threshold may use
 FALLBACK_TARGET = "ort-fp32"  # the segments as exported, accepted by every ``build_early_exit``
-TIMING_RUNS, TIMING_WARMUP = 12, 3  # as ``Search.quick_latency``
 
 
 @dataclass
@@ -111,73 +115,6 @@ def agreement_target(gates) -> float:
 def exit_candidate(base: Candidate) -> Candidate:
     return dataclasses.replace(base, keep_float=[], anchor=False, student=None, student_layers=None, pruned=None,
                                early_exit=True)
-
-
-# -- timing exit paths ------------------------------------------------------------------------------
-
-def run_path(runner, feeds: dict, path: int) -> None:
-    """What the runtime does for rows that leave at exit ``path`` (``len(exit_layers)``: no exit):
-    the segments up to it, each exit's confidence read on the way (``EarlyExitRunner.infer``)."""
-    from bertexport.shipping.runtime import _softmax_max
-
-    mask = feeds["attention_mask"]
-    out = runner.segments[0].infer(feeds)
-    for k in range(path):
-        _softmax_max(out["exit_logits"])
-        out = runner.segments[k + 1].infer({"hidden_states_in": out["hidden_states"], "attention_mask": mask})
-    if path < len(runner.exit_layers):
-        _softmax_max(out["exit_logits"])
-
-
-def path_feeds(runner, feeds: dict) -> dict:
-    return {k: feeds[k] for k in runner.input_names}
-
-
-def path_name(name: str, path: int) -> str:
-    return f"{name}@exit-path-{path}"
-
-
-def path_calls(calls: dict, arts: dict, mix: dict[str, list[float]], feeds: dict) -> dict:
-    """``calls`` with each early-exit artifact's call replaced by one call per exit path."""
-    out = dict(calls)
-    for name, shares in mix.items():
-        if name not in out:
-            continue
-        del out[name]
-        runner = arts[name].runner
-        f = path_feeds(runner, feeds)
-        for p in range(len(shares)):
-            out[path_name(name, p)] = lambda r=runner, f=f, p=p: run_path(r, f, p)
-    return out
-
-
-def mix_rounds(paths: list, shares: list[float]):
-    """One ``Latency`` from the exit paths' (timed in the same rounds): each round, the paths'
-    times weighted by their share of rows — that round's mean row cost."""
-    from bertexport.judging.latency import Latency
-
-    rounds = min(len(p.values) for p in paths)
-    return Latency.from_values([sum(s * p.values[r] for s, p in zip(shares, paths)) for r in range(rounds)])
-
-
-def fold_paths(timed: dict, mix: dict[str, list[float]]) -> dict:
-    """``time_interleaved``'s result with each early-exit artifact's paths folded back into one entry."""
-    out = dict(timed)
-    for name, shares in mix.items():
-        keys = [path_name(name, p) for p in range(len(shares))]
-        if all(k in out for k in keys):
-            out[name] = mix_rounds([out.pop(k) for k in keys], shares)
-    return out
-
-
-def time_paths(runner, feeds: dict, runs: int = TIMING_RUNS, warmup: int = TIMING_WARMUP) -> list:
-    """Each exit path on ``feeds``, interleaved: a ``Latency`` per path (the last: no exit)."""
-    from bertexport.judging.latency import time_interleaved
-
-    f = path_feeds(runner, feeds)
-    calls = {p: (lambda p=p: run_path(runner, f, p)) for p in range(len(runner.exit_layers) + 1)}
-    timed = time_interleaved(calls, runs=runs, warmup=warmup)
-    return [timed[p] for p in range(len(calls))]
 
 
 # -- the search -------------------------------------------------------------------------------------
@@ -305,8 +242,7 @@ class ExitSearch:
         return self.judge(cand, folder, rec["cached"], seconds)
 
     def judge(self, cand: Candidate, folder: Path, cached: bool, seconds: float) -> dict:
-        from bertexport.judging.compare import BATCH_TOLERANCE, fixed_cell_feeds
-        from bertexport.core.textdata import builtin_samples
+        from bertexport.judging.compare import BATCH_TOLERANCE
         from bertexport.search.session import Trial
         from bertexport.shipping.runtime import Artifact
         from bertexport.students.early_exit import runner_outputs, simulate
@@ -328,19 +264,24 @@ class ExitSearch:
                                    "agreement_with_full_model": float((decision == final_logits.argmax(-1)).mean()),
                                    "exits": {str(layer): int((ran == layer).sum()) for layer in [*exit_layers, layers]},
                                    "mean_layers": float(ran.mean())}
-            feeds = fixed_cell_feeds(art.encoder.encode, builtin_samples(), s.batch, s.sequence)
-            timed = time_paths(runner, feeds)
-            mean = mix_rounds(timed, shares)
-            costs = np.array([timed[p].p50 for p in paths]) * 1e3
-            rec["latency"] = {"mean_ms": mean.p50 * 1e3, "p90_ms": float(np.percentile(costs, 90)),
-                              "worst_ms": timed[-1].p50 * 1e3, "row_mean_ms": float(costs.mean()),
-                              "paths": [{"exit_after": (exit_layers + [layers])[p], "p50_ms": timed[p].p50 * 1e3,
-                                         "share": shares[p]} for p in range(len(timed))],
+
+            def measure() -> dict:
+                timed = time_paths(runner, s.cell_feeds())
+                return {"mean_ms": mix_rounds(timed, shares).p50 * 1e3, "paths_p50_ms": [p.p50 * 1e3 for p in timed]}
+
+            # timed once per machine and kept next to the build, like every build's quick latency
+            timing, latency_cached = s.timed_once(folder, "exit-paths/1", cand.runtime, measure, shares)
+            path_ms = list(timing["paths_p50_ms"])
+            costs = np.array([path_ms[p] for p in paths])
+            rec["latency"] = {"mean_ms": timing["mean_ms"], "p90_ms": float(np.percentile(costs, 90)),
+                              "worst_ms": path_ms[-1], "row_mean_ms": float(costs.mean()),
+                              "paths": [{"exit_after": (exit_layers + [layers])[p], "p50_ms": path_ms[p],
+                                         "share": shares[p]} for p in range(len(path_ms))],
                               "cell": {"batch": s.batch, "sequence": s.sequence, "threads": s.threads},
-                              "runs": TIMING_RUNS}
+                              "runs": TIMING_RUNS, "cached": latency_cached}
             lat = rec["latency"]["mean_ms"]
             t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached,
-                      batch_invariance=invariance)
+                      batch_invariance=invariance, latency_cached=latency_cached, exit_shares=shares)
             if threshold >= 1.0:
                 t.status, t.reason = "skipped", (f"no threshold below 1.0 keeps agreement >= {rec['agreement_target']:.4f} "
                                                  "with the full model on the search slice: no row would exit")
@@ -348,8 +289,8 @@ class ExitSearch:
                 t.status = "excluded"
                 t.reason = ("--batch-invariant: a text's output moves with its batch by up to "
                             f"{(invariance or {}).get('max_abs_diff', float('nan')):.2g} (tolerance {BATCH_TOLERANCE:g})")
-            elif s.best is not None and lat >= s.best.latency_ms:
-                t.status, t.reason = "pruned", (f"measured slower (mean row {lat:.2f} ms) than the best passing "
+            elif s.slower_than_best(t, art, folder):
+                t.status, t.reason = "pruned", (f"measured slower (mean row {t.latency_ms:.2f} ms) than the best passing "
                                                 f"{s.best.latency_ms:.2f} ms")
             else:
                 s._judge(t, art, folder, cand)

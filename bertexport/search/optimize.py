@@ -302,7 +302,7 @@ def _final_timing(passing, anchor, reference, encoder, batch, sequence, threads,
     (``search.early_exit_candidate``)."""
     from bertexport.judging.compare import fixed_cell_feeds
     from bertexport.judging.latency import speedup, time_interleaved
-    from bertexport.search.early_exit_candidate import fold_paths, path_calls
+    from bertexport.search.exit_paths import fold_paths, path_calls
     from bertexport.shipping.runtime import Artifact
     from bertexport.core.textdata import builtin_samples
 

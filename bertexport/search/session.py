@@ -62,6 +62,7 @@ class Trial:
     batch_invariance: dict | None = None
     predicted_ms: float | None = None  # a student's latency predicted by the cost model before it was built
     latency_cached: bool = False  # the quick latency came from an earlier run on this machine (``Search.latency``)
+    exit_shares: list[float] | None = None  # an early-exit build: each exit path's share of rows, its latency their mix
 
     def to_dict(self) -> dict:
         return {"candidate": self.candidate.to_dict(), "status": self.status, "reason": self.reason,
@@ -69,7 +70,7 @@ class Trial:
                 "confirm_metrics": self.confirm_metrics,
                 "within_noise": bool(self.noise), "noise": self.noise, "batch_invariance": self.batch_invariance,
                 "artifact": self.artifact, "build_seconds": self.build_seconds, "cached": self.cached,
-                "latency_cached": self.latency_cached}
+                "latency_cached": self.latency_cached, "exit_shares": self.exit_shares}
 
 
 @dataclass
@@ -167,30 +168,41 @@ class Search:
             self._machine = machine_key()
         return self._machine
 
-    def quick_latency(self, art) -> float:
-        from bertexport.judging.compare import fixed_cell_feeds
-        from bertexport.judging.latency import time_interleaved
+    def cell_feeds(self) -> dict:
+        """The search's latency cell (batch x sequence of the built-in samples), made once."""
         from bertexport.core.textdata import builtin_samples
+        from bertexport.judging.compare import fixed_cell_feeds
 
         if self._feeds is None:
             self._feeds = fixed_cell_feeds(self.encode, builtin_samples(), self.batch, self.sequence)
+        return self._feeds
+
+    def quick_latency(self, art) -> float:
+        from bertexport.judging.latency import time_interleaved
+
+        self.cell_feeds()
         timed = time_interleaved({"c": lambda: art.infer(self._feeds)}, runs=12, warmup=3)
         return timed["c"].p50 * 1e3
 
     def latency(self, art, folder: Path, runtime: dict | None) -> tuple[float, bool]:
-        """A build's quick latency and whether it came from the cache: kept next to the build,
-        keyed by what makes a timing valid on another run (the machine's CPU and packages:
-        ``cost_model.machine_key``), the runtime settings, threads and cell. A rerun then makes
-        the decisions the first run made (two recipes within noise of each other do not swap
-        places) and times nothing but the final interleaved run."""
-        key = cache_key("quick-latency/1", self._machine_key(), runtime or {}, self.threads, self.batch, self.sequence)
-        cached = folder.with_name(f"{folder.name}.latency-{key}.json")
+        """A build's quick latency and whether it came from the cache (``timed_once``). A rerun
+        then makes the decisions the first run made (two recipes within noise of each other do
+        not swap places) and times nothing but the final interleaved run."""
+        rec, cached = self.timed_once(folder, "quick-latency/1", runtime, lambda: {"p50_ms": self.quick_latency(art)})
+        return float(rec["p50_ms"]), cached
+
+    def timed_once(self, folder: Path, kind: str, runtime: dict | None, measure, *key) -> tuple[dict, bool]:
+        """``measure()``'s record (a JSON dict) for the build in ``folder``, and whether it came
+        from the cache: kept next to the build, keyed by ``kind``, ``key`` and what makes a timing
+        valid on another run (the machine's CPU and packages: ``cost_model.machine_key``), the
+        runtime settings, threads and cell."""
+        k = cache_key(kind, self._machine_key(), runtime or {}, self.threads, self.batch, self.sequence, *key)
+        cached = folder.with_name(f"{folder.name}.latency-{k}.json")
         if cached.is_file():
-            return float(json.loads(cached.read_text())["p50_ms"]), True
-        ms = self.quick_latency(art)
-        cached.write_text(json.dumps({"p50_ms": ms, "threads": self.threads, "batch": self.batch,
-                                      "sequence": self.sequence}))
-        return ms, False
+            return json.loads(cached.read_text()), True
+        rec = measure() | {"threads": self.threads, "batch": self.batch, "sequence": self.sequence}
+        write_text_atomic(cached, json.dumps(rec))
+        return rec, False
 
     def evaluate(self, art, folder: Path, sl: Slice, runtime: dict | None = None) -> dict:
         # the metrics' schema (intervals, at the gate's level) is part of the key
@@ -238,7 +250,7 @@ class Search:
                 t.status = "excluded"
                 t.reason = ("--batch-invariant: a text's output moves with its batch by up to "
                             f"{(invariance or {}).get('max_abs_diff', float('nan')):.2g} (tolerance {BATCH_TOLERANCE:g})")
-            elif self.best is not None and lat >= self.best.latency_ms and not self._faster_side_by_side(t, art, folder):
+            elif self.slower_than_best(t, art, folder):
                 t.status, t.reason = "pruned", f"measured slower ({t.latency_ms:.2f} ms) than the best passing {self.best.latency_ms:.2f} ms"
             else:
                 self._judge(t, art, folder, cand)
@@ -246,15 +258,21 @@ class Search:
         self.log_board(t)
         return t
 
+    def slower_than_best(self, t: Trial, art, folder: Path) -> bool:
+        """The one decision that prunes a build unjudged, for every kind of candidate: it is
+        slower than the best passing one in its quick timing and, when that is within the quick
+        timing's noise, side by side with it too (``_faster_side_by_side``)."""
+        return self.best is not None and t.latency_ms >= self.best.latency_ms and not self._faster_side_by_side(t, art, folder)
+
     def _faster_side_by_side(self, t: Trial, art, folder: Path) -> bool:
         """A build whose quick timing is slower than the best passing one's, but by less than
         the quick timing's noise (``SIDE_BY_SIDE_BELOW``), is timed again interleaved with the
         best in one run before it is pruned: two quick timings taken minutes apart scatter by
-        ~15 % at b1 (measured: the same pruned model 21.4 ms per tensor vs 15.6 ms per channel,
-        docs/measurements.md). ``t.latency_ms`` becomes the best's quick latency x the ratio of
-        their p50s in that run (one scale for the board). True when it was faster there."""
-        if (t.latency_ms >= self.best.latency_ms * SIDE_BY_SIDE_BELOW or not self.best.artifact
-                or self.best.candidate.early_exit):  # an early-exit best is timed per row, not at the cell
+        ~15 % at b1 (measured: the same pruned model 21.4 ms per tensor vs 15.6 ms per channel;
+        an early-exit build's mean row 21.7 vs 13.7 ms, docs/measurements.md). ``t.latency_ms``
+        becomes the best's quick latency x the ratio of their p50s in that run (one scale for
+        the board). True when it was faster there."""
+        if t.latency_ms >= self.best.latency_ms * SIDE_BY_SIDE_BELOW or not self.best.artifact:
             return False
         ratio = self.side_by_side_ratio(t, art, folder)
         t.latency_ms = self.best.latency_ms * ratio
@@ -262,22 +280,26 @@ class Search:
 
     def side_by_side_ratio(self, t: Trial, art, folder: Path) -> float:
         """``art``'s p50 / the best passing build's, interleaved in one run of
-        ``SIDE_BY_SIDE_RUNS`` rounds at the search's cell; cached next to the build like its
-        quick latency (same machine, runtimes, threads and cell), so a rerun decides alike."""
+        ``SIDE_BY_SIDE_RUNS`` rounds at the search's cell (an early-exit build's exit paths each
+        timed in those rounds and mixed by its shares of rows, as in its quick timing); cached
+        next to the build like its quick latency (same machine, runtimes, threads and cell), so
+        a rerun decides alike."""
         from bertexport.judging.latency import time_interleaved
+        from bertexport.search.exit_paths import fold_paths, path_calls
         from bertexport.shipping.runtime import Artifact
 
+        mix = {name: trial.exit_shares for name, trial in (("best", self.best), ("this", t)) if trial.exit_shares}
         key = cache_key("side-by-side/1", self._machine_key(), Path(self.best.artifact).name, self.best.candidate.runtime or {},
-                        t.candidate.runtime or {}, self.threads, self.batch, self.sequence)
+                        t.candidate.runtime or {}, self.threads, self.batch, self.sequence, *([mix] if mix else []))
         cached = folder.with_name(f"{folder.name}.side-by-side-{key}.json")
         if cached.is_file():
             return float(json.loads(cached.read_text())["p50_ratio"])
-        if self._feeds is None:
-            self.quick_latency(art)  # makes the cell's feeds
+        self.cell_feeds()
         with Artifact(self.best.artifact, threads=self.threads, allow_rejected=True,
                       runtime_overrides=self.best.candidate.runtime) as best:
-            timed = time_interleaved({"best": lambda: best.infer(self._feeds), "this": lambda: art.infer(self._feeds)},
-                                     runs=SIDE_BY_SIDE_RUNS, warmup=3)
+            calls = path_calls({"best": lambda: best.infer(self._feeds), "this": lambda: art.infer(self._feeds)},
+                               {"best": best, "this": art}, mix, self._feeds)
+            timed = fold_paths(time_interleaved(calls, runs=SIDE_BY_SIDE_RUNS, warmup=3), mix)
         ratio = timed["this"].p50 / timed["best"].p50
         write_text_atomic(cached, json.dumps({"p50_ratio": ratio, "best": Path(self.best.artifact).name}))
         return ratio

@@ -74,10 +74,8 @@ class StudentSearch(StudentTraining):
     def costs(self, bases) -> tuple[dict, object]:
         """Every shape's latency relative to the teacher on the fastest base recipe: anchors
         measured (or cached), the rest predicted."""
-        from bertexport.judging.compare import fixed_cell_feeds
         from bertexport.search.cost_model import CostModel
         from bertexport.students.shapes import teacher_shape
-        from bertexport.core.textdata import builtin_samples
 
         s = self.search
         base = bases[0][0]
@@ -85,7 +83,7 @@ class StudentSearch(StudentTraining):
         recipe = student_candidates(shapes[0], [base], self.skip)[0]
         cost = CostModel(self.teacher_model.config, teacher_shape(self.teacher_model.config), recipe=recipe, reference=base,
                          task=self.ckpt.task, tokenizer_dir=self.tok_dir,
-                         feeds=fixed_cell_feeds(s.encode, builtin_samples(), s.batch, s.sequence), batch=s.batch,
+                         feeds=s.cell_feeds(), batch=s.batch,
                          sequence=s.sequence, threads=s.threads, calib=s.calib, reporter=s.reporter, timer=self.cost_timer,
                          config_digest=cache_key(self.ckpt.config))
         error = None
