@@ -144,3 +144,38 @@ def test_the_side_by_side_timing_runs_two_real_builds_in_one_run_and_keeps_the_r
     assert math.isfinite(ratio) and ratio > 0 and again == ratio  # the second read back from the cache
     (kept,) = best.parent.glob("this.side-by-side-*.json")
     assert json.loads(kept.read_text()) == {"p50_ratio": ratio, "best": "best"}
+
+
+def test_a_passing_build_takes_the_best_place_only_when_faster_beyond_the_noise_or_side_by_side(tmp_path, monkeypatch):
+    """A best that one quick timing put slightly ahead would prune every later build against a
+    figure the noise gave it: within the noise, the new best is decided side by side."""
+    import bertexport.search.session as session
+    from bertexport.judging.gates import Gates
+    from bertexport.search.candidates import Candidate
+    from bertexport.search.session import SIDE_BY_SIDE_BELOW, Trial
+
+    passed = SimpleNamespace(status="passed", failures=[], undecided=[], within_noise=[], reasons=lambda: [])
+    monkeypatch.setattr(session, "decide", lambda metrics, gates: passed)
+    monkeypatch.setattr(Search, "evaluate", lambda self, art, folder, sl, runtime=None: {})
+    ratios = []
+    monkeypatch.setattr(Search, "side_by_side_ratio", lambda self, t, art, folder: ratios.append(t) or ratio)
+    s = _search()
+    s.gates, s.search, s.confirm = Gates(max_accuracy_drop=1.0), None, None
+    cand = Candidate("r", "onnxruntime", "int8", [], {})
+    s.best = best = Trial(cand, "passed", latency_ms=10.0, artifact=str(tmp_path / "best"))
+
+    # quick-timed faster by less than the noise, slower side by side: passed, the best stays
+    ratio = 1.02
+    t = Trial(cand, "failed", latency_ms=8.0, artifact=str(tmp_path / "t"))
+    s._judge(t, "art", tmp_path / "t", cand)
+    assert t.status == "passed" and s.best is best and ratios == [t] and t.latency_ms == pytest.approx(10.2)
+    assert "not faster" in t.reason
+    # faster side by side too: it is the best, on the best's scale
+    ratio = 0.9
+    t = Trial(cand, "failed", latency_ms=8.0, artifact=str(tmp_path / "t2"))
+    s._judge(t, "art", tmp_path / "t2", cand)
+    assert s.best is t and len(ratios) == 2 and t.latency_ms == pytest.approx(9.0)
+    # faster by more than the noise: no side-by-side
+    t = Trial(cand, "failed", latency_ms=9.0 / SIDE_BY_SIDE_BELOW, artifact=str(tmp_path / "t3"))
+    s._judge(t, "art", tmp_path / "t3", cand)
+    assert s.best is t and len(ratios) == 2

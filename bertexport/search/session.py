@@ -40,8 +40,10 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
-# a build quick-timed slower than the best passing one by less than this factor is timed again
-# side by side with it before it is pruned (``Search._faster_side_by_side``)
+# two quick timings closer than this factor are within the quick timing's noise: a build
+# quick-timed slower than the best passing one by less, or a passing one faster by less, is
+# timed again side by side with the best before it is pruned, or takes the best's place
+# (``Search._faster_side_by_side``)
 SIDE_BY_SIDE_BELOW, SIDE_BY_SIDE_RUNS = 1.5, 20
 
 
@@ -264,6 +266,15 @@ class Search:
         timing's noise, side by side with it too (``_faster_side_by_side``)."""
         return self.best is not None and t.latency_ms >= self.best.latency_ms and not self._faster_side_by_side(t, art, folder)
 
+    def _faster_than_best(self, t: Trial, art, folder: Path) -> bool:
+        """Whether a passing build takes the best's place: clearly faster in its quick timing
+        (by more than its noise, ``SIDE_BY_SIDE_BELOW``), or faster side by side with the best
+        (``_faster_side_by_side``). A best only slightly faster by one quick timing would
+        prune the builds after it against a figure the noise gave it."""
+        if t.latency_ms * SIDE_BY_SIDE_BELOW <= self.best.latency_ms or not self.best.artifact:
+            return True
+        return self._faster_side_by_side(t, art, folder)
+
     def _faster_side_by_side(self, t: Trial, art, folder: Path) -> bool:
         """A build whose quick timing is slower than the best passing one's, but by less than
         the quick timing's noise (``SIDE_BY_SIDE_BELOW``), is timed again interleaved with the
@@ -321,7 +332,10 @@ class Search:
         if held_out.status == "passed":
             # only a confirmed candidate may become the best, which prunes others
             t.status, t.reason = "passed", "meets the gate on the held-out slice"
-            self.best = t
+            if self.best is None or self._faster_than_best(t, art, folder):
+                self.best = t
+            else:
+                t.reason += f"; side by side with {self.best.candidate.name} not faster (it stays the best)"
         else:
             t.status = held_out.status
             t.reason = "held-out slice: " + "; ".join(held_out.reasons())
