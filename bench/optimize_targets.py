@@ -30,7 +30,7 @@ runs; --distill or --student-init adds a second one with them (--only-distill: t
 
 Usage: flock /tmp/bench.lock python bench/optimize_targets.py [--bert-base] [--rotten-tomatoes]
          [--prune auto] [--early-exit auto] [--distill 3] [--student-init DIR] [--distill-epochs N]
-         [--budget 15m] [--rerun] [--threads 2] [--runs 30] [--latency-rows 300] [--row-runs 3]
+         [--budget 15m] [--search-again] [--rerun] [--threads 2] [--runs 30] [--latency-rows 300] [--row-runs 3]
 Results go to <cache>/bench/optimize/ (results.json + results.md); nothing is written to the repo.
 """
 
@@ -288,17 +288,17 @@ def rt_search(model: Path, test_csv: Path, train_csv: Path, out: Path, options: 
     from bertexport.core.progress import RichReporter
     from bertexport.search.optimize import optimize
 
-    def once():
+    def once(search_again: bool = False):
         t0 = time.time()
         try:
             res, failures = optimize(str(model), test_csv, out, gates=Gates(max_accuracy_drop=TARGET_DROP_POINTS),
                                      budget=args.budget, distill_data=train_csv, calib=train_csv, threads=args.threads,
-                                     force=True, reporter=RichReporter(), **options), None
+                                     force=True, reporter=RichReporter(), search_again=search_again, **options), None
         except GateFailed as e:  # no candidate met the gate: the best-scoring one is kept as OUT.rejected
             res, failures = e.result, e.failures
         return res, time.time() - t0, failures
 
-    res, seconds, failures = once()
+    res, seconds, failures = once(args.search_again)
     rep = res.report
     run = {"options": options, "search_seconds": seconds, "passed": failures is None, "failures": failures,
            "artifact": str(res.artifact), "winner": rep.get("winner"), "elapsed_seconds": rep.get("elapsed_seconds"),
@@ -370,6 +370,8 @@ def main(argv=None):
     ap.add_argument("--prune", default=None, help="optimize's prune: auto, MAC fractions like 0.6,0.75, or off")
     ap.add_argument("--early-exit", choices=("off", "auto", "on"), default=None, help="optimize's early_exit")
     ap.add_argument("--budget", default="15m")
+    ap.add_argument("--search-again", action="store_true", help="search again rather than replay a finished search "
+                    "(optimize's --search-again: builds, timings and students still come from their caches)")
     ap.add_argument("--rerun", action="store_true", help="run each Rotten Tomatoes search a second time right after "
                     "the first (same folder, force) and record both wall times")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
