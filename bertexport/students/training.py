@@ -337,7 +337,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                     if due or state["step"] % cfg.checkpoint_every == 0:
                         checkpoint()  # after the evaluation: a resumed run repeats none and skips none
                     if on_step:
-                        on_step(state["step"], float(loss))
+                        on_step(state["step"], float(loss.detach()))
                     if state["stopped"]:
                         break
         train_seconds = time.perf_counter() - t0
