@@ -19,7 +19,7 @@ from bertexport.core.errors import UserError
 from bertexport.judging.gates import Gates
 from bertexport.judging.latency import Latency
 from bertexport.search import early_exit_candidate as X
-from bertexport.search.exit_paths import TIMING_RUNS, TIMING_WARMUP
+from bertexport.judging.latency import QUICK_RUNS, QUICK_WARMUP
 from tests.tinymodels import checkpoint as _ckpt, keyword_sentence, write_keyword_jsonl
 
 
@@ -100,7 +100,7 @@ def test_auto_on_a_non_classifier_is_skipped_with_the_reason(tiny):
     assert X.exit_mix(section) == {} and X.exit_mix(None) == {}
 
 
-def _fake_paths(runner, feeds, runs=TIMING_RUNS, warmup=TIMING_WARMUP):
+def _fake_paths(runner, feeds, runs=QUICK_RUNS, warmup=QUICK_WARMUP):
     """An injected clock (tests never time): a row costs 0.8 ms per full model, in proportion to the layers it runs."""
     depth = [*runner.exit_layers, runner.layers]
     return [Latency.from_values([0.8e-3 * layers / runner.layers] * runs) for layers in depth]

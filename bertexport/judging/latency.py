@@ -63,6 +63,11 @@ def speedup(reference: Latency, candidate: Latency) -> dict:
     return {"p50_ratio": reference.p50 / candidate.p50, "round_ratio_p10": float(lo), "round_ratio_p90": float(hi)}
 
 
+# ``optimize``'s quick timing of a build (and of an early-exit build's exit paths): enough
+# rounds to rank builds far apart; builds within its noise are timed again side by side
+QUICK_RUNS, QUICK_WARMUP = 12, 3
+
+
 def time_interleaved(calls: dict[str, Callable[[], object]], runs: int, warmup: int = 3,
                      on_round: Callable[[int], None] | None = None) -> dict[str, Latency]:
     """Time each callable ``runs`` times, round-robin, after ``warmup`` untimed rounds."""

@@ -46,8 +46,9 @@ import numpy as np
 from bertexport import __version__
 from bertexport.core.errors import GateFailed, UserError
 from bertexport.core.hashing import cache_key
+from bertexport.judging.latency import QUICK_RUNS
 from bertexport.search.candidates import Candidate
-from bertexport.search.exit_paths import TIMING_RUNS, mix_rounds, time_paths
+from bertexport.search.exit_paths import mix_rounds, time_paths
 
 MODES = ("off", "auto", "on")
 MARGIN = 0.5  # the share of the gate's allowed disagreement the threshold may use
@@ -278,7 +279,7 @@ class ExitSearch:
                               "paths": [{"exit_after": (exit_layers + [layers])[p], "p50_ms": path_ms[p],
                                          "share": shares[p]} for p in range(len(path_ms))],
                               "cell": {"batch": s.batch, "sequence": s.sequence, "threads": s.threads},
-                              "runs": TIMING_RUNS, "cached": latency_cached}
+                              "runs": QUICK_RUNS, "cached": latency_cached}
             lat = rec["latency"]["mean_ms"]
             t = Trial(cand, "failed", latency_ms=lat, artifact=str(folder), build_seconds=round(seconds, 1), cached=cached,
                       batch_invariance=invariance, latency_cached=latency_cached, exit_shares=shares)

@@ -9,7 +9,7 @@ early-exit build this way."""
 
 from __future__ import annotations
 
-TIMING_RUNS, TIMING_WARMUP = 12, 3  # as ``Search.quick_latency``
+from bertexport.judging.latency import QUICK_RUNS, QUICK_WARMUP
 
 
 def run_path(runner, feeds: dict, path: int) -> None:
@@ -67,7 +67,7 @@ def fold_paths(timed: dict, mix: dict[str, list[float]]) -> dict:
     return out
 
 
-def time_paths(runner, feeds: dict, runs: int = TIMING_RUNS, warmup: int = TIMING_WARMUP) -> list:
+def time_paths(runner, feeds: dict, runs: int = QUICK_RUNS, warmup: int = QUICK_WARMUP) -> list:
     """Each exit path on ``feeds``, interleaved: a ``Latency`` per path (the last: no exit)."""
     from bertexport.judging.latency import time_interleaved
 

@@ -180,10 +180,10 @@ class Search:
         return self._feeds
 
     def quick_latency(self, art) -> float:
-        from bertexport.judging.latency import time_interleaved
+        from bertexport.judging.latency import QUICK_RUNS, QUICK_WARMUP, time_interleaved
 
         self.cell_feeds()
-        timed = time_interleaved({"c": lambda: art.infer(self._feeds)}, runs=12, warmup=3)
+        timed = time_interleaved({"c": lambda: art.infer(self._feeds)}, runs=QUICK_RUNS, warmup=QUICK_WARMUP)
         return timed["c"].p50 * 1e3
 
     def latency(self, art, folder: Path, runtime: dict | None) -> tuple[float, bool]:
