@@ -22,7 +22,7 @@ test file or appears in the training file are dropped (counted in the results).
    --search-rows labelled rows for the search, --distill-rows unlabelled rows (students'
    training text and int8 calibration), --test-rows untouched rows for the verdict.
 3. Search: ``optimize_command`` (``bertexport optimize``'s library entry) on the search rows
-   with --max-accuracy-drop 1.0, --distill auto, --prune auto, --early-exit auto when
+   with --max-accuracy-drop 1.0, --distill auto (or --distill), --prune auto, --early-exit auto when
    ``OptimizeSettings`` has that field, --student-init DIR when given (repeatable), --budget,
    threads pinned; wall time recorded. Then the
    SAME search again, its wall time recorded (the "rerun in seconds" target: a finished search
@@ -37,7 +37,7 @@ test file or appears in the training file are dropped (counted in the results).
 
 Usage (benchmarks only under the machine's bench lock):
   flock /tmp/bench.lock python bench/news_topics.py [--epochs 1] [--train-limit N] [--max-length 128]
-        [--search-rows 700] [--distill-rows 1000] [--test-rows 500] [--budget 30m] [--threads 2]
+        [--search-rows 700] [--distill-rows 1000] [--test-rows 500] [--budget 30m] [--distill auto] [--threads 2]
         [--runs 30] [--latency-rows 500] [--row-runs 3] [--seed 0] [--topics coarse|all] [--no-rerun]
         [--student-init DIR]
 Writes <cache>/bench/news-topics/results.json and results.md (and the search's artifact
@@ -171,7 +171,7 @@ def train_topic_classifier(train: list[dict], out: Path, epochs: int, limit: int
 # -- search --------------------------------------------------------------------------------------
 
 def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path, budget: str, threads: int,
-                    student_init: list[str] | None = None):
+                    student_init: list[str] | None = None, distill: str = "auto"):
     """The ``optimize`` settings record, checked as the CLI checks it (``core.options.build``):
     the issue's gate and levers (``student_init``: pre-trained smaller checkpoints as students);
     --early-exit auto only when this bertexport has it."""
@@ -179,7 +179,7 @@ def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path,
     from bertexport.search.settings import OptimizeSettings
 
     values = {"model": str(model), "data": str(search_csv), "out": str(out), "max_accuracy_drop": GATE_POINTS,
-              "distill": "auto", "prune": "auto", "distill_data": str(distill_csv), "calib": str(distill_csv),
+              "distill": distill, "prune": "auto", "distill_data": str(distill_csv), "calib": str(distill_csv),
               "budget": budget, "threads": threads, "force": True}
     if "early_exit" in {f.name for f in dataclasses.fields(OptimizeSettings)}:
         values["early_exit"] = "auto"
@@ -245,6 +245,7 @@ def main(argv=None):
     ap.add_argument("--distill-rows", **pos, default=1000, help="unlabelled rows: students' training text, calibration")
     ap.add_argument("--test-rows", **pos, default=500, help="untouched rows for the verdict")
     ap.add_argument("--budget", default="30m", help="optimize --budget")
+    ap.add_argument("--distill", default="auto", help="optimize --distill: auto (the grid), depths (3,4) or shapes")
     ap.add_argument("--threads", **pos, default=os.cpu_count() or 1)
     ap.add_argument("--runs", **pos, default=30, help="interleaved rounds per fixed cell")
     ap.add_argument("--latency-rows", **pos, default=500, help="test rows for the per-row latency")
@@ -305,9 +306,10 @@ def run(args, argv) -> None:
     lr = "" if args.lr == 5e-5 else f"-lr{args.lr:g}"
     teacher_dir = root / f"minilm-20ng{topics}-{args.epochs}ep-t{args.max_length}{limit}{lr}"
     # the search's settings checked now, before the teacher trains
-    init_tag = "".join(f"-init-{Path(d).name}" for d in args.student_init)
+    init_tag = "".join(f"-init-{Path(d).name}" for d in args.student_init) + ("" if args.distill == "auto" else
+                                                                             f"-distill-{args.distill}")
     settings = search_settings(teacher_dir, search_csv, distill_csv, root / f"winner-{teacher_dir.name}-{tag}{init_tag}",
-                               args.budget, args.threads, args.student_init)
+                               args.budget, args.threads, args.student_init, args.distill)
     t0 = time.time()
     cold = not (teacher_dir / "model.safetensors").is_file()  # a new checkpoint: no build or evaluation of it is cached
     teacher = train_topic_classifier(train, teacher_dir, args.epochs, args.train_limit, args.max_length, lr=args.lr,
