@@ -440,6 +440,40 @@ def test_a_time_capped_run_stops_evaluated_and_continues_from_that_step(keyword_
     assert r2["evals"][0] == r["evals"][0]  # the evaluations before the stop are kept
 
 
+def test_a_run_s_seconds_start_after_the_teacher_outputs(keyword_model, tmp_path, monkeypatch):
+    """``seconds`` is this run's training time: computing the teacher's outputs (once, shared by every
+    student on the data) is not charged to it; ``deadline`` stays absolute. A fake clock: only the
+    teacher outputs take time (100 s each), training none."""
+    import types
+
+    from bertexport.students import training
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+    from bertexport.students.training_data import TeacherOutputs
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(monotonic=lambda: clock["now"],
+                                                                perf_counter=lambda: clock["now"]))
+    compute = TeacherOutputs.load_or_compute
+
+    def slow(self, *a, **kw):
+        clock["now"] += 100.0
+        return compute(self, *a, **kw)
+
+    monkeypatch.setattr(TeacherOutputs, "load_or_compute", slow)
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(64)
+    cfg = _cfg(epochs=2, alpha_attention=0)
+    run = lambda work, **kw: train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg,
+                                           tmp_path / work, **kw)[1]
+    r = run("a", seconds=50.0)  # 200 s of teacher outputs > 50 s: not counted, the run trains to its end
+    assert r["stopped"] == "epochs" and r["steps"] == 2 * r["schedule"]["steps_per_epoch"]
+    r = run("b", seconds=0.0)  # no training time: one step, evaluated, resumable
+    assert r["stopped"] == "time" and r["steps"] == 1
+    r = run("c", deadline=clock["now"] + 50.0, seconds=1e6)  # the deadline counts everything: passed by the teacher outputs
+    assert r["stopped"] == "time" and r["steps"] == 1
+
+
 def test_sequence_length_comes_from_the_data(keyword_model, tmp_path):
     from bertexport.students.shapes import shrink
     from bertexport.students.training import train_student

@@ -589,10 +589,13 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
     assert all(c.startswith(f"{middle.name} continued/") for c in cont["candidates"])
 
 
-def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_is_not_started(tmp_path, monkeypatch):
+def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_if_it_fits_else_is_not_started(
+        tmp_path, monkeypatch):
     """No model: the first student (the middle shape) trains 3 epochs of 100 s each, stopped by its
-    time share with a flat curve (not continued); what is left then gives the next shapes less than
-    one epoch each (estimated from the first's epoch time, scaled by training cost): skipped, saying so."""
+    time share with a flat curve (not continued); 120 s are left then: a share of 60 s, under one
+    epoch of either other shape (estimated from the first's epoch time, scaled by training cost:
+    ~85 s and ~193 s). The wide one's epoch and its judging (the 30-s floor) do not fit: skipped,
+    saying so; the small one's do: it trains for that epoch, not its 60-s share."""
     import bertexport.search.students as ss
     from bertexport.search.session import Trial
 
@@ -603,19 +606,36 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_is_not_st
     trained = []
 
     def train(self, shape, seconds=None):
-        trained.append(shape.name)
+        trained.append((shape.name, seconds))
         self.search.clock += 300
         report = _stub_report([0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], "time")  # 3 epochs, flat
         return tmp_path / shape.name, report | {"train_seconds": 300.0}, False
 
     _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
-    records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
-                               shapes=[wide, middle, small], recipes=[base]).run()
-    assert trained == [middle.name]  # 120 s left: a share of 60 s, under one epoch of either other shape (85, 193 s)
-    skipped = [r for r in records if r["status"] == "skipped"]
-    assert {r["shape"] for r in skipped} == {small.name, wide.name}
-    assert all("less than 1 epoch" in r["reason"] and "estimated from the students trained so far" in r["reason"]
-               for r in skipped)
+    student_search = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+                                      shapes=[wide, middle, small], recipes=[base])
+    epochs = {}
+    run = student_search.run
+
+    def run_and_estimate():  # one epoch of each shape as the search estimated it after the first student
+        real = student_search._epoch_seconds
+
+        def spy(shape):
+            epochs[shape.name] = real(shape)
+            return epochs[shape.name]
+
+        student_search._epoch_seconds = spy
+        return run()
+
+    records = run_and_estimate()
+    assert [n for n, _ in trained] == [middle.name, small.name]
+    assert trained[0][1] == ss.STUDENT_SHARE * 420
+    assert 80 < epochs[small.name] < 90 and 185 < epochs[wide.name] < 200
+    assert trained[1][1] == pytest.approx(ss.MIN_STUDENT_EPOCHS * epochs[small.name])  # its epoch, not its 60-s share
+    (skipped,) = [r for r in records if r["status"] == "skipped"]
+    assert skipped["shape"] == wide.name
+    assert skipped["reason"] == (f"1 epoch (~{epochs[wide.name]:.0f} s, estimated from the students trained so far) and its "
+                                 "judging do not fit in the 120 s left")
     assert not any(r.get("continued_as") for r in records)  # flat: not continued
 
 

@@ -17,7 +17,9 @@ importance scores it is sliced with, training and publishing.
   step. Every student's learning curve (held-out agreement per evaluation) goes into the
   report (``learning_curve``).
 - A new student trains for at most ``seconds`` (the search gives it ``STUDENT_SHARE`` of the
-  time left), so it is judged before it can spend the whole budget; the search then decides
+  time left; counted from when the teacher's outputs are ready: computed once per search and data,
+  they are no student's cost — on the news topics, 2026-12-04, they took 192 of the first student's
+  432 s), so it is judged before it can spend the whole budget; the search then decides
   whether it is the one to continue (``search.students``). A student the epoch cap stopped
   keeps its work folder too (its checkpoint: ``extend``). Continuing it (``extend``, segment
   ``n``) raises its cap by ``MAX_EPOCHS`` per segment and trains on from that checkpoint
@@ -171,7 +173,7 @@ class StudentTraining:
 
     def train(self, shape, seconds: float | None = None) -> tuple[Path, dict, bool]:
         """The trained student's checkpoint folder, its report and whether it came from the cache;
-        training stops after ``seconds`` (None: the search's deadline), judged on its best state.
+        training stops after ``seconds`` of training (None: the search's deadline), judged on its best state.
         A ``--student-init`` checkpoint goes under the teacher's task head, distilled with the same
         losses (projections where the widths differ; student layers mapped uniformly onto the
         teacher's), cached and resumed like the sliced students."""
@@ -264,11 +266,11 @@ class StudentTraining:
         work = _work_folder(out)  # kept when interrupted: the next run resumes from it
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        left = self.search.remaining() if seconds is None else min(seconds, self.search.remaining())
         best, report = train_student(self.teacher_model, student, tokenizer, texts, labels, self.ckpt.task, cfg, work,
                                      self.search.reporter, layer_map,
                                      teacher_cache=cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}",
-                                     deadline=time.monotonic() + left, extend=extend, teacher_id=self.ckpt.sha256,
+                                     deadline=time.monotonic() + self.search.remaining(), seconds=seconds,
+                                     extend=extend, teacher_id=self.ckpt.sha256,
                                      restart_stale=True)  # its work folders are keyed by teacher, data and settings
         seconds = time.perf_counter() - t0
         report = {k: v for k, v in report.items() if not k.startswith("_")} | record | {  # "_eval" holds tensors

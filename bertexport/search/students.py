@@ -14,7 +14,8 @@ Which shapes: ``search.student_shapes`` (the pruned originals that missed the ga
 ``PrunedShape``: distilled from the pruned weights, ordered and judged like every student).
 
 The budget goes to the few students most likely to pass: a new student trains for at most
-``STUDENT_SHARE`` of the time left, and before any new shape starts, the student closest to
+``STUDENT_SHARE`` of the time left (at least ``MIN_STUDENT_EPOCHS`` when that and its judging fit,
+else it is skipped), and before any new shape starts, the student closest to
 the gate among those that missed it while still improving (stopped by that share or by its
 epoch cap, not by its patience; ``most_promising``) is continued from its checkpoint with all
 the time left, until its patience runs out (``student_training``: ``train`` resumes a
@@ -41,9 +42,11 @@ from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentT
 # continuation trained to the deadline and its builds were skipped: the time bought nothing (seen
 # in the Rotten Tomatoes run of 2026-12-03: 607 s of training, never judged)
 MIN_JUDGE_SECONDS, JUDGE_MARGIN = 30.0, 1.5
-# a new student whose time share is less than one pass over its data is not started: judged on so
-# little training it says nothing of its shape (seen: students of 0.01 and 0.27 epochs judged and
-# "missed" after the first passed, 2026-12-03)
+# a new student whose time share is less than one pass over its data gets that pass when it and its
+# judging fit in the time left, else it is not started: judged on so little training it says nothing
+# of its shape (seen: students of 0.01 and 0.27 epochs judged and "missed" after the first passed,
+# 2026-12-03); skipping it when the time was there left 762 s of a 1,680-s budget unused (news
+# topics, 2026-12-04: the 3-layer layer-drop student, a 381-s share of an epoch of ~573 s)
 MIN_STUDENT_EPOCHS = 1.0
 # a student is continued when one more held-out evaluation (half an epoch) and its judging fit in
 # the time left: requiring a whole epoch started a new, narrower student instead (seen on the news
@@ -170,8 +173,15 @@ class StudentSearch(StudentTraining):
             if need is not None and not cached and need > s.remaining():
                 reason = f"training needs ~{need:.0f} s (estimated from the first student), {s.remaining():.0f} s left"
             elif epoch is not None and not cached and share < MIN_STUDENT_EPOCHS * epoch:
-                reason = (f"its share of the time left ({share:.0f} s) is less than {MIN_STUDENT_EPOCHS:g} epoch "
-                          f"(~{epoch:.0f} s, estimated from the students trained so far)")
+                room = s.remaining() - self._judge_reserve(self._slowest_judging())
+                if MIN_STUDENT_EPOCHS * epoch <= room:  # its share raised to one epoch: the time is there
+                    self.log(f"{shape.name}: its share of the time left ({share:.0f} s) is less than "
+                             f"{MIN_STUDENT_EPOCHS:g} epoch (~{epoch:.0f} s); it gets that epoch ({room:.0f} s left "
+                             "but what judging it takes)")
+                    share = MIN_STUDENT_EPOCHS * epoch
+                else:
+                    reason = (f"{MIN_STUDENT_EPOCHS:g} epoch (~{epoch:.0f} s, estimated from the students trained so "
+                              f"far) and its judging do not fit in the {s.remaining():.0f} s left")
             if reason:
                 rec["status"], rec["reason"] = "skipped", reason
                 for cand, pred in cands:
@@ -179,7 +189,7 @@ class StudentSearch(StudentTraining):
                 continue
             try:
                 with s.reporter.step(f"student {shape.name} (predicted {c.ratio:.2f}x the teacher's latency)"):
-                    path, report, rec["cached"] = self.train(shape, seconds=STUDENT_SHARE * s.remaining())
+                    path, report, rec["cached"] = self.train(shape, seconds=share)
             except Exception as e:  # one student failing (a shape a backend refuses, ...) must not end the search
                 self._failed(rec, cands, e)
                 continue
@@ -312,6 +322,10 @@ class StudentSearch(StudentTraining):
             self._failed(rec, cands, e)
             return
         self._judge(rec, shape, segment, cands, path, report, missed)
+
+    def _slowest_judging(self) -> dict:
+        """The judged student whose judging took longest (what a new one's judging may take), or an empty entry."""
+        return max(self._judged, key=lambda e: e.get("judge_seconds", 0.0), default={})
 
     @staticmethod
     def _judge_reserve(entry: dict) -> float:

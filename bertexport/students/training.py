@@ -127,8 +127,8 @@ def _means(values: list[float]) -> dict:
 def train_student(teacher_model, student_model, tokenizer, texts: list[str], labels: list | None, task: str,
                   cfg: DistillConfig, work: Path, reporter: Reporter | None = None, layer_map: list[int] | None = None,
                   *, on_step: Callable[[int, float], None] | None = None, teacher_cache: Path | None = None,
-                  deadline: float | None = None, extend: bool = False, teacher_id: str | None = None,
-                  restart_stale: bool = False):
+                  deadline: float | None = None, seconds: float | None = None, extend: bool = False,
+                  teacher_id: str | None = None, restart_stale: bool = False):
     """Distil ``teacher_model`` into ``student_model`` (same family and tokenizer) on
     ``texts`` (``labels``: label ids, or None). Returns ``(best student, report)``.
 
@@ -174,7 +174,9 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     evaluation is the curve's start, not a candidate). With ``cfg.patience`` training stops
     after that many evaluations without a better score (``stopped: plateau``) or at
     ``cfg.max_epochs``; without it, after ``cfg.epochs``. ``deadline`` (a ``time.monotonic()``
-    value) stops it after the step that passes it (evaluated first; ``stopped: time``).
+    value) stops it after the step that passes it (evaluated first; ``stopped: time``); so does
+    ``seconds`` of training, counted from when the teacher's outputs are ready (computing them
+    once is the teacher's cost, shared by every student on the same data, not this run's).
 
     Resumable: ``work/checkpoint.pt`` (model, projections, optimizer, schedule, RNG,
     position, evaluations, plateau count) is written atomically every ``cfg.checkpoint_every``
@@ -305,6 +307,8 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
             inter.drop_captures()
         student.train()
         t0 = time.perf_counter()
+        if seconds is not None:  # this run's training time starts now, after the teacher's outputs
+            deadline = min(d for d in (deadline, time.monotonic() + seconds) if d is not None)
         how = (f"until {cfg.patience} evaluations without a better held-out score, at most {cfg.max_epochs} epochs"
                if cfg.patience is not None else f"{cfg.epochs} epochs")
         with reporter.step(f"distill {how} ({steps_per_epoch} steps each, evaluated every {every})"):
