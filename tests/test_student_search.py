@@ -186,7 +186,7 @@ def test_no_passing_student_returns_the_best_recipe_on_the_original(keyword_mode
     trained: list = []
     _fake_clock(monkeypatch, trained)
 
-    def untrained(self, shape, seconds=None):
+    def untrained(self, shape, seconds=None, reserve=0.0):
         import torch
 
         out = tmp_path / f"random-{shape.name}"
@@ -257,7 +257,7 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     search = _Search([original], budget=first_seconds + (need[deep_narrow] + need[wide]) / 2)
     trained = []
 
-    def train(self, shape, seconds=None):
+    def train(self, shape, seconds=None, reserve=0.0):
         trained.append(shape.name)
         seconds = first_seconds if shape == middle else need[shape]
         self.search.clock += seconds
@@ -560,23 +560,24 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
     search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000)
     calls = []
 
-    def train(self, shape, seconds=None):
-        calls.append((shape.name, seconds))
+    def train(self, shape, seconds=None, reserve=0.0):
+        calls.append((shape.name, seconds, reserve))
         self.search.clock += 10
-        if shape == middle and [c for c, _ in calls].count(middle.name) == 1:  # its share ran out while still rising
+        if shape == middle and [c for c, *_ in calls].count(middle.name) == 1:  # its share ran out while still rising
             return tmp_path / "m", _stub_report([0.5, 0.6, 0.7], "time"), False
         if shape == middle:  # continued from there: rising no more, its patience ran out
             return tmp_path / "m", _stub_report([0.5, 0.6, 0.7, 0.72, 0.71, 0.7, 0.7], "plateau", resumed=20), False
         return tmp_path / "w", _stub_report([0.8, 0.8, 0.8], "max_epochs"), False  # at its cap, flat
 
     _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
-    monkeypatch.setattr(ss.StudentSearch, "extend", lambda self, shape, segment, seconds=None: pytest.fail("no cap to extend"))
+    monkeypatch.setattr(ss.StudentSearch, "extend", lambda self, shape, segment, seconds=None, reserve=0.0: pytest.fail("no cap to extend"))
 
     records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
                                shapes=[fast, small, middle, wide], recipes=[base]).run()
-    # continued with the time left but what judging it takes (its first judging took no time here: the floor)
-    assert calls == [(middle.name, ss.STUDENT_SHARE * 1000), (middle.name, 990 - ss.MIN_JUDGE_SECONDS),
-                     (wide.name, ss.STUDENT_SHARE * 980)]
+    # a new student: its share, ending before the deadline by what judging takes (none judged yet, then
+    # judging took no time here: the floor); continued with all the time left but that (no share of its own)
+    assert calls == [(middle.name, ss.STUDENT_SHARE * 1000, ss.MIN_JUDGE_SECONDS), (middle.name, None, ss.MIN_JUDGE_SECONDS),
+                     (wide.name, ss.STUDENT_SHARE * 980, ss.MIN_JUDGE_SECONDS)]
     assert ss.StudentSearch._judge_reserve({"judge_seconds": 100.0}) == 100.0 * ss.JUDGE_MARGIN  # a slow judging keeps more
     assert [(r["shape"], r["status"]) for r in records] == [
         (middle.name, "not passed"), (f"{middle.name} continued", "not passed"), (small.name, "dominated"),
@@ -605,7 +606,7 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_
     search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=420)
     trained = []
 
-    def train(self, shape, seconds=None):
+    def train(self, shape, seconds=None, reserve=0.0):
         trained.append((shape.name, seconds))
         self.search.clock += 300
         report = _stub_report([0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], "time")  # 3 epochs, flat
@@ -614,20 +615,14 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_
     _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
     student_search = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
                                       shapes=[wide, middle, small], recipes=[base])
-    epochs = {}
-    run = student_search.run
+    epochs, estimate = {}, student_search._epoch_seconds  # one epoch of each shape as the search estimated it
 
-    def run_and_estimate():  # one epoch of each shape as the search estimated it after the first student
-        real = student_search._epoch_seconds
+    def spy(shape):
+        epochs[shape.name] = estimate(shape)
+        return epochs[shape.name]
 
-        def spy(shape):
-            epochs[shape.name] = real(shape)
-            return epochs[shape.name]
-
-        student_search._epoch_seconds = spy
-        return run()
-
-    records = run_and_estimate()
+    student_search._epoch_seconds = spy
+    records = student_search.run()
     assert [n for n, _ in trained] == [middle.name, small.name]
     assert trained[0][1] == ss.STUDENT_SHARE * 420
     assert 80 < epochs[small.name] < 90 and 185 < epochs[wide.name] < 200

@@ -171,9 +171,10 @@ class StudentTraining:
             self._layer_choice[shape.layers] = choose_layers(self.teacher_model, shape.layers, batches, self.ckpt.task, outs)
         return self._layer_choice[shape.layers]
 
-    def train(self, shape, seconds: float | None = None) -> tuple[Path, dict, bool]:
+    def train(self, shape, seconds: float | None = None, reserve: float = 0.0) -> tuple[Path, dict, bool]:
         """The trained student's checkpoint folder, its report and whether it came from the cache;
-        training stops after ``seconds`` of training (None: the search's deadline), judged on its best state.
+        training stops after ``seconds`` of training (None: no limit of its own) and ``reserve``
+        seconds before the search's deadline at the latest (kept to judge it), judged on its best state.
         A ``--student-init`` checkpoint goes under the teacher's task head, distilled with the same
         losses (projections where the widths differ; student layers mapped uniformly onto the
         teacher's), cached and resumed like the sliced students."""
@@ -198,7 +199,8 @@ class StudentTraining:
             layer_map = uniform_layer_map(layer_count(self.teacher_model.config), shape.layers)
             record = {"shape": shape.name, "init": init.to_dict(), "kept_teacher_layers": None, "layer_choice": []}
             return self._distil(student, training_tokenizer(self.tokenizer, init), layer_map, out, cfg, (texts, labels, data_digest), record,
-                                student_tokenizer(self.tokenizer, self.ckpt.family, init), [self.ckpt.path, init.path], seconds)
+                                student_tokenizer(self.tokenizer, self.ckpt.family, init), [self.ckpt.path, init.path], seconds,
+                                reserve=reserve)
         from bertexport.students.distill_config import default_layer_map
         from bertexport.students.shapes import make_student, teacher_shape
 
@@ -212,13 +214,13 @@ class StudentTraining:
         layer_map = default_layer_map(teacher.layers, keep, shape.layers)
         record = {"shape": shape.name, "kept_teacher_layers": list(keep), "layer_choice": layer_table}
         return self._distil(student, self.tokenizer, layer_map, out, cfg, (texts, labels, data_digest), record, self.tokenizer,
-                            [self.ckpt.path], seconds)
+                            [self.ckpt.path], seconds, reserve=reserve)
 
-    def extend(self, shape, segment: int, seconds: float | None = None) -> tuple[Path, dict, bool]:
+    def extend(self, shape, segment: int, seconds: float | None = None, reserve: float = 0.0) -> tuple[Path, dict, bool]:
         """``shape``'s student continued past the epoch cap that stopped its segment ``segment - 1``
         (0: its first training): trained on from that segment's checkpoint to a cap ``MAX_EPOCHS``
         epochs later (``config``), until its patience runs out, the new cap, ``seconds`` or the
-        deadline. Returns like ``train``."""
+        deadline (less ``reserve``). Returns like ``train``."""
         from bertexport.core.cache import cache_dir
         from bertexport.core.errors import UserError
 
@@ -250,10 +252,11 @@ class StudentTraining:
         else:
             student_tok, protect = self.tokenizer, [self.ckpt.path]
         return self._distil(student, tok, previous["layer_map"], out, cfg, (texts, labels, data_digest), record, student_tok,
-                            protect, seconds, extend=True)
+                            protect, seconds, extend=True, reserve=reserve)
 
     def _distil(self, student, tokenizer, layer_map, out: Path, cfg, data: tuple, record: dict, student_tok,
-                protect: list, seconds: float | None = None, extend: bool = False) -> tuple[Path, dict, bool]:
+                protect: list, seconds: float | None = None, extend: bool = False,
+                reserve: float = 0.0) -> tuple[Path, dict, bool]:
         """Train ``student`` on ``data`` (texts, labels, digest; inputs from ``tokenizer``) in its work folder in the cache (kept when
         interrupted: the next run resumes from it), then publish it with ``student_tok`` and its
         report (``record`` + timings) to ``out``. A student the deadline stopped is judged on its
@@ -269,7 +272,7 @@ class StudentTraining:
         best, report = train_student(self.teacher_model, student, tokenizer, texts, labels, self.ckpt.task, cfg, work,
                                      self.search.reporter, layer_map,
                                      teacher_cache=cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}",
-                                     deadline=time.monotonic() + self.search.remaining(), seconds=seconds,
+                                     deadline=time.monotonic() + self.search.remaining() - reserve, seconds=seconds,
                                      extend=extend, teacher_id=self.ckpt.sha256,
                                      restart_stale=True)  # its work folders are keyed by teacher, data and settings
         seconds = time.perf_counter() - t0

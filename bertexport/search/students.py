@@ -37,10 +37,12 @@ from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, 
 from bertexport.students.distill_config import EVALS_PER_EPOCH
 from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentTraining, learning_curve, training_units
 
-# a continued student stops training this long before the deadline: what judging it took the first
-# time (its builds and evaluations, x JUDGE_MARGIN), at least MIN_JUDGE_SECONDS. Without it, a
-# continuation trained to the deadline and its builds were skipped: the time bought nothing (seen
-# in the Rotten Tomatoes run of 2026-12-03: 607 s of training, never judged)
+# a student stops training this long before the deadline (an absolute end, whatever its own time
+# share): what judging it took the first time (a new one: the slowest judging so far; its builds and
+# evaluations, x JUDGE_MARGIN), at least MIN_JUDGE_SECONDS. Without it, a continuation trained to
+# the deadline and its builds were skipped: the time bought nothing (seen in the Rotten Tomatoes run
+# of 2026-12-03: 607 s of training, never judged; and on the news topics, 2026-12-04 11:12, when a
+# continuation's time was counted from after its setup)
 MIN_JUDGE_SECONDS, JUDGE_MARGIN = 30.0, 1.5
 # a new student whose time share is less than one pass over its data gets that pass when it and its
 # judging fit in the time left, else it is not started: judged on so little training it says nothing
@@ -189,7 +191,8 @@ class StudentSearch(StudentTraining):
                 continue
             try:
                 with s.reporter.step(f"student {shape.name} (predicted {c.ratio:.2f}x the teacher's latency)"):
-                    path, report, rec["cached"] = self.train(shape, seconds=share)
+                    path, report, rec["cached"] = self.train(shape, seconds=share,
+                                                             reserve=self._judge_reserve(self._slowest_judging()))
             except Exception as e:  # one student failing (a shape a backend refuses, ...) must not end the search
                 self._failed(rec, cands, e)
                 continue
@@ -314,10 +317,10 @@ class StudentSearch(StudentTraining):
         self.log(f"continue {shape.name}: the closest to the gate of the students that missed it, still improving at {why}")
         try:
             at = before["curve"][-1]["step"] if before.get("curve") else 0
-            seconds = s.remaining() - self._judge_reserve(entry)  # time kept to judge what it trains
+            reserve = self._judge_reserve(entry)  # time kept to judge what it trains
             with s.reporter.step(f"continue student {shape.name} from step {at}"):
-                path, report, rec["cached"] = (self.extend(shape, segment, seconds) if segment
-                                               else self.train(shape, seconds))
+                path, report, rec["cached"] = (self.extend(shape, segment, reserve=reserve) if segment
+                                               else self.train(shape, reserve=reserve))
         except Exception as e:  # continuing one student must not end the search
             self._failed(rec, cands, e)
             return
