@@ -168,19 +168,19 @@ def main() -> None:
 
     base = DistillConfig(shape=args.shape, patience=PATIENCE, max_epochs=MAX_EPOCHS, seed=0, threads=args.threads)
     general = timed_distill(D, args.general_seconds, str(body), root / "general", corpus, base, reporter)
-    runs = {"A: sliced from the teacher": timed_distill(D, args.task_seconds, str(teacher_dir), root / "task-sliced",
-                                                        distill_csv, base, reporter),
-            "B: from the general-distilled student": timed_distill(
-                D, args.task_seconds, str(teacher_dir), root / "task-general", distill_csv,
-                dataclasses.replace(base, shape=None, student=str(root / "general")), reporter)}
-    folders = ["task-sliced", "task-general"]
+    from_general = dataclasses.replace(base, shape=None, student=str(root / "general"))
+    # name -> (the student's folder, its training record)
+    runs = {"A: sliced from the teacher": ("task-sliced", timed_distill(
+                D, args.task_seconds, str(teacher_dir), root / "task-sliced", distill_csv, base, reporter)),
+            "B: from the general-distilled student": ("task-general", timed_distill(
+                D, args.task_seconds, str(teacher_dir), root / "task-general", distill_csv, from_general, reporter))}
     if args.fixed_epochs:
-        runs[f"C: as B, {args.fixed_epochs} epochs, no early stop"] = timed_distill(
-            D, args.task_seconds, str(teacher_dir), root / f"task-general-{args.fixed_epochs}ep", distill_csv,
-            dataclasses.replace(base, shape=None, student=str(root / "general"), patience=None,
-                                epochs=args.fixed_epochs), reporter, final=root / f"task-general-{args.fixed_epochs}ep-final")
-        runs[f"C': the same run's last state"] = runs[f"C: as B, {args.fixed_epochs} epochs, no early stop"]
-        folders += [f"task-general-{args.fixed_epochs}ep", f"task-general-{args.fixed_epochs}ep-final"]
+        c = f"task-general-{args.fixed_epochs}ep"
+        rec = timed_distill(D, args.task_seconds, str(teacher_dir), root / c, distill_csv,
+                            dataclasses.replace(from_general, patience=None, epochs=args.fixed_epochs), reporter,
+                            final=root / f"{c}-final")
+        runs[f"C: as B, {args.fixed_epochs} epochs, no early stop"] = (c, rec)
+        runs["C': the same run's last state"] = (f"{c}-final", rec)
 
     test = load_texts(test_csv)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -188,7 +188,7 @@ def main() -> None:
     truth = label_ids(test.labels, teacher.config.id2label)
     ref = predictions(teacher, tok, test.texts)
     rows = {}
-    for (name, rec), folder in zip(runs.items(), folders):
+    for name, (folder, rec) in runs.items():
         pred = predictions(AutoModelForSequenceClassification.from_pretrained(root / folder), tok, test.texts)
         drop, agree = accuracy_drop(ref == truth, pred == truth), agreement(pred == ref)
         rows[name] = {"accuracy": float((pred == truth).mean() * 100), "drop": drop.estimate, "drop_low": drop.low,
