@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rotten_tomatoes import convert_all, rotten_tomatoes_rows, split_by_movie, write_csv  # noqa: E402
 
-from bertexport.judging.benchmark import benchmark, to_markdown, write_outputs  # noqa: E402
+from bertexport.judging.benchmark import benchmark  # noqa: E402
+from bertexport.judging.benchmark_report import to_markdown, write_outputs  # noqa: E402
 from bertexport.core.cache import cache_dir  # noqa: E402
 from bertexport.students.distill import distill  # noqa: E402
 from bertexport.students.distill_config import DistillConfig  # noqa: E402

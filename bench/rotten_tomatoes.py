@@ -29,7 +29,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from bertexport.judging.benchmark import benchmark, to_markdown, write_outputs
+from bertexport.judging.benchmark import benchmark
+from bertexport.judging.benchmark_report import to_markdown, write_outputs
 from bertexport.core.cache import cache_dir
 from bertexport.building.checkpoint import builtin_model_path
 

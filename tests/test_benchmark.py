@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bertexport.judging.benchmark import SCHEMA, benchmark, write_outputs
+from bertexport.judging.benchmark import benchmark
+from bertexport.judging.benchmark_report import SCHEMA, write_outputs
 from bertexport.cli import cli
 from bertexport.building.convert import convert
 from bertexport.core.errors import UserError
@@ -58,6 +59,30 @@ def test_cli_benchmark(arts, tmp_path):
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o" / "benchmark.json").is_file()
+
+
+def test_turns_report_back_to_back_beside_the_first_call_after_a_switch(arts, tmp_path):
+    """--turn 3: each cell keeps ``latency`` (a turn's first call, one per round) and adds ``steady``
+    (the median of the turn's other calls, one per round) with its own speedup; the tables show
+    both. Real ORT builds and PyTorch; no timing assertion."""
+    from bertexport.judging.benchmark_report import console_tables, to_markdown
+
+    r = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), str(arts["b"]), "--runs", "5", "--warmup", "1", "--seq", "8",
+                                 "--turn", "3", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "o" / "benchmark.json").read_text())
+    assert rep["config"]["turn"] == 3
+    for name, res in rep["cells"][0]["results"].items():
+        assert res["latency"]["count"] == 5 and res["steady"]["count"] == 5 and len(res["steady"]["values"]) == 5
+        assert set(res["steady_speedup"]) == {"p50_ratio", "round_ratio_p10", "round_ratio_p90"}
+    assert rep["cells"][0]["results"]["pytorch fp32"]["steady_speedup"]["p50_ratio"] == pytest.approx(1.0)
+    md = to_markdown(rep)
+    assert "in turns of 3 calls" in md and "back-to-back p50 ms" in md
+    assert [c.header for c in console_tables(rep, 120)[1].columns][-2:] == ["b2b ms", "b2b x"]
+    plain = benchmark(None, [arts["a"]], runs=5, warmup=1, sequences=[8])
+    assert "steady" not in plain["cells"][0]["results"]["ort-fp32"] and "back-to-back" not in to_markdown(plain)
+    bad = CliRunner().invoke(cli, ["benchmark", str(arts["a"]), "--turn", "0"])
+    assert bad.exit_code == 2
 
 
 def test_bad_inputs(arts, tmp_path):
@@ -166,7 +191,7 @@ def test_candidates_are_named_by_what_they_are(lookalikes):
 
 @pytest.mark.parametrize("width", [80, 120])
 def test_console_tables_keep_every_label_whole_at_width(lookalikes, width):
-    from bertexport.judging.benchmark import console_tables
+    from bertexport.judging.benchmark_report import console_tables
 
     rep = lookalikes["report"]
     out = _render(console_tables(rep, width), width)
@@ -182,7 +207,7 @@ def test_console_tables_keep_every_label_whole_at_width(lookalikes, width):
 
 
 def test_console_tables_wrap_but_never_cut_in_a_narrow_terminal(lookalikes):
-    from bertexport.judging.benchmark import console_tables
+    from bertexport.judging.benchmark_report import console_tables
 
     rep = lookalikes["report"]
     out = _render(console_tables(rep, 44)[:1], 44)
@@ -204,7 +229,7 @@ def test_console_tables_wrap_but_never_cut_in_a_narrow_terminal(lookalikes):
 def test_markdown_shows_intervals_and_two_decimal_load(lookalikes):
     import copy
 
-    from bertexport.judging.benchmark import to_markdown
+    from bertexport.judging.benchmark_report import to_markdown
 
     rep = copy.deepcopy(lookalikes["report"])
     env = rep["environment"]
@@ -229,7 +254,7 @@ def test_markdown_shows_intervals_and_two_decimal_load(lookalikes):
 def test_plot_numbers_candidates_on_log_axes_without_overlap(lookalikes):
     from matplotlib.text import Text
 
-    from bertexport.judging.benchmark import figure, plot
+    from bertexport.judging.benchmark_report import figure, plot
 
     rep = lookalikes["report"]
     fig = figure(rep)
@@ -252,7 +277,7 @@ def test_plot_numbers_candidates_on_log_axes_without_overlap(lookalikes):
 
 
 def test_compare_keeps_two_builds_of_one_profile_apart(lookalikes):
-    from bertexport.judging.benchmark import compare_reports
+    from bertexport.judging.benchmark_report import compare_reports
 
     rep = lookalikes["report"]
     rows = compare_reports(rep, rep)

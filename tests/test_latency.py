@@ -25,3 +25,31 @@ def test_speedup_ratio():
     cand = Latency.from_values([1.0, 1.0, 1.0])
     s = speedup(ref, cand)
     assert s["p50_ratio"] == pytest.approx(2.0) and s["round_ratio_p10"] == pytest.approx(2.0)
+
+
+def test_turns_split_the_first_call_of_a_turn_from_the_steady_ones(monkeypatch):
+    """A fake clock: a call costs 5 units right after another contestant ran (a wake-up), 1 unit
+    back-to-back; ``switch`` reads the first kind, ``steady`` the second, one value per round."""
+    from bertexport.judging import latency
+
+    clock = {"t": 0.0, "last": None}
+    calls = []
+
+    def contestant(name):
+        def call():
+            calls.append(name)
+            clock["t"] += 5.0 if clock["last"] not in (None, name) else 1.0
+            clock["last"] = name
+        return call
+
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock["t"])
+    timed = latency.time_turns({"a": contestant("a"), "b": contestant("b")}, runs=3, turn=3, warmup=1)
+    assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 3  # two contestants alternate: every turn follows the other
+    for name in "ab":
+        assert timed[name]["switch"].count == 3 and timed[name]["steady"].count == 3
+        assert timed[name]["switch"].values == [5.0, 5.0, 5.0] and timed[name]["steady"].values == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        latency.time_turns({"a": contestant("a")}, runs=1, turn=1)
+    clock["last"] = None
+    three = latency.time_turns({n: contestant(n) for n in "abc"}, runs=6, turn=2, warmup=0)
+    assert all(three[n]["switch"].values[1:] == [5.0] * 5 for n in "abc")  # rotated, never after itself

@@ -57,7 +57,8 @@ def benchmark(json_out, **values):
     from rich.console import Console
 
     from bertexport.core.progress import RichReporter
-    from bertexport.judging.benchmark import benchmark_command, comparison_table, console_tables
+    from bertexport.judging.benchmark import benchmark_command
+    from bertexport.judging.benchmark_report import comparison_table, console_tables
 
     outcome = benchmark_command(settings_from(BenchmarkSettings, values, "benchmark"), RichReporter())
     if outcome.comparison is not None:

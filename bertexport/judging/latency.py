@@ -87,3 +87,39 @@ def time_interleaved(calls: dict[str, Callable[[], object]], runs: int, warmup: 
         if on_round:
             on_round(r)
     return {k: Latency.from_values(v) for k, v in values.items()}
+
+
+def time_turns(calls: dict[str, Callable[[], object]], runs: int, turn: int = 4, warmup: int = 3) -> dict[str, dict[str, Latency]]:
+    """Interleaved rounds as ``time_interleaved``, but each contestant's turn is ``turn``
+    consecutive calls, read as two latencies a deployment can see:
+
+    - ``switch``: the turn's first call, right after another model had the cores — what a
+      sporadic request meets (the runtime's worker threads gone to sleep: measured, the same
+      cost after 5 ms idle as after another model ran);
+    - ``steady``: the median of the turn's other calls — back-to-back requests, a busy server.
+
+    Each is one value per round, so round-by-round ratios (``speedup``) stay paired. A fixed
+    wake-up cost per call weighs more on a small model: on a 2-vCPU AMX Xeon it was ~1 ms
+    for every OpenVINO model (a 3-layer student 1.63 ms back-to-back, 2.65 ms after ORT ran;
+    the 6-layer anchor 3.69 / 4.63), so the two can rank a student's gain differently."""
+    if runs < 1 or turn < 2:
+        raise ValueError("runs must be >= 1 and turn >= 2")
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    first: dict[str, list[float]] = {k: [] for k in calls}
+    steady: dict[str, list[float]] = {k: [] for k in calls}
+    order = list(calls)
+    for r in range(runs):
+        # rotated as ``time_interleaved`` from three contestants on; two just alternate, else
+        # one of them would open a round right after its own turn (no switch)
+        shift = r % len(order) if len(order) > 2 else 0
+        for name in order[shift:] + order[:shift]:
+            times = []
+            for _ in range(turn):
+                t0 = time.perf_counter()
+                calls[name]()
+                times.append(time.perf_counter() - t0)
+            first[name].append(times[0])
+            steady[name].append(float(np.median(times[1:])))
+    return {k: {"switch": Latency.from_values(first[k]), "steady": Latency.from_values(steady[k])} for k in calls}

@@ -69,6 +69,9 @@ class BenchmarkSettings:
     data_limit: int | None = option(None, "Use only the first N rows of --data.", min=1)
     runs: int = option(30, "Timed runs per candidate per cell (>= 5).", min=5)
     warmup: int = option(5, "Untimed warm-up runs per candidate per cell.", min=0)
+    turn: int = option(1, "Calls per candidate in each interleaved round. Above 1 the report adds back-to-back "
+                          "latency (the turn's later calls, a busy server) beside the first call after another "
+                          "candidate ran (a sporadic request).", min=1)
     threads: int = threads_field(help="Threads for every candidate (pinned, reported).")
     out_dir: Path | None = option(None, "Folder for benchmark.json/.md/.png.", flag="--out")
     force: bool = option(False, "Compare artifacts built from different checkpoints; replace an existing --out "
