@@ -459,6 +459,18 @@ def table(r: dict) -> str:
                      f"{iv.get('high', float('nan')):+.2f}] | {v['agreement']:.4f} | {v['bytes'] / 1e6:.1f} MB "
                      f"({v['bytes'] / fp32:.0%}) | {cells[0]} | {cells[1]} | {pr['mean_ms']:.2f} / {pr['p90_ms']:.2f} "
                      f"({pr['x_best_anchor']:.2f}x {_anchor(pr['best_anchor'])}) |")
+    if all("turns" in v["b1/s128"] for v in r["rows"].values()):
+        from levers_no_retraining import TURN
+
+        lines += ["", f"The fixed cells again in turns of {TURN} calls per contestant (a second interleaved run): the "
+                  "turn's first call, after another model ran (a sporadic request), and the median of the others "
+                  "(back-to-back requests); each x against the faster anchor in that regime.", "",
+                  "| row | b1 after a switch ms (x) | b1 back-to-back ms (x) | b8 after a switch ms (x) | b8 back-to-back ms (x) |",
+                  "|---|---|---|---|---|"]
+        for k, v in r["rows"].items():
+            cells = [f"{v[c]['turns'][m]['p50_ms']:.2f} ({v[c]['turns'][m]['x_best_anchor']:.2f}x "
+                     f"{_anchor(v[c]['turns'][m]['best_anchor'])})" for c in ("b1/s128", "b8/s128") for m in ("switch", "steady")]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     ref = next(iter(r["rows"].values()))["metric_reference"]
     d, tr = r["data"], r["teacher"]
     lines += ["", f"PyTorch fp32 teacher: {ref:.2f} % on {r['rows'][r['winner_label']]['samples']} untouched test rows. "

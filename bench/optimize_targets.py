@@ -163,11 +163,12 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, ort_a
     "x best anchor" from it, naming the faster anchor), then PyTorch with all of them in a second
     run (the vs-PyTorch ratio); with ``row_texts``, per-row latency of the same contestants."""
     import openvino as ov
-    from levers_no_retraining import NNCF, ORT, per_row_latency, vs_best_anchor
+    from levers_no_retraining import NNCF, ORT, TURN, per_row_latency, turn_rows, vs_best_anchor
 
     from bertexport.backends.onnxruntime.runner import OrtRunner
     from bertexport.building.checkpoint import load_model, resolve_checkpoint
     from bertexport.judging.compare import reference_runner
+    from bertexport.judging.latency import time_turns
     from bertexport.shipping.runtime import Artifact
 
     arts = {name: Artifact(p, threads=threads, allow_rejected=True) for name, p in winners.items()}
@@ -217,7 +218,8 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, ort_a
                                    "timed_in": "the second run (with PyTorch)"}
                 results[f"b{b}/s{s}"] = {"best_anchor": best, "rows": rows,
                                          "load_avg_before_after": {"anchors_and_artifacts": [load0, load1],
-                                                                   "with_pytorch": [load1, load2]}}
+                                                                   "with_pytorch": [load1, load2]},
+                                         "turns": turn_rows(time_turns(calls_for(feeds), runs=runs, turn=TURN))}
             if row_texts:
                 load0 = load_avg()
                 per = per_row_latency(calls_for, row_texts, encoder.encode, row_runs)
@@ -263,6 +265,17 @@ def table(results: dict, roof_ms: dict | None = None) -> str:
             lo, hi = r["x_best_anchor_rounds_p10_p90"]
             lines.append(f"| {n} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['vs_pytorch']:.2f}x | "
                          f"{r['x_best_anchor']:.2f}x {_ab(r['best_anchor'])} ({lo:.2f}-{hi:.2f}) |{extra}")
+        if c.get("turns"):
+            from levers_no_retraining import TURN
+
+            lines += [f"\n{cell}, turns of {TURN} calls per contestant (a second interleaved run): the turn's first "
+                      "call (after another model ran: a sporadic request) and the median of the others (back-to-back)",
+                      "", "| contestant | after a switch p50 ms | x best anchor | back-to-back p50 ms | x best anchor |",
+                      "|---|---|---|---|---|"]
+            for n, r in sorted(c["turns"].items(), key=lambda kv: kv[1]["steady"]["p50_ms"]):
+                w, st = r["switch"], r["steady"]
+                lines.append(f"| {n} | {w['p50_ms']:.2f} | {w['x_best_anchor']:.2f}x {_ab(w['best_anchor'])} | "
+                             f"{st['p50_ms']:.2f} | {st['x_best_anchor']:.2f}x {_ab(st['best_anchor'])} |")
     pr = results.get("per_row_b1")
     if pr:
         lines += [f"\nper-row latency, batch 1, {pr['texts']} test rows at their own length, p50 of {pr['runs_per_row']} "
@@ -341,6 +354,10 @@ def target_summary(label: str, v: dict, row: str, cells: dict) -> str:
         r = cells[cell]["rows"][row]
         parts.append(f"{cell} {r['x_best_anchor']:.2f}x {r['best_anchor']} (target >= {want}x: "
                      f"{'met' if r['x_best_anchor'] >= want else 'MISSED'})")
+        turns = cells[cell].get("turns", {}).get(row)
+        if turns:
+            parts.append(f"{cell} in turns: {turns['switch']['x_best_anchor']:.2f}x {turns['switch']['best_anchor']} after "
+                         f"a switch, {turns['steady']['x_best_anchor']:.2f}x {turns['steady']['best_anchor']} back-to-back")
     if "per_row_b1" in cells:
         r = cells["per_row_b1"]["rows"][row]
         parts.append(f"per-row b1 mean {r['x_best_anchor']:.2f}x {r['best_anchor']}")
