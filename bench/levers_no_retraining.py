@@ -163,12 +163,14 @@ def accuracy_rows(runners: dict, reference, encode, ts, task: str, labels, out: 
 TURN = 4  # calls per contestant's turn in the second timing: the first after a switch, the rest back-to-back
 
 
-def turn_rows(timed: dict) -> dict:
-    """``time_turns``'s two regimes per contestant, each read against the faster anchor in it
-    (which can differ between the regimes): ``switch`` (a turn's first call, after another model
-    ran: a sporadic request) and ``steady`` (the turn's other calls: back-to-back requests)."""
-    from bertexport.judging.latency import speedup
+def timed_in_turns(calls: dict, runs: int) -> dict:
+    """The contestants timed in turns of ``TURN`` calls (``time_turns``), both regimes per
+    contestant, each read against the faster anchor in it (which can differ between the
+    regimes): ``switch`` (a turn's first call, after another model ran: a sporadic request) and
+    ``steady`` (the turn's other calls: back-to-back requests)."""
+    from bertexport.judging.latency import speedup, time_turns
 
+    timed = time_turns(calls, runs=runs, turn=TURN)
     out = {}
     for regime in ("switch", "steady"):
         best, best_s = vs_best_anchor({n: t[regime].p50 for n, t in timed.items()})
@@ -183,7 +185,7 @@ def fixed_cells(runners: dict, encode, runs: int, out: dict, results: dict) -> N
     """p50/p90 at b1/s128 and b8/s128, every runner interleaved in one run per cell, x the best anchor, into ``out``."""
     from bertexport.core.textdata import builtin_samples
     from bertexport.judging.compare import fixed_cell_feeds
-    from bertexport.judging.latency import time_interleaved, time_turns
+    from bertexport.judging.latency import time_interleaved
 
     for b in (1, 8):
         feeds = fixed_cell_feeds(encode, builtin_samples(), b, 128)
@@ -191,7 +193,7 @@ def fixed_cells(runners: dict, encode, runs: int, out: dict, results: dict) -> N
         calls = {k: (lambda r=r: r.infer(feeds)) for k, r in runners.items()}
         timed = time_interleaved(calls, runs=runs, warmup=5)
         best, best_s = vs_best_anchor({k: t.p50 for k, t in timed.items()})
-        turns = turn_rows(time_turns(calls, runs=runs, turn=TURN))
+        turns = timed_in_turns(calls, runs)
         for k, t in timed.items():
             out[k][f"b{b}/s128"] = {"p50_ms": t.p50 * 1e3, "p90_ms": t.p90 * 1e3, "x_best_anchor": best_s / t.p50,
                                     "best_anchor": best, "turns": turns[k]}

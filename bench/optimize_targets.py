@@ -163,12 +163,11 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, ort_a
     "x best anchor" from it, naming the faster anchor), then PyTorch with all of them in a second
     run (the vs-PyTorch ratio); with ``row_texts``, per-row latency of the same contestants."""
     import openvino as ov
-    from levers_no_retraining import NNCF, ORT, TURN, per_row_latency, turn_rows, vs_best_anchor
+    from levers_no_retraining import NNCF, ORT, per_row_latency, timed_in_turns, vs_best_anchor
 
     from bertexport.backends.onnxruntime.runner import OrtRunner
     from bertexport.building.checkpoint import load_model, resolve_checkpoint
     from bertexport.judging.compare import reference_runner
-    from bertexport.judging.latency import time_turns
     from bertexport.shipping.runtime import Artifact
 
     arts = {name: Artifact(p, threads=threads, allow_rejected=True) for name, p in winners.items()}
@@ -219,7 +218,7 @@ def run_cells(model_dir: Path, winners: dict[str, Path], anchor_xml: Path, ort_a
                 results[f"b{b}/s{s}"] = {"best_anchor": best, "rows": rows,
                                          "load_avg_before_after": {"anchors_and_artifacts": [load0, load1],
                                                                    "with_pytorch": [load1, load2]},
-                                         "turns": turn_rows(time_turns(calls_for(feeds), runs=runs, turn=TURN))}
+                                         "turns": timed_in_turns(calls_for(feeds), runs)}
             if row_texts:
                 load0 = load_avg()
                 per = per_row_latency(calls_for, row_texts, encoder.encode, row_runs)
