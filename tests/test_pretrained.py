@@ -290,6 +290,13 @@ def test_init_shapes_in_the_search(keyword_model, tmp_path):
     by_latency = [StudentShape(1, 8, 1, 16), shapes[0], StudentShape(1, 16, 1, 16), pruned, shapes[1], big]
     assert next_shape(by_latency) == shapes[1]  # the middle of the two inits
     assert next_shape([s for s in by_latency if s not in shapes]) == pruned  # no init left: the middle of all
+    # then the shapes keeping the teacher's hidden size (32 here), then the rest with the pruned originals
+    rest = [s for s in by_latency if s not in shapes]
+    wide = PrunedShape(1, 32, 2, 48)  # a pruned original of the teacher's width stays in the last tier
+    for k, v in (("budget", 0.75), ("init", SimpleNamespace(path=tmp_path / "pruned-0.75"))):
+        object.__setattr__(wide, k, v)
+    assert next_shape(rest + [wide], hidden=32) == big
+    assert next_shape([s for s in rest if s != big] + [wide], hidden=32) == pruned  # the middle of all left
     base = Candidate("ort-int8", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
     (cand,) = student_candidates(shapes[0], [base], skip=not shapes[0].skip)
     assert cand.student == "init:mini-a L1-H16" and cand.name.startswith("init:mini-a L1-H16/ort-int8")

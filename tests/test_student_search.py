@@ -130,9 +130,12 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
     rep = res.report
     students = rep["students"]
     assert len(students) >= 3 and {s["prediction"] for s in students} == {"measured", "predicted"}
-    by_speed = sorted(students, key=lambda r: r["predicted_ratio"])
-    # bisection: the first student trained is the middle of the shapes by predicted latency
-    assert students[0]["predicted_ratio"] == by_speed[len(by_speed) // 2]["predicted_ratio"]
+    # bisection, the shapes that keep the teacher's hidden size first: the first student trained is
+    # the middle of those by predicted latency
+    full = sorted((r for r in students if r["hidden"] == TEACHER.hidden), key=lambda r: r["predicted_ratio"])
+    assert 2 <= len(full) < len(students)
+    assert students[0]["hidden"] == TEACHER.hidden
+    assert students[0]["predicted_ratio"] == full[len(full) // 2]["predicted_ratio"]
     # every trained student was judged; hopeless/dominated ones were never trained
     trained_names = [s["shape"] for s in students if s["train_seconds"] is not None]
     assert [_shape_of(n).hidden for n in trained_names] == trained
@@ -236,8 +239,9 @@ class _Search:
 def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones_skipped_by_the_budget(tmp_path,
                                                                                                     monkeypatch):
     """No model: the cost model's prediction, training and judging are stubbed (every student
-    misses the gate), so what is checked is the search's own decisions: bisection order,
-    shapes dominated by a miss never trained, hopeless ones never trained, the budget estimate."""
+    misses the gate), so what is checked is the search's own decisions: the shapes keeping the
+    teacher's hidden size first, bisection within each tier, shapes dominated by a miss never
+    trained, hopeless ones never trained, the budget estimate."""
     import bertexport.search.students as ss
     from bertexport.search.student_training import training_units
     from bertexport.search.session import Trial
@@ -250,34 +254,33 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     small, deep_narrow, middle, wide, slow = (_shape_of(n) for n in ratios)
     shapes = [_shape_of(n) for n in reversed(ratios)]
     first_seconds = 30.0
-    need = {sh: first_seconds * training_units(sh, teacher) / training_units(middle, teacher)
-            for sh in (deep_narrow, wide)}
-    assert need[wide] > need[deep_narrow]
-    # after the first student: room for the deep-narrow one, not the wide one
-    search = _Search([original], budget=first_seconds + (need[deep_narrow] + need[wide]) / 2)
+    need = first_seconds * training_units(deep_narrow, teacher) / training_units(wide, teacher)
+    # after the first student (the full-width one): no room for the deep-narrow one
+    search = _Search([original], budget=first_seconds + need / 2)
     trained = []
 
     def train(self, shape, seconds=None, reserve=0.0):
         trained.append(shape.name)
-        seconds = first_seconds if shape == middle else need[shape]
-        self.search.clock += seconds
-        return tmp_path / shape.name, {"train_seconds": seconds}, False
+        self.search.clock += first_seconds
+        return tmp_path / shape.name, {"train_seconds": first_seconds}, False
 
     _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
 
     records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None, shapes=shapes,
                                recipes=[base]).run()
     status = {r["shape"]: r["status"] for r in records}
-    # the middle shape first; its miss rules out the shapes it dominates; the wide one does not fit
-    assert [r["shape"] for r in records] == [middle.name, wide.name, deep_narrow.name, slow.name, small.name]
-    assert trained == [middle.name, deep_narrow.name]
-    assert status == {middle.name: "not passed", wide.name: "skipped", deep_narrow.name: "not passed",
-                      slow.name: "hopeless", small.name: "dominated"}
+    # the full-width tier first (the middle of its two: the slow one, hopeless against the original's
+    # 1.0 ms); then the narrower ones, their middle first: the deep-narrow one does not fit in the time
+    # left, and the full-width one's miss rules out the shapes it dominates
+    assert [r["shape"] for r in records] == [slow.name, wide.name, deep_narrow.name, middle.name, small.name]
+    assert trained == [wide.name]
+    assert status == {slow.name: "hopeless", wide.name: "not passed", deep_narrow.name: "skipped",
+                      middle.name: "dominated", small.name: "dominated"}
     reasons = {r["shape"]: r["reason"] for r in records}
-    assert f"training needs ~{need[wide]:.0f} s" in reasons[wide.name]
+    assert f"training needs ~{need:.0f} s" in reasons[deep_narrow.name]
     assert "predicted 1.10 ms >= the best passing" in reasons[slow.name]
-    assert middle.name in reasons[small.name] and "missed the gate" in reasons[small.name]
-    assert records[0]["predicted_ms"] == pytest.approx(0.45) and records[0]["measured_ms"] == 0.5
+    assert all(wide.name in reasons[n] and "missed the gate" in reasons[n] for n in (middle.name, small.name))
+    assert records[1]["predicted_ms"] == pytest.approx(0.7) and records[1]["measured_ms"] == 0.5
     # the trained students were judged against the original, with the predicted latency on each trial
     assert search.tried == [c for r in records if r["shape"] in trained for c in r["candidates"]]
     judged = [t for t in search.trials if t.candidate.student]
@@ -555,7 +558,8 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
     from bertexport.search.session import Trial
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
-    ratios = {"L4-H192-A6-F384": 0.2, "L2-H192-A6-F384": 0.3, "L3-H256-A8-F768": 0.45, "L4-H384-A12-F1536": 0.7}
+    # none keeps the teacher's hidden size (384): one tier, bisected
+    ratios = {"L4-H192-A6-F384": 0.2, "L2-H192-A6-F384": 0.3, "L3-H256-A8-F768": 0.45, "L4-H352-A11-F1408": 0.7}
     fast, small, middle, wide = (_shape_of(n) for n in ratios)
     search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000)
     calls = []
@@ -595,13 +599,14 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_
     """No model: the first student (the middle shape) trains 3 epochs of 100 s each, stopped by its
     time share with a flat curve (not continued); 120 s are left then: a share of 60 s, under one
     epoch of either other shape (estimated from the first's epoch time, scaled by training cost:
-    ~85 s and ~193 s). The wide one's epoch and its judging (the 30-s floor) do not fit: skipped,
+    ~85 s and ~172 s). The wide one's epoch and its judging (the 30-s floor) do not fit: skipped,
     saying so; the small one's do: it trains for that epoch, not its 60-s share."""
     import bertexport.search.students as ss
     from bertexport.search.session import Trial
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
-    ratios = {"L4-H192-A6-F384": 0.2, "L3-H256-A8-F768": 0.45, "L4-H384-A12-F1536": 0.7}  # none dominates another
+    # none dominates another, none keeps the teacher's hidden size (384): one tier, bisected
+    ratios = {"L4-H192-A6-F384": 0.2, "L3-H256-A8-F768": 0.45, "L4-H352-A11-F1408": 0.7}
     small, middle, wide = (_shape_of(n) for n in ratios)
     search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=420)
     trained = []
@@ -625,7 +630,7 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_
     records = student_search.run()
     assert [n for n, _ in trained] == [middle.name, small.name]
     assert trained[0][1] == ss.STUDENT_SHARE * 420
-    assert 80 < epochs[small.name] < 90 and 185 < epochs[wide.name] < 200
+    assert 80 < epochs[small.name] < 90 and 165 < epochs[wide.name] < 180
     assert trained[1][1] == pytest.approx(ss.MIN_STUDENT_EPOCHS * epochs[small.name])  # its epoch, not its 60-s share
     (skipped,) = [r for r in records if r["status"] == "skipped"]
     assert skipped["shape"] == wide.name

@@ -12,8 +12,9 @@
   ``--student-init`` (the pruned model keeps the teacher's vocabulary and task head), never
   dominated.
 - The search bisects over them by predicted latency (``next_shape``; pre-trained
-  ``--student-init`` checkpoints first, the students most likely to pass) and never trains a shape
-  no larger in any dimension than a student that missed the gate (``dominated``).
+  ``--student-init`` checkpoints first, then the shapes that keep the teacher's hidden size: the
+  students most likely to pass) and never trains a shape no larger in any dimension than a student
+  that missed the gate (``dominated``).
 """
 
 from __future__ import annotations
@@ -199,21 +200,31 @@ def pruned_students(pruning: dict | None, ckpt, tokenizer=None, log=print) -> li
     return shapes
 
 
-def next_shape(pending: list):
+def next_shape(pending: list, hidden: int | None = None):
     """The next student to train: the middle of the untried shapes (ordered by predicted
-    latency). Accuracy grows with size roughly monotonically, so this bisects: a pass makes
-    every slower shape hopeless, a miss rules out the shapes it dominates (``dominated``),
-    and the fastest passing shape is found in ~log2(n) trainings instead of n (fastest-first
-    spends the budget on the smallest shapes, which miss the gate first).
+    latency) of the first tier that has any. Accuracy grows with size roughly monotonically,
+    so within a tier this bisects: a pass makes every slower shape hopeless, a miss rules out
+    the shapes it dominates (``dominated``), and the fastest passing shape is found in ~log2(n)
+    trainings instead of n (fastest-first spends the budget on the smallest shapes, which miss
+    the gate first).
 
-    Pre-trained ``--student-init`` checkpoints go first (bisected among themselves): they are
-    the students most likely to pass. Measured (docs/measurements.md, "The lever table again"):
-    a pre-trained MiniLM-L3 distilled lost +0.76 points where a 3-layer layer-drop student of
-    the same width lost +1.22 and the search's narrower ones 2.5-6.5; the literature agrees
-    (PKD vs TinyBERT/MiniLM, ../shared/REFERENCES.md "Students, round 2"). A pass makes the
-    slower layer-drop shapes hopeless before any of them trains. Pruned originals
-    (``PrunedShape``) keep their place by latency: they start close to the gate but slow."""
-    pool = [s for s in pending if isinstance(s, InitShape) and not isinstance(s, PrunedShape)] or pending
+    The tiers, most likely to pass first (a pass makes the slower shapes of later tiers hopeless
+    before any of them trains):
+    1. pre-trained ``--student-init`` checkpoints. Measured (docs/measurements.md, "The lever table
+       again"): a pre-trained MiniLM-L3 distilled lost +0.76 points where a 3-layer layer-drop
+       student of the same width lost +1.22 and the search's narrower ones 2.5-6.5; the literature
+       agrees (PKD vs TinyBERT/MiniLM, ../shared/REFERENCES.md "Students, round 2").
+    2. shapes sliced from the teacher that keep its hidden size (``hidden``: layer drop, the FFN
+       perhaps narrower). Measured on two machines and two tasks (docs/measurements.md, "Full-width
+       students first"): every student narrower than the teacher's hidden size (H192, H256 of a
+       MiniLM's 384) missed the gate, by 4-13 points; every full-width 3-layer one passed at least
+       once and the full-width 2-layer ones came within ~1 point; bisecting all shapes by latency
+       alone started with the narrow ones and spent a 28-minute budget on them.
+    3. the rest: narrower shapes, and the pruned originals (``PrunedShape``: they start close to the
+       gate but slow), by latency."""
+    tiers = ([s for s in pending if isinstance(s, InitShape) and not isinstance(s, PrunedShape)],
+             [s for s in pending if not isinstance(s, InitShape) and hidden is not None and s.hidden >= hidden])
+    pool = next((t for t in tiers if t), pending)
     return pool[len(pool) // 2]
 
 

@@ -3,7 +3,8 @@
 ``StudentSearch.run`` predicts every shape's latency with the cost model
 (``bertexport.search.cost_model``: a few anchor shapes measured on this machine, random init, the
 real recipe; the rest predicted), bisects over them by predicted latency (``next_shape``:
-the middle untried shape first), never trains a shape that cannot beat the best passing
+the middle untried shape of the tier most likely to pass first: pre-trained inits, then the
+shapes that keep the teacher's hidden size, then the rest), never trains a shape that cannot beat the best passing
 candidate so far (*hopeless*) nor one no larger in any dimension than a student that
 missed the gate (*dominated*). Each remaining student is trained (``search.student_training``:
 sliced or ``--student-init``, cached, resumable, within the deadline) and judged by the search
@@ -127,7 +128,7 @@ class StudentSearch(StudentTraining):
             if follow is not None:  # the budget continues the best student before it starts a new shape
                 self._continue(follow, bases, costs, missed)
                 continue
-            shape = next_shape(pending)
+            shape = next_shape(pending, self.teacher.hidden)
             pending.remove(shape)
             c = costs[shape.name]
             beaten = next((m for m in missed if dominated(shape, m)), None)
