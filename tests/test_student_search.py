@@ -95,9 +95,17 @@ def _stub_costs_training_and_data(monkeypatch, tmp_path, ratios: dict, train) ->
     monkeypatch.setattr(ss.StudentSearch, "_cached_path", lambda self, shape, digest: tmp_path / "none")
 
 
-def _fake_clock(monkeypatch, trained: list):
+def _fake_clock(monkeypatch, trained: list, costs_dir):
+    """The search's clock and the cost model's timings replaced by ``_clock_ms``, the cost model's
+    cache in ``costs_dir`` (the session's cache holds real timings under the same keys: read here,
+    they decided the order; written from here, they would mislead later tests); ``trained``
+    collects the hidden size of each student trained."""
     import bertexport.students.training as training
     from bertexport.search.cost_model import CostModel
+
+    real_path = CostModel._path
+    costs_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(CostModel, "_path", lambda self, shape: costs_dir / real_path(self, shape).name)
 
     def fake_ms(cand):
         if cand.student:
@@ -123,7 +131,7 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
     from bertexport.search.optimize import optimize
 
     trained: list = []
-    _fake_clock(monkeypatch, trained)
+    _fake_clock(monkeypatch, trained, tmp_path / "costs")
     kw = dict(budget="5m", distill="auto", distill_epochs=1, backends={"onnxruntime"}, threads=1,
               gates=Gates(max_accuracy_drop=10.0))
     res = optimize(str(keyword_model), labelled, tmp_path / "s", **kw)
@@ -187,7 +195,7 @@ def test_no_passing_student_returns_the_best_recipe_on_the_original(keyword_mode
     from bertexport.students.shapes import random_student
 
     trained: list = []
-    _fake_clock(monkeypatch, trained)
+    _fake_clock(monkeypatch, trained, tmp_path / "costs")
 
     def untrained(self, shape, seconds=None, reserve=0.0):
         import torch
@@ -413,7 +421,7 @@ def test_a_pruned_original_that_missed_the_gate_is_distilled_from_its_pruned_wei
     train.write_text("\n".join(keyword_rows[:200]) + "\n")  # --distill-data: the rows the students learn and are evaluated on
     model = tiny("bert", "text-classification")
     trained: list = []
-    _fake_clock(monkeypatch, trained)
+    _fake_clock(monkeypatch, trained, tmp_path / "costs")
 
     def fake_ms(cand):  # the pruned original: 0.5 ms; distilled from it: 0.4 ms; the original's int8 builds 1 ms
         if cand.student:
