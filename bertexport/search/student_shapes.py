@@ -217,9 +217,9 @@ def next_shape(pending: list, hidden: int | None = None):
     2. shapes sliced from the teacher that keep its hidden size (``hidden``: layer drop, the FFN
        perhaps narrower). Measured on two machines and two tasks (docs/measurements.md, "Full-width
        students first"): every student narrower than the teacher's hidden size (H192, H256 of a
-       MiniLM's 384) missed the gate, by 4-13 points; every full-width 3-layer one passed at least
-       once and the full-width 2-layer ones came within ~1 point; bisecting all shapes by latency
-       alone started with the narrow ones and spent a 28-minute budget on them.
+       MiniLM's 384) missed the gate, by 2-13 points; every full-width 3-layer one passed at least
+       once, the full-width 2-layer ones were borderline (RT +1.04 and +1.38 on 2,025 rows); bisecting
+       all shapes by latency alone started with the narrow ones and spent a 28-minute budget on them.
     3. the rest: narrower shapes, and the pruned originals (``PrunedShape``: they start close to the
        gate but slow), by latency."""
     tiers = ([s for s in pending if isinstance(s, InitShape) and not isinstance(s, PrunedShape)],
