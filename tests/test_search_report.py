@@ -12,8 +12,8 @@ import pytest
 
 from bertexport.judging import stats
 from bertexport.search.candidates import Candidate
-from bertexport.judging.gates import Gates
-from bertexport.search.report import candidate_label, figure, label_candidates, pareto_front, to_markdown
+from bertexport.judging.gates import Gates, judge
+from bertexport.search.report import candidate_label, figure, held_out_caveat, label_candidates, pareto_front, to_markdown
 
 
 def _drop(ref_right: int, cand_right: int, both: int, n: int) -> dict:
@@ -113,6 +113,27 @@ def test_markdown_marks_within_noise_and_shows_intervals(report):
     assert f"| {report['candidates'][2]['label']} | 2.40 |" in md and "| pytorch fp32 | 12.00 |" in md
 
 
+def test_a_winner_passed_within_noise_says_so_and_how_to_decide_it(report):
+    """The winner's held-out verdict as the search records it (``session._judge``: the confirm
+    slice judged by the point estimate; a straddling interval kept as noise): PASSED must not
+    hide that the rows could not resolve the gate, and must say how to decide it."""
+    assert held_out_caveat(report) is None and "within noise (" not in to_markdown(report)  # no noise recorded
+    held_out = judge(report["winner"]["confirm_metrics"], Gates(max_accuracy_drop=1.0))
+    assert held_out.status == "passed" and held_out.within_noise  # 150 rows: +0.67 [low, high] straddles 1.0
+    need = held_out.verdicts[0].rows_needed
+    assert need > 150 and f"about {need} rows would decide it" in held_out.within_noise[0]
+    winner = report["candidates"][2]  # its trial record (``session.Trial.to_dict``)
+    winner["noise"] = ["search slice: undecided: ..."] + [f"confirm slice: {n}" for n in held_out.within_noise]
+    caveat = held_out_caveat(report, "/tmp/winner")
+    assert caveat.startswith("held-out verdict within noise (accuracy drop 0.67 points") and f"about {need} rows" in caveat
+    assert ("`bertexport validate /tmp/winner --model /models/news-topic --force --data MORE.csv "
+            "--max-accuracy-drop 1.0 --confidence 0.95`") in caveat
+    assert f"- **{held_out_caveat(report)}**" in to_markdown(report)
+    # noise on the search slice alone (decided on the held-out slice): nothing to say
+    winner["noise"] = ["search slice: undecided: ..."]
+    assert held_out_caveat(report) is None
+
+
 def test_plot_every_timed_candidate_front_log_axis_and_no_overlap(report):
     import matplotlib.pyplot as plt
     from matplotlib.text import Text
@@ -141,6 +162,32 @@ def test_plot_every_timed_candidate_front_log_axis_and_no_overlap(report):
     # the gated figure's interval is drawn as error bars
     assert any(len(c.get_segments()) for c in ax.collections if hasattr(c, "get_segments"))
     plt.close(fig)
+
+
+def test_plot_with_a_student_grid_keeps_its_axes(report):
+    """An optimize search with the student grid names 40+ candidates in the key: the figure
+    grows with the key instead of squeezing the plot (it collapsed: constrained layout gave up
+    with a warning and drew the axes a few pixels high)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    many = dict(report)
+    students = [_trial(Candidate(OV.recipe, OV.backend, OV.precision, OV.passes, OV.runtime, student_layers=2 + k % 2),
+                       "skipped", None, None, "budget", predicted_ms=1.0 + 0.1 * k, label=f"student shape {k}")
+                for k in range(36)]
+    many["candidates"] = report["candidates"] + students
+    heights = {}
+    for name, rep in (("few", report), ("many", many)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "constrained_layout not applied" is a UserWarning
+            fig = figure(rep)
+            fig.canvas.draw()
+        ax = fig.axes[0]
+        heights[name] = (ax.get_window_extent().height / fig.dpi, len(fig.legends[0].get_texts()))
+        plt.close(fig)
+    assert heights["many"][1] == heights["few"][1] + 36  # every student named in the key
+    assert heights["many"][0] >= 0.9 * heights["few"][0] > 2.0  # inches of plot, not squeezed by the key
 
 
 def test_real_search_report_labels_students_by_shape(keyword_model, tmp_path):

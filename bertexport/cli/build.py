@@ -82,6 +82,7 @@ def _print_pruned(r, json_out):
 def optimize(json_out, **values):
     """Find the fastest artifact that keeps your task accuracy: backends, precisions, per-region float fallbacks, students."""
     from bertexport.search.optimize import optimize_command
+    from bertexport.search.report import held_out_caveat, held_out_figures
     from bertexport.core.progress import RichReporter
 
     try:
@@ -96,8 +97,10 @@ def optimize(json_out, **values):
     timing = result.report["final_timing"].get(w["name"], {})
     _say(json_out, f"winner: {w['name']} — {timing.get('p50_ms', 0):.2f} ms p50, {timing.get('vs_pytorch', 0):.2f}x PyTorch"
                    + (f", {timing['vs_anchor']:.2f}x the anchor" if timing.get("vs_anchor") else "")
-                   + f"; held-out: {w['confirm_metrics']}")
-    _say(json_out, f"PASSED: {result.artifact} (search table: {result.artifact / 'search.md'})")
+                   + f"; held-out: {held_out_figures(w['confirm_metrics'] or {})}")
+    caveat = held_out_caveat(result.report, result.artifact)
+    _say(json_out, f"PASSED: {result.artifact} (search table: {result.artifact / 'search.md'})"
+                   + (f"\n  {caveat}" if caveat else ""))
 
 
 @cli.command()

@@ -73,13 +73,24 @@ def place_numbers(ax, points: list[tuple], fontsize: float = 8) -> list:
     return texts
 
 
+def key_columns(entries: int) -> int:
+    return 1 if entries <= 6 else 2
+
+
+def key_height(entries: int) -> float:
+    """Inches the key under the plot takes (its title and one line per row of entries), to add
+    to a figure's height: a fixed-size figure with a long key (an optimize search with a
+    student grid names 40+ candidates) squeezed its axes to nothing."""
+    return 0.4 + 0.19 * -(-entries // key_columns(entries)) if entries else 0.0
+
+
 def key(fig, entries: list[tuple[int, str, str]], title: str = "candidates") -> None:
     """The key under the plot: one line per candidate, its number (coloured as its point) and full name."""
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], linestyle="None", marker=f"${n}$", markersize=7 + 2 * len(str(n)), color=colour,
                       label=label) for n, label, colour in entries]
-    fig.legend(handles=handles, loc="outside lower center", ncols=1 if len(entries) <= 6 else 2, fontsize=8,
+    fig.legend(handles=handles, loc="outside lower center", ncols=key_columns(len(entries)), fontsize=8,
                title=title, title_fontsize=8, frameon=False, handletextpad=0.6)
 
 

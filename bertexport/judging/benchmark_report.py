@@ -201,12 +201,13 @@ def figure(report: dict):
     candidate is a number; the key under the plot names it in full."""
     import numpy as np
 
-    from bertexport.core.plots import key, log_latency_axis, place_numbers, pyplot
+    from bertexport.core.plots import key, key_height, log_latency_axis, place_numbers, pyplot
 
     plt = pyplot()
     acc = report.get("accuracy") or {}
     has_acc = any(v.get("metric_candidate") is not None for v in acc.values())
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 3.6 + key_height(len(report["candidates"]))),
+                             squeeze=False, layout="constrained")
     ax = axes[0][0]
     names = [c["name"] for c in report["candidates"]]
     colours = [plt.get_cmap("tab10")(i % 10) for i in range(len(names))]

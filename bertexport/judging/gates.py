@@ -273,7 +273,8 @@ def _with_interval(spec: GateSpec, figures: dict, iv: dict, limit: float, confid
     need = stats.rows_for_confidence(stats.Interval(**iv), limit) if straddles else None
     base = dict(gate=spec.name, metric=spec.metric, value=float(est), threshold=limit, low=float(low), high=float(high),
                 check=check, rows=iv.get("rows"), rows_needed=need)
-    noise = f"{pre}{shown} straddles {limit}: within noise" if straddles else None
+    noise = (f"{pre}{shown} straddles {limit}: within noise" + (f"; about {need} rows would decide it" if need else "")
+             if straddles else None)
     if confidence is None:
         if bad_point:
             return Verdict(status=FAILED, message=f"{pre}{shown} {spec.op} {limit}", noise=noise, **base)
