@@ -1,0 +1,103 @@
+"""The topic task's verdict on every untouched post (issue #24: a 1-point target judged on 500
+posts has a ~±2-point interval, too wide to tell a 2-layer student from a 3-layer one).
+
+bench/news_topics.py draws search, distillation and test rows from one seeded shuffle of the
+20 Newsgroups test file (texts never in the teacher's training file). This takes the rows
+after those draws (same --seed and sizes), which nothing has seen: not the teacher, the search,
+the students, the calibration nor the 500-row verdict, and judges against the PyTorch teacher:
+  --artifact ART    through the product's own gate: `bertexport validate ART --model TEACHER
+                    --force --max-accuracy-drop 1 --confidence 0.95` (the artifact was built
+                    from a student, hence --force; the torch-free runtime, as shipped)
+  --checkpoint DIR  a student checkpoint in PyTorch fp32 (paired Tango interval, Wilson agreement)
+
+Usage (alone on the machine; ~1-2 min per contestant on 2 vCPUs):
+  flock /tmp/bench.lock .venv/bin/python bench/topic_verdict.py \\
+      --teacher ~/.cache/bertexport/bench/news-topics/minilm-20ng-coarse-1ep-t128-5000 \\
+      --artifact WINNER_DIR [--artifact ...] [--checkpoint STUDENT_DIR ...]
+Writes <cache>/bench/news-topics/verdict-<draw>.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bertexport.core.cache import cache_dir  # noqa: E402
+
+
+def untouched_rows(seed: int, sizes: dict[str, int], topics: str) -> list[dict]:
+    from news_topics import draw_rows, newsgroups
+
+    _, test, _ = newsgroups(topics)
+    drawn = draw_rows(test, sizes | {"rest": len(test)}, seed)
+    return drawn["rest"]
+
+
+def validate(artifact: Path, teacher: Path, data: Path, threads: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "bertexport", "validate", str(artifact), "--model", str(teacher), "--force",
+           "--data", str(data), "--max-accuracy-drop", "1", "--confidence", "0.95", "--threads", str(threads),
+           "--json", str(out)]
+    code = subprocess.run(cmd).returncode
+    if code not in (0, 1) or not out.is_file():
+        raise SystemExit(f"validate {artifact} exited {code}")
+    return {"exit_code": code, "report": json.loads(out.read_text())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--artifact", type=Path, action="append", default=[])
+    ap.add_argument("--checkpoint", type=Path, action="append", default=[])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--search-rows", type=int, default=700)
+    ap.add_argument("--distill-rows", type=int, default=1000)
+    ap.add_argument("--test-rows", type=int, default=500)
+    ap.add_argument("--topics", choices=("coarse", "all"), default="coarse")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from rotten_tomatoes import write_csv
+
+    sizes = {"search": args.search_rows, "distill": args.distill_rows, "test": args.test_rows}
+    rows = untouched_rows(args.seed, sizes, args.topics)
+    tag = f"s{args.seed}-{args.search_rows}-{args.distill_rows}-{args.test_rows}-{args.topics}"
+    root = cache_dir("bench", "news-topics")
+    data = write_csv(rows, root / f"untouched-{tag}.csv")
+    results = {"teacher": str(args.teacher), "rows": len(rows), "data": str(data), "contestants": {}}
+    for art in args.artifact:
+        results["contestants"][str(art)] = validate(art, args.teacher, data, args.threads,
+                                                    root / f"verdict-{art.name}-{tag}.json")
+        print(json.dumps(results["contestants"][str(art)]["report"].get("decision", {}), default=str)[:400], flush=True)
+    if args.checkpoint:
+        import numpy as np
+        import torch
+        from init_layer_drop import predictions
+        from transformers import AutoTokenizer
+
+        from bertexport.judging.stats import accuracy_drop, agreement
+
+        torch.set_num_threads(args.threads)
+        texts, gold = [r["text"] for r in rows], [r["category"] for r in rows]
+        tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
+        teacher = predictions(args.teacher, tokenizer, texts, args.max_length)
+        ref = np.array([p == g for p, g in zip(teacher, gold)])
+        for ckpt in args.checkpoint:
+            pupil = predictions(ckpt, tokenizer, texts, args.max_length)
+            cand = np.array([p == g for p, g in zip(pupil, gold)])
+            drop, agree = accuracy_drop(ref, cand), agreement(np.array([a == b for a, b in zip(teacher, pupil)]))
+            results["contestants"][str(ckpt)] = {
+                "pytorch_fp32": True, "teacher_accuracy": 100 * ref.mean(), "accuracy": 100 * cand.mean(),
+                "drop_points": [drop.estimate, drop.low, drop.high], "agreement": [agree.estimate, agree.low, agree.high]}
+            print(json.dumps(results["contestants"][str(ckpt)]), flush=True)
+    (root / f"verdict-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"{len(rows)} untouched rows; {root / f'verdict-{tag}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
