@@ -6,6 +6,7 @@ float, student shape) and a number shared by the Markdown table and the plot."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -102,10 +103,10 @@ def held_out_caveat(report: dict, artifact: str | Path = "ARTIFACT") -> str | No
     notes = [n.removeprefix("confirm slice: ") for n in trial.get("noise") or () if n.startswith("confirm slice: ")]
     if not notes:
         return None
-    gates = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (report.get("gate") or {}).items() if k != "confidence")
-    return (f"held-out verdict within noise ({'; '.join(notes)}): judge it on more labelled rows with "
-            f"`bertexport validate {artifact} --model {report['model']['source']} --force --data MORE.csv "
-            f"{gates} --confidence 0.95`".replace("  ", " "))
+    gates = [f"--{k.replace('_', '-')} {v}" for k, v in (report.get("gate") or {}).items() if k != "confidence"]
+    command = " ".join(["bertexport validate", shlex.quote(str(artifact)), "--model", shlex.quote(str(report["model"]["source"])),
+                        "--force --data MORE.csv", *gates, "--confidence 0.95"])
+    return f"held-out verdict within noise ({'; '.join(notes)}): judge it on more labelled rows with `{command}`"
 
 
 def to_markdown(report: dict) -> str:
