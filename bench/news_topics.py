@@ -265,12 +265,29 @@ def main(argv=None):
     ap.add_argument("--topics", choices=("coarse", "all"), default="coarse",
                     help="coarse: 5 topics (computers, recreation, science, politics, religion; the issue's teacher had "
                          "5); all: the 20 groups")
+    ap.add_argument("--teacher-texts", action="store_true",
+                    help="only write the teacher's training texts (the rows its --train-limit fine-tuning used) as a "
+                         "text CSV and exit: a larger transfer set for `bertexport distill --data` than --distill-rows")
     args = ap.parse_args(argv)
     try:
+        if args.teacher_texts:
+            print(write_teacher_texts(args.train_limit, args.topics))
+            return
         run(args, argv)
     except UserError as e:  # bad input: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_teacher_texts(limit: int | None, topics: str) -> Path:
+    """The texts the teacher was fine-tuned on (``train_classifier``'s seed-0 shuffle of the
+    training rows, its first ``limit``), one ``text`` column, in <cache>/bench/news-topics/."""
+    train, _, _ = newsgroups(topics)
+    rows = list(train)
+    random.Random(0).shuffle(rows)
+    rows = rows[:limit] if limit else rows
+    suffix = "" if topics == "all" else f"-{topics}"
+    return write_text_csv(rows, cache_dir("bench", "news-topics") / f"teacher-train{suffix}-{limit or 'all'}.csv")
 
 
 def run(args, argv) -> None:

@@ -14,7 +14,7 @@ Usage (alone on the machine; ~1-2 min per contestant on 2 vCPUs):
   flock /tmp/bench.lock .venv/bin/python bench/topic_verdict.py \\
       --teacher ~/.cache/bertexport/bench/news-topics/minilm-20ng-coarse-1ep-t128-5000 \\
       --artifact WINNER_DIR [--artifact ...] [--checkpoint STUDENT_DIR ...]
-Writes <cache>/bench/news-topics/verdict-<draw>.json and prints a Markdown table.
+Adds to <cache>/bench/news-topics/verdict-<draw>.json (earlier contestants kept); prints each verdict.
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def main() -> int:
     tag = f"s{args.seed}-{args.search_rows}-{args.distill_rows}-{args.test_rows}-{args.topics}"
     root = cache_dir("bench", "news-topics")
     data = write_csv(rows, root / f"untouched-{tag}.csv")
-    results = {"teacher": str(args.teacher), "rows": len(rows), "data": str(data), "contestants": {}}
+    record = root / f"verdict-{tag}.json"  # contestants of earlier runs on the same rows are kept
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    results = {"teacher": str(args.teacher), "rows": len(rows), "data": str(data),
+               "contestants": earlier.get("contestants", {}) if earlier.get("teacher") == str(args.teacher) else {}}
     for art in args.artifact:
         results["contestants"][str(art)] = validate(art, args.teacher, data, args.threads,
                                                     root / f"verdict-{art.name}-{tag}.json")
@@ -94,8 +97,8 @@ def main() -> int:
                 "pytorch_fp32": True, "teacher_accuracy": 100 * ref.mean(), "accuracy": 100 * cand.mean(),
                 "drop_points": [drop.estimate, drop.low, drop.high], "agreement": [agree.estimate, agree.low, agree.high]}
             print(json.dumps(results["contestants"][str(ckpt)]), flush=True)
-    (root / f"verdict-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"{len(rows)} untouched rows; {root / f'verdict-{tag}.json'}")
+    record.write_text(json.dumps(results, indent=1, default=str))
+    print(f"{len(rows)} untouched rows; {record}")
     return 0
 
 
