@@ -68,6 +68,20 @@ def predictions(model_dir: Path, tokenizer, texts: list[str], max_length: int) -
     return out
 
 
+def paired_verdict(teacher: list[str], pupil: list[str], gold: list[str]) -> dict:
+    """The student's accuracy drop vs the teacher on the same rows (Tango paired interval, points)
+    and their agreement (Wilson), from the two label lists and the gold labels."""
+    import numpy as np
+
+    from bertexport.judging.stats import accuracy_drop, agreement
+
+    ref = np.array([p == g for p, g in zip(teacher, gold)])
+    cand = np.array([p == g for p, g in zip(pupil, gold)])
+    drop, agree = accuracy_drop(ref, cand), agreement(np.array([a == b for a, b in zip(teacher, pupil)]))
+    return {"teacher_accuracy": 100 * ref.mean(), "accuracy": 100 * cand.mean(),
+            "drop_points": [drop.estimate, drop.low, drop.high], "agreement": [agree.estimate, agree.low, agree.high]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", type=Path,
@@ -80,11 +94,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    import numpy as np
     import torch
     from transformers import AutoTokenizer
-
-    from bertexport.judging.stats import accuracy_drop, agreement
 
     keep = [int(k) for k in args.keep.split(",")]
     tag = f"{args.init.name}-keep-{'-'.join(map(str, keep))}-{args.teacher.name}"
@@ -104,12 +115,8 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
     teacher = predictions(args.teacher, tokenizer, texts, args.max_length)
     pupil = predictions(student, tokenizer, texts, args.max_length)
-    ref = np.array([p == g for p, g in zip(teacher, gold)])
-    cand = np.array([p == g for p, g in zip(pupil, gold)])
-    drop, agree = accuracy_drop(ref, cand), agreement(np.array([a == b for a, b in zip(teacher, pupil)]))
-    verdict = {"student": str(student), "keep": keep, "train_seconds": train_seconds, "rows": len(rows),
-               "teacher_accuracy": 100 * ref.mean(), "student_accuracy": 100 * cand.mean(),
-               "drop_points": [drop.estimate, drop.low, drop.high], "agreement": [agree.estimate, agree.low, agree.high]}
+    verdict = {"student": str(student), "keep": keep, "train_seconds": train_seconds, "rows": len(rows)} | paired_verdict(
+        teacher, pupil, gold)
     (work / f"{tag}-verdict.json").write_text(json.dumps(verdict, indent=1))
     print(json.dumps(verdict, indent=1))
     return 0

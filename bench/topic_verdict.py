@@ -75,27 +75,19 @@ def main() -> int:
     for art in args.artifact:
         results["contestants"][str(art)] = validate(art, args.teacher, data, args.threads,
                                                     root / f"verdict-{art.name}-{tag}.json")
-        print(json.dumps(results["contestants"][str(art)]["report"].get("decision", {}), default=str)[:400], flush=True)
+        print(f"{art.name}: {results['contestants'][str(art)]['report'].get('verdict')}", flush=True)
     if args.checkpoint:
-        import numpy as np
         import torch
-        from init_layer_drop import predictions
+        from init_layer_drop import paired_verdict, predictions
         from transformers import AutoTokenizer
-
-        from bertexport.judging.stats import accuracy_drop, agreement
 
         torch.set_num_threads(args.threads)
         texts, gold = [r["text"] for r in rows], [r["category"] for r in rows]
         tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
         teacher = predictions(args.teacher, tokenizer, texts, args.max_length)
-        ref = np.array([p == g for p, g in zip(teacher, gold)])
         for ckpt in args.checkpoint:
             pupil = predictions(ckpt, tokenizer, texts, args.max_length)
-            cand = np.array([p == g for p, g in zip(pupil, gold)])
-            drop, agree = accuracy_drop(ref, cand), agreement(np.array([a == b for a, b in zip(teacher, pupil)]))
-            results["contestants"][str(ckpt)] = {
-                "pytorch_fp32": True, "teacher_accuracy": 100 * ref.mean(), "accuracy": 100 * cand.mean(),
-                "drop_points": [drop.estimate, drop.low, drop.high], "agreement": [agree.estimate, agree.low, agree.high]}
+            results["contestants"][str(ckpt)] = {"pytorch_fp32": True} | paired_verdict(teacher, pupil, gold)
             print(json.dumps(results["contestants"][str(ckpt)]), flush=True)
     record.write_text(json.dumps(results, indent=1, default=str))
     print(f"{len(rows)} untouched rows; {record}")
