@@ -177,15 +177,17 @@ def train_topic_classifier(train: list[dict], out: Path, epochs: int, limit: int
 # -- search --------------------------------------------------------------------------------------
 
 def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path, budget: str, threads: int,
-                    student_init: list[str] | None = None, distill: str = "auto"):
+                    student_init: list[str] | None = None, distill: str = "auto", distill_data: Path | None = None):
     """The ``optimize`` settings record, checked as the CLI checks it (``core.options.build``):
     the issue's gate and levers (``student_init``: pre-trained smaller checkpoints as students);
-    --early-exit auto only when this bertexport has it."""
+    --early-exit auto only when this bertexport has it. The students train on ``distill_data``
+    when given (a larger transfer text), else on the drawn unlabelled rows; int8 calibrates on
+    the drawn rows either way."""
     from bertexport.core.options import build
     from bertexport.search.settings import OptimizeSettings
 
     values = {"model": str(model), "data": str(search_csv), "out": str(out), "max_accuracy_drop": GATE_POINTS,
-              "distill": distill, "prune": "auto", "distill_data": str(distill_csv), "calib": str(distill_csv),
+              "distill": distill, "prune": "auto", "distill_data": str(distill_data or distill_csv), "calib": str(distill_csv),
               "budget": budget, "threads": threads, "force": True}
     if "early_exit" in {f.name for f in dataclasses.fields(OptimizeSettings)}:
         values["early_exit"] = "auto"
@@ -257,6 +259,9 @@ def main(argv=None):
     ap.add_argument("--latency-rows", **pos, default=500, help="test rows for the per-row latency")
     ap.add_argument("--row-runs", **pos, default=3, help="timed runs per row and contestant")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draws from the test file")
+    ap.add_argument("--search-again", action="store_true",
+                    help="the first search searches even when the same search finished before (optimize --search-again: "
+                         "after a change to bertexport itself, whose version the replay key holds)")
     ap.add_argument("--no-rerun", dest="rerun", action="store_false",
                     help="search once (by default the same search runs again: the rerun-in-seconds target)")
     ap.add_argument("--student-init", action="append", default=[], metavar="DIR",
@@ -265,6 +270,9 @@ def main(argv=None):
     ap.add_argument("--topics", choices=("coarse", "all"), default="coarse",
                     help="coarse: 5 topics (computers, recreation, science, politics, religion; the issue's teacher had "
                          "5); all: the 20 groups")
+    ap.add_argument("--distill-data", type=Path, default=None, metavar="CSV",
+                    help="the students' training text instead of the --distill-rows draw (optimize's --distill-data), "
+                         "e.g. the CSV --teacher-texts writes; calibration stays on the drawn rows")
     ap.add_argument("--teacher-texts", action="store_true",
                     help="only write the teacher's training texts (the rows its --train-limit fine-tuning used) as a "
                          "text CSV and exit: a larger transfer set for `bertexport distill --data` than --distill-rows")
@@ -306,6 +314,8 @@ def run(args, argv) -> None:
     if args.latency_rows > args.test_rows:
         raise UserError("--latency-rows must be <= --test-rows (the per-row latency runs on test rows)")
     parse_budget(args.budget)
+    if args.distill_data is not None and not args.distill_data.is_file():
+        raise UserError(f"--distill-data {args.distill_data}: no such file")
 
     from levers_no_retraining import stage_clock
 
@@ -331,8 +341,9 @@ def run(args, argv) -> None:
     # the search's settings checked now, before the teacher trains
     init_tag = "".join(f"-init-{Path(d).name}" for d in args.student_init) + ("" if args.distill == "auto" else
                                                                              f"-distill-{args.distill}")
+    init_tag += f"-dd-{args.distill_data.stem}" if args.distill_data else ""
     settings = search_settings(teacher_dir, search_csv, distill_csv, root / f"winner-{teacher_dir.name}-{tag}{init_tag}",
-                               args.budget, args.threads, args.student_init, args.distill)
+                               args.budget, args.threads, args.student_init, args.distill, args.distill_data)
     t0 = time.time()
     cold = not (teacher_dir / "model.safetensors").is_file()  # a new checkpoint: no build or evaluation of it is cached
     teacher = train_topic_classifier(train, teacher_dir, args.epochs, args.train_limit, args.max_length, lr=args.lr,
@@ -341,7 +352,8 @@ def run(args, argv) -> None:
     searches = {}
     for run_name in ("first", "rerun") if args.rerun else ("first",):
         t0 = time.time()
-        searches[run_name] = run_search(settings)
+        again = args.search_again and run_name == "first"
+        searches[run_name] = run_search(dataclasses.replace(settings, search_again=True) if again else settings)
         stage(f"search ({run_name})", t0)
     last = searches["rerun" if args.rerun else "first"]
     winner_path = Path(last["artifact"])

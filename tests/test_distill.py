@@ -5,6 +5,7 @@ fall; teacher-labelled expansion adds rows whose teacher outputs are computed on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from bertexport.cli import cli
 from bertexport.students.distill import distill
-from bertexport.students.distill_config import DistillConfig
+from bertexport.students.distill_config import DistillConfig, check_config
 from bertexport.students.shapes import keep_every
 from bertexport.core.errors import UserError
 from tests.tinymodels import keyword_sentence
@@ -371,10 +372,11 @@ def test_training_stops_on_a_plateau_and_keeps_the_best_state(keyword_model, tmp
     teacher, tok = _teacher(keyword_model)
     texts, labels = _texts(160)
     cap = 40
-    cfg = _cfg(patience=2, max_epochs=cap, eval_every=3, alpha_attention=0)
+    cfg = _cfg(patience=2, max_epochs=cap, eval_every=3, alpha_attention=0, cooldown=0)  # stop at once
     best, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "w")
     steps_per_epoch = r["schedule"]["steps_per_epoch"]
     assert r["stopped"] == "plateau" and r["steps"] < cap * steps_per_epoch  # stopped well before the cap
+    assert r["schedule"]["cooldown"] is None
     assert r["schedule"]["total_steps"] == cap * steps_per_epoch and r["schedule"]["eval_every"] == 3
     assert [e["step"] for e in r["evals"]] == list(range(3, r["steps"] + 1, 3))
     scores = [e["score"] for e in r["evals"]]
@@ -387,6 +389,87 @@ def test_training_stops_on_a_plateau_and_keeps_the_best_state(keyword_model, tmp
     assert last["state"]["step"] == r["steps"]
     assert any(not torch.equal(v, last["model"][k]) for k, v in _weights(best).items())
     assert r["initial_eval"]["score"] < max(scores)
+
+
+def test_a_plateau_cools_the_rate_down_to_zero_then_stops(keyword_model, tmp_path):
+    """Patience run out: the rate decays linearly from where it stood to 0 over ``cooldown`` of
+    the steps run (at least two evaluations), evaluated at its end, then training stops."""
+    import math
+
+    import torch
+
+    from bertexport.students.distill_config import cooldown_steps
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(160)
+    cap = 40
+    cfg = _cfg(patience=2, max_epochs=cap, eval_every=3, alpha_attention=0, cooldown=0.5)
+    work = tmp_path / "w"
+    best, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work)
+    cool = r["schedule"]["cooldown"]
+    assert r["stopped"] == "plateau" and cool is not None
+    start = cool["from_step"]
+    scores_before = [e["score"] for e in r["evals"] if e["step"] <= start]
+    top = scores_before.index(max(scores_before))
+    assert len(scores_before) - 1 - top == cfg.patience  # it began where patience ran out
+    assert cool["steps"] == max(2 * 3, math.ceil(0.5 * start)) == cooldown_steps(cfg, start, 3, cap * r["schedule"]["steps_per_epoch"])
+    assert r["steps"] == start + cool["steps"] and r["evals"][-1]["step"] == r["steps"]  # evaluated at its end
+    assert 0 < cool["lr_from"] <= cfg.lr
+    last = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert last["optimizer"]["param_groups"][0]["lr"] == 0.0  # cooled down to 0
+    assert r["final_eval"]["score"] == pytest.approx(max(e["score"] for e in r["evals"]))  # the best state, wherever it was
+    # none without patience, with cooldown 0, or with less than one evaluation left
+    assert cooldown_steps(_cfg(), 30, 3, 100) == 0 and cooldown_steps(_cfg(patience=2, cooldown=0), 30, 3, 100) == 0
+    assert cooldown_steps(_cfg(patience=2), 98, 3, 100) == 0 and cooldown_steps(_cfg(patience=2), 95, 3, 100) == 5
+    with pytest.raises(UserError, match="cooldown"):
+        check_config(_cfg(patience=2, cooldown=1.5))
+
+
+def test_a_deadline_cools_the_rate_down_before_it_and_a_resumed_run_goes_back_on_the_schedule(keyword_model, tmp_path,
+                                                                                                monkeypatch):
+    """With patience and a time cap, the cooldown starts when the time left would just fit it
+    (a fake clock: one unit a step), so the student the time stops is judged annealed; the next
+    call continues the run with the rate back on its schedule."""
+    import torch
+
+    from bertexport.students import training
+    from bertexport.students.shapes import shrink
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(160)
+    cfg = _cfg(patience=50, max_epochs=40, eval_every=3, alpha_attention=0)  # no plateau: the time decides
+    clock = {"t": 0.0}
+
+    def tick():
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(training.time, "monotonic", tick)
+    work = tmp_path / "w"
+    _, r = training.train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work,
+                                  seconds=60)
+    cool = r["schedule"]["cooldown"]
+    assert r["stopped"] == "time" and cool["why"] == "time"
+    assert r["steps"] == cool["from_step"] + cool["steps"] <= 60  # annealed within the time, evaluated at the end
+    assert cool["steps"] == max(2 * 3, -(-cool["from_step"] // 5)) and r["evals"][-1]["step"] == r["steps"]
+    saved = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.0
+
+    def stop_after_one(step, loss):
+        if step == r["steps"] + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # one step of the next call, checkpointed: the rate is back up
+        training.train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification",
+                               dataclasses.replace(cfg, checkpoint_every=1), work, seconds=12, on_step=stop_after_one)
+    resumed = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert resumed["state"]["step"] == r["steps"] + 1 and resumed["optimizer"]["param_groups"][0]["lr"] > 0.5 * cool["lr_from"]
+    _, r2 = training.train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, work,
+                                   seconds=12)
+    assert r2["resumed_from_step"] == r["steps"] + 1 and r2["schedule"]["earlier_cooldowns"] == [cool]
+    assert r2["steps"] > r["steps"] and r2["stopped"] == "time"
 
 
 def test_a_resumed_run_continues_from_the_saved_step_and_matches_an_uninterrupted_one(keyword_model, tmp_path):
@@ -420,6 +503,20 @@ def test_a_resumed_run_continues_from_the_saved_step_and_matches_an_uninterrupte
     assert resumed["loss_last_10pct"] == pytest.approx(full["loss_last_10pct"], rel=1e-5)
     a, b = _weights(full_best), _weights(best)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # interrupted inside the plateau's cooldown: resumed, the same cooldown and the same end
+    cool = full["schedule"]["cooldown"]
+    assert cool is not None and cool["steps"] >= 3
+
+    def interrupt_cooling(step, loss):
+        if step == cool["from_step"] + 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "c",
+                      on_step=interrupt_cooling)
+    _, cooled = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "c")
+    assert cooled["schedule"]["cooldown"] == pytest.approx(cool) and cooled["steps"] == full["steps"]
+    assert [e["score"] for e in cooled["evals"]] == pytest.approx([e["score"] for e in full["evals"]])
 
 
 def test_a_time_capped_run_stops_evaluated_and_continues_from_that_step(keyword_model, tmp_path):

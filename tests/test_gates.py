@@ -86,6 +86,11 @@ def test_verdicts_are_records_with_interval_and_status():
     # without a confidence level the point estimate decides; a straddling interval is within noise
     d = G.judge(_figures(47, 48), G.Gates(min_agreement=0.96))
     assert d.verdicts[0].status == "within-noise" and d.within_noise and not d.failures
+    # an estimate a hair from the threshold: the rows that would decide it are out of reach, and it says so
+    d = G.judge(_figures(5131, 5400), g)
+    a = next(v for v in d.verdicts if v.gate == "min_agreement")
+    assert a.status == "undecided" and a.rows_needed > G.FAR_BEYOND * 5400
+    assert "as good as on it" in a.message and f"about {a.rows_needed:,} rows" in a.message
 
 
 def test_junit_failures_come_from_verdicts_not_message_words(tmp_path):

@@ -1,6 +1,8 @@
 import pytest
 
-from bertexport.judging.latency import Latency, speedup, time_interleaved
+from collections import Counter
+
+from bertexport.judging.latency import Latency, round_orders, speedup, time_interleaved
 
 
 def test_latency_record_statistics():
@@ -16,8 +18,29 @@ def test_latency_record_statistics():
 def test_interleaved_order_and_counts():
     calls = []
     timed = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=4, warmup=1)
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then rotated rounds
+    assert calls == ["a", "b"] * 5  # warm-up, then rounds: two contestants alternate, never one after itself
     assert timed["a"].count == 4 and timed["b"].count == 4
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 8])
+def test_rounds_balance_what_runs_just_before_each_contestant(n):
+    """Each contestant once per round, and over the whole sequence (round boundaries included)
+    each follows every other about equally often and never itself: a rotated round-robin
+    (A B C, B C A, C A B) had A after C twice as often as after B."""
+    names = [f"c{i}" for i in range(n)]
+    runs = 6 * n
+    orders = round_orders(names, runs)
+    assert len(orders) == runs and all(sorted(o) == names for o in orders)
+    sequence = [name for order in orders for name in order]
+    pairs = Counter(zip(sequence, sequence[1:]))
+    assert not any(a == b for a, b in pairs)
+    counts = [pairs[(a, b)] for a in names for b in names if a != b]
+    assert sum(counts) == len(sequence) - 1
+    assert max(counts) - min(counts) <= (1 if n <= 4 else 2)
+    rotated = [names[r % n:] + names[: r % n] for r in range(runs)]
+    old_sequence = [name for order in rotated for name in order]
+    old = Counter(zip(old_sequence, old_sequence[1:]))
+    assert max(old.values()) >= 2 * min(old[(a, b)] for a in names for b in names if a != b)  # the old bias
 
 
 def test_speedup_ratio():

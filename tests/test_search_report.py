@@ -121,11 +121,11 @@ def test_a_winner_passed_within_noise_says_so_and_how_to_decide_it(report):
     held_out = judge(report["winner"]["confirm_metrics"], Gates(max_accuracy_drop=1.0))
     assert held_out.status == "passed" and held_out.within_noise  # 150 rows: +0.67 [low, high] straddles 1.0
     need = held_out.verdicts[0].rows_needed
-    assert need > 150 and f"about {need} rows would decide it" in held_out.within_noise[0]
+    assert need > 150 and f"about {need:,} rows would decide it" in held_out.within_noise[0]
     winner = report["candidates"][2]  # its trial record (``session.Trial.to_dict``)
     winner["noise"] = ["search slice: undecided: ..."] + [f"confirm slice: {n}" for n in held_out.within_noise]
     caveat = held_out_caveat(report, "/tmp/winner")
-    assert caveat.startswith("held-out verdict within noise (accuracy drop 0.67 points") and f"about {need} rows" in caveat
+    assert caveat.startswith("held-out verdict within noise (accuracy drop 0.67 points") and f"about {need:,} rows" in caveat
     assert ("`bertexport validate /tmp/winner --model /models/news-topic --force --data MORE.csv "
             "--max-accuracy-drop 1.0 --confidence 0.95`") in caveat
     assert f"- **{held_out_caveat(report)}**" in to_markdown(report)
@@ -218,3 +218,17 @@ def test_real_search_report_labels_students_by_shape(keyword_model, tmp_path):
     md = (res.artifact / "search.md").read_text()
     assert all(f"| {label} |" in md for label in labels)
     assert (res.artifact / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_curve_marks_where_the_cooldown_began_and_the_state_kept():
+    from bertexport.search.report import curves_markdown
+    from bertexport.search.student_training import learning_curve
+
+    training = {"initial_eval": {"score": 0.6}, "stopped": "plateau", "best_step": 30, "epochs_run": 2.0,
+                "evals": [{"step": s, "epoch": s / 10, "score": v} for s, v in ((10, 0.9), (20, 0.89), (30, 0.93))],
+                "schedule": {"cooldown": {"from_step": 20, "steps": 10, "lr_from": 1e-4}}}
+    rec = {"shape": "L2-H384-A12-F768"} | learning_curve(training)
+    assert rec["cooldown_from_step"] == 20
+    line = curves_markdown([rec])[-1]
+    assert line == "- L2-H384-A12-F768: stopped by plateau after 2 epochs — 0:0.600, 1:0.900, 2:0.890 |, 3:0.930*"
+    assert learning_curve({"evals": []})["cooldown_from_step"] is None

@@ -1,8 +1,9 @@
 """``benchmark``: latency, throughput, memory and (with labelled data) accuracy of the
 PyTorch original and every artifact, side by side, in one interleaved run.
 
-Every cell (batch x sequence) times all candidates round-robin so drift on a shared
-machine hits them alike; threads are pinned and recorded; raw timings are kept in the
+Every cell (batch x sequence) times all candidates in interleaved rounds so drift on a
+shared machine hits them alike, each following every other about equally often
+(``latency.round_orders``); threads are pinned and recorded; raw timings are kept in the
 JSON report together with the environment. Candidates are named by what they are (profile
 or recipe, precision, student shape; ``bertexport.building.report.artifact_label``), never by their
 folder; the report and its tables are ``bertexport.judging.benchmark_report``'s.
@@ -118,7 +119,7 @@ def benchmark(
     are timed alone, speedups against the first artifact, in the same report schema.
 
     ``turn``: calls per candidate in each interleaved round. With 1 every call follows another
-    candidate's (round-robin). With more, a cell's ``latency`` is each turn's first call (the
+    candidate's (balanced rounds). With more, a cell's ``latency`` is each turn's first call (the
     same regime: after another model had the cores, as a sporadic request meets it) and
     ``steady`` the median of the turn's other calls (back-to-back requests, a busy server),
     with its own ``steady_speedup`` (``latency.time_turns``). A fixed wake-up cost per call

@@ -1,8 +1,12 @@
 """Latency records and interleaved timing.
 
 One ``Latency`` record per measured cell (count, mean, stdev, p50/p90/p95/p99, raw
-values), after optimum-benchmark. Runners are timed round-robin (A B C A B C ...) so
+values), after optimum-benchmark. Runners are timed in rounds, each once per round, so
 drift on a shared machine hits every candidate alike; warm-up runs are not counted.
+The rounds' orders (``round_orders``) make every contestant follow every other about equally
+often: what ran just before a call changes its time (a runtime whose worker threads slept
+while another runtime had the cores pays to wake them), and a rotated round-robin keeps the
+cyclic order A B C, so each contestant follows the same one in most rounds.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -68,19 +73,47 @@ def speedup(reference: Latency, candidate: Latency) -> dict:
 QUICK_RUNS, QUICK_WARMUP = 12, 3
 
 
+def round_orders(names: list[str], runs: int) -> list[list[str]]:
+    """``runs`` orders of ``names`` (each once per round) balanced for what ran just before:
+    over the whole sequence, round boundaries included, each contestant follows every other
+    about equally often (counts within one of each other for 2-4 contestants) and never
+    itself (first-order carry-over balance, in the spirit of Williams designs, built
+    greedily). Each round starts its search at a rotated position, so positions rotate too.
+
+    A rotated round-robin (A B C, B C A, C A B) keeps the cyclic order: on a 2-vCPU AMX Xeon an
+    OpenVINO student followed the ORT anchor in 2 rounds of 3 (its worker threads asleep, ~0.7 ms
+    a call) while the NNCF anchor mostly followed the student (its threads awake). Timed again
+    in balanced rounds, the same artifacts' b1 ratio went from 2.50x to 2.76x the NNCF anchor
+    (2026-12-04, docs/measurements.md)."""
+    names = list(names)
+    counts: Counter = Counter()
+    prev, out = None, []
+    for r in range(runs):
+        left = names[r % len(names):] + names[: r % len(names)] if names else []
+        order = []
+        while left:
+            nxt = min(left, key=lambda c: (c == prev, counts[(prev, c)]))  # ties: the rotated position
+            left.remove(nxt)
+            order.append(nxt)
+            if prev is not None:
+                counts[(prev, nxt)] += 1
+            prev = nxt
+        out.append(order)
+    return out
+
+
 def time_interleaved(calls: dict[str, Callable[[], object]], runs: int, warmup: int = 3,
                      on_round: Callable[[int], None] | None = None) -> dict[str, Latency]:
-    """Time each callable ``runs`` times, round-robin, after ``warmup`` untimed rounds."""
+    """Time each callable ``runs`` times in rounds ordered by ``round_orders``, after
+    ``warmup`` untimed rounds."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
     for _ in range(warmup):
         for fn in calls.values():
             fn()
     values: dict[str, list[float]] = {k: [] for k in calls}
-    order = list(calls)
-    for r in range(runs):
-        # rotate the start each round so no candidate always runs right after the same one
-        for name in order[r % len(order):] + order[: r % len(order)]:
+    for r, order in enumerate(round_orders(list(calls), runs)):
+        for name in order:
             t0 = time.perf_counter()
             calls[name]()
             values[name].append(time.perf_counter() - t0)
@@ -109,12 +142,8 @@ def time_turns(calls: dict[str, Callable[[], object]], runs: int, turn: int = 4,
             fn()
     first: dict[str, list[float]] = {k: [] for k in calls}
     steady: dict[str, list[float]] = {k: [] for k in calls}
-    order = list(calls)
-    for r in range(runs):
-        # rotated as ``time_interleaved`` from three contestants on; two just alternate, else
-        # one of them would open a round right after its own turn (no switch)
-        shift = r % len(order) if len(order) > 2 else 0
-        for name in order[shift:] + order[:shift]:
+    for order in round_orders(list(calls), runs):  # balanced as ``time_interleaved``; never after its own turn
+        for name in order:
             times = []
             for _ in range(turn):
                 t0 = time.perf_counter()

@@ -235,10 +235,10 @@ def curves_markdown(students: list[dict]) -> list[str]:
     if not trained:
         return []
     lines = ["", "Learning curves (held-out agreement with the teacher per evaluation, epoch:score; epoch 0 is before "
-                 "training; * the state kept):", ""]
+                 "training; * the state kept; | the plateau's cooldown of the learning rate began):", ""]
     for r in trained:
         points = ", ".join(f"{c['epoch']:g}:{c['score']:.3f}{'*' if c['step'] == r.get('best_step') else ''}"
-                           for c in r["curve"])
+                           f"{' |' if c['step'] == r.get('cooldown_from_step') else ''}" for c in r["curve"])
         resumed = f", resumed at step {r['resumed_from_step']}" if r.get("resumed_from_step") else ""
         lines.append(f"- {r['shape']}{' (cached)' if r.get('cached') else ''}: stopped by {r.get('stopped') or '?'} after "
                      f"{_fmt(r.get('epochs_run'), 'g')} epochs{resumed} — {points}")

@@ -19,6 +19,8 @@ class DistillConfig:
     epochs: int = 3  # a fixed count of epochs (no early stop) when patience is None
     patience: int | None = None  # or: stop after this many held-out evaluations without a better score
     max_epochs: int = 10  # ... or at this many epochs (with patience only)
+    cooldown: float = 0.2  # with patience, when it runs out: the learning rate decays linearly from where it is to 0
+    # over this fraction of the steps run (at least two evaluations; ``cooldown_steps``), then training stops; 0: stop at once
     eval_every: int | None = None  # steps between held-out evaluations (None: EVALS_PER_EPOCH per epoch)
     batch_size: int = 32
     lr: float = 1e-4  # small students like higher rates than BERT fine-tuning (Turc et al.: 1e-4..3e-4)
@@ -53,6 +55,8 @@ def check_config(cfg: DistillConfig) -> None:
         raise UserError("batch_size, epochs and max_epochs must be >= 1")
     if cfg.patience is not None and cfg.patience < 1:
         raise UserError("patience must be >= 1 evaluation")
+    if not 0 <= cfg.cooldown <= 1:
+        raise UserError("cooldown must be a fraction of the steps run, between 0 and 1")
     if cfg.eval_every is not None and cfg.eval_every < 1:
         raise UserError("eval_every must be >= 1 step")
     if not 0 <= cfg.warmup < 1 or not 0 < cfg.length_percentile <= 100 or cfg.hidden_loss_min_texts < 0:
@@ -104,6 +108,24 @@ def hidden_loss_weight(cfg: DistillConfig, train_texts: int) -> tuple[float, str
     if train_texts >= cfg.hidden_loss_min_texts:
         return 1.0, f"{train_texts} training texts >= {cfg.hidden_loss_min_texts}"
     return 0.0, f"off: {train_texts} training texts < {cfg.hidden_loss_min_texts} (per-layer losses overfit small data)"
+
+
+def cooldown_steps(cfg: DistillConfig, step: int, eval_every: int, total: int) -> int:
+    """Steps of the cooldown that starts at ``step`` when patience runs out: ``cfg.cooldown`` of
+    the steps run, at least two evaluations, ending by the schedule's last step; 0 (stop now)
+    without patience, with ``cooldown`` 0 or when less than one evaluation is left.
+
+    Why: with patience the schedule decays towards ``max_epochs``, so a plateau is met at a high
+    learning rate (at 85 % of its peak after 1.5 of 10 epochs), and the best state is an
+    un-annealed one. A warmup-stable-decay schedule's short linear cooldown recovers what a
+    schedule decayed to the known end would have reached (Hägele et al., NeurIPS 2024: a 20 %
+    cooldown matches cosine). Measured on the news topics (2026-12-04, fp32, 4,925 untouched
+    posts, one seed each): a 2-layer student of ``optimize`` stopped without a cooldown lost
+    +1.16 points, with one +0.49; by hand on a schedule decayed to 0 at 4 epochs, +0.57."""
+    if cfg.patience is None or cfg.cooldown <= 0:
+        return 0
+    steps = min(max(2 * eval_every, math.ceil(cfg.cooldown * step)), total - step)
+    return steps if steps >= eval_every else 0
 
 
 def schedule_steps(cfg: DistillConfig, steps_per_epoch: int) -> dict:

@@ -49,7 +49,8 @@ class DistillSettings:
         None, "A fixed count of training epochs, no early stop (default 3; not with --patience).", min=1)
     patience: int | None = option(
         None, "Instead of --epochs: stop when held-out agreement with the teacher has not improved for this many "
-              "evaluations (2 per epoch), keeping the best state.", min=1)
+              "evaluations (2 per epoch), keeping the best state; the learning rate is first cooled down to 0 over a "
+              "fifth of the steps run.", min=1)
     max_epochs: int | None = option(None, "With --patience: the most epochs (default 10).", min=1)
     batch_size: int = option(32, "Training batch size.", min=1)
     lr: float = option(1e-4, "Peak learning rate (linear warmup, then linear decay to 0).", min=0, min_open=True)

@@ -22,7 +22,8 @@ from bertexport.core.errors import UserError
 from bertexport.core.families import layer_count as _layer_count
 from bertexport.core.progress import Reporter
 from bertexport.students.device import batches_on_device, device_record, training_device
-from bertexport.students.distill_config import DistillConfig, hidden_loss_weight, schedule_steps, uniform_layer_map
+from bertexport.students.distill_config import (DistillConfig, cooldown_steps, hidden_loss_weight, schedule_steps,
+                                                uniform_layer_map)
 from bertexport.students.losses import _Intermediate, _loss
 from bertexport.students.training_data import TeacherOutputs, length_batches, sequence_length, split_eval, training_rows
 
@@ -171,9 +172,13 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
 
     When it stops: the held-out texts are evaluated every ``eval_every`` steps (default
     ``EVALS_PER_EPOCH`` a epoch) and the best state is kept in work/best (the step-0
-    evaluation is the curve's start, not a candidate). With ``cfg.patience`` training stops
-    after that many evaluations without a better score (``stopped: plateau``) or at
-    ``cfg.max_epochs``; without it, after ``cfg.epochs``. ``deadline`` (a ``time.monotonic()``
+    evaluation is the curve's start, not a candidate). With ``cfg.patience``, after that many
+    evaluations without a better score the rate is cooled down linearly to 0 over
+    ``cooldown_steps`` (``cfg.cooldown`` of the steps run) and training stops at its end
+    (``stopped: plateau``; the report's ``schedule.cooldown``), or at ``cfg.max_epochs``;
+    without patience, after ``cfg.epochs``. With patience and a deadline, the cooldown also
+    starts when the time left would just fit it (``stopped: time`` at its end; a later call
+    resuming the run puts the rate back on the schedule). ``deadline`` (a ``time.monotonic()``
     value) stops it after the step that passes it (evaluated first; ``stopped: time``); so does
     ``seconds`` of training, counted from when the teacher's outputs are ready (computing them
     once is the teacher's cost, shared by every student on the same data, not this run's).
@@ -276,6 +281,10 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
             state = saved["state"] | {"resumed_from_step": saved["state"]["step"]}
             if state.get("stopped") == "time":  # a time cap is this call's, not the run's: go on
                 state["stopped"] = None
+            if (state.get("cooldown") or {}).get("why") == "time":  # so is the cooldown before it: the rate
+                state.setdefault("earlier_cooldowns", []).append(state.pop("cooldown"))  # back on the schedule
+                for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+                    group["lr"] = lr
             reporter.log(f"resuming at step {state['step']} of {total}")
 
         def checkpoint():
@@ -299,16 +308,54 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                          f"{np.mean(recent) if recent else float('nan'):.4f}, "
                          + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score")
                          + (f"; best {state['best']:.4f} at step {state['best_step']}" if state["since_best"] else "; best"))
-            if cfg.patience is not None and state["since_best"] >= cfg.patience:
+            cooling = state.get("cooldown")
+            if cooling:
+                if state["step"] >= cooling["from_step"] + cooling["steps"]:
+                    state["stopped"] = cooling["why"]  # the cooldown done: "plateau", or "time" (resumable)
+            elif cfg.patience is not None and state["since_best"] >= cfg.patience and not start_cooldown("plateau"):
                 state["stopped"] = "plateau"
+
+        def start_cooldown(why: str) -> bool:
+            """The rate from where it stands linearly to 0 over ``cooldown_steps``, then stop
+            (``why``: "plateau", or "time": the deadline is that many steps away). False: no room."""
+            steps = cooldown_steps(cfg, state["step"], every, total)
+            if steps:
+                lr = opt.param_groups[0]["lr"]
+                state["cooldown"] = {"from_step": state["step"], "steps": steps, "lr_from": lr, "why": why}
+                reporter.log(f"{'held-out plateau' if why == 'plateau' else 'time nearly up'} at step {state['step']}: "
+                             f"learning rate {lr:.2g} cooled down to 0 over {steps} steps, then stop")
+            return bool(steps)
+
+        def cool_before(deadline: float | None, now: float) -> None:
+            """With patience and a deadline: a cooldown started when what is left of the time
+            (x 1.1) would just fit it at this call's pace so far (evaluations included), so a
+            student the time stops is judged annealed, not at a high rate."""
+            ran = state["step"] - started["step"]
+            if deadline is None or cfg.patience is None or state.get("cooldown") or ran < every:
+                return
+            pace = (now - started["at"]) / ran
+            steps = cooldown_steps(cfg, state["step"], every, total)
+            if steps and now + 1.1 * steps * pace >= deadline:
+                start_cooldown("time")
+
+        def advance_lr():
+            """The schedule's next step, or during a cooldown a linear decay to 0 at its end."""
+            cooling = state.get("cooldown")
+            if not cooling:
+                sched.step()
+                return
+            left = max(0.0, 1.0 - (state["step"] - cooling["from_step"]) / cooling["steps"])
+            for group in opt.param_groups:
+                group["lr"] = cooling["lr_from"] * left
 
         if state["step"] == 0 and state.get("initial_eval") is None:
             state["initial_eval"] = _evaluate(student, eval_b, teacher_eval, task)  # the curve's start, not a candidate
             inter.drop_captures()
         student.train()
         t0 = time.perf_counter()
+        started = {"step": state["step"], "at": time.monotonic()}  # this call's pace (``cool_before``)
         if seconds is not None:  # this run's training time starts now, after the teacher's outputs
-            deadline = min(d for d in (deadline, time.monotonic() + seconds) if d is not None)
+            deadline = min(d for d in (deadline, started["at"] + seconds) if d is not None)
         how = (f"until {cfg.patience} evaluations without a better held-out score, at most {cfg.max_epochs} epochs"
                if cfg.patience is not None else f"{cfg.epochs} epochs")
         with reporter.step(f"distill {how} ({steps_per_epoch} steps each, evaluated every {every})"):
@@ -326,14 +373,17 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(list(student.parameters()) + inter.parameters(), 1.0)
                     opt.step()
-                    sched.step()
                     opt.zero_grad()
                     state["step"] += 1
+                    advance_lr()
                     state["history"].append(round(float(loss.detach()), 6))
                     for k, v in parts.items():
                         state["parts"].setdefault(k, []).append(round(float(v.detach()), 6))
-                    out_of_time = deadline is not None and time.monotonic() >= deadline
-                    due = state["step"] % every == 0 or state["step"] == total or out_of_time
+                    now = time.monotonic()
+                    out_of_time = deadline is not None and now >= deadline
+                    cool_before(deadline, now)
+                    cooled = state.get("cooldown") and state["step"] == state["cooldown"]["from_step"] + state["cooldown"]["steps"]
+                    due = state["step"] % every == 0 or state["step"] == total or out_of_time or cooled
                     if due:
                         evaluate()
                         if out_of_time and state["stopped"] is None:
@@ -366,7 +416,10 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                  "teacher_labelled_rows": data["originals"] + data["augmented"]},
         "max_length": max_length, "max_length_source": "given" if cfg.max_length else f"p{cfg.length_percentile:g} of the data",
         "schedule": {"lr": cfg.lr, "warmup_steps": plan["warmup"], "total_steps": total, "decay": "linear to 0",
-                     "steps_per_epoch": steps_per_epoch, "eval_every": every, "patience": cfg.patience},
+                     "steps_per_epoch": steps_per_epoch, "eval_every": every, "patience": cfg.patience,
+                     # the last cooldown: from_step, steps, lr_from, why ("plateau", or "time": the deadline
+                     # near; ``cooldown_steps``); earlier ones, of time-capped calls resumed after them
+                     "cooldown": state.get("cooldown"), "earlier_cooldowns": state.get("earlier_cooldowns", [])},
         # why training ended: "plateau" (patience), "max_epochs" (the cap, with patience), "epochs" (the
         # fixed count) or "time" (the caller's deadline: resumable, the work folder continues it)
         "stopped": state["stopped"] or ("max_epochs" if cfg.patience is not None else "epochs"),
