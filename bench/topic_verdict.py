@@ -8,7 +8,8 @@ the students, the calibration nor the 500-row verdict, and judges against the Py
   --artifact ART    through the product's own gate: `bertexport validate ART --model TEACHER
                     --force --max-accuracy-drop 1 --confidence 0.95` (the artifact was built
                     from a student, hence --force; the torch-free runtime, as shipped)
-  --checkpoint DIR  a student checkpoint in PyTorch fp32 (paired Tango interval, Wilson agreement)
+  --checkpoint DIR  a student checkpoint in PyTorch fp32 (paired Tango interval, Wilson agreement);
+                    with several, each later one against the first too, paired (did a change pay?)
 
 Usage (alone on the machine; ~1-2 min per contestant on 2 vCPUs):
   flock /tmp/bench.lock .venv/bin/python bench/topic_verdict.py \\
@@ -85,10 +86,17 @@ def main() -> int:
         texts, gold = [r["text"] for r in rows], [r["category"] for r in rows]
         tokenizer = AutoTokenizer.from_pretrained(str(args.teacher))
         teacher = predictions(args.teacher, tokenizer, texts, args.max_length)
+        pupils = {}
         for ckpt in args.checkpoint:
-            pupil = predictions(ckpt, tokenizer, texts, args.max_length)
+            pupils[ckpt] = pupil = predictions(ckpt, tokenizer, texts, args.max_length)
             results["contestants"][str(ckpt)] = {"pytorch_fp32": True} | paired_verdict(teacher, pupil, gold)
             print(json.dumps(results["contestants"][str(ckpt)]), flush=True)
+        first, *others = args.checkpoint
+        for ckpt in others:  # two students on the same rows: the second's drop against the first, paired
+            pair = paired_verdict(pupils[first], pupils[ckpt], gold)
+            results.setdefault("pairs", {})[f"{ckpt} vs {first}"] = pair
+            print(f"{ckpt.name} vs {first.name}: drop {pair['drop_points'][0]:+.2f} "
+                  f"[{pair['drop_points'][1]:+.2f}, {pair['drop_points'][2]:+.2f}] points", flush=True)
     record.write_text(json.dumps(results, indent=1, default=str))
     print(f"{len(rows)} untouched rows; {record}")
     return 0
