@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
 from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np

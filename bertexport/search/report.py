@@ -235,7 +235,7 @@ def curves_markdown(students: list[dict]) -> list[str]:
     if not trained:
         return []
     lines = ["", "Learning curves (held-out agreement with the teacher per evaluation, epoch:score; epoch 0 is before "
-                 "training; * the state kept; | the plateau's cooldown of the learning rate began):", ""]
+                 "training; * the state kept; | the learning rate's cooldown began, at a plateau or near the time's end):", ""]
     for r in trained:
         points = ", ".join(f"{c['epoch']:g}:{c['score']:.3f}{'*' if c['step'] == r.get('best_step') else ''}"
                            f"{' |' if c['step'] == r.get('cooldown_from_step') else ''}" for c in r["curve"])

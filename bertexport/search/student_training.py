@@ -56,7 +56,7 @@ def training_units(shape, teacher) -> float:
 def learning_curve(report: dict) -> dict:
     """A trained student's learning curve from its training report: held-out agreement with
     the teacher (cosine for encoders) per evaluation, why training stopped, where the kept
-    (best) state was and where the plateau's cooldown began (``cooldown_from_step``)."""
+    (best) state was and where the learning rate's cooldown began (``cooldown_from_step``)."""
     start = report.get("initial_eval") or {}
     curve = ([{"step": 0, "epoch": 0.0, "score": start["score"]}] if "score" in start else []) + [
         {"step": e["step"], "epoch": e["epoch"], "score": e["score"]} for e in report.get("evals") or [] if "step" in e]

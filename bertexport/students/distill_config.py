@@ -111,9 +111,9 @@ def hidden_loss_weight(cfg: DistillConfig, train_texts: int) -> tuple[float, str
 
 
 def cooldown_steps(cfg: DistillConfig, step: int, eval_every: int, total: int) -> int:
-    """Steps of the cooldown that starts at ``step`` when patience runs out: ``cfg.cooldown`` of
-    the steps run, at least two evaluations, ending by the schedule's last step; 0 (stop now)
-    without patience, with ``cooldown`` 0 or when less than one evaluation is left.
+    """Steps of the cooldown that starts at ``step`` (patience run out, or the deadline that near):
+    ``cfg.cooldown`` of the steps run, at least two evaluations, ending by the schedule's last
+    step; 0 (stop now) without patience, with ``cooldown`` 0 or when less than one evaluation is left.
 
     Why: with patience the schedule decays towards ``max_epochs``, so a plateau is met at a high
     learning rate (at 85 % of its peak after 1.5 of 10 epochs), and the best state is an

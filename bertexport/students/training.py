@@ -326,7 +326,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                              f"learning rate {lr:.2g} cooled down to 0 over {steps} steps, then stop")
             return bool(steps)
 
-        def cool_before(deadline: float | None, now: float) -> None:
+        def cool_before(now: float) -> None:
             """With patience and a deadline: a cooldown started when what is left of the time
             (x 1.1) would just fit it at this call's pace so far (evaluations included), so a
             student the time stops is judged annealed, not at a high rate."""
@@ -381,7 +381,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                         state["parts"].setdefault(k, []).append(round(float(v.detach()), 6))
                     now = time.monotonic()
                     out_of_time = deadline is not None and now >= deadline
-                    cool_before(deadline, now)
+                    cool_before(now)
                     cooled = state.get("cooldown") and state["step"] == state["cooldown"]["from_step"] + state["cooldown"]["steps"]
                     due = state["step"] % every == 0 or state["step"] == total or out_of_time or cooled
                     if due:
