@@ -260,8 +260,7 @@ def main(argv=None):
     ap.add_argument("--row-runs", **pos, default=3, help="timed runs per row and contestant")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draws from the test file")
     ap.add_argument("--search-again", action="store_true",
-                    help="the first search searches even when the same search finished before (optimize --search-again: "
-                         "after a change to bertexport itself, whose version the replay key holds)")
+                    help="the first search searches even when the same search finished before (optimize --search-again)")
     ap.add_argument("--no-rerun", dest="rerun", action="store_false",
                     help="search once (by default the same search runs again: the rerun-in-seconds target)")
     ap.add_argument("--student-init", action="append", default=[], metavar="DIR",

@@ -45,6 +45,27 @@ def test_the_key_holds_what_decides_the_outcome(tmp_path):
     assert key() != second
 
 
+def test_the_key_changes_with_bertexports_code_not_only_its_version(tmp_path, monkeypatch):
+    """A changed rule (how students train, how builds are timed) must not replay an old search."""
+    import bertexport.core.hashing as hashing
+
+    code = tmp_path / "pkg"
+    (code / "students").mkdir(parents=True)
+    (code / "students" / "training.py").write_text("COOLDOWN = 0.0\n")
+    before = hashing.code_digest(code)
+    (code / "students" / "training.py").write_text("COOLDOWN = 0.2\n")
+    hashing.code_digest.cache_clear()
+    assert hashing.code_digest(code) != before
+    assert len(hashing.code_digest()) == hashing.KEY_LENGTH  # the installed package's
+
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    ckpt = SimpleNamespace(sha256="w" * 64, path=ckpt_dir, weight_files=[])
+    first = memo_key(ckpt, "d", {"budget_seconds": 60}, {}, [])
+    monkeypatch.setattr(hashing, "code_digest", lambda: "other code")
+    assert memo_key(ckpt, "d", {"budget_seconds": 60}, {}, []) != first
+
+
 def test_a_finished_search_is_replayed_without_loading_the_model(keyword_model, labelled, tmp_path, monkeypatch):
     import bertexport.building.checkpoint as checkpoint
     from bertexport.core.cache import cache_dir

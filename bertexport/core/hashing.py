@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -35,3 +36,13 @@ def sha256_files(paths: Iterable[Path], root: Path) -> str:
         h.update(b"\0")
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(root: Path | None = None) -> str:
+    """A digest of bertexport's own code (every .py file under ``root``, default the installed
+    package: relative names and contents): what a cached *decision* (a search's memo) must
+    change with. The version alone does not change between commits, and a changed training
+    or timing rule replayed an old search (seen 2026-12-04: a learning-rate cooldown)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    return cache_key([(str(p.relative_to(root)), sha256_file(p)) for p in sorted(root.rglob("*.py"))])

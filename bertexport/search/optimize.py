@@ -374,7 +374,7 @@ def _replay(memo, out: Path, force: bool, ckpt, gates: Gates, reporter: Reporter
 
     report = memo.report | {"replayed": {"search_created": memo.report.get("created") or memo.created,
                                          "memo_created": memo.created, "seconds": round(seconds, 1)}}
-    reporter.log(f"this search ran on {memo.created} with the same model, data, settings, budget, machine and versions: "
+    reporter.log(f"this search ran on {memo.created} with the same model, data, settings, budget, machine, versions and bertexport code: "
                  "its result replayed (--search-again to search again; a larger --budget searches further)")
     with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
         _publish(memo.build, staged.staging, report, memo.passed, memo.name, memo.runtime)

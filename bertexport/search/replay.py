@@ -13,7 +13,8 @@ The memo's key holds everything that decides the outcome: the checkpoint (its di
 config and weights, and every other top-level file: the tokenizer), the data, the
 distillation and calibration text, each ``--student-init`` checkpoint, every setting (the
 budget too), the machine (CPU model and features, package versions: ``cost_model.machine_key``)
-and bertexport's version. It is written after the artifact is published (a search that
+and bertexport's version and code (``core.hashing.code_digest``: a change to how it trains or
+times searches again). It is written after the artifact is published (a search that
 ended with no winner too: its rerun fails the same way); it is used only while the chosen
 build is still in the build cache and intact (its file table), else the search runs again.
 """
@@ -42,11 +43,11 @@ def memo_key(ckpt, data_digest: str, settings: dict, files: dict[str, str | Path
     """The key of a search's memo (see the module doc): ``settings`` every option that decides
     the outcome, ``files`` the text files it reads (None: not given)."""
     from bertexport import __version__
-    from bertexport.core.hashing import cache_key, sha256_file
+    from bertexport.core.hashing import cache_key, code_digest, sha256_file
     from bertexport.search.cost_model import machine_key
 
     # the weights are in ckpt.sha256: hashed once (a BERT-base is 440 MB)
-    return cache_key(MEMO_VERSION, __version__, ckpt.sha256, folder_digest(ckpt.path, ckpt.weight_files), data_digest,
+    return cache_key(MEMO_VERSION, __version__, code_digest(), ckpt.sha256, folder_digest(ckpt.path, ckpt.weight_files), data_digest,
                      settings,
                      {k: None if v is None else sha256_file(v) for k, v in files.items()},
                      [folder_digest(p) for p in inits], machine_key())

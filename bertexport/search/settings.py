@@ -66,7 +66,7 @@ class OptimizeSettings:
     label_column: str | None = option(None, "Label column name (CSV/TSV/JSONL).")
     seed: int = option(0, "Seed of the search/confirm split.")
     search_again: bool = option(
-        False, "Search even when this search (same model, data, settings, budget, machine and versions) finished "
+        False, "Search even when this search (same model, data, settings, budget, machine, versions and bertexport code) finished "
                "before; by default its result is replayed in seconds.")
     force: bool = option(False, "Replace --out if it is a bertexport artifact (never a folder of other files).")
     trust_remote_code: bool = option(False, "Allow custom model code shipped with the checkpoint (auto_map, *.py).")
