@@ -45,4 +45,4 @@ def code_digest(root: Path | None = None) -> str:
     change with. The version alone does not change between commits, and a changed training
     or timing rule replayed an old search (seen 2026-12-04: a learning-rate cooldown)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
-    return cache_key([(str(p.relative_to(root)), sha256_file(p)) for p in sorted(root.rglob("*.py"))])
+    return cache_key(sha256_files(root.rglob("*.py"), root))

@@ -371,10 +371,11 @@ def _best_scoring(trials: list[Trial]) -> Trial | None:
 def _replay(memo, out: Path, force: bool, ckpt, gates: Gates, reporter: Reporter, seconds: float) -> SearchResult:
     """A finished search's result published again (``bertexport.search.replay``); raises like ``optimize``."""
     from bertexport.core.staging import REJECTED_SUFFIX, StagedFolder
+    from bertexport.search.replay import SAME_AS_BEFORE
 
     report = memo.report | {"replayed": {"search_created": memo.report.get("created") or memo.created,
                                          "memo_created": memo.created, "seconds": round(seconds, 1)}}
-    reporter.log(f"this search ran on {memo.created} with the same model, data, settings, budget, machine, versions and bertexport code: "
+    reporter.log(f"this search ran on {memo.created} with {SAME_AS_BEFORE}: "
                  "its result replayed (--search-again to search again; a larger --budget searches further)")
     with StagedFolder(out, force, [ckpt.path], "artifact folder") as staged:
         _publish(memo.build, staged.staging, report, memo.passed, memo.name, memo.runtime)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MEMO_VERSION = "search-memo/1"
+# what a replayed search had the same as its first run (``memo_key``), as the CLI and search.md say it
+SAME_AS_BEFORE = "the same model, data, settings, budget, machine, versions and bertexport code"
 
 
 def folder_digest(folder: str | Path, skip=()) -> str:

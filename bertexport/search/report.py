@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bertexport import __version__
 from bertexport.building.report import describe_build, interval_level, interval_of, read_json, student_shape, unique_labels, with_interval
+from bertexport.search.replay import SAME_AS_BEFORE
 
 SCHEMA = "bertexport.search/1"
 
@@ -122,7 +123,7 @@ def to_markdown(report: dict) -> str:
              f"elapsed {report['elapsed_seconds']} s of {report['budget_seconds']:.0f} s",
              f"- winner: **{names.get(w['name'], w['name'])}**" if w else "- winner: **none** (no candidate met the gate)",
              *([f"- replayed in {report['replayed']['seconds']} s: this search ran on {report['replayed']['memo_created']} with "
-                "the same model, data, settings, budget, machine, versions and bertexport code; every figure here is from that run "
+                f"{SAME_AS_BEFORE}; every figure here is from that run "
                 "(`--search-again` searches again)"] if report.get("replayed") else [])]
     if w and w.get("confirm_metrics"):
         cm = w["confirm_metrics"]

@@ -12,6 +12,7 @@ from bertexport.core.options import option
 from bertexport.core.shared_settings import model_field, task_field
 from bertexport.judging.gates import Gates, gate_field
 from bertexport.search.candidates import SEARCHABLE_BACKENDS
+from bertexport.search.replay import SAME_AS_BEFORE
 from bertexport.students.device import DEVICES
 
 
@@ -66,8 +67,8 @@ class OptimizeSettings:
     label_column: str | None = option(None, "Label column name (CSV/TSV/JSONL).")
     seed: int = option(0, "Seed of the search/confirm split.")
     search_again: bool = option(
-        False, "Search even when this search (same model, data, settings, budget, machine, versions and bertexport code) finished "
-               "before; by default its result is replayed in seconds.")
+        False, f"Search even when this search ({SAME_AS_BEFORE.removeprefix('the ')}) finished before; by default its "
+               "result is replayed in seconds.")
     force: bool = option(False, "Replace --out if it is a bertexport artifact (never a folder of other files).")
     trust_remote_code: bool = option(False, "Allow custom model code shipped with the checkpoint (auto_map, *.py).")
 
