@@ -70,3 +70,15 @@ def keyword_model(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("keyword")
     return train_keyword_classifier(root / "model", root / "tokenizers")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a shared 2-core machine two threads are
+    several times slower for these tiny models."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

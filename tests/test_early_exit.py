@@ -156,16 +156,6 @@ def test_other_commands_take_it_or_refuse_it(chosen, data, tmp_path):
     assert r.exit_code == 2 and "early-exit artifact" in r.output and not (tmp_path / "repo").exists()
 
 
-def test_choose_threshold_is_the_smallest_before_agreement_falls():
-    # 4 rows, one exit: confidences 0.95 (right), 0.9 (right), 0.8 (wrong), 0.7 (right)
-    exits = [np.log(np.array([[0.95, 0.05], [0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]))]
-    final = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    c = E.choose_threshold(exits, final, [1], 2, agreement=1.0)
-    assert 0.8 <= c["threshold"] < 0.9 and c["agreement"] == 1.0 and c["exits"] == {"1": 2, "2": 2}
-    c = E.choose_threshold(exits, final, [1], 2, agreement=0.75)  # one miss allowed: every row may leave
-    assert c["threshold"] < 0.7 and c["agreement"] == 0.75 and c["mean_layers"] == 1.0
-
-
 # -- run, bulk, serve ---------------------------------------------------------------------------------
 
 def _run(folder, texts):
@@ -292,33 +282,6 @@ def test_three_segments_rows_leave_at_different_exits(four_layers, tmp_path):
         else:
             pytest.fail("no threshold made rows leave at every exit")
 
-
-@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "electra", "deberta-v2", "mpnet", "mobilebert"])
-def test_segments_chain_to_the_model_in_every_family(tiny, family):
-    """Torch only: the segments, run one after another, give the model's own hidden states and logits."""
-    import torch
-    import transformers as T
-
-    from bertexport.core.families import get_family
-
-    path = tiny(family, "text-classification")
-    cfg = T.AutoConfig.from_pretrained(path)
-    setattr(cfg, get_family(family).layers_key[0], 4)
-    torch.manual_seed(0)
-    model = T.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval()
-    tok = T.AutoTokenizer.from_pretrained(path)
-    names = E.model_input_names(model, tok)
-    enc = tok(["hello there my friend, how are you", "a b"], padding=True, return_tensors="pt", return_token_type_ids=True)
-    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.dim
-    heads = [E._initial_head(model, hidden, 3) for _ in range(2)]
-    first, middle, last = E.segment_modules(model, get_family(family), [1, 3], heads, names)
-    with torch.no_grad():
-        ref = model(**{k: enc[k] for k in names}, output_hidden_states=True)
-        h, _ = first(*[enc[k] for k in names])
-        torch.testing.assert_close(h, ref.hidden_states[1], atol=1e-6, rtol=0)
-        h, _ = middle(h, enc["attention_mask"])
-        torch.testing.assert_close(h, ref.hidden_states[3], atol=1e-6, rtol=0)
-        torch.testing.assert_close(last(h, enc["attention_mask"]), ref.logits, atol=1e-6, rtol=0)
 
 
 # -- refusals before any model loads --------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -12,89 +11,14 @@ import transformers as T
 from bertexport.core.errors import UserError
 from bertexport.students import pruning as P
 from bertexport.students.shapes import StudentShape
-from tests.tinymodels import keyword_sentence
-
-
-def _texts(seed: int, n: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if rng.random() < 0.5 else None) for _ in range(n)]
+from tests.tinymodels import keyword_texts
 
 
 def _load(path):
     return T.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on this shared 2-core machine two threads are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# ------------------------------------------------------------------ MACs, search, rearrangement
-
-def test_layer_macs_by_hand():
-    # seq 10, hidden 8, 2 heads of 4, FFN 16: Q,K,V,O 4*10*8*8 + scores/context 2*10*10*8 + FFN 2*10*8*16
-    assert P.layer_macs(10, 8, 2, 4, 16) == 2560 + 1600 + 2560
-    assert P.model_macs(StudentShape(3, 8, 2, 16), 4, 10) == 3 * 6720
-
-
-def _synthetic_grads(seed=0, batches=12, layers=2, heads=4, hs=8, ffn=40):
-    rng = np.random.default_rng(seed)
-    return P.MaskGradients(rng.normal(size=(batches, layers, heads)) * rng.uniform(0.1, 2, size=(1, layers, heads)),
-                           rng.normal(size=(batches, layers, ffn)) * rng.uniform(0.1, 2, size=(1, layers, ffn)),
-                           rng.normal(size=(batches, heads * hs))), StudentShape(layers, heads * hs, heads, ffn)
-
-
-@pytest.mark.parametrize("budget", [0.9, 0.75, 0.5, 0.3])
-def test_search_keeps_every_candidate_within_the_budget_and_stock(budget):
-    grads, teacher = _synthetic_grads()
-    hs, seq = 8, 16
-    found = P.search_masks(grads, teacher, seq, budget)
-    assert found, "a candidate must fit"
-    assert [m.estimate for m in found] == sorted(m.estimate for m in found)
-    limit = budget * P.model_macs(teacher, hs, seq)
-    for m in found:
-        shape = m.shape
-        assert P.model_macs(shape, hs, seq) <= limit
-        assert len({len(h) for h in m.heads}) == 1 and len({len(f) for f in m.ffn}) == 1  # uniform per layer
-        assert shape.hidden == shape.heads * hs and len(set(m.hidden)) == shape.hidden
-        # the largest FFN that fits: one more neuron per layer would not (or the teacher's FFN is kept)
-        bigger = StudentShape(shape.layers, shape.hidden, shape.heads, shape.ffn + 1)
-        assert shape.ffn == teacher.ffn or P.model_macs(bigger, hs, seq) > limit
-    f_heads, f_ffn, _ = grads.fisher()
-    full = next((m for m in found if m.shape.heads == teacher.heads), None)
-    if full is not None:  # each layer keeps its highest-Fisher neurons
-        for i, kept in enumerate(full.ffn):
-            dropped = sorted(set(range(teacher.ffn)) - set(kept))
-            assert not dropped or f_ffn[i][dropped].max() <= f_ffn[i][kept].min()
-
-
-def test_search_finds_nothing_below_the_smallest_model():
-    grads, teacher = _synthetic_grads()
-    assert P.search_masks(grads, teacher, 16, 0.001) == []
-
-
-def test_rearrangement_lowers_the_block_fisher_estimate():
-    rng = np.random.default_rng(3)
-    base = rng.normal(size=(40, 1))
-    # units 0-3 share one gradient direction (removing them together costs more than the
-    # diagonal says), units 4-9 are independent and a little smaller each
-    g = np.concatenate([base + 0.05 * rng.normal(size=(40, 4)), 0.8 * rng.normal(size=(40, 6))], axis=1)
-    fisher = g.T @ g
-
-    def cost(keep):
-        z = np.ones(g.shape[1])
-        z[keep] = 0
-        return z @ fisher @ z
-
-    diagonal = P._top(np.diag(fisher), 5)
-    better = P.rearrange(g, diagonal)
-    assert len(better) == 5 and cost(better) < cost(diagonal)
-    assert P.rearrange(g, better) == better  # a fixed point: no swap lowers it further
-    assert P.rearrange(g, list(range(10))) == list(range(10))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ the trained keyword classifier
@@ -102,7 +26,7 @@ def test_rearrangement_lowers_the_block_fisher_estimate():
 @pytest.fixture(scope="module")
 def pruned_keyword(keyword_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "model"
-    result = P.prune(keyword_model, _texts(11, 600), mac_budget=0.75, out=out, threads=1)
+    result = P.prune(keyword_model, keyword_texts(11, 600), mac_budget=0.75, out=out, threads=1)
     return keyword_model, out, result
 
 
@@ -122,7 +46,7 @@ def test_prune_cuts_macs_and_keeps_the_decisions(pruned_keyword):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == \
            (student.layers, student.hidden, student.heads, student.ffn)
     tok = T.AutoTokenizer.from_pretrained(out)
-    fresh = _texts(99, 300)
+    fresh = keyword_texts(99, 300)
     with torch.no_grad():
         enc = tok(fresh, padding=True, return_tensors="pt")
         same = (pruned(**enc).logits.argmax(-1) == teacher(**enc).logits.argmax(-1)).float().mean()
@@ -154,47 +78,10 @@ def test_pruned_artifact_has_the_smaller_shapes(pruned_keyword, tmp_path, target
     assert 64 not in dims  # nothing of the teacher's FFN width (64) is left
 
 
-def test_least_squares_tuning_lowers_the_reconstruction_error(keyword_model):
-    teacher = _load(keyword_model)
-    tok = T.AutoTokenizer.from_pretrained(keyword_model)
-    texts = _texts(11, 600)
-    untuned, r0 = P.prune_model(teacher, tok, texts, mac_budget=0.75, tune=False)
-    tuned, r1 = P.prune_model(teacher, tok, texts, mac_budget=0.75, tune=True)
-    assert (r0.heads, r0.ffn, r0.hidden) == (r1.heads, r1.ffn, r1.hidden)  # the same masks, only rescaled
-    assert r1.tuned and not r0.tuned and r1.calibration_kl < r1.calibration_kl_untuned == r0.calibration_kl
-    fitted = [f"{t['layer']}.{t['sublayer']}" for t in r1.tuning if t.get("tuned")]
-    assert fitted, "least squares must have rescaled at least one sublayer"
-    for t in r1.tuning:
-        if t.get("tuned"):  # on the calibration texts it was fitted on
-            assert t["error_after"] < t["error_before"]
-    held = P._batches(tok, _texts(77, 200), 32, 128)  # texts neither run saw
-    before = P.sublayer_errors(untuned, teacher, held, r0.hidden)
-    after = P.sublayer_errors(tuned, teacher, held, r1.hidden)
-    for key in fitted:  # measured on these held-out texts: 0.ffn 25943 -> 2073, 1.attention 1046 -> 503, 1.ffn 16746 -> 875
-        assert after[key] < 0.8 * before[key], (key, before, after)
-    assert sum(after.values()) < sum(before.values())
-
-
-def test_tuning_keeps_every_scale_within_its_bound(keyword_model):
-    teacher = _load(keyword_model)
-    tok = T.AutoTokenizer.from_pretrained(keyword_model)
-    texts = _texts(11, 300)
-    pruned, r = P.prune_model(teacher, tok, texts, mac_budget=0.75, tune=False)
-    batches = P._batches(tok, texts, 32, 128)
-    before = {k: v.clone() for k, v in pruned.state_dict().items()}
-    report = P.tune_masks(pruned, teacher, batches, r.hidden, bound=1.5)
-    assert any(t["tuned"] for t in report)
-    for t in report:
-        assert -1.5 <= t["scale_min"] <= t["scale_max"] <= 1.5
-        assert t["error_after"] < t["error_before"] if t["tuned"] else t["error_after"] == t["error_before"]
-    changed = {k for k, v in pruned.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.endswith("output.dense.weight") for k in changed)  # only the output projections' columns
-
-
 def test_tuning_is_kept_only_when_it_lowers_the_calibration_kl(keyword_model):
     teacher = _load(keyword_model)
     tok = T.AutoTokenizer.from_pretrained(keyword_model)
-    texts = _texts(11, 600)
+    texts = keyword_texts(11, 600)
     # at half the MACs the hidden size goes 32 -> 16: the sublayer fits then raised the KL
     # (measured: held-out agreement 1.00 -> 0.74 when kept regardless), so they are dropped
     untuned, r0 = P.prune_model(teacher, tok, texts, mac_budget=0.5, tune=False)
@@ -207,7 +94,7 @@ def test_tuning_is_kept_only_when_it_lowers_the_calibration_kl(keyword_model):
 
 
 def test_given_labels_are_used_and_accuracy_reported(keyword_model):
-    texts = _texts(5, 200)
+    texts = keyword_texts(5, 200)
     labels = ["present" if "excellent" in t.split() else "absent" for t in texts]
     r = P.prune(keyword_model, texts, labels=labels, mac_budget=0.6, threads=1)
     assert r.labels == "given" and set(r.accuracy) == {"teacher", "pruned"}
@@ -218,14 +105,14 @@ def test_given_labels_are_used_and_accuracy_reported(keyword_model):
 def test_other_width_families_prune_to_a_stock_checkpoint(tiny, tmp_path, family):
     ckpt = tiny(family, "text-classification")
     out = tmp_path / "pruned"
-    r = P.prune(ckpt, _texts(3, 120), mac_budget=0.6, out=out, measure=2, threads=1)
+    r = P.prune(ckpt, keyword_texts(3, 120), mac_budget=0.6, out=out, measure=2, threads=1)
     assert r.mac_fraction <= 0.6
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
     assert type(model).__name__ == type(_load(ckpt)).__name__
 
 
 def test_refusals_come_before_any_model_loads(tiny, keyword_model, tmp_path):
-    texts = _texts(1, 100)
+    texts = keyword_texts(1, 100)
     missing = str(tmp_path / "no-such-model")
     for budget in (0, 1.0, 1.5, -0.2):
         with pytest.raises(UserError, match="MAC budget"):
@@ -253,7 +140,7 @@ def test_refusals_come_before_any_model_loads(tiny, keyword_model, tmp_path):
 # ------------------------------------------------------------------ `distill --prune` (the CLI) and --force
 
 def _data_file(path, n=200, seed=21):
-    texts = _texts(seed, n)
+    texts = keyword_texts(seed, n)
     path.write_text("".join(json.dumps({"text": t, "label": "present" if "excellent" in t.split() else "absent"}) + "\n"
                             for t in texts))
     return path

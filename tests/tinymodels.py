@@ -126,6 +126,14 @@ def keyword_sentence(rng, n_words: int, keyword: str | None) -> str:
     return " ".join(words)
 
 
+def keyword_texts(seed: int, n: int) -> list[str]:
+    """``n`` unlabelled sentences of 4-30 filler words, about half with "excellent"."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if rng.random() < 0.5 else None) for _ in range(n)]
+
+
 def write_keyword_jsonl(path: Path, seed: int, rows: int = 500) -> Path:
     """``rows`` labelled sentences ({"text", "label": absent|present}, about half with "excellent")
     as JSON lines: the keyword classifier's data."""
