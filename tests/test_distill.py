@@ -419,12 +419,38 @@ def test_a_plateau_cools_the_rate_down_to_zero_then_stops(keyword_model, tmp_pat
     assert 0 < cool["lr_from"] <= cfg.lr
     last = torch.load(work / "checkpoint.pt", weights_only=False)
     assert last["optimizer"]["param_groups"][0]["lr"] == 0.0  # cooled down to 0
-    assert r["final_eval"]["score"] == pytest.approx(max(e["score"] for e in r["evals"]))  # the best state, wherever it was
+    # the tiny model's held-out score is 1.0 from the first evaluation: the annealed end is kept,
+    # not the first state to reach it (``kept_state``: no earlier state was better beyond noise)
+    assert r["best_step"] < r["steps"] and r["kept_step"] == r["steps"]
+    choice = r["annealed_choice"]
+    assert choice["keep"] == "end" and choice["kept_step"] == r["best_step"] and choice["difference"]["low"] <= 0
+    assert all(torch.equal(v, last["model"][k]) for k, v in _weights(best).items())  # the weights returned are the end's
+    assert r["final_eval"]["score"] == pytest.approx(r["evals"][-1]["score"])
     # none without patience, with cooldown 0, or with less than one evaluation left
     assert cooldown_steps(_cfg(), 30, 3, 100) == 0 and cooldown_steps(_cfg(patience=2, cooldown=0), 30, 3, 100) == 0
     assert cooldown_steps(_cfg(patience=2), 98, 3, 100) == 0 and cooldown_steps(_cfg(patience=2), 95, 3, 100) == 5
     with pytest.raises(UserError, match="cooldown"):
         check_config(_cfg(patience=2, cooldown=1.5))
+
+
+def test_the_annealed_end_is_kept_unless_the_earlier_state_was_better_beyond_noise():
+    from bertexport.students.training import kept_state
+
+    rng = np.random.default_rng(0)
+    same = (rng.random(400) < 0.9).astype(float)
+    assert kept_state(same, same)["keep"] == "end"  # a tie: the annealed end
+    worse = same.copy()
+    worse[np.flatnonzero(same)[:3]] = 0.0  # 3 rows fewer: within the noise of 400
+    c = kept_state(same, worse)
+    assert c["keep"] == "end" and c["difference"]["estimate"] == pytest.approx(3 / 400) and c["difference"]["low"] < 0
+    much_worse = same.copy()
+    much_worse[np.flatnonzero(same)[:40]] = 0.0  # 40 rows fewer: beyond it
+    c = kept_state(same, much_worse)
+    assert c["keep"] == "best" and c["difference"]["low"] > 0 and c["difference"]["rows"] == 400
+    cosines = rng.uniform(0.9, 1.0, 300)  # a per-row figure: bootstrap over rows
+    assert kept_state(cosines, cosines - 0.05)["keep"] == "best"
+    assert kept_state(cosines, cosines - rng.normal(0, 0.01, 300))["keep"] == "end"
+    assert kept_state(None, same)["keep"] == "end"  # a run from before the rule: nothing to pair
 
 
 def test_a_deadline_cools_the_rate_down_before_it_and_a_resumed_run_goes_back_on_the_schedule(keyword_model, tmp_path,
@@ -621,3 +647,4 @@ def test_distill_patience_cli(keyword_model, transfer, tmp_path):
     assert rep["config"]["patience"] == 1 and rep["config"]["max_epochs"] == 2 and rep["config"]["lr"] == 2e-3
     assert rep["stopped"] in ("plateau", "max_epochs") and rep["steps"] <= 2 * rep["schedule"]["steps_per_epoch"]
     assert rep["evals"] and rep["best_step"] in [e["step"] for e in rep["evals"]]
+    assert rep["kept_step"] in [e["step"] for e in rep["evals"]] and f"kept the state of step {rep['kept_step']}" in r.output

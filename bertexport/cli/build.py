@@ -43,6 +43,7 @@ def convert(json_out, **values):
 def distill(json_out, **values):
     """Distill TEACHER into a smaller student checkpoint (same family and tokenizer); with --prune, prune it instead."""
     from bertexport.students.distill import distill_command
+    from bertexport.students.distill_report import kept_note
     from bertexport.core.progress import RichReporter
 
     settings = settings_from(DistillSettings, values, "distill")
@@ -57,8 +58,8 @@ def distill(json_out, **values):
                    f"{r['teacher']['parameters'] / 1e6:.1f}M -> {r['student']['parameters'] / 1e6:.1f}M")
     _say(json_out, f"  PyTorch latency {r['latency']['teacher_p50_ms']:.2f} -> {r['latency']['student_p50_ms']:.2f} ms "
                    f"({r['latency']['speedup']['p50_ratio']:.2f}x); final eval: {r['final_eval']}")
-    _say(json_out, f"  stopped by {r['stopped']} after {r['epochs_run']:g} epochs; kept the state of step {r['best_step']} "
-                   f"(held-out score per evaluation in distill_report.json: evals)")
+    _say(json_out, f"  stopped by {r['stopped']} after {r['epochs_run']:g} epochs; kept the state of step {r['kept_step']}"
+                   + kept_note(r) + " (held-out score per evaluation in distill_report.json: evals)")
     _say(json_out, f"  trained on {r['device']['used']}" + (f" ({r['device']['name']})" if r["device"].get("name") else "")
                    + (f"; initialised from {r['student']['init']['name']}, head {r['student']['init']['head']}"
                       if r["student"].get("init") else ""))

@@ -238,7 +238,7 @@ def curves_markdown(students: list[dict]) -> list[str]:
     lines = ["", "Learning curves (held-out agreement with the teacher per evaluation, epoch:score; epoch 0 is before "
                  "training; * the state kept; | the learning rate's cooldown began, at a plateau or near the time's end):", ""]
     for r in trained:
-        points = ", ".join(f"{c['epoch']:g}:{c['score']:.3f}{'*' if c['step'] == r.get('best_step') else ''}"
+        points = ", ".join(f"{c['epoch']:g}:{c['score']:.3f}{'*' if c['step'] == r.get('kept_step', r.get('best_step')) else ''}"
                            f"{' |' if c['step'] == r.get('cooldown_from_step') else ''}" for c in r["curve"])
         resumed = f", resumed at step {r['resumed_from_step']}" if r.get("resumed_from_step") else ""
         lines.append(f"- {r['shape']}{' (cached)' if r.get('cached') else ''}: stopped by {r.get('stopped') or '?'} after "

@@ -55,12 +55,14 @@ def training_units(shape, teacher) -> float:
 
 def learning_curve(report: dict) -> dict:
     """A trained student's learning curve from its training report: held-out agreement with
-    the teacher (cosine for encoders) per evaluation, why training stopped, where the kept
-    (best) state was and where the learning rate's cooldown began (``cooldown_from_step``)."""
+    the teacher (cosine for encoders) per evaluation, why training stopped, where the state
+    kept was (``kept_step``: the best-scoring one, or the annealed end; reports before that
+    rule: ``best_step``) and where the learning rate's cooldown began (``cooldown_from_step``)."""
     start = report.get("initial_eval") or {}
     curve = ([{"step": 0, "epoch": 0.0, "score": start["score"]}] if "score" in start else []) + [
         {"step": e["step"], "epoch": e["epoch"], "score": e["score"]} for e in report.get("evals") or [] if "step" in e]
     return {"curve": curve, "stopped": report.get("stopped"), "best_step": report.get("best_step"),
+            "kept_step": report.get("kept_step", report.get("best_step")),
             "epochs_run": report.get("epochs_run"), "resumed_from_step": report.get("resumed_from_step"),
             "cooldown_from_step": ((report.get("schedule") or {}).get("cooldown") or {}).get("from_step")}
 
@@ -128,7 +130,8 @@ class StudentTraining:
         c.pop("device", None)  # ... and so does the device
         init = [shape.init.sha256] if isinstance(shape, InitShape) else []  # its weights
         continued = ["continued", segment] if segment else []  # not a fresh run to that cap: its schedule restarted
-        return cache_key("student/3", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c, *init, *continued)
+        # student/4: a run ending at a learning rate of 0 keeps its annealed end (``training.kept_state``)
+        return cache_key("student/4", self.ckpt.sha256, self.ckpt.task, data_digest, shape.name, c, *init, *continued)
 
     def scoring(self, texts, labels, cfg) -> tuple[list, list]:
         """Batches of the training data (at most ``SCORING_TEXTS``) with the teacher's outputs,

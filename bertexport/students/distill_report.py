@@ -52,3 +52,18 @@ def distill_report(ckpt, teacher, student, keep, teacher_layers, trained: dict, 
                     "teacher_p50_ms": timed["teacher"].p50 * 1e3, "student_p50_ms": timed["student"].p50 * 1e3,
                     "speedup": speedup(timed["teacher"], timed["student"])},
     }
+
+
+def kept_note(report: dict) -> str:
+    """Why the state kept is that one, when the rule for an annealed end (``training.kept_state``)
+    chose it; "" otherwise."""
+    choice = report.get("annealed_choice") or {}
+    diff = choice.get("difference") or {}
+    if choice.get("keep") == "end" and report.get("kept_step") != report.get("best_step"):
+        better = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] on {diff['rows']:,} rows, within noise"
+                  if diff else choice.get("why", ""))
+        return f", the annealed end (the held-out score peaked at step {report.get('best_step')}: {better})"
+    if choice.get("keep") == "best":
+        return (f", the best-scoring state (the annealed end, step {choice.get('step')}, scored {diff['estimate']:.4f} "
+                f"[{diff['low']:.4f}, {diff['high']:.4f}] less on {diff['rows']:,} rows: beyond noise)")
+    return ""
