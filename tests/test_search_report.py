@@ -232,3 +232,7 @@ def test_learning_curve_marks_where_the_cooldown_began_and_the_state_kept():
     line = curves_markdown([rec])[-1]
     assert line == "- L2-H384-A12-F768: stopped by plateau after 2 epochs — 0:0.600, 1:0.900, 2:0.890 |, 3:0.930*"
     assert learning_curve({"evals": []})["cooldown_from_step"] is None
+    # a cooldown the time started between evaluations is marked after the last one before it; the annealed end kept
+    timed = training | {"kept_step": 30, "schedule": {"cooldown": {"from_step": 24, "steps": 6, "lr_from": 1e-4}}}
+    line = curves_markdown([{"shape": "L1-H384-A12-F1536"} | learning_curve(timed)])[-1]
+    assert line.endswith("1:0.900, 2:0.890 |, 3:0.930*")

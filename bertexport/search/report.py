@@ -238,8 +238,10 @@ def curves_markdown(students: list[dict]) -> list[str]:
     lines = ["", "Learning curves (held-out agreement with the teacher per evaluation, epoch:score; epoch 0 is before "
                  "training; * the state kept; | the learning rate's cooldown began, at a plateau or near the time's end):", ""]
     for r in trained:
+        start = r.get("cooldown_from_step")  # a time-started cooldown begins between evaluations: marked after the last before it
+        mark = max((c["step"] for c in r["curve"] if c["step"] <= start), default=None) if start is not None else None
         points = ", ".join(f"{c['epoch']:g}:{c['score']:.3f}{'*' if c['step'] == r.get('kept_step', r.get('best_step')) else ''}"
-                           f"{' |' if c['step'] == r.get('cooldown_from_step') else ''}" for c in r["curve"])
+                           f"{' |' if c['step'] == mark else ''}" for c in r["curve"])
         resumed = f", resumed at step {r['resumed_from_step']}" if r.get("resumed_from_step") else ""
         lines.append(f"- {r['shape']}{' (cached)' if r.get('cached') else ''}: stopped by {r.get('stopped') or '?'} after "
                      f"{_fmt(r.get('epochs_run'), 'g')} epochs{resumed} — {points}")

@@ -474,7 +474,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
         # the state kept (work/best): the best-scoring one, or the annealed end (``kept_state``:
         # ``annealed_choice``); ``best_step``: where the held-out score peaked
         "kept_step": state.get("kept_step", state["best_step"]), "best_step": state["best_step"],
-        "annealed_choice": {k: v for k, v in (state.get("annealed_choice") or {}).items()} or None,
+        "annealed_choice": state.get("annealed_choice"),
         "epochs_run": round(state["step"] / steps_per_epoch, 3),
         "steps": state["step"], "resumed_from_step": state.get("resumed_from_step"),
         "loss_first_10pct": _means(h)["first_10pct"], "loss_last_10pct": _means(h)["last_10pct"],
