@@ -10,17 +10,13 @@ import transformers as T
 
 from bertexport.students.prune_tuning import sublayer_errors, tune_masks
 from bertexport.students.pruning import _batches, prune_model
-from tests.tinymodels import keyword_texts
+from tests.tinymodels import keyword_texts, load_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _load(path):
-    return T.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
-
-
 def test_least_squares_tuning_lowers_the_reconstruction_error(keyword_model):
-    teacher = _load(keyword_model)
+    teacher = load_classifier(keyword_model)
     tok = T.AutoTokenizer.from_pretrained(keyword_model)
     texts = keyword_texts(11, 600)
     untuned, r0 = prune_model(teacher, tok, texts, mac_budget=0.75, tune=False)
@@ -41,7 +37,7 @@ def test_least_squares_tuning_lowers_the_reconstruction_error(keyword_model):
 
 
 def test_tuning_keeps_every_scale_within_its_bound(keyword_model):
-    teacher = _load(keyword_model)
+    teacher = load_classifier(keyword_model)
     tok = T.AutoTokenizer.from_pretrained(keyword_model)
     texts = keyword_texts(11, 300)
     pruned, r = prune_model(teacher, tok, texts, mac_budget=0.75, tune=False)

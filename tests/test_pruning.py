@@ -11,11 +11,7 @@ import transformers as T
 from bertexport.core.errors import UserError
 from bertexport.students import pruning as P
 from bertexport.students.shapes import StudentShape
-from tests.tinymodels import keyword_texts
-
-
-def _load(path):
-    return T.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+from tests.tinymodels import keyword_texts, load_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,7 +37,7 @@ def test_prune_cuts_macs_and_keeps_the_decisions(pruned_keyword):
     report = json.loads((out / P.REPORT_NAME).read_text())
     assert report["student"]["name"] == r.student["name"] and report["mac_fraction"] == pytest.approx(r.mac_fraction)
     # a plain stock checkpoint: it loads without bertexport and agrees on texts it never saw
-    pruned, teacher = _load(out), _load(teacher_path)
+    pruned, teacher = load_classifier(out), load_classifier(teacher_path)
     cfg = pruned.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == \
            (student.layers, student.hidden, student.heads, student.ffn)
@@ -79,7 +75,7 @@ def test_pruned_artifact_has_the_smaller_shapes(pruned_keyword, tmp_path, target
 
 
 def test_tuning_is_kept_only_when_it_lowers_the_calibration_kl(keyword_model):
-    teacher = _load(keyword_model)
+    teacher = load_classifier(keyword_model)
     tok = T.AutoTokenizer.from_pretrained(keyword_model)
     texts = keyword_texts(11, 600)
     # at half the MACs the hidden size goes 32 -> 16: the sublayer fits then raised the KL
@@ -108,7 +104,7 @@ def test_other_width_families_prune_to_a_stock_checkpoint(tiny, tmp_path, family
     r = P.prune(ckpt, keyword_texts(3, 120), mac_budget=0.6, out=out, measure=2, threads=1)
     assert r.mac_fraction <= 0.6
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
-    assert type(model).__name__ == type(_load(ckpt)).__name__
+    assert type(model).__name__ == type(load_classifier(ckpt)).__name__
 
 
 def test_refusals_come_before_any_model_loads(tiny, keyword_model, tmp_path):

@@ -134,6 +134,13 @@ def keyword_texts(seed: int, n: int) -> list[str]:
     return [keyword_sentence(rng, int(rng.integers(4, 30)), "excellent" if rng.random() < 0.5 else None) for _ in range(n)]
 
 
+def load_classifier(path):
+    """A saved classifier in eval mode, eager attention (the hooks of pruning see every op)."""
+    import transformers as T
+
+    return T.AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
+
+
 def write_keyword_jsonl(path: Path, seed: int, rows: int = 500) -> Path:
     """``rows`` labelled sentences ({"text", "label": absent|present}, about half with "excellent")
     as JSON lines: the keyword classifier's data."""

@@ -95,14 +95,13 @@ def _evaluate(model, batches, teacher_outs, task, per_row: bool = False):
                 continue
             if task == "question-answering":
                 s, tt = o.start_logits.argmax(-1), torch.as_tensor(t["start"], device=mask.device).argmax(-1)
-            elif task == "text-classification":
+            else:
                 s, tt = o.logits.argmax(-1), torch.as_tensor(t["logits"], device=mask.device).argmax(-1)
-            else:  # a token task: its real tokens
-                same = (o.logits.argmax(-1) == torch.as_tensor(t["logits"], device=mask.device).argmax(-1)) & mask
-                rows += (same.sum(1) / mask.sum(1).clamp(min=1)).tolist()
-                s, tt = o.logits.argmax(-1)[mask], torch.as_tensor(t["logits"], device=mask.device).argmax(-1)[mask]
             if task in ("question-answering", "text-classification"):
                 rows += (s == tt).float().tolist()
+            else:  # a token task: its real tokens
+                rows += (((s == tt) & mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+                s, tt = s[mask], tt[mask]
             agree += int((s == tt).sum())
             total += int(s.numel())
             if "labels" in b and task == "text-classification":
