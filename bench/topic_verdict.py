@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bertexport.core.cache import cache_dir  # noqa: E402
 
 
-def untouched_rows(seed: int, sizes: dict[str, int], topics: str) -> list[dict]:
-    from news_topics import draw_rows, newsgroups
+def untouched_rows(seed: int, sizes: dict[str, int], topics: str, dataset: str = "20ng") -> list[dict]:
+    from news_topics import draw_rows, topic_rows
 
-    _, test, _ = newsgroups(topics)
+    _, test, _ = topic_rows(topics, dataset)
     drawn = draw_rows(test, sizes | {"rest": len(test)}, seed)
     return drawn["rest"]
 
@@ -59,14 +59,18 @@ def main() -> int:
     ap.add_argument("--distill-rows", type=int, default=1000)
     ap.add_argument("--test-rows", type=int, default=500)
     ap.add_argument("--topics", choices=("coarse", "all"), default="coarse")
+    ap.add_argument("--dataset", choices=("20ng", "reuters-r8"), default="20ng", help="as news_topics.py's --dataset")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from rotten_tomatoes import write_csv
 
     sizes = {"search": args.search_rows, "distill": args.distill_rows, "test": args.test_rows}
-    rows = untouched_rows(args.seed, sizes, args.topics)
-    tag = f"s{args.seed}-{args.search_rows}-{args.distill_rows}-{args.test_rows}-{args.topics}"
+    rows = untouched_rows(args.seed, sizes, args.topics, args.dataset)
+    from news_topics import data_tag
+
+    tag = f"s{args.seed}-{args.search_rows}-{args.distill_rows}-{args.test_rows}" + (
+        f"-{args.topics}" if args.dataset == "20ng" else data_tag(args.dataset, args.topics))
     root = cache_dir("bench", "news-topics")
     data = write_csv(rows, root / f"untouched-{tag}.csv")
     record = root / f"verdict-{tag}.json"  # contestants of earlier runs on the same rows are kept

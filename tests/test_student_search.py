@@ -37,8 +37,10 @@ def test_grid_is_small_checked_and_narrower_than_the_teacher():
 
     minilm = StudentShape(6, 384, 12, 1536)
     grid = student_grid(minilm, "bert")
-    assert 6 <= len(grid) <= GRID_MAX and len(set(grid)) == len(grid)
-    assert {s.layers for s in grid} == {3, 2}  # half and a third of the depth
+    assert 6 <= len(grid) <= GRID_MAX + 3 and len(set(grid)) == len(grid)
+    assert {s.layers for s in grid} == {3, 2, 1}  # half and a third of the depth, and one layer
+    assert {(s.hidden, s.ffn) for s in grid if s.layers == 1} == {(384, 1536), (384, 768), (384, 384)}  # full width only
+    assert len([s for s in grid if s.layers > 1]) == GRID_MAX  # the cap is the other depths'
     assert {s.hidden for s in grid} >= {384, 256, 192} and all(s.hidden % 32 == 0 for s in grid)  # whole heads
     assert {s.ffn for s in grid} >= {1536, 768, 384}
     for s in grid:
@@ -46,6 +48,29 @@ def test_grid_is_small_checked_and_narrower_than_the_teacher():
         assert s.ffn / s.hidden <= minilm.ffn / minilm.hidden
     # a family that cannot be width-pruned gets layer-drop students only
     assert {(s.hidden, s.ffn) for s in student_grid(minilm, "mpnet")} == {(384, 1536)}
+    # where one layer is already a depth (a 2- or 3-layer teacher), its narrower widths stay in the grid
+    assert {s.hidden for s in student_grid(StudentShape(3, 384, 12, 1536), "bert") if s.layers == 1} == {384, 256, 192}
+
+
+def test_a_shape_a_larger_one_costs_as_much_as_is_outsized():
+    from bertexport.search.student_shapes import SAME_COST, init_shape, outsized
+
+    l1 = {f: StudentShape(1, 384, 12, f) for f in (384, 768, 1536)}
+    l2 = StudentShape(2, 384, 12, 384)
+    # first-token skipping: a 1-layer student's FFN runs on one token, its widths cost the same
+    ratio = {l1[384].name: 0.100, l1[768].name: 0.101, l1[1536].name: 0.102, l2.name: 0.30}
+    assert outsized([*l1.values(), l2], ratio) == {l1[384]: l1[1536], l1[768]: l1[1536]}
+    # without it the widths cost what their MACs do: each is a speed of its own
+    ratio |= {l1[768].name: 0.13, l1[1536].name: 0.19}
+    assert outsized([*l1.values(), l2], ratio) == {}
+    assert outsized([l1[384], l1[768]], {l1[384].name: 0.1, l1[768].name: 0.1 * (1 + SAME_COST) + 1e-6}) == {}
+    # a pre-trained checkpoint's weights come from elsewhere: never outsized, never outsizing
+
+    class _Init:
+        name, path = "init:x", "x"
+        shape = l1[384]
+    small_init = init_shape(_Init(), True)
+    assert outsized([small_init, l1[1536]], {small_init.name: 0.1, l1[1536].name: 0.1}) == {}
 
 
 def test_distill_option_is_checked_before_any_work(keyword_model, tmp_path):
@@ -139,9 +164,13 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
     students = rep["students"]
     assert len(students) >= 3 and {s["prediction"] for s in students} == {"measured", "predicted"}
     # bisection, the shapes that keep the teacher's hidden size first: the first student trained is
-    # the middle of those by predicted latency
-    full = sorted((r for r in students if r["hidden"] == TEACHER.hidden), key=lambda r: r["predicted_ratio"])
-    assert 2 <= len(full) < len(students)
+    # the middle of those by predicted latency (but those a larger one is predicted as fast as: first-token
+    # skipping makes a 1-layer student's FFN widths cost the same)
+    outsized = [r for r in students if "predicted as fast" in r["reason"]]
+    assert outsized and all(r["layers"] == 1 and r["status"] == "dominated" for r in outsized)
+    full = sorted((r for r in students if r["hidden"] == TEACHER.hidden and r not in outsized),
+                  key=lambda r: r["predicted_ratio"])
+    assert 1 <= len(full) < len(students)
     assert students[0]["hidden"] == TEACHER.hidden
     assert students[0]["predicted_ratio"] == full[len(full) // 2]["predicted_ratio"]
     # every trained student was judged; hopeless/dominated ones were never trained
@@ -161,7 +190,7 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
             passing_ms[c["candidate"]["student"]] = min(c["latency_ms"], passing_ms.get(c["candidate"]["student"], 1e9))
     for i, r in enumerate(students):
         before = [passing_ms[p["shape"]] for p in students[:i] if p["status"] == "passed"]
-        if before and _clock_ms(_shape_of(r["shape"]), True) >= 1.01 * min(before):
+        if before and _clock_ms(_shape_of(r["shape"]), True) >= 1.01 * min(before) and r not in outsized:
             assert r["status"] == "hopeless", r
     hopeless = [c for c in rep["candidates"] if c["status"] == "hopeless"]
     assert all(c["artifact"] is None and c["predicted_ms"] is not None for c in hopeless)
@@ -294,6 +323,33 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     judged = [t for t in search.trials if t.candidate.student]
     assert {t.status for t in judged} == {"failed", "skipped", "hopeless"}
     assert all(t.predicted_ms is not None for t in judged)
+
+
+def test_an_outsized_shape_is_recorded_and_never_trained(tmp_path, monkeypatch):
+    """No model: the cost model predicts a 1-layer student's narrower FFN as fast as its full one
+    (first-token skipping); the narrower one is never trained, and its record says why."""
+    import bertexport.search.students as ss
+    from bertexport.search.session import Trial
+
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    ratios = {"L1-H384-A12-F384": 0.100, "L1-H384-A12-F1536": 0.102, "L2-H384-A12-F768": 0.3}
+    narrow, full, deeper = (_shape_of(n) for n in ratios)
+    trained = []
+
+    def train(self, shape, seconds=None, reserve=0.0):
+        trained.append(shape.name)
+        self.search.clock += 10
+        return tmp_path / shape.name, {"train_seconds": 10.0}, False
+
+    _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
+    records = ss.StudentSearch(_Search([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000),
+                               ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+                               shapes=[narrow, full, deeper], recipes=[base]).run()
+    rec = {r["shape"]: r for r in records}
+    assert narrow.name not in trained and set(trained) == {full.name, deeper.name}
+    assert rec[narrow.name]["status"] == "dominated" and rec[narrow.name]["train_seconds"] is None
+    assert f"{full.name} is larger in every dimension and predicted as fast" in rec[narrow.name]["reason"]
+    assert rec[narrow.name]["predicted_ms"] == pytest.approx(0.1)
 
 
 def test_an_interrupted_student_resumes_from_its_work_folder_then_is_served_from_the_cache(keyword_model, labelled,
@@ -567,7 +623,7 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
     # none keeps the teacher's hidden size (384): one tier, bisected
-    ratios = {"L4-H192-A6-F384": 0.2, "L2-H192-A6-F384": 0.3, "L3-H256-A8-F768": 0.45, "L4-H352-A11-F1408": 0.7}
+    ratios = {"L4-H192-A6-F384": 0.2, "L2-H224-A7-F384": 0.3, "L3-H256-A8-F768": 0.45, "L4-H352-A11-F1408": 0.7}
     fast, small, middle, wide = (_shape_of(n) for n in ratios)
     search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000)
     calls = []

@@ -44,7 +44,13 @@ def student_grid(teacher, family: str, cap: int = GRID_MAX, config=None) -> list
     2/3, 1/2 of its heads (the hidden size goes with them)} x FFN {the teacher's, 1/2, 1/4},
     keeping an FFN no wider (relative to the hidden size) than the teacher's and at least half
     the hidden size, only shapes ``students.check_shape`` accepts; at most ``cap`` shapes:
-    where more, the shapes whose MACs are nearest another's are dropped first."""
+    where more, the shapes whose MACs are nearest another's are dropped first. Then, beyond the
+    cap, one layer at the teacher's hidden size (each FFN width) when 1 is not already a depth: on the news topics a 1-layer full-width student
+    held the 1-point gate on 4,925 untouched posts at about twice the 2-layer one's speed, given
+    10,708 training texts (docs/measurements.md, "A 1-layer student holds the topic point");
+    narrower 1-layer shapes are left out (every narrower student missed by 2-13 points, "Full-width
+    students first"). Where it misses, bisection and ``dominated`` rule it out for a training at
+    most."""
     from bertexport.search.cost_model import linear_macs
     from bertexport.students.shapes import StudentShape, check_shape, width_prunable
 
@@ -57,9 +63,10 @@ def student_grid(teacher, family: str, cap: int = GRID_MAX, config=None) -> list
     else:
         heads, ffns = [teacher.heads], [teacher.ffn]
     widest = teacher.ffn / teacher.hidden
-    shapes = []
-    for d in depths:
-        for a in heads:
+
+    def shapes_of(d: int, widths: list) -> list:
+        out = []
+        for a in widths:
             h = a * head
             for f in ffns:
                 if (f > widest * h + 1e-9 or 2 * f < h) and (h, f) != (teacher.hidden, teacher.ffn):
@@ -69,12 +76,16 @@ def student_grid(teacher, family: str, cap: int = GRID_MAX, config=None) -> list
                     check_shape(shape, teacher, family, config)
                 except UserError:
                     continue
-                shapes.append(shape)
-    shapes = sorted(set(shapes), key=lambda s: linear_macs(s, 1, 1))
+                out.append(shape)
+        return out
+
+    shapes = sorted({s for d in depths for s in shapes_of(d, heads)}, key=lambda s: linear_macs(s, 1, 1))
     while len(shapes) > cap:  # drop the shape nearest (in log MACs) to its cheaper neighbour, never the ends
         logs = [math.log(linear_macs(s, 1, 1)) for s in shapes]
         i = min(range(1, len(shapes) - 1), key=lambda k: logs[k] - logs[k - 1])
         shapes.pop(i)
+    if 1 not in depths and n > 1:  # one layer at the teacher's width, beyond the cap (see above)
+        shapes = sorted(set(shapes) | set(shapes_of(1, heads[:1])), key=lambda s: linear_macs(s, 1, 1))
     return shapes
 
 
@@ -226,6 +237,28 @@ def next_shape(pending: list, hidden: int | None = None):
              [s for s in pending if not isinstance(s, InitShape) and hidden is not None and s.hidden >= hidden])
     pool = next((t for t in tiers if t), pending)
     return pool[len(pool) // 2]
+
+
+# a shape whose larger neighbour is predicted no more than this much slower is never trained
+# (``outsized``): the prediction's own error is larger than the difference
+SAME_COST = 0.05
+
+
+def outsized(shapes: list, ratio: dict) -> dict:
+    """The shapes sliced from the teacher that a larger one makes pointless: for each, the largest
+    other shape at least as large in depth, hidden size and FFN whose predicted latency (``ratio``:
+    name -> x the teacher's) is within ``SAME_COST`` of its own; shape -> that shape. With
+    first-token skipping a 1-layer student's FFN runs on the first token only, so its narrower
+    FFNs cost what the teacher's width does (1.5 % of its linear MACs at 128 tokens) and would
+    spend a training on a smaller model for no speed. ``--student-init`` and pruned checkpoints
+    are never outsized (their weights come from elsewhere)."""
+    sliced = [s for s in shapes if not isinstance(s, InitShape)]
+    out = {}
+    for s in sliced:
+        larger = [b for b in sliced if b != s and dominated(s, b) and ratio[b.name] <= ratio[s.name] * (1 + SAME_COST)]
+        if larger:
+            out[s] = max(larger, key=lambda b: (b.layers, b.hidden, b.ffn))
+    return out
 
 
 def dominated(shape, missed) -> bool:

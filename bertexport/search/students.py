@@ -6,7 +6,8 @@ real recipe; the rest predicted), bisects over them by predicted latency (``next
 the middle untried shape of the tier most likely to pass first: pre-trained inits, then the
 shapes that keep the teacher's hidden size, then the rest), never trains a shape that cannot beat the best passing
 candidate so far (*hopeless*) nor one no larger in any dimension than a student that
-missed the gate (*dominated*). Each remaining student is trained (``search.student_training``:
+missed the gate, or than a shape predicted as fast (*dominated*; ``outsized``). Each remaining
+student is trained (``search.student_training``:
 sliced or ``--student-init``, cached, resumable, within the deadline) and judged by the search
 (``Search.try_candidate``) against the *original* model with the gate's statistics on the
 builds ``search.student_builds`` gives it. A student that cannot finish in the time left
@@ -34,7 +35,7 @@ from bertexport.core.errors import UserError
 from bertexport.core.hashing import cache_key
 from bertexport.search.candidates import Candidate
 from bertexport.search.student_builds import fastest_bases, skip_supported, student_candidates
-from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, next_shape, pruned_students
+from bertexport.search.student_shapes import InitShape, PrunedShape, dominated, next_shape, outsized, pruned_students
 from bertexport.students.distill_config import EVALS_PER_EPOCH
 from bertexport.search.student_training import PATIENCE, STUDENT_SHARE, StudentTraining, learning_curve, training_units
 
@@ -122,7 +123,8 @@ class StudentSearch(StudentTraining):
         order = sorted(self.shapes + self.inits, key=lambda sh: costs[sh.name].ratio)
         self.log("students by predicted latency: " + ", ".join(
             f"{sh.name} {costs[sh.name].ratio:.2f}x ({costs[sh.name].source})" for sh in order))
-        pending, missed = list(order), []
+        larger_as_fast = outsized(order, {sh.name: costs[sh.name].ratio for sh in order})
+        pending, missed = [sh for sh in order if sh not in larger_as_fast], []
         while pending or self.most_promising() is not None:
             follow = self.most_promising()
             if follow is not None:  # the budget continues the best student before it starts a new shape
@@ -133,15 +135,8 @@ class StudentSearch(StudentTraining):
             c = costs[shape.name]
             beaten = next((m for m in missed if dominated(shape, m)), None)
             if beaten is not None:  # no larger in any dimension than a student that missed the gate
-                base_ms = bases[0][1]
-                rec = {"shape": shape.name, **dataclasses.asdict(shape), "predicted_ratio": round(c.ratio, 4),
-                       "prediction": c.source, "predicted_ms": None if base_ms is None else c.ratio * base_ms,
-                       "measured_ms": None, "train_seconds": None, "cached": False, "status": "dominated",
-                       "reason": f"never trained: no larger in any dimension than {beaten.name}, which missed the gate",
-                       "candidates": []}
-                self.records.append(rec)
-                for cand, (_, ms) in zip(student_candidates(shape, [b for b, _ in bases], self.skip), bases):
-                    self._record(Trial(cand, "skipped", rec["reason"]), None if ms is None else c.ratio * ms)
+                self._untrained(shape, c, bases, "dominated",
+                                f"never trained: no larger in any dimension than {beaten.name}, which missed the gate")
                 continue
             cands = self._candidates(shape, shape.name, bases, c)
             rec = {"shape": shape.name, **dataclasses.asdict(shape), "predicted_ratio": round(c.ratio, 4),
@@ -200,7 +195,23 @@ class StudentSearch(StudentTraining):
             if self._rate is None and report.get("train_seconds") and report.get("stopped") != "time":  # a whole training
                 self._rate = float(report["train_seconds"]) / training_units(shape, self.teacher)
             self._judge(rec, shape, 0, cands, path, report, missed)
+        for shape, larger in larger_as_fast.items():  # this one would buy no speed
+            self._untrained(shape, costs[shape.name], bases, "dominated",
+                            f"never trained: {larger.name} is larger in every dimension and predicted as fast "
+                            f"({costs[larger.name].ratio:.3f}x the teacher's latency against {costs[shape.name].ratio:.3f}x)")
         return self.records
+
+    def _untrained(self, shape, c, bases, status: str, reason: str) -> None:
+        """A shape never trained: its record and a skipped trial for each of its builds, at its predicted latency."""
+        from bertexport.search.session import Trial
+
+        base_ms = bases[0][1]
+        self.records.append({"shape": shape.name, **dataclasses.asdict(shape), "predicted_ratio": round(c.ratio, 4),
+                             "prediction": c.source, "predicted_ms": None if base_ms is None else c.ratio * base_ms,
+                             "measured_ms": None, "train_seconds": None, "cached": False, "status": status,
+                             "reason": reason, "candidates": []})
+        for cand, (_, ms) in zip(student_candidates(shape, [b for b, _ in bases], self.skip), bases):
+            self._record(Trial(cand, "skipped", reason), None if ms is None else c.ratio * ms)
 
     def _epoch_seconds(self, shape) -> float | None:
         """Seconds one epoch of ``shape`` would take: the students judged so far (a time-stopped one
