@@ -2,18 +2,18 @@
 
 ``StudentSearch.run`` predicts every shape's latency with the cost model
 (``bertexport.search.cost_model``: a few anchor shapes measured on this machine, random init, the
-real recipe; the rest predicted), bisects over them by predicted latency (``next_shape``:
-the middle untried shape of the tier most likely to pass first: pre-trained inits, then the
-shapes that keep the teacher's hidden size, then the rest), never trains a shape that cannot beat the best passing
-candidate so far (*hopeless*) nor one no larger in any dimension than a student that
-missed the gate, or than a shape predicted as fast (*dominated*; ``outsized``). Each remaining
-student is trained (``search.student_training``:
-sliced or ``--student-init``, cached, resumable, within the deadline) and judged by the search
-(``Search.try_candidate``) against the *original* model with the gate's statistics on the
-builds ``search.student_builds`` gives it. A student that cannot finish in the time left
-(estimated from the first student's training time, scaled by MACs) is skipped with a reason.
-Which shapes: ``search.student_shapes`` (the pruned originals that missed the gate among them,
-``PrunedShape``: distilled from the pruned weights, ordered and judged like every student).
+real recipe; the rest predicted), bisects over them by predicted latency (``next_shape``: the
+middle untried shape of the tier most likely to pass first: pre-trained inits, then the shapes
+that keep the teacher's hidden size, then the rest), never trains a shape that cannot beat the
+best passing candidate so far (*hopeless*) nor one no larger in any dimension than a student
+that missed the gate, or than a shape predicted as fast (*dominated*; ``outsized``). Each
+remaining student is trained (``search.student_training``: sliced or ``--student-init``, cached,
+resumable, within the deadline) and judged by the search (``Search.try_candidate``) against the
+*original* model with the gate's statistics on the builds ``search.student_builds`` gives it. A
+student that cannot finish in the time left (estimated from the first student's training time,
+scaled by MACs) is skipped with a reason. Which shapes: ``search.student_shapes`` (the pruned
+originals that missed the gate among them, ``PrunedShape``: distilled from the pruned weights,
+ordered and judged like every student).
 
 The budget goes to the few students most likely to pass: a new student trains for at most
 ``STUDENT_SHARE`` of the time left (at least ``MIN_STUDENT_EPOCHS`` when that and its judging fit,
@@ -130,7 +130,12 @@ class StudentSearch(StudentTraining):
             if follow is not None:  # the budget continues the best student before it starts a new shape
                 self._continue(follow, bases, costs, missed)
                 continue
-            shape = next_shape(pending, self.teacher.hidden)
+            # bisect over the shapes that could still win: counting the hopeless ones (predicted no
+            # faster than the best passing build; recorded when nothing else is left) put the middle
+            # among the slower shapes after a pass
+            live = [sh for sh in pending if not all(self._hopeless(pred) for _, pred in
+                                                    self._candidates(sh, sh.name, bases, costs[sh.name]))]
+            shape = next_shape(live or pending, self.teacher.hidden)
             pending.remove(shape)
             c = costs[shape.name]
             beaten = next((m for m in missed if dominated(shape, m)), None)

@@ -168,11 +168,13 @@ class EarlyExitResult:
 def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig | None = None, task: str | None = None,
                      samples=None, text_column: str | None = None, label_column: str | None = None, force: bool = False,
                      threads: int = 1, latency_runs: int | None = None, allow_pickle: bool = False,
-                     trust_remote_code: bool = False, revision: str | None = None, reporter=None, calib=None) -> EarlyExitResult:
+                     trust_remote_code: bool = False, revision: str | None = None, reporter=None, calib=None,
+                     gates=None) -> EarlyExitResult:
     """An early-exit artifact of ``model`` (a text classifier) in ``out``: heads trained on
     ``data``, ONNX segments compiled by the profile's passes (``compile_segments``; calibrated on
     the training rows of ``data``), parity of the no-exit path against PyTorch by the profile's
-    gates (``samples`` or the built-in texts), the threshold (``config.threshold`` or chosen on
+    gates (or ``gates``: ``optimize`` gives none, as for every build it judges on its own slice;
+    on ``samples`` or the built-in texts), the threshold (``config.threshold`` or chosen on
     held-out rows through the compiled segments), latency per held-out row. Raises ``UserError`` before any model loads for bad input
     and ``GateFailed`` (kept as ``<out>.rejected``) when parity fails."""
     from bertexport.building.checkpoint import load_model, load_tokenizer, model_max_length
@@ -195,7 +197,7 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
         raise UserError("an early-exit build calibrates on its own texts (the --early-exit data): it takes no calibration file")
     plan = plan_early_exit(model, target, out, data, config=config, text_column=text_column, label_column=label_column,
                            task=task, samples=samples, force=force, threads=threads, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, revision=revision)
+                           trust_remote_code=trust_remote_code, revision=revision, gates=gates)
     cfg, cp = plan.config, plan.convert
     ckpt, profile, out = cp.ckpt, cp.profile, cp.out
     family = get_family(ckpt.family)
@@ -300,7 +302,7 @@ def build_early_exit(model: str, target, out, data, *, config: EarlyExitConfig |
             "calibration": {"source": f"{plan.data_source} (training rows)", "count": len(calibration_texts), "seed": cfg.seed,
                             "skipped": {}} if profile.passes else None,
             "parity": {"texts": len(cp.validation_texts), "source": cp.validation_source, "path": "no exit (threshold 1.0)",
-                       "gates": cp.gates.given(), "rule": profile.validation.rule,
+                       "gates": cp.gates.given(), "rule": None if gates else profile.validation.rule,
                        "checks": checks, "passed": passed, "verdict": profile_status(decision), "failures": failures,
                        "undecided": decision.undecided, "within_noise": decision.within_noise,
                        "verdicts": [v.to_dict() for v in decision.verdicts]},
