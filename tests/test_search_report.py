@@ -236,3 +236,17 @@ def test_learning_curve_marks_where_the_cooldown_began_and_the_state_kept():
     timed = training | {"kept_step": 30, "schedule": {"cooldown": {"from_step": 24, "steps": 6, "lr_from": 1e-4}}}
     line = curves_markdown([{"shape": "L1-H384-A12-F1536"} | learning_curve(timed)])[-1]
     assert line.endswith("1:0.900, 2:0.890 |, 3:0.930*")
+
+
+def test_held_out_figures_show_the_macro_f1_drop_of_a_classifier():
+    from bertexport.search.report import held_out_figures
+
+    cm = {"metric_drop": 0.28, "agreement": 0.99, "cosine_min": 0.78, "samples": 351,
+          "macro_f1_reference": 0.9659, "macro_f1_candidate": 0.8363,
+          "stats": {"macro_f1_drop": {"estimate": 12.96, "low": -2.67, "high": 16.01, "confidence": 0.95}}}
+    # accuracy barely moved while the rare classes were lost: both are shown, the macro-F1 with its interval
+    assert "drop +0.28 pts · macro-F1 drop +12.96 [-2.67, +16.01] pts · agreement" in held_out_figures(cm)
+    no_interval = {k: v for k, v in cm.items() if k != "stats"}
+    assert "macro-F1 drop +12.96 pts" in held_out_figures(no_interval)
+    # an unlabelled or embedding model has no macro-F1: nothing is made up
+    assert "macro-F1" not in held_out_figures({"metric_drop": 0.1, "agreement": 0.99, "samples": 10})
