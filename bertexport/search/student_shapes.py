@@ -45,10 +45,11 @@ def student_grid(teacher, family: str, cap: int = GRID_MAX, config=None) -> list
     keeping an FFN no wider (relative to the hidden size) than the teacher's and at least half
     the hidden size, only shapes ``students.check_shape`` accepts; at most ``cap`` shapes:
     where more, the shapes whose MACs are nearest another's are dropped first. Then, beyond the
-    cap, one layer at the teacher's hidden size (each FFN width) when 1 is not already a depth: on the news topics a 1-layer full-width student
-    held the 1-point gate on 4,925 untouched posts at about twice the 2-layer one's speed, given
-    10,708 training texts (docs/measurements.md, "A 1-layer student holds the topic point");
-    narrower 1-layer shapes are left out (every narrower student missed by 2-13 points, "Full-width
+    cap, one layer at the teacher's hidden size (each FFN width) when 1 is not already a depth:
+    on two topic tasks a 1-layer full-width student held the 1-point gate on the untouched rows
+    at 1.6-2x the 2-layer one's speed, given the training texts (docs/measurements.md, "A 1-layer
+    student holds the topic point", "A second topic task no setting was tuned on"); narrower
+    1-layer shapes are left out (every narrower student missed by 2-13 points, "Full-width
     students first"). Where it misses, bisection and ``dominated`` rule it out for a training at
     most."""
     from bertexport.search.cost_model import linear_macs
