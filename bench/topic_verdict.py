@@ -29,11 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bertexport.core.cache import cache_dir  # noqa: E402
+from news_topics import DATASETS, data_tag, draw_rows, topic_rows  # noqa: E402  (bench/ is on sys.path above)
 
 
 def untouched_rows(seed: int, sizes: dict[str, int], topics: str, dataset: str = "20ng") -> list[dict]:
-    from news_topics import draw_rows, topic_rows
-
     _, test, _ = topic_rows(topics, dataset)
     drawn = draw_rows(test, sizes | {"rest": len(test)}, seed)
     return drawn["rest"]
@@ -59,7 +58,7 @@ def main() -> int:
     ap.add_argument("--distill-rows", type=int, default=1000)
     ap.add_argument("--test-rows", type=int, default=500)
     ap.add_argument("--topics", choices=("coarse", "all"), default="coarse")
-    ap.add_argument("--dataset", choices=("20ng", "reuters-r8"), default="20ng", help="as news_topics.py's --dataset")
+    ap.add_argument("--dataset", choices=tuple(DATASETS), default="20ng", help="as news_topics.py's --dataset")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -67,8 +66,6 @@ def main() -> int:
 
     sizes = {"search": args.search_rows, "distill": args.distill_rows, "test": args.test_rows}
     rows = untouched_rows(args.seed, sizes, args.topics, args.dataset)
-    from news_topics import data_tag
-
     tag = f"s{args.seed}-{args.search_rows}-{args.distill_rows}-{args.test_rows}" + (
         f"-{args.topics}" if args.dataset == "20ng" else data_tag(args.dataset, args.topics))
     root = cache_dir("bench", "news-topics")
