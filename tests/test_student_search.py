@@ -207,6 +207,11 @@ def test_grid_search_returns_a_passing_student_trains_no_hopeless_shape_and_reru
     assert (res.artifact / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(cli, ["run", str(res.artifact), "an excellent film", "--json", "-"])
     assert r.exit_code == 0 and json.loads(r.stdout)["label"] in ("absent", "present")
+    # the teacher's intermediate states the students trained on were removed with the search; its logits stay
+    from bertexport.core.cache import cache_dir
+
+    assert list(cache_dir("students").glob("teacher-*/*teacher-train.npz"))
+    assert not list(cache_dir("students").glob("teacher-*/*inter-*"))
 
     # a rerun: costs, the student and every build come from the caches
     again = optimize(str(keyword_model), labelled, tmp_path / "s2", **kw)

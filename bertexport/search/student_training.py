@@ -258,6 +258,12 @@ class StudentTraining:
         return self._distil(student, tok, previous["layer_map"], out, cfg, (texts, labels, data_digest), record, student_tok,
                             protect, seconds, extend=True, reserve=reserve)
 
+    def teacher_folder(self) -> Path:
+        """The teacher's outputs shared by every student of this teacher (``train_student``'s ``teacher_cache``)."""
+        from bertexport.core.cache import cache_dir
+
+        return cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}"
+
     def _distil(self, student, tokenizer, layer_map, out: Path, cfg, data: tuple, record: dict, student_tok,
                 protect: list, seconds: float | None = None, extend: bool = False,
                 reserve: float = 0.0) -> tuple[Path, dict, bool]:
@@ -265,7 +271,6 @@ class StudentTraining:
         interrupted: the next run resumes from it), then publish it with ``student_tok`` and its
         report (``record`` + timings) to ``out``. A student the deadline stopped is judged on its
         best state and its work folder kept to continue."""
-        from bertexport.core.cache import cache_dir
         from bertexport.core.staging import StagedFolder
         from bertexport.students.training import train_student
 
@@ -275,7 +280,7 @@ class StudentTraining:
         t0 = time.perf_counter()
         best, report = train_student(self.teacher_model, student, tokenizer, texts, labels, self.ckpt.task, cfg, work,
                                      self.search.reporter, layer_map,
-                                     teacher_cache=cache_dir("students") / f"teacher-{self.ckpt.sha256[:16]}",
+                                     teacher_cache=self.teacher_folder(),
                                      deadline=time.monotonic() + self.search.remaining() - reserve, seconds=seconds,
                                      extend=extend, teacher_id=self.ckpt.sha256,
                                      restart_stale=True)  # its work folders are keyed by teacher, data and settings

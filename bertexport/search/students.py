@@ -377,6 +377,13 @@ def _closeness(metrics: dict) -> tuple:
 
 def search_students(search, **kw) -> dict:
     """Run the student search; the report's ``students`` and ``cost_model`` sections."""
+    from bertexport.students.teacher_intermediates import remove_cached
+
     ss = StudentSearch(search, **kw)
-    records = ss.run()
+    try:
+        records = ss.run()
+    finally:  # the teacher's intermediate states (GBs, one teacher pass to compute again) end with the search
+        freed = remove_cached(ss.teacher_folder())
+        if freed:
+            ss.log(f"removed {freed / 2 ** 20:.0f} MiB of cached teacher intermediate states")
     return {"students": records, "cost_model": ss.cost_record}

@@ -1,8 +1,9 @@
 """The losses a student is trained on (``bertexport.students.training.train_student``): logit KD
 with temperature (+ cross-entropy on labels; cosine + MSE of hidden states for encoders),
 TinyBERT's hidden-state MSE through learned projections where widths differ, and MiniLMv2's
-Q/K/V self-attention relations (any width). The intermediate ones run the teacher on the
-fly: hidden states of every layer for every batch would not fit a cache."""
+Q/K/V self-attention relations (any width). The intermediate ones take the teacher's tensors
+from a cache computed in one pass (``teacher_intermediates``: the mapped layers only), or run the
+teacher on the fly when they would not fit it."""
 
 from __future__ import annotations
 
@@ -157,8 +158,8 @@ def _heads(config) -> int:
 
 
 class _Intermediate:
-    """Hidden-state and self-attention relation losses against the teacher, run on the fly
-    (hidden states of every layer for every batch would not fit a cache)."""
+    """Hidden-state and self-attention relation losses against the teacher: its tensors from
+    ``cache_teacher``'s arrays where they were cached, else a teacher forward per step."""
 
     def __init__(self, teacher, student, layer_map: list[int], cfg):
         import torch
@@ -175,6 +176,53 @@ class _Intermediate:
         self.taps = None
         if self.attention:
             self.taps = (_QKVTap(student, len(layer_map) - 1), _QKVTap(teacher, layer_map[-1]))
+        self.store = None  # a TeacherIntermediates with this student's keys mapped (``cache_teacher``)
+        self.cache_record: dict | None = None
+
+    def keys(self) -> list[tuple]:
+        """The teacher tensors this student's losses read: hidden states (embeddings and mapped layers), Q/K/V."""
+        keys = [("h", 0)] + [("h", t + 1) for t in self.layer_map] if self.hidden else []
+        return keys + ([("qkv", self.layer_map[-1])] if self.attention else [])
+
+    def cache_teacher(self, batches: list, folder, prefix: str, log) -> dict:
+        """The teacher's tensors for every training batch computed once (or mapped from an earlier
+        run on the same batches) into ``folder`` (``teacher_intermediates``); what was done and why."""
+        import time
+
+        import torch
+
+        from bertexport.students.teacher_intermediates import TeacherIntermediates
+
+        if not self.active:
+            self.cache_record = {"cached": False, "why": "no intermediate loss"}
+            return self.cache_record
+        store, keys, width = TeacherIntermediates(folder, prefix, batches), self.keys(), _width(self.teacher.config)
+        why = store.refusal(keys, width)
+        if why is None:
+            def compute(missing):
+                for b in batches:  # inference mode per batch, never held across a yield
+                    with torch.inference_mode():
+                        o = self.teacher(**b["inputs"], output_hidden_states=self.hidden)
+                        got = {k: o.hidden_states[k[1]].cpu().numpy() for k in missing if k[0] == "h"}
+                        if self.attention:
+                            qkv = self.taps[1].take()
+                            got |= {k: np.stack([x.cpu().numpy() for x in qkv]) for k in missing if k[0] == "qkv"}
+                    yield got
+
+            t0, need = time.perf_counter(), store.bytes_needed(keys, width)
+            why = store.load_or_compute(keys, width, compute)
+            self.drop_captures()
+            if why is None:
+                self.store = store
+                self.cache_record = {"cached": True, "tensors": [f"{k}{i}" for k, i in keys], "bytes_written": need,
+                                     "seconds": round(time.perf_counter() - t0, 2)}
+                log(f"teacher intermediate states ({', '.join(self.cache_record['tensors'])}) "
+                    + (f"computed once ({need / 2 ** 20:.0f} MiB, {self.cache_record['seconds']:.0f} s)" if need
+                       else "mapped from the cache"))
+                return self.cache_record
+        self.cache_record = {"cached": False, "why": why}
+        log(f"teacher intermediate states computed every step ({why})")
+        return self.cache_record
 
     def parameters(self):
         return list(self.projections.parameters()) if self.projections is not None else []
@@ -186,18 +234,26 @@ class _Intermediate:
     def student_kwargs(self) -> dict:
         return {"output_hidden_states": True} if self.hidden else {}
 
-    def parts(self, student_out, inputs) -> dict:
+    def parts(self, student_out, inputs, index: int | None = None) -> dict:
+        """The intermediate losses of a training step on batch ``index`` (its cached teacher
+        tensors; None: the teacher runs now)."""
         import torch
 
         parts = {}
-        with torch.no_grad():
-            teacher_out = self.teacher(**inputs, output_hidden_states=self.hidden)
         mask = inputs["attention_mask"]
+        cached = self.store is not None and index is not None
+        if cached:
+            t_hidden = {k[1]: self.store.batch(k, index, mask.device) for k in self.keys() if k[0] == "h"}
+        else:
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs, output_hidden_states=self.hidden)
+            t_hidden = teacher_out.hidden_states
         if self.hidden:
-            parts["hidden"] = self.cfg.alpha_hidden * hidden_loss(student_out.hidden_states, teacher_out.hidden_states,
+            parts["hidden"] = self.cfg.alpha_hidden * hidden_loss(student_out.hidden_states, t_hidden,
                                                                   self.layer_map, self.projections, mask)
         if self.attention:
-            s_qkv, t_qkv = self.taps[0].take(), self.taps[1].take()
+            s_qkv = self.taps[0].take()
+            t_qkv = self.store.batch(("qkv", self.layer_map[-1]), index, mask.device) if cached else self.taps[1].take()
             if self.heads is None:
                 self.heads = relation_heads(s_qkv[0].shape[-1], t_qkv[0].shape[-1], _heads(self.teacher.config),
                                             self.cfg.relation_heads)

@@ -191,9 +191,9 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     ``cfg.augment`` variants of every training text (``bertexport.students.augment``) are added and
     labelled by the teacher (the student learns its soft outputs on them). The teacher's
     logits for every training and held-out row are computed once and cached in ``work``
-    (teacher-train.npz, teacher-eval.npz); its intermediate outputs (hidden states, Q/K/V)
-    are computed on the fly under no_grad, per batch: hidden states of every layer for every
-    batch would not fit a cache.
+    (teacher-train.npz, teacher-eval.npz); so are the intermediate outputs this student's losses
+    read (the mapped layers' hidden states, the relation layer's Q/K/V: ``teacher_intermediates``,
+    float16 arrays beside them), or, when those would not fit, computed on the fly per batch.
 
     Sequence length: ``sequence_length`` (the data's 99th percentile unless given). Schedule:
     AdamW at ``cfg.lr`` (1e-4: small students like higher rates than BERT fine-tuning's
@@ -289,6 +289,8 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
 
     inter = _Intermediate(teacher_model, student, layer_map, dataclasses.replace(cfg, alpha_hidden=alpha_hidden))
     try:
+        with reporter.step("teacher intermediate states (computed once, cached)"):
+            inter.cache_teacher(train_b, where[0], where[1], reporter.log)
         steps_per_epoch = len(train_b)
         plan = schedule_steps(cfg, steps_per_epoch)
         total, every = plan["total"], plan["eval_every"]
@@ -415,7 +417,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                     out = student(**b["inputs"], **inter.student_kwargs())
                     parts = _loss(out, teacher_train[bi], b, task, cfg)
                     if inter.active:
-                        parts |= inter.parts(out, b["inputs"])
+                        parts |= inter.parts(out, b["inputs"], bi)
                     loss = sum(parts.values())
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(list(student.parameters()) + inter.parameters(), 1.0)
@@ -456,6 +458,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
         "layer_map": layer_map,
         "intermediate": {"alpha_hidden": alpha_hidden, "hidden_rule": hidden_why, "alpha_attention": cfg.alpha_attention,
                          "projection": inter.projections is not None, "relation_heads": inter.heads,
+                         "teacher_states": inter.cache_record,
                          "attention_layers": {"student": n_student - 1, "teacher": layer_map[-1]} if inter.attention else None},
         "data": {"texts": len(texts), "labelled": labels is not None, "train_texts": data["originals"],
                  "eval_texts": len(eval_idx), "augmented": data["augmented"],
