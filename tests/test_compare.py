@@ -65,6 +65,33 @@ def test_task_metrics_with_labels_and_the_one_gate_vocabulary():
     assert judge(m, Gates(max_accuracy_drop=30.0, min_agreement=0.75)) == []
 
 
+def test_a_lost_rare_class_passes_the_accuracy_gate_and_fails_the_macro_f1_gate():
+    from bertexport.judging.gates import judge as judge_gates
+
+    # 200 rows: 190 of a common class, 10 of a rare one; the reference gets every row right, the
+    # candidate calls 4 of the rare rows common: 2 points of accuracy, ~14 of macro-F1
+    labels = np.array([0] * 190 + [1] * 10)
+    ref = np.where(labels[:, None] == np.arange(2), 2.0, 0.0)
+    cand = ref.copy()
+    cand[190:194] = [2.0, 0.0]
+    c = Comparison("text-classification")
+    c.add({"logits": ref}, {"logits": cand}, np.ones((200, 3), dtype=np.int64))
+    m = task_metrics(c, labels)
+    f1_rare = 2 * 6 / (2 * 6 + 4)  # tp 6, fn 4; the common class: tp 190, fp 4
+    want = 100 * (1.0 - (f1_rare + 2 * 190 / (2 * 190 + 4)) / 2)
+    assert m["metric_drop"] == pytest.approx(2.0) and m["macro_f1_drop"] == pytest.approx(want)
+    iv = m["stats"]["macro_f1_drop"]
+    assert iv["estimate"] == pytest.approx(want) and iv["low"] > 0 and iv["high"] > want and iv["discordant"] == 4
+    d = judge_gates(m, Gates(max_accuracy_drop=3.0, max_macro_f1_drop=5.0))
+    by_gate = {v.gate: v for v in d.verdicts}
+    assert by_gate["max_accuracy_drop"].status != "failed" and by_gate["max_macro_f1_drop"].status == "failed"
+    assert by_gate["max_macro_f1_drop"].message.startswith(f"macro-F1 drop {want:.2f} points [")
+    assert d.status == "failed"
+    # with a confidence level, an interval straddling the threshold is undecided
+    d = judge_gates(m, Gates(max_macro_f1_drop=want, confidence=0.95))
+    assert d.status == "undecided"
+
+
 def test_embeddings_agreement_is_top_k_retrieval_agreement():
     rng = np.random.default_rng(0)
     h = rng.normal(size=(12, 3, 16))

@@ -21,7 +21,7 @@ from bertexport.core.textdata import builtin_calibration, builtin_samples, built
 from bertexport.judging import gates as G
 from bertexport.judging.compare import write_junit
 
-GATE_LIKE = re.compile(r"^--(min|max)-.*(cosine|agreement|accuracy-drop|abs-diff)|^--confidence$")
+GATE_LIKE = re.compile(r"^--(min|max)-.*(cosine|agreement|accuracy-drop|macro-f1-drop|abs-diff)|^--confidence$")
 INT8_PROFILES = [n for n in list_profiles() if load_profile(n).precision.startswith("int8")]
 
 
@@ -48,7 +48,8 @@ def test_every_gate_flag_of_every_command_is_the_registrys():
                 seen.add((name, flag))
     # the commands that gate really have the flags (the walk is not vacuous)
     for cmd in ("validate", "optimize"):
-        assert {(cmd, f) for f in ("--min-agreement", "--min-cosine", "--max-accuracy-drop", "--confidence")} <= seen
+        assert {(cmd, f) for f in ("--min-agreement", "--min-cosine", "--max-accuracy-drop", "--max-macro-f1-drop",
+                                   "--confidence")} <= seen
 
 
 def test_one_confidence_range_and_gates_fields_take_the_registry_ranges():
@@ -64,6 +65,17 @@ def test_one_confidence_range_and_gates_fields_take_the_registry_ranges():
     assert G.default_gates(False).thresholds() == {"min_agreement": 0.98}
     assert G.rows_needed(G.Gates(min_agreement=0.98, max_accuracy_drop=1.0, min_cosine=0.9)) == \
         {"min_agreement": 100, "max_accuracy_drop": 200}
+
+
+def test_a_gate_of_one_task_or_of_labels_is_refused_elsewhere_before_any_work():
+    G.check_gates_fit(G.Gates(max_macro_f1_drop=1.0), "text-classification", True)
+    with pytest.raises(UserError, match="--max-macro-f1-drop gates text-classification models; this one is feature-extraction"):
+        G.check_gates_fit(G.Gates(max_macro_f1_drop=1.0), "feature-extraction", True)
+    with pytest.raises(UserError, match="--max-macro-f1-drop needs labelled data"):
+        G.check_gates_fit(G.Gates(max_macro_f1_drop=1.0), "text-classification", False)
+    for name in ("max_macro_f1_drop", "max_accuracy_drop"):  # nor in a profile's [validation]: its texts have no labels
+        with pytest.raises(UserError, match=f"{name} needs labelled data"):
+            parse_profile({"backend": "onnxruntime", "validation": {name: 1.0}}, "x.toml")
 
 
 def _figures(agree: int, rows: int, cosine: float = 0.99) -> dict:

@@ -296,15 +296,16 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     small, deep_narrow, middle, wide, slow = (_shape_of(n) for n in ratios)
     shapes = [_shape_of(n) for n in reversed(ratios)]
     first_seconds = 30.0
-    need = first_seconds * training_units(deep_narrow, teacher) / training_units(wide, teacher)
-    # after the first student (the full-width one): no room for the deep-narrow one
-    search = _Search([original], budget=first_seconds + need / 2)
+    epoch = first_seconds * training_units(deep_narrow, teacher) / training_units(wide, teacher)
+    # after the first student (the full-width one, one epoch): no room for one epoch of the deep-narrow one
+    search = _Search([original], budget=first_seconds + epoch / 2)
     trained = []
 
     def train(self, shape, seconds=None, reserve=0.0):
         trained.append(shape.name)
         self.search.clock += first_seconds
-        return tmp_path / shape.name, {"train_seconds": first_seconds}, False
+        return tmp_path / shape.name, {"train_seconds": first_seconds, "steps": 20,  # one epoch
+                                       "schedule": {"steps_per_epoch": 20}}, False
 
     _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
 
@@ -320,7 +321,8 @@ def test_shapes_are_bisected_dominated_and_hopeless_ones_untrained_and_slow_ones
     assert status == {slow.name: "hopeless", wide.name: "not passed", deep_narrow.name: "skipped",
                       middle.name: "dominated", small.name: "dominated"}
     reasons = {r["shape"]: r["reason"] for r in records}
-    assert f"training needs ~{need:.0f} s" in reasons[deep_narrow.name]
+    assert reasons[deep_narrow.name] == (f"1 epoch (~{epoch:.0f} s, estimated from the students trained so far) and its "
+                                         f"judging do not fit in the {epoch / 2:.0f} s left")
     assert "predicted 1.10 ms >= the best passing" in reasons[slow.name]
     assert all(wide.name in reasons[n] and "missed the gate" in reasons[n] for n in (middle.name, small.name))
     assert records[0]["predicted_ms"] == pytest.approx(0.7) and records[0]["measured_ms"] == 0.5
@@ -666,30 +668,32 @@ def test_a_student_stopped_by_its_time_share_while_rising_is_continued_before_ne
 
 def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_if_it_fits_else_is_not_started(
         tmp_path, monkeypatch):
-    """No model: the first student (the middle shape) trains 3 epochs of 100 s each, stopped by its
-    time share with a flat curve (not continued); 120 s are left then: a share of 60 s, under one
-    epoch of either other shape (estimated from the first's epoch time, scaled by training cost:
-    ~85 s and ~172 s). The wide one's epoch and its judging (the 30-s floor) do not fit: skipped,
-    saying so; the small one's do: it trains for that epoch, not its 60-s share."""
+    """No model: the first student (the middle shape) trains 3 epochs of 100 s each (300 s), stopped by
+    its time share with a flat curve (not continued); 120 s are left then. The next (the small one)
+    gets a share of 60 s, under one epoch of it (estimated from the first's epoch time, scaled by
+    training cost): that epoch and its judging (the 30-s floor) fit, so it trains for that epoch, not
+    its share. 50 s are left then: the wide one's epoch and its judging do not fit: skipped, saying
+    so; the last one (the deep one) would get all the time left, but its epoch does not fit either."""
     import bertexport.search.students as ss
     from bertexport.search.session import Trial
+    from bertexport.search.student_training import training_units
 
     base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
     # none dominates another, none keeps the teacher's hidden size (384): one tier, bisected
-    ratios = {"L4-H192-A6-F384": 0.2, "L3-H256-A8-F768": 0.45, "L4-H352-A11-F1408": 0.7}
-    small, middle, wide = (_shape_of(n) for n in ratios)
+    ratios = {"L5-H128-A4-F256": 0.1, "L4-H192-A6-F384": 0.2, "L3-H256-A8-F768": 0.45, "L4-H352-A11-F1408": 0.7}
+    deep, small, middle, wide = (_shape_of(n) for n in ratios)
     search = _MissingSearch([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=420)
     trained = []
 
     def train(self, shape, seconds=None, reserve=0.0):
         trained.append((shape.name, seconds))
-        self.search.clock += 300
+        self.search.clock += seconds if trained[1:] else 300  # the first overran its share: 3 epochs
         report = _stub_report([0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], "time")  # 3 epochs, flat
         return tmp_path / shape.name, report | {"train_seconds": 300.0}, False
 
     _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
     student_search = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
-                                      shapes=[wide, middle, small], recipes=[base])
+                                      shapes=[wide, middle, small, deep], recipes=[base])
     epochs, estimate = {}, student_search._epoch_seconds  # one epoch of each shape as the search estimated it
 
     def spy(shape):
@@ -700,13 +704,46 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_
     records = student_search.run()
     assert [n for n, _ in trained] == [middle.name, small.name]
     assert trained[0][1] == ss.STUDENT_SHARE * 420
-    assert 80 < epochs[small.name] < 90 and 165 < epochs[wide.name] < 180
+    # a 100-s epoch scaled by training cost, at the slowest rate of the students judged so far
+    units = {sh.name: training_units(sh, StudentShape(6, 384, 12, 1536)) for sh in (deep, small, middle, wide)}
+    assert epochs[small.name] == pytest.approx(100 * units[small.name] / units[middle.name])
+    for sh in (wide, deep):
+        assert epochs[sh.name] == pytest.approx(100 * units[sh.name] / min(units[middle.name], units[small.name]))
+    assert 60 < epochs[small.name] <= 90 and epochs[wide.name] > 20 and epochs[deep.name] > 20
     assert trained[1][1] == pytest.approx(ss.MIN_STUDENT_EPOCHS * epochs[small.name])  # its epoch, not its 60-s share
-    (skipped,) = [r for r in records if r["status"] == "skipped"]
-    assert skipped["shape"] == wide.name
-    assert skipped["reason"] == (f"1 epoch (~{epochs[wide.name]:.0f} s, estimated from the students trained so far) and its "
-                                 "judging do not fit in the 120 s left")
+    reasons = {r["shape"]: r["reason"] for r in records if r["status"] == "skipped"}
+    assert set(reasons) == {wide.name, deep.name}
+    left = 420 - 300 - epochs[small.name]
+    for sh in (wide, deep):
+        assert reasons[sh.name] == (f"1 epoch (~{epochs[sh.name]:.0f} s, estimated from the students trained so far) "
+                                    f"and its judging do not fit in the {left:.0f} s left")
     assert not any(r.get("continued_as") for r in records)  # flat: not continued
+
+
+def test_the_last_shape_that_could_still_win_gets_all_the_time_left(tmp_path, monkeypatch):
+    """No model: two full-width shapes, every build missing the gate; the slower one (the middle of
+    the two) trains first, for its share, and misses on a plateau (not continued); the faster one,
+    which that miss does not rule out (a wider FFN), is then the last that could win: it trains for
+    all the time left, not its share."""
+    import bertexport.search.students as ss
+    from bertexport.search.session import Trial
+
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    ratios = {"L1-H384-A12-F1536": 0.2, "L2-H384-A12-F768": 0.35}
+    fast, slow = (_shape_of(n) for n in ratios)
+    search = _Search([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000)
+    trained = []
+
+    def train(self, shape, seconds=None, reserve=0.0):
+        trained.append((shape.name, seconds))
+        self.search.clock += 200
+        return tmp_path / shape.name, _stub_report([0.8, 0.9, 0.95], "plateau"), False
+
+    _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
+    records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+                               shapes=[slow, fast], recipes=[base]).run()
+    assert trained == [(slow.name, ss.STUDENT_SHARE * 1000), (fast.name, 800)]
+    assert [r["shape"] for r in records] == [slow.name, fast.name]
 
 
 def test_the_student_to_continue_is_the_one_closest_to_the_gate_that_is_still_rising():

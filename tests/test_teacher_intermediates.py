@@ -4,8 +4,6 @@ too large a cache, or an interrupted pass, leaves the teacher computed on the fl
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 

@@ -4,6 +4,7 @@ JUnit XML parses, bad inputs exit 2."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -63,6 +64,19 @@ def test_good_artifact_passes_gates_and_writes_junit(built, tmp_path):
     assert drop["low"] == pytest.approx(-drop["high"]) and drop["high"] == pytest.approx(100 * 1.959964 ** 2 / (400 + 1.959964 ** 2), rel=1e-4)
     props = {p.get("name"): p.get("value") for p in suite.iter("property")}
     assert props["metric_drop.rows"] == "400" and float(props["agreement.low"]) < 1.0 and "metric_drop.high" in props
+
+
+def test_the_macro_f1_gate_is_judged_and_reported(built, tmp_path):
+    junit = tmp_path / "j.xml"
+    r = run("validate", built["good"], "--data", built["data"], "--max-macro-f1-drop", "0.5", "--junit", junit,
+            "--json", tmp_path / "r.json")
+    assert r.exit_code == 0 and "(max_macro_f1_drop=0.5)" in r.output.splitlines()[-1], r.output
+    assert "PASSED" in r.output and re.search(r"macro_f1_drop +0\.0000 \[0\.0000, 0\.0000\]", r.output), r.output
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["metrics"]["macro_f1_drop"] == 0.0 and res["metrics"]["stats"]["macro_f1_drop"]["rows"] == 400
+    assert {c.get("name").split(":")[-1] for c in ET.parse(junit).getroot().iter("testcase")} == {"max_macro_f1_drop"}
+    r = run("validate", built["bad"], "--data", built["data"], "--max-macro-f1-drop", "1")
+    assert r.exit_code == 1 and "FAILED" in r.output and "macro-F1 drop" in r.output, r.output
 
 
 def test_too_small_data_is_refused_with_the_rows_it_needs(built, tmp_path):

@@ -47,11 +47,12 @@ class ValidationSpec(Gates):
                               choices=tuple(PROFILE_RULES))
 
     def validate(self):
-        if self.max_accuracy_drop is not None:
-            raise ValueError("max_accuracy_drop needs labelled data: gate it with `validate` or `optimize`, not in [validation]")
+        for name in self.thresholds():
+            if GATES[name].needs_labels:
+                raise ValueError(f"{name} needs labelled data: gate it with `validate` or `optimize`, not in [validation]")
 
     def gates(self) -> Gates:
-        return Gates(self.min_cosine, self.max_abs_diff, self.min_agreement, self.max_accuracy_drop, self.confidence)
+        return Gates(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Gates)})
 
     def describe(self, texts: int | None = None) -> str:
         """What the gate is, in a sentence (``targets --describe``)."""

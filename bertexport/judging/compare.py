@@ -382,11 +382,12 @@ def task_metrics(comp: Comparison, labels: np.ndarray | None, confidence: float 
         drop = stats.accuracy_drop(pr == labels, pc == labels, confidence)
         m["metric_drop"] = drop.estimate
         m["macro_f1_reference"], m["macro_f1_candidate"] = macro_f1(pr, labels), macro_f1(pc, labels)
+        m["macro_f1_drop"] = 100 * (m["macro_f1_reference"] - m["macro_f1_candidate"])
         st["metric_drop"] = drop.to_dict()
         both = np.stack([pr, pc, labels], 1)
         lo, hi = stats.bootstrap(both, lambda v: 100 * (macro_f1(v[:, 0], v[:, 2]) - macro_f1(v[:, 1], v[:, 2])), confidence,
                                  resamples=500)
-        st["macro_f1_drop"] = stats.Interval(100 * (m["macro_f1_reference"] - m["macro_f1_candidate"]), lo, hi, confidence,
+        st["macro_f1_drop"] = stats.Interval(m["macro_f1_drop"], lo, hi, confidence,
                                              int(len(labels)), "bootstrap-rows", None, int((pr != pc).sum())).to_dict()
     elif labels is not None and comp.vec_reference:
         pref = retrieval_precision(comp.vec_reference, labels)

@@ -84,6 +84,7 @@ class GateSpec(Setting):
     needs_labels: bool = False
     default: float | None = None
     default_when: str | None = None  # "labelled" / "unlabelled": when optimize falls back to ``default``
+    tasks: tuple[str, ...] | None = None  # the only tasks whose figures carry it (None: every task)
 
     def show(self, value: float) -> str:
         return format(value, self.fmt)
@@ -115,6 +116,11 @@ GATES: dict[str, GateSpec] = {g.name: g for g in (
              "Gate: the labelled task metric (accuracy; embeddings: retrieval precision@5) may drop at most this many points.",
              low=0.0, metric="metric_drop", what="accuracy drop", direction="max", unit="points", fmt=".2f",
              perfect=0.0, resolution=100.0, interval=True, needs_labels=True, default=1.0, default_when="labelled"),
+    GateSpec("max_macro_f1_drop", "--max-macro-f1-drop",
+             "Gate: macro-F1 (every class's F1 averaged, a rare class weighing as much as a common one) may drop at "
+             "most this many points; for classes of very different sizes, where accuracy hides a lost rare class.",
+             low=0.0, metric="macro_f1_drop", what="macro-F1 drop", direction="max", unit="points", fmt=".2f",
+             perfect=0.0, interval=True, needs_labels=True, tasks=("text-classification",)),
     GateSpec("min_agreement", "--min-agreement",
              "Gate: fraction of decisions equal to PyTorch's (embeddings: tie-robust top-5 retrieval agreement).",
              low=0.0, high=1.0, metric="agreement", what="agreement", direction="min", fmt=".4f",
@@ -149,6 +155,7 @@ class Gates:
     max_abs_diff: float | None = GATES["max_abs_diff"].field()
     min_agreement: float | None = GATES["min_agreement"].field()
     max_accuracy_drop: float | None = GATES["max_accuracy_drop"].field()
+    max_macro_f1_drop: float | None = GATES["max_macro_f1_drop"].field()
     confidence: float | None = CONFIDENCE.field()
 
     def any(self) -> bool:
@@ -358,8 +365,11 @@ def check_gates_resolvable(gates: Gates, rows: int, what: str = "the data", hint
 def check_gates_fit(gates: Gates, task: str, labelled: bool) -> None:
     """Refuse, before any work, a gate the task or data cannot answer."""
     for name in gates.thresholds():
-        if GATES[name].needs_labels and not labelled:
-            raise UserError(f"{GATES[name].flag} needs labelled data (a label column) for a text-classification or "
+        spec = GATES[name]
+        if spec.tasks is not None and task not in spec.tasks:
+            raise UserError(f"{spec.flag} gates {' or '.join(spec.tasks)} models; this one is {task}")
+        if spec.needs_labels and not labelled:
+            raise UserError(f"{spec.flag} needs labelled data (a label column) for a text-classification or "
                             "embedding model")
 
 

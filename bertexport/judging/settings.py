@@ -25,6 +25,7 @@ class ValidateSettings:
         None, "Labelled data (.csv/.tsv/.jsonl: text[, text_pair], label) or plain text; default: calib/samples.txt.")
     model: str | None = option(None, "The PyTorch original (default: the checkpoint named in the manifest).")
     max_accuracy_drop: float | None = gate_field("max_accuracy_drop")
+    max_macro_f1_drop: float | None = gate_field("max_macro_f1_drop")
     min_agreement: float | None = gate_field("min_agreement")
     min_cosine: float | None = gate_field("min_cosine")
     confidence: float | None = gate_field("confidence")
@@ -41,11 +42,12 @@ class ValidateSettings:
     def gates(self) -> Gates:
         """The gates given (``None``: not gated)."""
         return Gates(min_cosine=self.min_cosine, min_agreement=self.min_agreement,
-                     max_accuracy_drop=self.max_accuracy_drop, confidence=self.confidence)
+                     max_accuracy_drop=self.max_accuracy_drop, max_macro_f1_drop=self.max_macro_f1_drop,
+                     confidence=self.confidence)
 
     def validate(self) -> None:
         if not self.gates.any() and not self.report_only:
-            raise UserError("no gate given: pass --max-accuracy-drop, --min-agreement and/or --min-cosine "
+            raise UserError("no gate given: pass --max-accuracy-drop, --max-macro-f1-drop, --min-agreement and/or --min-cosine "
                             "(or --report-only to measure without a gate)")
 
 

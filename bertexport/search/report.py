@@ -89,11 +89,12 @@ def _status(c: dict) -> str:
 
 def held_out_figures(cm: dict) -> str:
     """The winner's held-out figures in one line: drop, agreement, lowest cosine (with intervals);
-    for a labelled classifier the macro-F1 drop too (not gated: on Reuters R8, 2026-12-05, the
-    winners lost 0.3-0.6 points of accuracy and 13-15 of macro-F1, the rare topics)."""
+    for a labelled classifier the macro-F1 drop too (gated only with ``--max-macro-f1-drop``: on
+    Reuters R8, 2026-12-05, the winners lost 0.3-0.6 points of accuracy and 13-15 of macro-F1, the
+    rare topics)."""
     macro = ""
     if cm.get("macro_f1_reference") is not None and cm.get("macro_f1_candidate") is not None:
-        points = 100 * (cm["macro_f1_reference"] - cm["macro_f1_candidate"])  # its interval, when any, in stats
+        points = 100 * (cm["macro_f1_reference"] - cm["macro_f1_candidate"])  # figures of older searches lack the drop
         macro = f" · macro-F1 drop {with_interval(cm | {'macro_f1_drop': points}, 'macro_f1_drop', '+.2f')} pts"
     return (f"drop {with_interval(cm, 'metric_drop', '+.2f')} pts{macro} · agreement {with_interval(cm, 'agreement')} · "
             f"cos min {_fmt(cm.get('cosine_min'), '.4f')} · {cm.get('samples', '?')} rows")

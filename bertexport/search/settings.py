@@ -27,6 +27,7 @@ class OptimizeSettings:
     out: Path = option(help="Artifact folder to create (the winner).", flag=("--out", "-o"))
     task: str | None = task_field()
     max_accuracy_drop: float | None = gate_field("max_accuracy_drop", fallback=True)
+    max_macro_f1_drop: float | None = gate_field("max_macro_f1_drop")
     min_agreement: float | None = gate_field("min_agreement", fallback=True)
     min_cosine: float | None = gate_field("min_cosine", fallback=True)
     confidence: float | None = gate_field("confidence", "Decides the held-out verdict.", fallback=True)
@@ -75,4 +76,5 @@ class OptimizeSettings:
     def gates(self) -> Gates:
         """The gates given (none: ``optimize`` falls back to the registry's defaults)."""
         return Gates(min_cosine=self.min_cosine, min_agreement=self.min_agreement,
-                     max_accuracy_drop=self.max_accuracy_drop, confidence=self.confidence)
+                     max_accuracy_drop=self.max_accuracy_drop, max_macro_f1_drop=self.max_macro_f1_drop,
+                     confidence=self.confidence)

@@ -9,15 +9,15 @@ best passing candidate so far (*hopeless*) nor one no larger in any dimension th
 that missed the gate, or than a shape predicted as fast (*dominated*; ``outsized``). Each
 remaining student is trained (``search.student_training``: sliced or ``--student-init``, cached,
 resumable, within the deadline) and judged by the search (``Search.try_candidate``) against the
-*original* model with the gate's statistics on the builds ``search.student_builds`` gives it. A
-student that cannot finish in the time left (estimated from the first student's training time,
-scaled by MACs) is skipped with a reason. Which shapes: ``search.student_shapes`` (the pruned
+*original* model with the gate's statistics on the builds ``search.student_builds`` gives it.
+Which shapes: ``search.student_shapes`` (the pruned
 originals that missed the gate among them, ``PrunedShape``: distilled from the pruned weights,
 ordered and judged like every student).
 
 The budget goes to the few students most likely to pass: a new student trains for at most
-``STUDENT_SHARE`` of the time left (at least ``MIN_STUDENT_EPOCHS`` when that and its judging fit,
-else it is skipped), and before any new shape starts, the student closest to
+``STUDENT_SHARE`` of the time left (all of it when no other shape could still win; at least
+``MIN_STUDENT_EPOCHS`` when that and its judging fit, else it is skipped: a student the time
+stops is judged on its annealed best state, so it need not fit a whole training), and before any new shape starts, the student closest to
 the gate among those that missed it while still improving (stopped by that share or by its
 epoch cap, not by its patience; ``most_promising``) is continued from its checkpoint with all
 the time left, until its patience runs out (``student_training``: ``train`` resumes a
@@ -73,7 +73,6 @@ class StudentSearch(StudentTraining):
         self.cost_timer = cost_timer
         self.records: list[dict] = []
         self.cost_record: dict | None = None
-        self._rate: float | None = None  # training seconds per ``training_units`` (the first student trained here)
         self._judged: list[dict] = []  # every trained student judged: its record, shape, segment, trials
         self._continuations: dict[str, int] = {}
 
@@ -137,6 +136,8 @@ class StudentSearch(StudentTraining):
                                                     self._candidates(sh, sh.name, bases, costs[sh.name]))]
             shape = next_shape(live or pending, self.teacher.hidden)
             pending.remove(shape)
+            # the last shape that could still win (none other live, nor ruled out by a miss) gets all the time left
+            last = not any(sh is not shape and not any(dominated(sh, m) for m in missed) for sh in live)
             c = costs[shape.name]
             beaten = next((m for m in missed if dominated(shape, m)), None)
             if beaten is not None:  # no larger in any dimension than a student that missed the gate
@@ -167,15 +168,14 @@ class StudentSearch(StudentTraining):
                 for cand, pred in cands:
                     self._record(Trial(cand, "skipped", rec["reason"]), pred)
                 continue
-            need = None if self._rate is None else self._rate * training_units(shape, self.teacher)
             texts, labels, digest = self.data()
             cached = (self._cached_path(shape, digest) / "student_report.json").is_file()
             epoch = self._epoch_seconds(shape)
-            share = STUDENT_SHARE * s.remaining()
+            share = s.remaining() if last else STUDENT_SHARE * s.remaining()
+            if last:
+                self.log(f"{shape.name}: the last shape that could still win; it gets all the time left")
             reason = None
-            if need is not None and not cached and need > s.remaining():
-                reason = f"training needs ~{need:.0f} s (estimated from the first student), {s.remaining():.0f} s left"
-            elif epoch is not None and not cached and share < MIN_STUDENT_EPOCHS * epoch:
+            if epoch is not None and not cached and share < MIN_STUDENT_EPOCHS * epoch:
                 room = s.remaining() - self._judge_reserve(self._slowest_judging())
                 if MIN_STUDENT_EPOCHS * epoch <= room:  # its share raised to one epoch: the time is there
                     self.log(f"{shape.name}: its share of the time left ({share:.0f} s) is less than "
@@ -197,8 +197,6 @@ class StudentSearch(StudentTraining):
             except Exception as e:  # one student failing (a shape a backend refuses, ...) must not end the search
                 self._failed(rec, cands, e)
                 continue
-            if self._rate is None and report.get("train_seconds") and report.get("stopped") != "time":  # a whole training
-                self._rate = float(report["train_seconds"]) / training_units(shape, self.teacher)
             self._judge(rec, shape, 0, cands, path, report, missed)
         for shape, larger in larger_as_fast.items():  # this one would buy no speed
             self._untrained(shape, costs[shape.name], bases, "dominated",
