@@ -391,6 +391,22 @@ def test_training_stops_on_a_plateau_and_keeps_the_best_state(keyword_model, tmp
     assert r["initial_eval"]["score"] < max(scores)
 
 
+def test_training_stops_when_the_held_out_score_reaches_its_target(keyword_model, tmp_path):
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(160)
+    cfg = _cfg(patience=50, max_epochs=40, eval_every=3, alpha_attention=0, stop_at_score=0.9)
+    _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "w")
+    scores = [e["score"] for e in r["evals"]]
+    assert r["stopped"] == "target" and scores[-1] >= 0.9 and all(sc < 0.9 for sc in scores[:-1])
+    assert r["kept_step"] == r["best_step"] == r["evals"][-1]["step"] == r["steps"]  # the state that reached it is kept
+    assert r["final_eval"]["score"] == pytest.approx(scores[-1]) and r["steps"] < 40 * r["schedule"]["steps_per_epoch"]
+    with pytest.raises(UserError, match="stop_at_score"):
+        check_config(_cfg(stop_at_score=1.5))
+
+
 def test_a_plateau_cools_the_rate_down_to_zero_then_stops(keyword_model, tmp_path):
     """Patience run out: the rate decays linearly from where it stood to 0 over ``cooldown`` of
     the steps run (at least two evaluations), evaluated at its end, then training stops."""

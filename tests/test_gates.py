@@ -78,6 +78,15 @@ def test_a_gate_of_one_task_or_of_labels_is_refused_elsewhere_before_any_work():
             parse_profile({"backend": "onnxruntime", "validation": {name: 1.0}}, "x.toml")
 
 
+def test_the_agreement_a_gate_implies():
+    assert G.implied_agreement(G.Gates(max_accuracy_drop=1.0), 0.5) == pytest.approx(0.995)
+    assert G.implied_agreement(G.Gates(min_agreement=0.98, max_accuracy_drop=5.0), 0.5) == pytest.approx(0.99)
+    assert G.implied_agreement(G.Gates(min_agreement=0.0), 0.5) == 0.5  # at least half
+    assert G.implied_agreement(G.Gates(min_cosine=0.99), 0.5) is None  # a cosine does not bound disagreement
+    # a rare class may hold all of the disagreement: agreement bounds no macro-F1 drop
+    assert G.implied_agreement(G.Gates(max_accuracy_drop=1.0, max_macro_f1_drop=5.0), 0.5) is None
+
+
 def _figures(agree: int, rows: int, cosine: float = 0.99) -> dict:
     from bertexport.judging import stats
 

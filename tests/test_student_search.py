@@ -260,6 +260,7 @@ class _Search:
         from bertexport.core.progress import Reporter
 
         self.trials, self.best, self.reporter = trials, (trials or [None])[0], Reporter()
+        self.gates = Gates()  # no gate that bounds agreement: students train on their patience
         self.threads, self.clock, self.budget = 1, 0.0, budget
         self.tried = []
 
@@ -718,6 +719,22 @@ def test_a_new_student_whose_share_of_the_time_left_is_under_one_epoch_gets_one_
         assert reasons[sh.name] == (f"1 epoch (~{epochs[sh.name]:.0f} s, estimated from the students trained so far) "
                                     f"and its judging do not fit in the {left:.0f} s left")
     assert not any(r.get("continued_as") for r in records)  # flat: not continued
+
+
+def test_a_student_of_the_search_stops_at_the_agreement_that_keeps_the_gate_with_room_to_spare(tmp_path):
+    from bertexport.search.student_training import StudentTraining
+
+    search = _Search([], budget=100)
+    training = StudentTraining(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None)
+    assert training.config(_shape_of("L2-H384-A12-F768")).stop_at_score is None  # no gate that bounds agreement
+    search.gates = Gates(max_accuracy_drop=1.0)
+    assert training.config(_shape_of("L2-H384-A12-F768")).stop_at_score == pytest.approx(0.995)  # a 1-point gate
+    search.gates = Gates(min_agreement=0.98)
+    assert training.config(_shape_of("L2-H384-A12-F768")).stop_at_score == pytest.approx(0.99)
+    search.gates = Gates(max_accuracy_drop=1.0, max_macro_f1_drop=2.0)  # agreement does not bound macro-F1
+    assert training.config(_shape_of("L2-H384-A12-F768")).stop_at_score is None
+    training.epochs = 2  # a fixed count, as asked: no target
+    assert training.config(_shape_of("L2-H384-A12-F768")).stop_at_score is None
 
 
 def test_the_last_shape_that_could_still_win_gets_all_the_time_left(tmp_path, monkeypatch):

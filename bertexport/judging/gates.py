@@ -187,6 +187,22 @@ def default_gates(labelled: bool) -> Gates:
     return Gates(**{n: s.default for n, s in GATES.items() if s.default_when == want})
 
 
+def implied_agreement(gates: Gates, margin: float) -> float | None:
+    """The agreement with the original that keeps the gates with room to spare: 1 - ``margin`` x
+    the smallest disagreement a gate allows (1 - ``min_agreement``; ``max_accuracy_drop`` points as
+    a fraction of rows: a candidate that disagrees on fewer rows cannot lose more accuracy), at
+    least 0.5. None when no gate bounds disagreement, or when one is set that agreement does not
+    bound (``max_macro_f1_drop``: a rare class may hold all of the disagreement)."""
+    if gates.max_macro_f1_drop is not None:
+        return None
+    allowed = [1.0 - gates.min_agreement] if gates.min_agreement is not None else []
+    if gates.max_accuracy_drop is not None:
+        allowed.append(gates.max_accuracy_drop / 100.0)
+    if not allowed:
+        return None
+    return float(min(1.0, max(0.5, 1.0 - margin * max(min(allowed), 0.0))))
+
+
 # -- verdicts ---------------------------------------------------------------------------------
 
 @dataclass

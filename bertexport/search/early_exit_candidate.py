@@ -101,17 +101,13 @@ def plan_exit_search(mode: str | None, ckpt, pairs: bool = False) -> ExitPlan:
 
 
 def agreement_target(gates) -> float:
-    """The agreement with the full model the threshold keeps: the gate's allowed disagreement
-    (1 - ``min_agreement``; ``max_accuracy_drop`` points as a fraction of rows) times ``MARGIN``
-    subtracted from 1; the library's default without either gate (a cosine gate only)."""
+    """The agreement with the full model the threshold keeps: ``gates.implied_agreement`` at
+    ``MARGIN``; the library's default without a gate that bounds it (a cosine gate only)."""
+    from bertexport.judging.gates import implied_agreement
     from bertexport.students.early_exit import EarlyExitConfig
 
-    allowed = [1.0 - gates.min_agreement] if gates.min_agreement is not None else []
-    if gates.max_accuracy_drop is not None:
-        allowed.append(gates.max_accuracy_drop / 100.0)
-    if not allowed:
-        return EarlyExitConfig.agreement
-    return float(min(1.0, max(0.5, 1.0 - MARGIN * max(min(allowed), 0.0))))
+    target = implied_agreement(gates, MARGIN)
+    return EarlyExitConfig.agreement if target is None else target
 
 
 def exit_candidate(base: Candidate) -> Candidate:

@@ -19,6 +19,7 @@ class DistillConfig:
     epochs: int = 3  # a fixed count of epochs (no early stop) when patience is None
     patience: int | None = None  # or: stop after this many held-out evaluations without a better score
     max_epochs: int = 10  # ... or at this many epochs (with patience only)
+    stop_at_score: float | None = None  # with patience: stop once held-out agreement (cosine) reaches this ("target")
     cooldown: float = 0.2  # with patience, when it runs out: the learning rate decays linearly from where it is to 0
     # over this fraction of the steps run (at least two evaluations; ``cooldown_steps``), then training stops; 0: stop at once
     eval_every: int | None = None  # steps between held-out evaluations (None: EVALS_PER_EPOCH per epoch)
@@ -55,6 +56,8 @@ def check_config(cfg: DistillConfig) -> None:
         raise UserError("batch_size, epochs and max_epochs must be >= 1")
     if cfg.patience is not None and cfg.patience < 1:
         raise UserError("patience must be >= 1 evaluation")
+    if cfg.stop_at_score is not None and not 0 < cfg.stop_at_score <= 1:
+        raise UserError("stop_at_score must be in (0, 1]")
     if not 0 <= cfg.cooldown <= 1:
         raise UserError("cooldown must be a fraction of the steps run, between 0 and 1")
     if cfg.eval_every is not None and cfg.eval_every < 1:

@@ -48,16 +48,17 @@ class TeacherIntermediates:
     def path(self, key: tuple) -> Path:
         return self.folder / f"{self.prefix}inter-{_name(key)}.npy"
 
-    def bytes_needed(self, keys: list, width: int) -> int:
-        """float16 bytes of the ``keys`` not on disk yet."""
+    def bytes_needed(self, keys: list, width: int, missing_only: bool = True) -> int:
+        """float16 bytes of the ``keys`` (those not on disk yet, unless ``missing_only`` is False)."""
         per = int(self.offsets[-1]) * width * 2
-        return sum(per * (3 if k[0] == "qkv" else 1) for k in keys if not self.path(k).is_file())
+        return sum(per * (3 if k[0] == "qkv" else 1) for k in keys if not (missing_only and self.path(k).is_file()))
 
     def refusal(self, keys: list, width: int) -> str | None:
-        """Why the ``keys`` cannot be cached here (size, disk space), or None."""
-        need = self.bytes_needed(keys, width)
-        if need > MAX_BYTES:
-            return f"{need / 2 ** 30:.1f} GiB of teacher states > {MAX_BYTES / 2 ** 30:.0f} GiB"
+        """Why the ``keys`` cannot be cached here (the arrays one student reads past ``MAX_BYTES``,
+        too little disk space for those to write), or None."""
+        total, need = self.bytes_needed(keys, width, missing_only=False), self.bytes_needed(keys, width)
+        if total > MAX_BYTES:
+            return f"{total / 2 ** 30:.1f} GiB of teacher states > {MAX_BYTES / 2 ** 30:.0f} GiB"
         self.folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.folder).free
         if need and free - need < FREE_MARGIN:

@@ -363,6 +363,9 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                     state["stopped"] = cooling["why"]  # the cooldown done: "plateau", or "time" (resumable)
             elif cfg.patience is not None and state["since_best"] >= cfg.patience and not start_cooldown("plateau"):
                 state["stopped"] = "plateau"
+            if cfg.stop_at_score is not None and not state["since_best"] and metrics["score"] >= cfg.stop_at_score:
+                state["stopped"] = "target"  # as good as its caller needs (the state kept: this one)
+                reporter.log(f"held-out score {metrics['score']:.4f} reached the target {cfg.stop_at_score:.4f}: stop")
 
         def start_cooldown(why: str) -> bool:
             """The rate from where it stands linearly to 0 over ``cooldown_steps``, then stop
@@ -471,7 +474,8 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                      # near; ``cooldown_steps``); earlier ones, of time-capped calls resumed after them
                      "cooldown": state.get("cooldown"), "earlier_cooldowns": state.get("earlier_cooldowns", [])},
         # why training ended: "plateau" (patience), "max_epochs" (the cap, with patience), "epochs" (the
-        # fixed count) or "time" (the caller's deadline: resumable, the work folder continues it)
+        # fixed count), "target" (``cfg.stop_at_score`` reached) or "time" (the caller's deadline:
+        # resumable, the work folder continues it)
         "stopped": state["stopped"] or ("max_epochs" if cfg.patience is not None else "epochs"),
         # the state kept (work/best): the best-scoring one, or the annealed end (``kept_state``:
         # ``annealed_choice``); ``best_step``: where the held-out score peaked
