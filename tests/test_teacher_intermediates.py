@@ -10,19 +10,7 @@ import pytest
 from bertexport.core.progress import Reporter
 from bertexport.students.distill_config import DistillConfig
 from bertexport.students.training_data import length_batches
-from tests.tinymodels import keyword_sentence
-
-
-def _teacher(path):
-    import transformers as T
-
-    return T.AutoModelForSequenceClassification.from_pretrained(path).eval(), T.AutoTokenizer.from_pretrained(path)
-
-
-def _texts(n, seed=5):
-    rng = np.random.default_rng(seed)
-    labels = [int(rng.random() < 0.5) for _ in range(n)]
-    return [keyword_sentence(rng, int(rng.integers(4, 20)), "excellent" if y else None) for y in labels], labels
+from tests.test_distill import _teacher, _texts
 
 
 def _inter(teacher, narrow: bool):
@@ -39,7 +27,7 @@ def test_cached_losses_equal_the_teacher_run_on_the_fly(keyword_model, narrow, t
     import torch
 
     teacher, tok = _teacher(keyword_model)
-    texts, labels = _texts(40)
+    texts, labels = _texts(40, seed=5)
     batches = length_batches(tok, texts, labels, 8, 32, 0)
     student, inter = _inter(teacher, narrow)
     assert inter.keys() == [("h", 0), ("h", 2), ("qkv", 1)]
@@ -80,7 +68,7 @@ def test_training_reads_the_cache_and_reports_it(keyword_model, tmp_path):
     from bertexport.students.training import train_student
 
     teacher, tok = _teacher(keyword_model)
-    texts, labels = _texts(120)
+    texts, labels = _texts(120, seed=5)
     cfg = DistillConfig(layers=1, epochs=2, batch_size=16, lr=2e-3, seed=0, augment=0, alpha_hidden=1.0)
     _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "w")
     states = r["intermediate"]["teacher_states"]
@@ -96,7 +84,7 @@ def test_too_large_a_cache_runs_the_teacher_per_step(keyword_model, tmp_path, mo
 
     monkeypatch.setattr(teacher_intermediates, "MAX_BYTES", 1000)
     teacher, tok = _teacher(keyword_model)
-    texts, labels = _texts(60)
+    texts, labels = _texts(60, seed=5)
     cfg = DistillConfig(layers=1, epochs=1, batch_size=16, lr=2e-3, seed=0, augment=0)
     _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "w")
     states = r["intermediate"]["teacher_states"]
@@ -108,7 +96,7 @@ def test_an_interrupted_pass_leaves_no_array(keyword_model, tmp_path):
     from bertexport.students.teacher_intermediates import TeacherIntermediates, remove_cached
 
     _, tok = _teacher(keyword_model)
-    texts, labels = _texts(40)
+    texts, labels = _texts(40, seed=5)
     batches = length_batches(tok, texts, labels, 8, 32, 0)
     store = TeacherIntermediates(tmp_path, "", batches)
 

@@ -12,9 +12,10 @@ Layout: one ``.npy`` per tensor (``h{i}``: hidden state ``i``, 0 the embeddings'
 ``qkv{l}``: layer ``l``'s query, key and value), every batch's tokens one after another
 (``(tokens, width)``, or ``(3, tokens, width)``); a batch's rows are found from the batches'
 shapes. float16 (relative error ~5e-4, under the loss's own noise); a value beyond its range
-leaves the teacher computed on the fly. Written under a temporary name and renamed: an interrupted pass leaves no
-half array. Not cached (computed on the fly as before, with the reason logged) when the arrays
-would take more than ``MAX_BYTES`` or leave less than ``FREE_MARGIN`` of the disk free.
+leaves the teacher computed on the fly. Written under a temporary name and renamed: an
+interrupted pass leaves no half array. Not cached (computed on the fly as before, with the
+reason logged) when the arrays one student reads would pass ``MAX_BYTES``, or writing them would
+leave less than ``FREE_MARGIN`` of the disk free.
 """
 
 from __future__ import annotations
