@@ -795,3 +795,45 @@ def test_the_student_to_continue_is_the_one_closest_to_the_gate_that_is_still_ri
     assert ss.most_promising() is near
     near["epoch_seconds"] = 150.0  # half an epoch and its judging no longer fit
     assert ss.most_promising() is far
+
+
+@pytest.mark.parametrize("stopped", ["target", "plateau"])
+def test_after_a_pass_with_room_to_spare_the_fastest_shape_that_could_win_trains_next(tmp_path, monkeypatch, stopped):
+    """No model: four full-width shapes; the middle one (L3-F384) trains first and passes. When it
+    stopped at its target agreement (the gate kept with half its allowance to spare) the fastest
+    shape that could still win trains next (L1), and its pass makes the 2-layer one hopeless; when it
+    stopped on its patience the search bisects as before (L2, then L1)."""
+    import bertexport.search.students as ss
+    from bertexport.search.session import Trial
+
+    base = Candidate("ort-int8-avx2", "onnxruntime", "int8", [{"type": "ort-dynamic-quantize"}], {})
+    ratios = {"L1-H384-A12-F1536": 0.2, "L2-H384-A12-F768": 0.35, "L3-H384-A12-F384": 0.45, "L3-H384-A12-F1536": 0.6}
+    fast, two, three, wide = (_shape_of(n) for n in ratios)
+
+    class Passing(_Search):  # every build passes, at its shape's predicted latency
+        def try_candidate(self, cand, path):
+            self.tried.append(cand.name)
+            t = Trial(cand, "passed", "meets the gate", latency_ms=ratios[cand.student])
+            self.trials.append(t)
+            self.best = min(self.best, t, key=lambda tr: tr.latency_ms)
+            return t
+
+    search = Passing([Trial(base, "passed", "meets the gate", latency_ms=1.0)], budget=1000)
+    trained = []
+
+    def train(self, shape, seconds=None, reserve=0.0):
+        trained.append(shape.name)
+        self.search.clock += 100
+        return tmp_path / shape.name, _stub_report([0.8, 0.99, 0.996], stopped), False
+
+    _stub_costs_training_and_data(monkeypatch, tmp_path, ratios, train)
+    records = ss.StudentSearch(search, ckpt=_Ckpt(), teacher_model=None, tokenizer=None, tok_dir=None,
+                               shapes=[wide, three, two, fast], recipes=[base]).run()
+    status = {r["shape"]: r["status"] for r in records}
+    if stopped == "target":
+        assert trained == [three.name, fast.name]
+        assert status == {three.name: "passed", fast.name: "passed", two.name: "hopeless", wide.name: "hopeless"}
+    else:
+        assert trained == [three.name, two.name, fast.name]
+        assert status == {three.name: "passed", two.name: "passed", fast.name: "passed", wide.name: "hopeless"}
+    assert search.best.candidate.student == fast.name

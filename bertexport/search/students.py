@@ -4,7 +4,8 @@
 (``bertexport.search.cost_model``: a few anchor shapes measured on this machine, random init, the
 real recipe; the rest predicted), bisects over them by predicted latency (``next_shape``: the
 middle untried shape of the tier most likely to pass first: pre-trained inits, then the shapes
-that keep the teacher's hidden size, then the rest), never trains a shape that cannot beat the
+that keep the teacher's hidden size, then the rest; the fastest of that tier when the student just
+judged passed with room to spare, ``_passed_with_room``), never trains a shape that cannot beat the
 best passing candidate so far (*hopeless*) nor one no larger in any dimension than a student
 that missed the gate, or than a shape predicted as fast (*dominated*; ``outsized``). Each
 remaining student is trained (``search.student_training``: sliced or ``--student-init``, cached,
@@ -134,7 +135,11 @@ class StudentSearch(StudentTraining):
             # among the slower shapes after a pass
             live = [sh for sh in pending if not all(self._hopeless(pred) for _, pred in
                                                     self._candidates(sh, sh.name, bases, costs[sh.name]))]
-            shape = next_shape(live or pending, self.teacher.hidden)
+            room = self._passed_with_room()
+            shape = next_shape(live or pending, self.teacher.hidden, fastest=room is not None)
+            if room is not None:
+                self.log(f"{room['shape']} kept the gate with room to spare (stopped at its target agreement at epoch "
+                         f"{room.get('epochs_run')}): the fastest shape that could still win next, {shape.name}")
             pending.remove(shape)
             # the last shape that could still win (none other live, nor ruled out by a miss) gets all the time left
             last = not any(sh is not shape and not any(dominated(sh, m) for m in missed) for sh in live)
@@ -203,6 +208,15 @@ class StudentSearch(StudentTraining):
                             f"never trained: {larger.name} is larger in every dimension and predicted as fast "
                             f"({costs[larger.name].ratio:.3f}x the teacher's latency against {costs[shape.name].ratio:.3f}x)")
         return self.records
+
+    def _passed_with_room(self) -> dict | None:
+        """The record of the student judged last if it passed having stopped at its target agreement
+        (``stopped: target``: it keeps the gate with half the allowance to spare, ``StudentTraining.target``),
+        else None. After it the search tries the fastest shape that could still win, not the middle one
+        (``next_shape``'s ``fastest``); after anything else (a miss, a pass on its patience or its
+        time) it bisects."""
+        rec = self._judged[-1]["rec"] if self._judged else None
+        return rec if rec is not None and rec["status"] == "passed" and rec.get("stopped") == "target" else None
 
     def _untrained(self, shape, c, bases, status: str, reason: str) -> None:
         """A shape never trained: its record and a skipped trial for each of its builds, at its predicted latency."""
