@@ -71,8 +71,11 @@ def test_a_gate_of_one_task_or_of_labels_is_refused_elsewhere_before_any_work():
     G.check_gates_fit(G.Gates(max_macro_f1_drop=1.0), "text-classification", True)
     with pytest.raises(UserError, match="--max-macro-f1-drop gates text-classification models; this one is feature-extraction"):
         G.check_gates_fit(G.Gates(max_macro_f1_drop=1.0), "feature-extraction", True)
-    with pytest.raises(UserError, match="--max-macro-f1-drop needs labelled data"):
+    with pytest.raises(UserError, match=r"--max-macro-f1-drop needs labelled data \(a label column\) for a "
+                                        "text-classification model$"):
         G.check_gates_fit(G.Gates(max_macro_f1_drop=1.0), "text-classification", False)
+    with pytest.raises(UserError, match="--max-accuracy-drop needs labelled data .* text-classification or embedding"):
+        G.check_gates_fit(G.Gates(max_accuracy_drop=1.0), "text-classification", False)
     for name in ("max_macro_f1_drop", "max_accuracy_drop"):  # nor in a profile's [validation]: its texts have no labels
         with pytest.raises(UserError, match=f"{name} needs labelled data"):
             parse_profile({"backend": "onnxruntime", "validation": {name: 1.0}}, "x.toml")

@@ -385,8 +385,8 @@ def check_gates_fit(gates: Gates, task: str, labelled: bool) -> None:
         if spec.tasks is not None and task not in spec.tasks:
             raise UserError(f"{spec.flag} gates {' or '.join(spec.tasks)} models; this one is {task}")
         if spec.needs_labels and not labelled:
-            raise UserError(f"{spec.flag} needs labelled data (a label column) for a text-classification or "
-                            "embedding model")
+            models = " or ".join(spec.tasks) if spec.tasks else "text-classification or embedding"
+            raise UserError(f"{spec.flag} needs labelled data (a label column) for a {models} model")
 
 
 # -- the target profiles' one rule ----------------------------------------------------------------
