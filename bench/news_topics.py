@@ -191,7 +191,8 @@ def train_topic_classifier(train: list[dict], out: Path, epochs: int, limit: int
 # -- search --------------------------------------------------------------------------------------
 
 def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path, budget: str, threads: int,
-                    student_init: list[str] | None = None, distill: str = "auto", distill_data: Path | None = None):
+                    student_init: list[str] | None = None, distill: str = "auto", distill_data: Path | None = None,
+                    max_macro_f1_drop: float | None = None):
     """The ``optimize`` settings record, checked as the CLI checks it (``core.options.build``):
     the issue's gate and levers (``student_init``: pre-trained smaller checkpoints as students);
     --early-exit auto only when this bertexport has it. The students train on ``distill_data``
@@ -207,6 +208,8 @@ def search_settings(model: Path, search_csv: Path, distill_csv: Path, out: Path,
         values["early_exit"] = "auto"
     if student_init:
         values["student_init"] = list(student_init)
+    if max_macro_f1_drop is not None:  # rare topics: a gate on macro-F1 beside the accuracy one
+        values["max_macro_f1_drop"] = max_macro_f1_drop
     return build(OptimizeSettings, values, "news_topics search")
 
 
@@ -289,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--distill-data", type=Path, default=None, metavar="CSV",
                     help="the students' training text instead of the --distill-rows draw (optimize's --distill-data), "
                          "e.g. the CSV --teacher-texts writes; calibration stays on the drawn rows")
+    ap.add_argument("--max-macro-f1-drop", type=float, default=None, metavar="POINTS",
+                    help="optimize --max-macro-f1-drop beside the 1-point accuracy gate (rare topics)")
     ap.add_argument("--teacher-texts", action="store_true",
                     help="only write the teacher's training texts (the rows its --train-limit fine-tuning used) as a "
                          "text CSV and exit: a larger transfer set for `bertexport distill --data` than --distill-rows")
@@ -360,8 +365,10 @@ def run(args, argv) -> None:
     init_tag = "".join(f"-init-{Path(d).name}" for d in args.student_init) + ("" if args.distill == "auto" else
                                                                              f"-distill-{args.distill}")
     init_tag += f"-dd-{args.distill_data.stem}" if args.distill_data else ""
+    init_tag += f"-macro{args.max_macro_f1_drop:g}" if args.max_macro_f1_drop is not None else ""
     settings = search_settings(teacher_dir, search_csv, distill_csv, root / f"winner-{teacher_dir.name}-{tag}{init_tag}",
-                               args.budget, args.threads, args.student_init, args.distill, args.distill_data)
+                               args.budget, args.threads, args.student_init, args.distill, args.distill_data,
+                               args.max_macro_f1_drop)
     t0 = time.time()
     cold = not (teacher_dir / "model.safetensors").is_file()  # a new checkpoint: no build or evaluation of it is cached
     teacher = train_topic_classifier(train, teacher_dir, args.epochs, args.train_limit, args.max_length, lr=args.lr,
@@ -495,15 +502,19 @@ def table(r: dict) -> str:
     lines = [f"{r['date']} · `{r['command']}` · {r['environment']['cpu'].get('model', '?')} · {r['threads']} threads pinned · "
              f"CPU features {', '.join(r['cpu_features'])} · load avg b1 {r['load_avg_b1']}, b8 {r['load_avg_b8']}, "
              f"per-row {r['per_row']['load_avg']} · whole run {r['total_seconds'] / 60:.1f} min", "",
-             "| row | test accuracy | drop vs PyTorch (pts, 95 % paired interval) | agreement | bytes (of fp32) | "
-             "b1/s128 p50 ms (x best anchor) | b8/s128 p50 ms (x best anchor) | per-row b1 mean / p90 ms (x best anchor, mean) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | test accuracy | drop vs PyTorch (pts, 95 % paired interval) | macro-F1 drop (pts, 95 % bootstrap) | "
+             "agreement | bytes (of fp32) | b1/s128 p50 ms (x best anchor) | b8/s128 p50 ms (x best anchor) | "
+             "per-row b1 mean / p90 ms (x best anchor, mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, v in r["rows"].items():
         iv = v.get("drop_interval") or {}
         cells = [f"{v[c]['p50_ms']:.2f} ({v[c]['x_best_anchor']:.2f}x {_anchor(v[c]['best_anchor'])})" for c in ("b1/s128", "b8/s128")]
         pr = v["per_row_b1"]
+        mf = v.get("macro_f1_drop_interval") or {}
+        macro = (f"{v['macro_f1_drop']:+.2f} [{mf.get('low', float('nan')):+.2f}, {mf.get('high', float('nan')):+.2f}]"
+                 if v.get("macro_f1_drop") is not None else "-")
         lines.append(f"| {k} | {v['metric_candidate']:.2f} % | {v['metric_drop']:+.2f} [{iv.get('low', float('nan')):+.2f}, "
-                     f"{iv.get('high', float('nan')):+.2f}] | {v['agreement']:.4f} | {v['bytes'] / 1e6:.1f} MB "
+                     f"{iv.get('high', float('nan')):+.2f}] | {macro} | {v['agreement']:.4f} | {v['bytes'] / 1e6:.1f} MB "
                      f"({v['bytes'] / fp32:.0%}) | {cells[0]} | {cells[1]} | {pr['mean_ms']:.2f} / {pr['p90_ms']:.2f} "
                      f"({pr['x_best_anchor']:.2f}x {_anchor(pr['best_anchor'])}) |")
     if all("turns" in v["b1/s128"] for v in r["rows"].values()):
