@@ -157,10 +157,11 @@ def accuracy_rows(runners: dict, reference, encode, ts, task: str, labels, out: 
             m = task_metrics(compare_on_data(r, reference, encode, ts, task, reference_cache=cache), labels)
             out[k] |= {f: m.get(f) for f in ("metric_reference", "metric_candidate", "metric_drop", "agreement", "samples")}
             out[k]["drop_interval"] = (m.get("stats") or {}).get("metric_drop")
+            macro = ""
             if m.get("macro_f1_drop") is not None:  # classification: rare classes the accuracy hides
                 out[k] |= {f: m[f] for f in ("macro_f1_reference", "macro_f1_candidate", "macro_f1_drop")}
                 out[k]["macro_f1_drop_interval"] = (m.get("stats") or {}).get("macro_f1_drop")
-            macro = f", macro-F1 drop {m['macro_f1_drop']:+.2f}" if m.get("macro_f1_drop") is not None else ""
+                macro = f", macro-F1 drop {m['macro_f1_drop']:+.2f}"
             print(f"{k}: {m['metric_candidate']:.2f} % (drop {m['metric_drop']:+.2f}{macro}, agreement {m['agreement']:.4f})",
                   flush=True)
 

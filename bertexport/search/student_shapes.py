@@ -13,8 +13,9 @@
   dominated.
 - The search bisects over them by predicted latency (``next_shape``; pre-trained
   ``--student-init`` checkpoints first, then the shapes that keep the teacher's hidden size: the
-  students most likely to pass; after a pass with room to spare, the fastest shape next) and never trains a shape no larger in any dimension than a student
-  that missed the gate (``dominated``).
+  students most likely to pass; after a pass with room to spare, the fastest shape next) and
+  never trains a shape no larger in any dimension than a student that missed the gate
+  (``dominated``).
 """
 
 from __future__ import annotations
