@@ -193,8 +193,8 @@ def keyword_data(keyword_model, tmp_path_factory):
     rng = np.random.default_rng(5)
     texts = [keyword_sentence(rng, int(rng.integers(4, 24)), "excellent" if rng.random() < 0.5 else None) for _ in range(256)]
     batches = length_batches(tok, texts, None, 32, 64, 0)
-    outs = TeacherOutputs(tmp_path_factory.mktemp("outs") / "t.npz").load_or_compute(teacher, batches, "text-classification",
-                                                                               lambda m: None)
+    outs = TeacherOutputs(tmp_path_factory.mktemp("outs") / "t.npz", "text-classification").load_or_compute(
+        teacher, batches, lambda m: None)
     return teacher, batches, outs
 
 
@@ -244,7 +244,7 @@ def test_feature_extraction_importance_is_not_zero_on_the_teacher(tiny, tmp_path
     teacher = _load(ckpt, "feature-extraction")
     tok = T.AutoTokenizer.from_pretrained(ckpt)
     batches = length_batches(tok, [f"text number {i} of a few words" for i in range(40)], None, 16, 32, 0)
-    outs = TeacherOutputs(tmp_path / "o.npz").load_or_compute(teacher, batches, "feature-extraction", lambda m: None)
+    outs = TeacherOutputs(tmp_path / "o.npz", "feature-extraction").load_or_compute(teacher, batches, lambda m: None)
     imp = S.score_importance(teacher, batches, "feature-extraction", outs, signed=False)
     assert (imp.ffn > 0).all() and (imp.hidden > 0).all() and (imp.heads > 0).all()
 

@@ -77,6 +77,38 @@ def test_training_reads_the_cache_and_reports_it(keyword_model, tmp_path):
     assert r["loss_parts"]["hidden"]["steps"] == r["steps"] > 0
 
 
+def test_one_teacher_pass_gives_the_outputs_and_the_states(keyword_model, tmp_path, monkeypatch):
+    """The teacher runs once over the training batches (its outputs saved from the pass that
+    caches its states) and once over the held-out ones; its outputs equal those of a pass of
+    their own (a run whose states are not cached)."""
+    import math
+
+    from bertexport.students import teacher_intermediates
+    from bertexport.students.shapes import shrink
+    from bertexport.students.training import train_student
+
+    teacher, tok = _teacher(keyword_model)
+    texts, labels = _texts(120, seed=5)
+    cfg = DistillConfig(layers=1, epochs=2, batch_size=16, lr=2e-3, seed=0, augment=0, alpha_hidden=1.0)
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, r = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "one")
+    finally:
+        hook.remove()
+    assert r["intermediate"]["teacher_states"]["with_outputs"]
+    train_batches, eval_batches = r["steps"] // 2, math.ceil(r["data"]["eval_texts"] / 16)
+    assert len(calls) == train_batches + eval_batches
+
+    monkeypatch.setattr(teacher_intermediates, "MAX_BYTES", 1000)  # states not cached: the outputs' own pass
+    _, r2 = train_student(teacher, shrink(teacher, [1]), tok, texts, labels, "text-classification", cfg, tmp_path / "two")
+    assert not r2["intermediate"]["teacher_states"]["cached"]
+    one, two = np.load(tmp_path / "one" / "teacher-train.npz"), np.load(tmp_path / "two" / "teacher-train.npz")
+    assert sorted(one.files) == sorted(two.files) and len(one.files) == train_batches
+    for k in one.files:
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-5, atol=1e-6)
+
+
 def test_too_large_a_cache_runs_the_teacher_per_step(keyword_model, tmp_path, monkeypatch):
     from bertexport.students import teacher_intermediates
     from bertexport.students.shapes import shrink

@@ -165,7 +165,7 @@ class StudentTraining:
             batches = length_batches(self.tokenizer, texts[:n], None if labels is None else labels[:n], cfg.batch_size,
                                      sequence_length(self.tokenizer, texts, cfg, self.teacher_model.config), cfg.seed)
             with WorkFolder("scoring") as work:
-                outs = TeacherOutputs(work / "teacher.npz").load_or_compute(self.teacher_model, batches, self.ckpt.task, self.log)
+                outs = TeacherOutputs(work / "teacher.npz", self.ckpt.task).load_or_compute(self.teacher_model, batches, self.log)
             self._scoring = (batches, outs)
         return self._scoring
 

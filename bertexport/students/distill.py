@@ -85,7 +85,7 @@ def _shaped_student(teacher_model, tok, shape, texts, labels, task, cfg: Distill
     batches = length_batches(tok, [texts[i] for i in sample], None, cfg.batch_size,
                               sequence_length(tok, texts, cfg, teacher_model.config), cfg.seed)
     work.mkdir(parents=True, exist_ok=True)
-    outs = TeacherOutputs(work / "teacher-shape.npz").load_or_compute(teacher_model, batches, task, reporter.log)
+    outs = TeacherOutputs(work / "teacher-shape.npz", task).load_or_compute(teacher_model, batches, reporter.log)
     info = {"shape": shape.to_dict(), "teacher_shape": teacher.to_dict()}
     if cfg.keep_layers:
         keep = list(cfg.keep_layers)
@@ -164,7 +164,7 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
     _, eval_idx = split_eval(len(ts.texts), cfg)  # the held-out texts train_student evaluated on (outputs cached in work)
     eval_b = length_batches(tok, [ts.texts[i] for i in eval_idx], [labels[i] for i in eval_idx] if labels is not None else None,
                              cfg.batch_size, trained["max_length"], cfg.seed)
-    teacher_eval = TeacherOutputs(work / "teacher-eval.npz").load_or_compute(teacher_model, eval_b, ckpt.task, reporter.log)
+    teacher_eval = TeacherOutputs(work / "teacher-eval.npz", ckpt.task).load_or_compute(teacher_model, eval_b, reporter.log)
     report = distill_report(ckpt, teacher_model, best, keep, teacher_layers, trained, eval_b, teacher_eval, cfg, ts, shape_info)
     with StagedFolder(out, force=force or resume, protect=[ckpt.path] + ([init.path] if init else []),
                       what="student folder") as staged:

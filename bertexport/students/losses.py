@@ -184,9 +184,11 @@ class _Intermediate:
         keys = [("h", 0)] + [("h", t + 1) for t in self.layer_map] if self.hidden else []
         return keys + ([("qkv", self.layer_map[-1])] if self.attention else [])
 
-    def cache_teacher(self, batches: list, folder, prefix: str, log) -> dict:
+    def cache_teacher(self, batches: list, folder, prefix: str, log, outputs=None) -> dict:
         """The teacher's tensors for every training batch computed once (or mapped from an earlier
-        run on the same batches) into ``folder`` (``teacher_intermediates``); what was done and why."""
+        run on the same batches) into ``folder`` (``teacher_intermediates``); what was done and why.
+        ``outputs`` (a ``TeacherOutputs`` of these batches not on disk yet): the same forwards'
+        outputs are saved there, so the teacher runs once over the batches, not twice."""
         import time
 
         import torch
@@ -199,6 +201,8 @@ class _Intermediate:
         store, keys, width = TeacherIntermediates(folder, prefix, batches), self.keys(), _width(self.teacher.config)
         why = store.refusal(keys, width)
         if why is None:
+            items = [] if outputs is not None and not outputs.path.is_file() else None
+
             def compute(missing):
                 for b in batches:  # inference mode per batch, never held across a yield
                     with torch.inference_mode():
@@ -207,17 +211,23 @@ class _Intermediate:
                         if self.attention:
                             qkv = self.taps[1].take()
                             got |= {k: np.stack([x.cpu().numpy() for x in qkv]) for k in missing if k[0] == "qkv"}
+                        if items is not None:
+                            items.append(outputs.item(o))
                     yield got
 
             t0, need = time.perf_counter(), store.bytes_needed(keys, width)
             why = store.load_or_compute(keys, width, compute)
             self.drop_captures()
+            with_outputs = items is not None and len(items) == len(batches)  # a whole pass ran: its outputs kept too
+            if with_outputs:
+                outputs.save(items)
             if why is None:
                 self.store = store
                 self.cache_record = {"cached": True, "tensors": [f"{k}{i}" for k, i in keys], "bytes_written": need,
-                                     "seconds": round(time.perf_counter() - t0, 2)}
+                                     "seconds": round(time.perf_counter() - t0, 2), "with_outputs": with_outputs}
                 log(f"teacher intermediate states ({', '.join(self.cache_record['tensors'])}) "
-                    + (f"computed once ({need / 2 ** 20:.0f} MiB, {self.cache_record['seconds']:.0f} s)" if need
+                    + (f"computed once ({need / 2 ** 20:.0f} MiB, {self.cache_record['seconds']:.0f} s"
+                       + (", the teacher's outputs in the same pass)" if with_outputs else ")") if need
                        else "mapped from the cache"))
                 return self.cache_record
         self.cache_record = {"cached": False, "why": why}

@@ -279,18 +279,18 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     train_b, eval_b = batches_on_device(train_b, device), batches_on_device(eval_b, device)
     teacher_model.to(device)
     student.to(device)
-    with reporter.step("teacher outputs (computed once, cached)"):
-        # ``teacher_cache``: a folder of this teacher's outputs shared by several students (the
-        # digest covers the texts, labels, task and batching; the folder must be the teacher's own)
-        where = (Path(teacher_cache), f"{digest[:20]}-") if teacher_cache else (work, "")
-        where[0].mkdir(parents=True, exist_ok=True)
-        teacher_train = TeacherOutputs(where[0] / f"{where[1]}teacher-train.npz").load_or_compute(teacher_model, train_b, task, reporter.log)
-        teacher_eval = TeacherOutputs(where[0] / f"{where[1]}teacher-eval.npz").load_or_compute(teacher_model, eval_b, task, reporter.log)
-
+    # ``teacher_cache``: a folder of this teacher's outputs shared by several students (the
+    # digest covers the texts, labels, task and batching; the folder must be the teacher's own)
+    where = (Path(teacher_cache), f"{digest[:20]}-") if teacher_cache else (work, "")
+    where[0].mkdir(parents=True, exist_ok=True)
+    outputs = TeacherOutputs(where[0] / f"{where[1]}teacher-train.npz", task)
     inter = _Intermediate(teacher_model, student, layer_map, dataclasses.replace(cfg, alpha_hidden=alpha_hidden))
     try:
-        with reporter.step("teacher intermediate states (computed once, cached)"):
-            inter.cache_teacher(train_b, where[0], where[1], reporter.log)
+        with reporter.step("teacher outputs and intermediate states (one pass, cached)"):
+            inter.cache_teacher(train_b, where[0], where[1], reporter.log, outputs=outputs)  # saves the outputs too
+            teacher_train = outputs.load_or_compute(teacher_model, train_b, reporter.log)
+            teacher_eval = TeacherOutputs(where[0] / f"{where[1]}teacher-eval.npz", task).load_or_compute(
+                teacher_model, eval_b, reporter.log)
         steps_per_epoch = len(train_b)
         plan = schedule_steps(cfg, steps_per_epoch)
         total, every = plan["total"], plan["eval_every"]

@@ -71,12 +71,28 @@ def length_batches(tokenizer, texts, labels, batch_size, max_length, seed):
 
 class TeacherOutputs:
     """Teacher outputs (logits, or last hidden states for encoders) for every batch,
-    computed once, kept in memory and on disk (``{batch}:{name}`` arrays of one .npz)."""
+    computed once, kept in memory and on disk (``{batch}:{name}`` arrays of one .npz). The
+    pass that caches the teacher's intermediate states hands its forwards' outputs to
+    ``save`` (``losses._Intermediate.cache_teacher``): one teacher pass, not two."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, task: str):
+        self.path, self.task = path, task
 
-    def load_or_compute(self, teacher, batches, task: str, log) -> list[dict]:
+    def item(self, o) -> dict:
+        """What is kept of one batch's teacher output ``o``."""
+        if self.task == "feature-extraction":
+            return {"hidden": o.last_hidden_state.cpu().numpy()}
+        if self.task == "question-answering":
+            return {"start": o.start_logits.cpu().numpy(), "end": o.end_logits.cpu().numpy()}
+        return {"logits": o.logits.cpu().numpy()}
+
+    def save(self, out: list[dict]) -> None:
+        """Write every batch's items (renamed into place: an interrupted write leaves no file)."""
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"{i}:{k}": v for i, item in enumerate(out) for k, v in item.items()})
+        os.replace(tmp, self.path)
+
+    def load_or_compute(self, teacher, batches, log) -> list[dict]:
         import torch
 
         if self.path.is_file():
@@ -84,20 +100,8 @@ class TeacherOutputs:
             out = [{k[len(f"{i}:"):]: data[k] for k in data.files if k.startswith(f"{i}:")} for i in range(len(batches))]
             log(f"teacher outputs loaded from {self.path.name} ({len(batches)} batches)")
             return out
-        out = []
         with torch.inference_mode():
-            for b in batches:
-                o = teacher(**b["inputs"])
-                item = {}
-                if task == "feature-extraction":
-                    item["hidden"] = o.last_hidden_state.cpu().numpy()
-                elif task == "question-answering":
-                    item["start"], item["end"] = o.start_logits.cpu().numpy(), o.end_logits.cpu().numpy()
-                else:
-                    item["logits"] = o.logits.cpu().numpy()
-                out.append(item)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, **{f"{i}:{k}": v for i, item in enumerate(out) for k, v in item.items()})
-        os.replace(tmp, self.path)
+            out = [self.item(teacher(**b["inputs"])) for b in batches]
+        self.save(out)
         log(f"teacher outputs computed for {sum(len(b['index']) for b in batches)} texts, cached in {self.path.name}")
         return out
