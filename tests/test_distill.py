@@ -51,6 +51,16 @@ def test_distill_learns_and_reports(keyword_model, transfer, tmp_path):
     assert not (tmp_path / ".student.distill").exists()
 
 
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_work_folder(keyword_model, transfer, tmp_path):
+    def interrupt(step, loss):
+        if step == 3:  # checkpoints come every 10 steps here
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(str(keyword_model), tmp_path / "s", data=transfer, config=_cfg(), on_step=interrupt)
+    assert not list(tmp_path.iterdir())  # no student, no resume state without a checkpoint
+
+
 def test_interrupted_run_resumes(keyword_model, transfer, tmp_path):
     out = tmp_path / "s"
 

@@ -159,8 +159,15 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
         keep = cfg.keep_layers or keep_every(teacher_layers, cfg.layers)
         student = shrink(teacher_model, keep)
     layer_map = default_layer_map(teacher_layers, keep, _layer_count(student.config))
-    best, trained = train_student(teacher_model, student, tok, ts.texts, labels, ckpt.task, cfg, work, reporter,
-                                  layer_map, on_step=on_step, teacher_id=ckpt.sha256)
+    try:
+        best, trained = train_student(teacher_model, student, tok, ts.texts, labels, ckpt.task, cfg, work, reporter,
+                                      layer_map, on_step=on_step, teacher_id=ckpt.sha256)
+    except BaseException:  # interrupted or failed: the work folder stays only if --resume can continue it
+        if (work / "checkpoint.pt").is_file():
+            reporter.log(f"resume state kept in {work}: `--resume` continues from its last checkpoint")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     _, eval_idx = split_eval(len(ts.texts), cfg)  # the held-out texts train_student evaluated on (outputs cached in work)
     eval_b = length_batches(tok, [ts.texts[i] for i in eval_idx], [labels[i] for i in eval_idx] if labels is not None else None,
                              cfg.batch_size, trained["max_length"], cfg.seed)
