@@ -47,6 +47,9 @@ def test_distill_learns_and_reports(keyword_model, transfer, tmp_path):
     assert r["loss_last_10pct"] < r["loss_first_10pct"]
     assert r["final_eval"]["agreement"] >= 0.85  # chance is ~0.5 on this balanced task
     assert r["final_eval"]["agreement"] >= r["initial_eval"]["agreement"]
+    cb = r["class_balance"]  # the teacher-predicted classes of the training rows and their loss weights
+    assert cb["power"] == 0.5 and sum(v["rows"] for v in cb["classes"].values()) == r["data"]["train_texts"]
+    assert cb["applied"] and all(v["weight"] > 0 for v in cb["classes"].values())
     assert (tmp_path / "student" / "model.safetensors").is_file() and (tmp_path / "student" / "tokenizer.json").is_file()
     assert not (tmp_path / ".student.distill").exists()
 
@@ -191,6 +194,47 @@ def test_relation_heads_and_loss():
     for x in padded:
         x[0, 3:] = 100.0  # padding tokens must not count, as keys or as queries
     assert float(relation_loss(padded, t, mask, 4)) == pytest.approx(loss, rel=1e-5)
+
+
+def test_class_weights_give_a_rare_class_its_share_to_the_minus_power_and_the_loss_weighs_rows_by_them():
+    import torch
+
+    from bertexport.students.losses import _loss, class_weights
+
+    def logits(classes):
+        out = np.zeros((len(classes), 3), dtype=np.float32)
+        out[np.arange(len(classes)), classes] = 5.0
+        return {"logits": out}
+
+    teacher = [logits([0] * 40 + [1] * 5), logits([0] * 41 + [1] * 4 + [2])]  # shares 81, 9, 1 of 91 rows
+    weights, record = class_weights(teacher, 0.5)
+    w = np.concatenate(weights)
+    assert record["applied"] and {c: v["rows"] for c, v in record["classes"].items()} == {0: 81, 1: 9, 2: 1}
+    assert w.mean() == pytest.approx(1.0, rel=1e-5)  # the loss keeps its scale
+    by_class = {c: v["weight"] for c, v in record["classes"].items()}
+    assert by_class[2] / by_class[0] == pytest.approx(9.0, rel=1e-3) and by_class[1] / by_class[0] == pytest.approx(3.0, rel=1e-3)
+    assert w[-1] == pytest.approx(by_class[2], rel=1e-3) and w[0] == pytest.approx(by_class[0], rel=1e-3)
+    inverse = np.concatenate(class_weights(teacher, 1.0)[0])  # each class then weighs the same in total
+    assert [inverse[np.concatenate([np.argmax(t["logits"], -1) for t in teacher]) == c].sum() for c in range(3)] == \
+        pytest.approx([91 / 3] * 3, rel=1e-4)
+    assert class_weights(teacher, 0.0)[0] is None and not class_weights(teacher, 0.0)[1]["applied"]
+    assert class_weights([logits([1] * 8)], 0.5)[0] is None  # one class: nothing to balance
+
+    # the weighted loss is the rows' KL and cross-entropy, each row times its weight, averaged
+    cfg = DistillConfig(layers=1, temperature=2.0, alpha_kd=1.0, alpha_ce=0.5)
+    g = torch.Generator().manual_seed(0)
+    student = type("Out", (), {"logits": torch.randn(4, 3, generator=g)})()
+    t = {"logits": torch.randn(4, 3, generator=g).numpy()}
+    batch = {"inputs": {"attention_mask": torch.ones(4, 6)}, "labels": torch.tensor([0, -100, 2, 1])}
+    rw = np.array([0.5, 1.0, 3.0, 0.25], dtype=np.float32)
+    parts = _loss(student, t, batch, "text-classification", cfg, rw)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student.logits / 2, -1), torch.softmax(torch.as_tensor(t["logits"]) / 2, -1),
+                                    reduction="none").sum(-1) * 4
+    assert float(parts["kd"]) == pytest.approx(float((kl * torch.as_tensor(rw)).mean()), rel=1e-5)
+    ce = torch.nn.functional.cross_entropy(student.logits[[0, 2, 3]], torch.tensor([0, 2, 1]), reduction="none")
+    assert float(parts["ce"]) == pytest.approx(0.5 * float((ce * torch.tensor([0.5, 3.0, 0.25])).mean()), rel=1e-5)
+    plain = _loss(student, t, batch, "text-classification", cfg)
+    assert float(plain["kd"]) == pytest.approx(float(kl.mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["equal-width", "narrow-projection"])

@@ -29,6 +29,8 @@ class DistillConfig:
     temperature: float = 2.0
     alpha_kd: float = 1.0  # KL on logits (heads)
     alpha_ce: float = 0.5  # cross-entropy on labels (when the data has them)
+    class_balance: float = 0.5  # text classification: each row's logit losses weighted by its teacher-predicted class's
+    # share of the training rows to the power -class_balance, mean weight 1 (0: off; ``losses.class_weights``)
     alpha_cos: float = 1.0  # 1 - cosine of pooled embeddings (encoders)
     alpha_mse: float = 1.0  # MSE of last hidden states (encoders)
     alpha_hidden: float | None = None  # MSE of every student layer's hidden states vs its mapped teacher layer (TinyBERT);
@@ -69,6 +71,8 @@ def check_config(cfg: DistillConfig) -> None:
                         f"memory (limit {cfg.max_tokens_per_batch}); lower --batch-size or raise the limit deliberately")
     if cfg.augment < 0 or cfg.augment_below < 0:
         raise UserError("augment and augment_below must be >= 0")
+    if not 0 <= cfg.class_balance <= 1:
+        raise UserError("class_balance must be in [0, 1] (0: off, 0.5: inverse square root of a class's share, 1: inverse)")
     if min(cfg.alpha_hidden or 0, cfg.alpha_attention, cfg.alpha_kd, cfg.alpha_ce, cfg.alpha_cos, cfg.alpha_mse) < 0:
         raise UserError("loss weights (alpha_*) must be >= 0")
     if cfg.relation_heads is not None and cfg.relation_heads < 1:

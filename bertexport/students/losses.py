@@ -15,7 +15,36 @@ from bertexport.core.errors import UserError
 from bertexport.core.families import get_family, layer_count as _layer_count
 
 
-def _loss(student_out, teacher: dict, batch, task, cfg):
+def class_weights(teacher_outs: list[dict], power: float) -> tuple[list[np.ndarray] | None, dict]:
+    """Each training row's weight in the logit losses of a text classifier: its teacher-predicted
+    class's share of the rows to the power ``-power``, scaled to a mean of 1 over the rows (so the
+    loss keeps its scale); one array per batch, and a record of the classes' rows and weights.
+
+    Why: a small student trained on the rows as they come drops a rare class. On Reuters R8
+    (2026-12-05; grain 0.75 % of the 5,485 transfer texts) the 1- and 2-layer students of
+    ``optimize`` predicted grain for none of the 9 test posts the teacher called grain, the
+    3-layer one for 8: the rows of a rare class move the loss too little. Weighting by the
+    inverse square root of the share (``power`` 0.5, the smoothed re-weighting of class-balanced
+    losses) gives that class ~5x its share of the loss without letting a handful of rows dominate."""
+    counts: dict[int, int] = {}
+    preds = [np.asarray(t["logits"]).argmax(-1) for t in teacher_outs]
+    for p in preds:
+        for c, n in zip(*np.unique(p, return_counts=True)):
+            counts[int(c)] = counts.get(int(c), 0) + int(n)
+    rows = sum(counts.values())
+    record = {"power": power, "classes": {c: {"rows": n} for c, n in sorted(counts.items())}}
+    if power <= 0 or len(counts) < 2:
+        return None, record | {"applied": False}
+    raw = {c: (n / rows) ** -power for c, n in counts.items()}
+    scale = rows / sum(raw[c] * n for c, n in counts.items())
+    for c in counts:
+        record["classes"][c]["weight"] = round(raw[c] * scale, 4)
+    return [np.asarray([raw[int(c)] * scale for c in p], dtype=np.float32) for p in preds], record | {"applied": True}
+
+
+def _loss(student_out, teacher: dict, batch, task, cfg, weights=None):
+    """The output losses of one batch; ``weights``: each row's weight in the logit losses of a
+    text classifier (``class_weights``), None: every row 1."""
     import torch
     import torch.nn.functional as F
 
@@ -40,12 +69,14 @@ def _loss(student_out, teacher: dict, batch, task, cfg):
             kl = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="none").sum(-1) * T * T
             if kl.dim() == 2 and task != "question-answering":  # token-level: only real tokens
                 kl = (kl * mask).sum() / mask.sum()
-            kd = kd + kl.mean()
+            w = None if weights is None or task != "text-classification" else torch.as_tensor(weights, device=kl.device)
+            kd = kd + (kl.mean() if w is None else (kl * w).mean())
         parts["kd"] = cfg.alpha_kd * kd
         if "labels" in batch and task == "text-classification":
             labelled = batch["labels"] != -100
             if bool(labelled.any()):  # teacher-labelled variants carry no label
-                parts["ce"] = cfg.alpha_ce * F.cross_entropy(student_out.logits[labelled], batch["labels"][labelled])
+                ce = F.cross_entropy(student_out.logits[labelled], batch["labels"][labelled], reduction="none")
+                parts["ce"] = cfg.alpha_ce * (ce.mean() if w is None else (ce * w[labelled]).mean())
     return parts
 
 

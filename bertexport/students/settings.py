@@ -15,7 +15,7 @@ from bertexport.core.shared_settings import task_field
 from bertexport.students.device import DEVICES
 
 # the fields that train: none of them goes with --prune (which trains nothing)
-TRAINING_FIELDS = ("layers", "keep_layers", "student", "shape", "alpha_hidden", "alpha_attention", "augment", "epochs",
+TRAINING_FIELDS = ("layers", "keep_layers", "student", "shape", "alpha_hidden", "alpha_attention", "class_balance", "augment", "epochs",
                    "patience", "max_epochs", "batch_size", "lr", "temperature", "device", "resume")
 
 
@@ -41,6 +41,10 @@ class DistillSettings:
               "1.0 from 10000 training texts up, else off (per-layer losses overfit small data).", min=0)
     alpha_attention: float = option(
         1.0, "Weight of the Q/K/V self-attention relation loss (MiniLMv2, last layer; 0: off).", min=0)
+    class_balance: float = option(
+        0.5, "Text classification: weight each training text's distillation loss by its teacher-predicted class's share "
+             "of the texts to the power -B (0: off, 0.5: inverse square root, 1: inverse), so a small student keeps "
+             "rare classes.", min=0, max=1, metavar="B")
     augment: int = option(
         8, "Teacher-labelled variants per training text when the data has fewer than 5000 texts (0: none).", min=0)
     distill_data: Path | None = option(

@@ -25,7 +25,7 @@ from bertexport.core.progress import Reporter
 from bertexport.students.device import batches_on_device, device_record, training_device
 from bertexport.students.distill_config import (DistillConfig, cooldown_steps, hidden_loss_weight, schedule_steps,
                                                 uniform_layer_map)
-from bertexport.students.losses import _Intermediate, _loss
+from bertexport.students.losses import _Intermediate, _loss, class_weights
 from bertexport.students.training_data import TeacherOutputs, length_batches, sequence_length, split_eval, training_rows
 
 
@@ -291,6 +291,12 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
             teacher_train = outputs.load_or_compute(teacher_model, train_b, reporter.log)
             teacher_eval = TeacherOutputs(where[0] / f"{where[1]}teacher-eval.npz", task).load_or_compute(
                 teacher_model, eval_b, reporter.log)
+        row_weights, balance = (class_weights(teacher_train, cfg.class_balance) if task == "text-classification"
+                                else (None, None))
+        if row_weights is not None:
+            names = getattr(teacher_model.config, "id2label", None) or {}
+            reporter.log("class balance (loss weight per teacher-predicted class): " + ", ".join(
+                f"{names.get(c, c)} {v['rows']} rows x{v['weight']:.2f}" for c, v in balance["classes"].items()))
         steps_per_epoch = len(train_b)
         plan = schedule_steps(cfg, steps_per_epoch)
         total, every = plan["total"], plan["eval_every"]
@@ -418,7 +424,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                 for bi in order[pos:]:
                     b = train_b[bi]
                     out = student(**b["inputs"], **inter.student_kwargs())
-                    parts = _loss(out, teacher_train[bi], b, task, cfg)
+                    parts = _loss(out, teacher_train[bi], b, task, cfg, None if row_weights is None else row_weights[bi])
                     if inter.active:
                         parts |= inter.parts(out, b["inputs"], bi)
                     loss = sum(parts.values())
@@ -467,6 +473,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                  "eval_texts": len(eval_idx), "augmented": data["augmented"],
                  "augment_per_text": cfg.augment if data["augmented"] else 0,
                  "teacher_labelled_rows": data["originals"] + data["augmented"]},
+        "class_balance": balance,  # text classification: the teacher-predicted classes' rows and loss weights
         "max_length": max_length, "max_length_source": "given" if cfg.max_length else f"p{cfg.length_percentile:g} of the data",
         "schedule": {"lr": cfg.lr, "warmup_steps": plan["warmup"], "total_steps": total, "decay": "linear to 0",
                      "steps_per_epoch": steps_per_epoch, "eval_every": every, "patience": cfg.patience,
