@@ -197,8 +197,7 @@ def distill_command(settings: DistillSettings, reporter: Reporter | None = None)
     given = {"epochs": s.epochs, "max_epochs": s.max_epochs}  # None: DistillConfig's default (3 epochs, cap 10)
     cfg = DistillConfig(layers=s.layers, keep_layers=s.keep_layers, student=s.student, shape=s.shape,
                         alpha_hidden=s.alpha_hidden, alpha_attention=s.alpha_attention, class_balance=s.class_balance,
-                        augment=s.augment,
-                        patience=s.patience, batch_size=s.batch_size, lr=s.lr, temperature=s.temperature, seed=s.seed,
+                        augment=s.augment, patience=s.patience, batch_size=s.batch_size, lr=s.lr, temperature=s.temperature, seed=s.seed,
                         threads=s.distill_threads, device=s.device, **{k: v for k, v in given.items() if v is not None})
     return distill(s.teacher, s.out, task=s.task, data=s.distill_data, config=cfg, resume=s.resume, force=s.force,
                    reporter=reporter)

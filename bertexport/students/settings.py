@@ -15,8 +15,8 @@ from bertexport.core.shared_settings import task_field
 from bertexport.students.device import DEVICES
 
 # the fields that train: none of them goes with --prune (which trains nothing)
-TRAINING_FIELDS = ("layers", "keep_layers", "student", "shape", "alpha_hidden", "alpha_attention", "class_balance", "augment", "epochs",
-                   "patience", "max_epochs", "batch_size", "lr", "temperature", "device", "resume")
+TRAINING_FIELDS = ("layers", "keep_layers", "student", "shape", "alpha_hidden", "alpha_attention", "class_balance",
+                   "augment", "epochs", "patience", "max_epochs", "batch_size", "lr", "temperature", "device", "resume")
 
 
 @dataclass(kw_only=True)
