@@ -1,10 +1,10 @@
 """Where a student trains: ``--device auto|cpu|cuda`` (``distill``, ``optimize``'s students).
 
 ``auto`` takes the GPU when torch sees one (``torch.cuda.is_available()``), else the CPU;
-``cuda`` without one is refused before any work (exit 2). Training stays fp32 on either
-(no autocast): the students are small, and mixed precision would make a GPU-trained
-student differ from a CPU-trained one in ways not measured here. Distillation on a GPU:
-not verified here (no GPU on the machines this was built on).
+``cuda`` without one is refused before any work (exit 2). The step's precision is
+``bertexport.students.step_cost``'s (``--train-precision``: bf16 autocast where the CPU or GPU
+has bf16, weights and optimizer fp32). Distillation on a GPU: not verified here (no GPU on
+the machines this was built on).
 """
 
 from __future__ import annotations

@@ -198,7 +198,8 @@ def distill_command(settings: DistillSettings, reporter: Reporter | None = None)
     cfg = DistillConfig(layers=s.layers, keep_layers=s.keep_layers, student=s.student, shape=s.shape,
                         alpha_hidden=s.alpha_hidden, alpha_attention=s.alpha_attention, class_balance=s.class_balance,
                         augment=s.augment, patience=s.patience, batch_size=s.batch_size, lr=s.lr, temperature=s.temperature, seed=s.seed,
-                        threads=s.distill_threads, device=s.device, **{k: v for k, v in given.items() if v is not None})
+                        threads=s.distill_threads, device=s.device, precision=s.train_precision,
+                        dropout=s.train_dropout, **{k: v for k, v in given.items() if v is not None})
     return distill(s.teacher, s.out, task=s.task, data=s.distill_data, config=cfg, resume=s.resume, force=s.force,
                    reporter=reporter)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from bertexport.core.errors import UserError
 from bertexport.students.device import training_device
+from bertexport.students.step_cost import training_precision
 
 
 @dataclass
@@ -47,6 +48,9 @@ class DistillConfig:
     seed: int = 0
     threads: int = 1
     device: str = "auto"  # auto | cpu | cuda: where training runs (bertexport.students.device)
+    precision: str = "auto"  # auto | fp32 | bf16: the training step's forward and losses (auto: bf16 where the CPU
+    # has it natively; bertexport.students.step_cost)
+    dropout: float | None = 0.0  # the student's dropout while it trains (None: its checkpoint's; step_cost.training_dropout)
     max_tokens_per_batch: int = 64 * 1024  # out-of-memory guard: batch_size x max_length
 
 
@@ -83,7 +87,9 @@ def check_config(cfg: DistillConfig) -> None:
         raise UserError("--shape builds the student from the teacher; it does not go with --student-init")
     if cfg.student and (cfg.layers is not None or cfg.keep_layers):
         raise UserError("--student-init is the student; it does not go with --layers or --keep-layers")
-    training_device(cfg.device)  # --device cuda without a GPU: refused before any work
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        raise UserError("dropout must be in [0, 1)")
+    training_precision(cfg.precision, training_device(cfg.device))  # --device cuda without a GPU, bf16 emulated: refused
 
 
 def uniform_layer_map(teacher_layers: int, student_layers: int) -> list[int]:

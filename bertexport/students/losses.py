@@ -52,7 +52,7 @@ def _loss(student_out, teacher: dict, batch, task, cfg, weights=None):
     mask = batch["inputs"]["attention_mask"].float()
     parts = {}
     if task == "feature-extraction":
-        hs = student_out.last_hidden_state
+        hs = student_out.last_hidden_state.float()  # fp32 losses whatever the step's precision
         ht = torch.as_tensor(teacher["hidden"], device=hs.device)
         ps = (hs * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         pt = (ht * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
@@ -66,7 +66,7 @@ def _loss(student_out, teacher: dict, batch, task, cfg, weights=None):
             pairs = [(student_out.logits, teacher["logits"])]
         kd = 0.0
         for s, t in pairs:
-            t = torch.as_tensor(t, device=s.device)
+            s, t = s.float(), torch.as_tensor(t, device=s.device)
             kl = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="none").sum(-1) * T * T
             if kl.dim() == 2 and task != "question-answering":  # token-level: only real tokens
                 kl = (kl * mask).sum() / mask.sum()
@@ -76,7 +76,7 @@ def _loss(student_out, teacher: dict, batch, task, cfg, weights=None):
         if "labels" in batch and task == "text-classification":
             labelled = batch["labels"] != -100
             if bool(labelled.any()):  # teacher-labelled variants carry no label
-                ce = F.cross_entropy(student_out.logits[labelled], batch["labels"][labelled], reduction="none")
+                ce = F.cross_entropy(student_out.logits[labelled].float(), batch["labels"][labelled], reduction="none")
                 parts["ce"] = cfg.alpha_ce * (ce.mean() if w is None else (ce * w[labelled]).mean())
     return parts
 
@@ -140,10 +140,11 @@ def relation_heads(student_width: int, teacher_width: int, teacher_heads: int, w
 
 
 def _log_relations(x, heads: int, keys):
-    """log softmax(x_r x_r^T / sqrt(d_r)) per relation head r; padded keys masked out."""
+    """log softmax(x_r x_r^T / sqrt(d_r)) per relation head r; padded keys masked out; the
+    product in ``x``'s precision (bf16 under autocast), the softmax in fp32."""
     b, s, d = x.shape
     x = x.view(b, s, heads, d // heads).transpose(1, 2)
-    scores = x @ x.transpose(-1, -2) / math.sqrt(d // heads)
+    scores = (x @ x.transpose(-1, -2)).float() / math.sqrt(d // heads)
     return scores.masked_fill(~keys[:, None, None, :], float(np.finfo(np.float32).min)).log_softmax(-1)
 
 
@@ -175,7 +176,7 @@ def hidden_loss(student_hidden, teacher_hidden, layer_map: list[int], projection
         hs, ht = student_hidden[si], teacher_hidden[ti]
         if projections is not None:
             hs = projections[j](hs)
-        total = total + (((hs - ht) ** 2) * m).sum() / (m.sum() * ht.shape[-1])
+        total = total + (((hs.float() - ht.float()) ** 2) * m).sum() / (m.sum() * ht.shape[-1])
     return total / len(pairs)
 
 
@@ -287,7 +288,7 @@ class _Intermediate:
         if cached:
             t_hidden = {k[1]: self.store.batch(k, index, mask.device) for k in self.keys() if k[0] == "h"}
         else:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(mask.device.type, enabled=False):  # the teacher's states in fp32
                 teacher_out = self.teacher(**inputs, output_hidden_states=self.hidden)
             t_hidden = teacher_out.hidden_states
         if self.hidden:

@@ -13,10 +13,11 @@ from bertexport.core.errors import UserError
 from bertexport.core.options import option
 from bertexport.core.shared_settings import task_field
 from bertexport.students.device import DEVICES
+from bertexport.students.step_cost import PRECISIONS
 
 # the fields that train: none of them goes with --prune (which trains nothing)
 TRAINING_FIELDS = ("layers", "keep_layers", "student", "shape", "alpha_hidden", "alpha_attention", "class_balance",
-                   "augment", "epochs", "patience", "max_epochs", "batch_size", "lr", "temperature", "device", "resume")
+                   "augment", "epochs", "patience", "max_epochs", "batch_size", "lr", "temperature", "device", "train_precision", "train_dropout", "resume")
 
 
 @dataclass(kw_only=True)
@@ -64,6 +65,15 @@ class DistillSettings:
     device: str = option(
         "auto", "Where training runs: auto takes the GPU when torch sees one; cuda without one is refused (exit 2).",
         choices=DEVICES)
+    train_precision: str = option(
+        "auto", "Precision of the training step's forward and losses: auto takes bf16 autocast where the CPU has native "
+                "bf16 (AVX-512 BF16 or AMX) or the GPU supports it, else fp32; bf16 where it would be emulated is refused "
+                "(exit 2). Weights and optimizer stay fp32.",
+        choices=PRECISIONS)
+    train_dropout: float = option(
+        0.0, "The student's dropout while it trains (default 0: off; it costs a CPU a quarter of each step, and the "
+             "teacher's soft targets regularise). The saved student keeps the teacher's dropout in its config.",
+        min=0, max=1, max_open=True, metavar="P")
     resume: bool = option(False, "Continue an interrupted run from its checkpoint.")
     prune_fraction: float | None = option(
         None, "Instead of training: post-training pruning of a text classifier to this fraction of its MACs (e.g. 0.75; "

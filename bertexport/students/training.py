@@ -26,6 +26,7 @@ from bertexport.students.device import batches_on_device, device_record, trainin
 from bertexport.students.distill_config import (DistillConfig, cooldown_steps, hidden_loss_weight, schedule_steps,
                                                 uniform_layer_map)
 from bertexport.students.losses import _Intermediate, _loss, class_weights
+from bertexport.students.step_cost import autocast, training_dropout, training_precision
 from bertexport.students.training_data import TeacherOutputs, length_batches, sequence_length, split_eval, training_rows
 
 
@@ -248,6 +249,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     device = training_device(cfg.device)
+    precision, precision_why = training_precision(cfg.precision, device)
     n_teacher, n_student = _layer_count(teacher_model.config), _layer_count(student.config)
     layer_map = list(layer_map) if layer_map is not None else uniform_layer_map(n_teacher, n_student)
     if len(layer_map) != n_student or any(not 0 <= t < n_teacher for t in layer_map):
@@ -416,18 +418,22 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
             deadline = min(d for d in (deadline, started["at"] + seconds) if d is not None)
         how = (f"until {cfg.patience} evaluations without a better held-out score, at most {cfg.max_epochs} epochs"
                if cfg.patience is not None else f"{cfg.epochs} epochs")
-        with reporter.step(f"distill {how} ({steps_per_epoch} steps each, evaluated every {every})"):
+        reporter.log(f"training precision {precision} ({precision_why}); dropout "
+                     + ("as the checkpoint has it" if cfg.dropout is None else f"{cfg.dropout:g} while training"))
+        with reporter.step(f"distill {how} ({steps_per_epoch} steps each, evaluated every {every})"), \
+                training_dropout(student, cfg.dropout):
             while state["step"] < total and state["stopped"] is None:
                 epoch, pos = divmod(state["step"], steps_per_epoch)
                 order = list(range(steps_per_epoch))
                 random.Random(cfg.seed * 1000 + epoch).shuffle(order)  # same order on resume
                 for bi in order[pos:]:
                     b = train_b[bi]
-                    out = student(**b["inputs"], **inter.student_kwargs())
-                    parts = _loss(out, teacher_train[bi], b, task, cfg, None if row_weights is None else row_weights[bi])
-                    if inter.active:
-                        parts |= inter.parts(out, b["inputs"], bi)
-                    loss = sum(parts.values())
+                    with autocast(precision, device):
+                        out = student(**b["inputs"], **inter.student_kwargs())
+                        parts = _loss(out, teacher_train[bi], b, task, cfg, None if row_weights is None else row_weights[bi])
+                        if inter.active:
+                            parts |= inter.parts(out, b["inputs"], bi)
+                        loss = sum(p.float() for p in parts.values())
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(list(student.parameters()) + inter.parameters(), 1.0)
                     opt.step()
@@ -494,5 +500,6 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
         "loss_parts": {k: _means(v) for k, v in state["parts"].items()},
         "initial_eval": state.get("initial_eval"), "evals": state.get("evals", []), "final_eval": final,
         "train_seconds": train_seconds, "device": device_record(device, cfg.device),
+        "precision": {"used": precision, "requested": cfg.precision, "why": precision_why}, "dropout": cfg.dropout,
     }
     return best, report
