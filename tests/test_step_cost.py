@@ -69,18 +69,19 @@ def test_autocast_runs_matmuls_in_bf16_and_losses_in_fp32():
         assert lin(x).dtype == torch.float32
 
 
-def test_distill_reports_its_precision_and_dropout(keyword_model, tmp_path):
-    """A real distillation with dropout off and the precision this CPU takes on ``auto``:
-    both in distill_report.json; the published student's config keeps the teacher's dropout."""
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_distill_reports_its_precision_and_dropout(keyword_model, tmp_path, precision):
+    """A real distillation with dropout off, at the precision this CPU takes on ``auto`` and at
+    fp32: both in distill_report.json; the published student's config keeps the teacher's dropout."""
     data = tmp_path / "kw.txt"
     from tests.tinymodels import keyword_texts
 
     data.write_text("\n".join(keyword_texts(3, 64)) + "\n")
     r = CliRunner().invoke(cli, ["distill", str(keyword_model), "--out", str(tmp_path / "s"), "--data", str(data),
-                                 "--layers", "1", "--epochs", "1", "--train-precision", "auto", "--train-dropout", "0"])
+                                 "--layers", "1", "--epochs", "1", "--train-precision", precision, "--train-dropout", "0"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "s" / "distill_report.json").read_text())
-    expected = "bf16" if native_bf16() else "fp32"
+    expected = "bf16" if precision == "auto" and native_bf16() else "fp32"
     assert report["precision"]["used"] == expected and report["dropout"] == 0.0
     teacher = resolve_checkpoint(str(keyword_model)).config
     student = json.loads((tmp_path / "s" / "config.json").read_text())
