@@ -44,8 +44,8 @@ def _bf16_supported(device: str) -> tuple[bool, str]:
     from bertexport.core.envinfo import native_bf16
 
     if native_bf16():
-        return True, "the CPU has native bf16 (AVX-512 BF16 or AMX)"
-    return False, "the CPU has no native bf16 instructions (no AVX-512 BF16 or AMX): bf16 would be emulated"
+        return True, "the CPU has native bf16: AVX-512 BF16 or AMX"
+    return False, "the CPU has no native bf16 instructions (neither AVX-512 BF16 nor AMX): bf16 would be emulated"
 
 
 def autocast(precision: str, device: str):
