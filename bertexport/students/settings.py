@@ -17,7 +17,8 @@ from bertexport.students.step_cost import PRECISIONS
 
 # the fields that train: none of them goes with --prune (which trains nothing)
 TRAINING_FIELDS = ("layers", "keep_layers", "student", "shape", "alpha_hidden", "alpha_attention", "class_balance",
-                   "augment", "epochs", "patience", "max_epochs", "batch_size", "lr", "temperature", "device", "train_precision", "train_dropout", "resume")
+                   "augment", "epochs", "patience", "max_epochs", "batch_size", "lr", "temperature", "device",
+                   "train_precision", "train_dropout", "resume")
 
 
 @dataclass(kw_only=True)
