@@ -64,6 +64,22 @@ def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_work_folder(key
     assert not list(tmp_path.iterdir())  # no student, no resume state without a checkpoint
 
 
+def test_a_run_interrupted_while_its_shaped_student_is_built_leaves_no_work_folder(keyword_model, transfer, tmp_path,
+                                                                                   monkeypatch):
+    """The layer choice and importance scores write to the work folder before training starts (a
+    SIGTERM there once left .OUT.distill/teacher-shape.npz behind): interrupted then, nothing stays."""
+    import bertexport.students.distill as D
+
+    def interrupt(*args, **kwargs):
+        assert (tmp_path / ".s.distill" / "teacher-shape.npz").is_file()  # the work folder had begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.students, "make_student", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        distill(str(keyword_model), tmp_path / "s", data=transfer, config=_cfg(layers=None, shape="L1-H16"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_interrupted_run_resumes(keyword_model, transfer, tmp_path):
     out = tmp_path / "s"
 

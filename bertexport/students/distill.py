@@ -146,20 +146,21 @@ def distill(teacher: str, out: str | Path, *, task: str | None = None, data: str
 
     torch.manual_seed(cfg.seed)
     teacher_tok = tok
-    if init is not None:
-        with reporter.step(f"load student {init.name} (head: {init.head})"):
-            student = load_init_student(init, ckpt, teacher_model)
-        tok = training_tokenizer(teacher_tok, init)  # the inputs both models take
-        keep, shape_info = None, {"init": init.to_dict(), "warm_started_from_teacher": getattr(student, "warm_started", [])}
-    elif shape is not None:
-        with reporter.step(f"build student {shape.name}"):
-            student, keep, shape_info = _shaped_student(teacher_model, tok, shape, ts.texts, labels, ckpt.task, cfg,
-                                                        work, reporter)
-    else:
-        keep = cfg.keep_layers or keep_every(teacher_layers, cfg.layers)
-        student = shrink(teacher_model, keep)
-    layer_map = default_layer_map(teacher_layers, keep, _layer_count(student.config))
-    try:
+    try:  # from here the work folder fills (a shaped student's scores first, then training's caches)
+        if init is not None:
+            with reporter.step(f"load student {init.name} (head: {init.head})"):
+                student = load_init_student(init, ckpt, teacher_model)
+            tok = training_tokenizer(teacher_tok, init)  # the inputs both models take
+            keep, shape_info = None, {"init": init.to_dict(),
+                                      "warm_started_from_teacher": getattr(student, "warm_started", [])}
+        elif shape is not None:
+            with reporter.step(f"build student {shape.name}"):
+                student, keep, shape_info = _shaped_student(teacher_model, tok, shape, ts.texts, labels, ckpt.task, cfg,
+                                                            work, reporter)
+        else:
+            keep = cfg.keep_layers or keep_every(teacher_layers, cfg.layers)
+            student = shrink(teacher_model, keep)
+        layer_map = default_layer_map(teacher_layers, keep, _layer_count(student.config))
         best, trained = train_student(teacher_model, student, tok, ts.texts, labels, ckpt.task, cfg, work, reporter,
                                       layer_map, on_step=on_step, teacher_id=ckpt.sha256)
     except BaseException:  # interrupted or failed: the work folder stays only if --resume can continue it
