@@ -433,7 +433,7 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
                         parts = _loss(out, teacher_train[bi], b, task, cfg, None if row_weights is None else row_weights[bi])
                         if inter.active:
                             parts |= inter.parts(out, b["inputs"], bi)
-                        loss = sum(p.float() for p in parts.values())
+                        loss = sum(parts.values())  # every part fp32 (losses.py computes them so)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(list(student.parameters()) + inter.parameters(), 1.0)
                     opt.step()
