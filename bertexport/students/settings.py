@@ -59,7 +59,7 @@ class DistillSettings:
               "fifth of the steps run.", min=1)
     max_epochs: int | None = option(None, "With --patience: the most epochs (default 10).", min=1)
     batch_size: int = option(32, "Training batch size.", min=1)
-    lr: float = option(1e-4, "Peak learning rate (linear warmup, then linear decay to 0).", min=0, min_open=True)
+    lr: float = option(3e-4, "Peak learning rate (linear warmup, then linear decay to 0).", min=0, min_open=True)
     temperature: float = option(2.0, "Softmax temperature of the distillation loss.", min=0, min_open=True)
     seed: int = option(0, "Random seed (data split, order, init).")
     distill_threads: int = option(1, "Training threads.", min=1)

