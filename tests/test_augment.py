@@ -63,3 +63,19 @@ def test_variants_keep_most_of_their_source(texts):
         if len(src) >= 5:
             overlap = sum(min(v.split().count(w), src.count(w)) for w in set(src))
             assert overlap >= len(src) // 2, (texts[i], v)
+
+
+def test_a_replacement_is_drawn_by_count_from_its_context_never_the_word_itself():
+    """Between the same neighbours the data used "good" 3 times, "fine" once, "bad" twice:
+    replacing "bad" draws "good" and "fine" about 3:1, never "bad"; a pool holding only the
+    word itself falls back to a wider one."""
+    import random
+
+    from bertexport.students.augment import _Contexts
+
+    ctx = _Contexts(["a good film"] * 3 + ["a fine film", "a bad film", "a bad film", "only once"])
+    rng = random.Random(0)
+    draws = [ctx.substitute(rng, "bad", "a", "film") for _ in range(4000)]
+    assert set(draws) == {"good", "fine"}
+    assert 2.6 < draws.count("good") / draws.count("fine") < 3.4
+    assert ctx.substitute(rng, "once", "only", "</s>") == "film"  # no other word after "only": one before the end
