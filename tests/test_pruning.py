@@ -192,7 +192,7 @@ def test_cli_prune_refuses_before_any_model_loads(tiny, keyword_model, tmp_path,
         (base + ["--out", str(tmp_path / "o"), "--prune", "1.5"], "MAC budget"),
         (base + ["--out", str(tmp_path / "o"), "--prune", "0"], "MAC budget"),
         (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--layers", "1"], "does not go with --layers"),
-        (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--epochs", "3", "--patience", "2", "--lr", "3e-4",
+        (base + ["--out", str(tmp_path / "o"), "--prune", "0.7", "--epochs", "3", "--patience", "2", "--lr", "1e-4",
                  "--device", "cpu"], "does not go with --epochs, --patience, --lr, --device"),
         (["distill", str(keyword_model), "--out", str(tmp_path / "o"), "--prune", "0.7"], "needs --data"),
         (["distill", str(keyword_model), "--out", str(tmp_path / "o"), "--prune", "0.7", "--data",
@@ -222,5 +222,5 @@ def test_prune_settings_refuse_training_values_but_not_the_defaults():
         build(DistillSettings, base | {"student": "s", "alpha_attention": 0.5, "resume": True}, "distill")
     with pytest.raises(UserError, match="MAC budget"):
         build(DistillSettings, base | {"prune_fraction": 1.0}, "distill")
-    kept = build(DistillSettings, base | {"lr": 1e-4, "device": "auto", "seed": 3, "distill_threads": 2}, "distill")
+    kept = build(DistillSettings, base | {"lr": 3e-4, "device": "auto", "seed": 3, "distill_threads": 2}, "distill")
     assert kept.training_options_set() == [] and kept.seed == 3
