@@ -83,30 +83,33 @@ def export_onnx(ckpt: Checkpoint, model, opset: int = 18, *, use_cache: bool = T
         if (folder / "DONE").read_text().strip() == sha256_file(onnx_path):
             ins, outs = io_specs(onnx_path)
             return ExportedModel(onnx_path, opset, ins, outs, cached=True)
+    from bertexport.core.interrupts import track, untrack
     from bertexport.core.orphans import sweep_work_orphans
 
     sweep_work_orphans(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-export-", dir=folder.parent))
-    try:
-        # optimum and torch.onnx print a lot (warnings, traces); keep it for errors only.
-        with quiet("optimum", "transformers", "torch.onnx") as chatter:
-            onnx_export_from_model(model, tmp, opset=opset, task=ckpt.task, do_validation=False)
-    except Exception as e:
+    try:  # removed on success, failure and interruption alike
+        track(tmp)
+        try:
+            # optimum and torch.onnx print a lot (warnings, traces); keep it for errors only.
+            with quiet("optimum", "transformers", "torch.onnx") as chatter:
+                onnx_export_from_model(model, tmp, opset=opset, task=ckpt.task, do_validation=False)
+        except Exception as e:
+            tail = "\n".join(chatter.getvalue().strip().splitlines()[-5:])
+            raise UserError(f"ONNX export of {ckpt.family}/{ckpt.task} failed: {type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")) from e
+        produced = tmp / "model.onnx"
+        if not produced.is_file():
+            raise UserError(f"ONNX export of {ckpt.family}/{ckpt.task} wrote no model.onnx")
+        # keep only the graph (+ external data); tokenizer/config come from the checkpoint itself
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for f in tmp.iterdir():
+            if f.suffix in (".onnx", ".data") or f.name.endswith("onnx_data"):
+                shutil.move(str(f), folder / f.name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = "\n".join(chatter.getvalue().strip().splitlines()[-5:])
-        raise UserError(f"ONNX export of {ckpt.family}/{ckpt.task} failed: {type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")) from e
-    produced = tmp / "model.onnx"
-    if not produced.is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"ONNX export of {ckpt.family}/{ckpt.task} wrote no model.onnx")
-    # keep only the graph (+ external data); tokenizer/config come from the checkpoint itself
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for f in tmp.iterdir():
-        if f.suffix in (".onnx", ".data") or f.name.endswith("onnx_data"):
-            shutil.move(str(f), folder / f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
+        untrack(tmp)
     (folder / "DONE").write_text(sha256_file(onnx_path))
     ins, outs = io_specs(onnx_path)
     return ExportedModel(onnx_path, opset, ins, outs, cached=False)

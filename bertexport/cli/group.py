@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -153,15 +152,7 @@ def _print_rows(rows, title):
 
 def install_signal_handlers() -> None:
     """SIGINT -> KeyboardInterrupt (130), SIGTERM -> Interrupted (143): both unwind through
-    every ``with`` block, so staging and work folders are removed. A second signal while
-    cleaning up is ignored so the cleanup finishes."""
+    every ``with`` block, so staging and work folders are removed (``core.interrupts``)."""
+    from bertexport.core.interrupts import install
 
-    def on_signal(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Interrupted(signum)
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    install()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bertexport.core.cache import cache_dir
 from bertexport.core.errors import UserError
+from bertexport.core.interrupts import track, untrack
 from bertexport.core.orphans import sweep_orphans, sweep_work_orphans
 
 REJECTED_SUFFIX = ".rejected"
@@ -145,12 +146,14 @@ class WorkFolder:
         root = cache_dir("work")
         sweep_work_orphans(root)
         self.path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{prefix}-", dir=root))
+        track(self.path)
 
     def __enter__(self) -> Path:
         return self.path
 
     def __exit__(self, *exc):
         shutil.rmtree(self.path, ignore_errors=True)
+        untrack(self.path)
         return False
 
 
@@ -201,6 +204,7 @@ class StagedFolder:
         sweep_orphans(self.out.parent)
         if self.staging.exists():
             shutil.rmtree(self.staging)
+        track(self.staging)
         self.staging.mkdir(parents=True)
         return self
 
@@ -221,4 +225,5 @@ class StagedFolder:
     def __exit__(self, exc_type, exc, tb):
         if self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
+        untrack(self.staging)
         return False

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from bertexport.core.errors import UserError
 from bertexport.core.hashing import sha256_file
+from bertexport.core.interrupts import track, untrack
 from bertexport.core.manifest import DIGEST_KEY, MANIFEST, SIGNATURE, load_manifest, manifest_digest, verify_files
 from bertexport.core.orphans import sweep_orphans
 from bertexport.core.staging import check_destination, swap_into_place
@@ -50,6 +51,7 @@ def pack(artifact: str | Path, out: str | Path | None = None, force: bool = Fals
     check_destination(out, force, [folder], "pack")
     sweep_orphans(out.parent)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    track(tmp)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(folder / MANIFEST, arcname=MANIFEST)  # first member: inspect reads it cheaply
@@ -60,6 +62,7 @@ def pack(artifact: str | Path, out: str | Path | None = None, force: bool = Fals
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        untrack(tmp)
     Path(str(out) + ".sha256").write_text(f"{sha256_file(out)}  {out.name}\n")
     return out
 

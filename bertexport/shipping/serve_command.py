@@ -31,6 +31,9 @@ def serve_command(settings: ServeSettings, *, on_listening: Callable[[str, str],
     access = Access(api_key=read_api_key(s.api_key, s.api_key_file), metrics_open=s.metrics_open)
     if s.metrics_open and not access.api_key:
         warn("--metrics-open without an API key changes nothing (every endpoint is open)")
+    from bertexport.core.interrupts import CLEANUP_SECONDS, allow_cleanup
+
+    allow_cleanup(s.grace + CLEANUP_SECONDS)  # a signal's unwinding stops Ray Serve's replicas within the grace period
     if s.ray_address is not None:
         _serve_on_ray(s, options, access, on_listening)
         return

@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 
 from bertexport.core.errors import UserError
+from bertexport.core.interrupts import track, untrack
 from bertexport.core.manifest import DIGEST_KEY, load_manifest, verify_files
 from bertexport.core.orphans import sweep_orphans
 from bertexport.core.staging import protected_reason, swap_into_place
@@ -361,6 +362,7 @@ def triton_repository(artifact: str | Path, out: str | Path, *, force: bool = Fa
     sweep_orphans(out.parent)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    track(staging)
     try:
         m = staging / model_cfg["name"]
         (m / VERSION).mkdir(parents=True)
@@ -387,4 +389,5 @@ def triton_repository(artifact: str | Path, out: str | Path, *, force: bool = Fa
         swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        untrack(staging)
     return {"path": str(out), **info}
