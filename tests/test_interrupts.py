@@ -115,3 +115,26 @@ def test_a_second_signal_while_unwinding_lets_the_cleanup_finish(tmp_path):
     assert r.returncode == 130, r
     assert r.stdout.split() == ["cleanup", "finished"], r
     assert _left(out, cache) == []
+
+
+def test_a_signal_while_exiting_cannot_change_the_exit_code(tmp_path):
+    """Python puts the default handlers (die) back while it finalizes; a supervisor's second
+    SIGTERM then turned a server's 143 into -15 (test_serve's servers, stopped twice). The
+    handlers ignore both signals from the exit functions on: checked from an exit function
+    that runs after bertexport's."""
+    out, cache = tmp_path / "outs" / "art", tmp_path / "cache"
+    out.parent.mkdir()
+    r, _ = _run("""
+        import atexit
+
+        atexit.register(lambda: print("at exit, SIGTERM ignored:", signal.getsignal(signal.SIGTERM) is signal.SIG_IGN,
+                                      flush=True))  # registered first: runs last
+        install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Interrupted as e:
+            sys.exit(e.exit_code)
+    """, out, cache)
+    assert r.returncode == 143, r
+    assert r.stdout.strip() == "at exit, SIGTERM ignored: True", r

@@ -14,11 +14,13 @@ Two ways that exception can be lost, and what happens then:
   ``cleanup_seconds`` later, the folders this process is writing (``track``) are removed
   and it exits with the signal's code.
 
-A second signal while the first one is unwinding is ignored, so the cleanup finishes.
+A second signal while the first one is unwinding is ignored, so the cleanup finishes, and so is
+one arriving while the process exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -114,3 +116,12 @@ def install(cleanup_seconds: float | None = None) -> None:
         sys.unraisablehook = _bertexport_unraisable
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    atexit.register(_ignore_signals)  # once more at most: registered functions run in reverse order
+
+
+def _ignore_signals() -> None:
+    """At exit: Python puts its own handlers back to the default (die) while it finalizes, so a
+    second SIGTERM sent to a process already on its way out (a supervisor's retry) would kill it
+    with -15 instead of the exit code it is returning."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
