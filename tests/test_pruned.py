@@ -49,6 +49,34 @@ def test_pruned_candidates_are_named_by_what_they_are():
     assert candidate_label(c.to_dict()) == "pruned 0.6 MACs + ort-fused-int8-pt-avx2"
 
 
+def test_a_budget_that_cannot_beat_a_passing_candidate_is_never_pruned():
+    """A build pruned to a fraction f of the MACs takes at least f x the original's fastest int8
+    time; once a candidate passed below that, the budget is skipped with the reason, before any
+    pruning (``run`` would need the teacher otherwise: it has none here)."""
+    from types import SimpleNamespace
+
+    from bertexport.core.progress import Reporter
+    from bertexport.search.pruned import PrunedSearch, PrunePlan
+    from bertexport.search.session import Trial
+
+    base = Candidate("ov-int8", "openvino", "int8", [{"type": "nncf-quantize"}], {})
+    student = Candidate("ov-int8", "openvino", "int8", [{"type": "nncf-quantize"}], {}, student="L2-H384")
+    original = Trial(base, "passed", latency_ms=10.0)
+    best = Trial(student, "passed", latency_ms=5.5)
+    search = SimpleNamespace(trials=[original, best], best=best, reporter=Reporter(), remaining=lambda: 600.0,
+                             log_board=lambda t: None)
+    ps = PrunedSearch(search, plan=PrunePlan([0.6, 0.75, 0.85], None, "auto"), ckpt=None, teacher_model=None,
+                      tokenizer=None, recipes=[base])
+    records = ps.run()
+    assert [r["mac_budget"] for r in records] == [0.6, 0.75, 0.85]
+    assert [r["status"] for r in records] == ["skipped"] * 3 and all(r["checkpoint"] is None for r in records)
+    assert records[0]["reason"] == ("never pruned: L2-H384/ov-int8 passed at 5.50 ms, faster than pruning to 0.6 of the "
+                                    "MACs can be (at least 0.6 x the original's 10.00 ms = 6.00 ms)")
+    assert all("faster than pruning to" in r["reason"] for r in records)
+    best.latency_ms = 6.5  # 0.6 x 10 ms could beat it: that budget would be pruned (and needs the teacher)
+    assert ps._faster_already(0.6, 10.0) is None and ps._faster_already(0.75, 10.0)
+
+
 def test_cli_refuses_bad_prune_before_any_work(tiny, tmp_path):
     r = CliRunner().invoke(cli, ["optimize", str(tiny("bert")), "--prune", "0.6", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "text-classification only" in r.stderr and "Traceback" not in r.output
@@ -112,13 +140,15 @@ def test_auto_skips_a_model_pruning_cannot_take_with_the_reason(tiny):
     from types import SimpleNamespace
 
     from bertexport.core.progress import Reporter
-    from bertexport.search.pruned import search_pruned
+    from bertexport.search.pruned import pruned_search
     from bertexport.search.report import pruning_markdown
 
     plan = plan_pruning("auto", _ckpt(tiny("bert")))
-    section = search_pruned(SimpleNamespace(reporter=Reporter()), plan=plan)  # nothing else is read: nothing is pruned
+    pruner = pruned_search(SimpleNamespace(reporter=Reporter()), plan=plan, ckpt=None, teacher_model=None, tokenizer=None,
+                           recipes=[])
+    section = pruner.section() if pruner.run() == [] else None  # nothing else is read: nothing is pruned
     assert section["asked"] == "auto" and section["records"] == [] and "text-classification only" in section["skipped"]
     assert pruning_markdown(section) == [
         "Post-training pruning (--prune auto): skipped — post-training pruning supports text-classification only (its "
         "loss and agreement are one decision per text), not feature-extraction"]
-    assert search_pruned(None, plan=plan_pruning("off", _ckpt(tiny("bert")))) is None  # off: no section
+    assert pruned_search(None, plan=plan_pruning("off", _ckpt(tiny("bert")))) is None  # off: no section

@@ -472,10 +472,12 @@ def _held_out_agreement(teacher_path, student_path, texts: list[str]) -> float:
 
 
 def test_a_pruned_original_that_missed_the_gate_is_distilled_from_its_pruned_weights(tiny, tmp_path, monkeypatch):
-    """``--prune 0.5 --distill L1``: a random-init classifier pruned to half its MACs misses the
+    """``--prune 0.5,0.7 --distill L1``: a random-init classifier pruned to half its MACs misses the
     98 % agreement gate (its decisions are not robust to pruning), so it becomes a student,
     ``pruned 0.5 MACs + distilled``: initialised from the pruned checkpoint (its shape, and at step 0
-    exactly the pruned model's held-out agreement), trained, judged against the original."""
+    exactly the pruned model's held-out agreement), trained, judged against the original. Only
+    the most aggressive budget is pruned before the students; 0.7 comes after them, and not at
+    all when a student passed faster than 0.7 of the original's int8 time."""
     from transformers import AutoConfig
 
     from bertexport.search.optimize import optimize
@@ -494,10 +496,20 @@ def test_a_pruned_original_that_missed_the_gate_is_distilled_from_its_pruned_wei
         return cand.pruned or (2.0 if cand.precision == "fp32" else 1.0 + 0.4 * len(cand.keep_float))
 
     inject_search_clock(monkeypatch, fake_ms)
-    res = optimize(str(model), data, tmp_path / "o", budget="5m", prune="0.5", distill="1", distill_epochs=1,
+    res = optimize(str(model), data, tmp_path / "o", budget="5m", prune="0.5,0.7", distill="1", distill_epochs=1,
                    distill_data=train, backends={"onnxruntime"}, threads=1)
-    (pruned,) = res.report["pruning"]["records"]
-    assert pruned["status"] == "not passed" and pruned["checkpoint"]
+    pruned, larger = res.report["pruning"]["records"]
+    assert pruned["mac_budget"] == 0.5 and pruned["status"] == "not passed" and pruned["checkpoint"]
+    cands = res.report["candidates"]
+    students_at = [i for i, c in enumerate(cands) if c["candidate"]["student"]]
+    larger_at = [i for i, c in enumerate(cands) if c["candidate"]["pruned"] == 0.7]
+    assert students_at and larger_at and min(larger_at) > max(students_at)  # 0.7: after every student
+    fast = [c for c in cands if c["candidate"]["student"] and c["status"] == "passed" and c["latency_ms"] <= 0.7]
+    if fast:  # no 0.7 pruning can beat it: skipped with the reason, never pruned
+        assert larger["status"] == "skipped" and "faster than pruning to 0.7 of the MACs can be" in larger["reason"]
+        assert larger["checkpoint"] is None
+    else:
+        assert larger["checkpoint"] and larger["status"] in ("passed", "not passed")
     by_name = {r["shape"]: r for r in res.report["students"]}
     assert set(by_name) == {"L1-H32-A2-F64", "pruned 0.5 MACs + distilled"}
     rec = by_name["pruned 0.5 MACs + distilled"]

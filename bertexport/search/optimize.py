@@ -59,7 +59,7 @@ from bertexport.search.report import build_report, plot, to_markdown  # noqa: F4
 from bertexport.search.settings import OptimizeSettings
 from bertexport.search.replay import load_memo, memo_key, save_memo
 from bertexport.search.session import Search, SearchResult, Trial, parse_budget, split_slices  # noqa: F401  (parse_budget re-exported)
-from bertexport.search.pruned import plan_pruning, search_pruned
+from bertexport.search.pruned import plan_pruning, pruned_search
 from bertexport.search.early_exit_candidate import exit_mix, plan_exit_search, search_early_exit
 from bertexport.search.student_shapes import plan_init_students, plan_students
 from bertexport.search.students import search_students
@@ -222,11 +222,16 @@ def optimize(model: str, data: str | Path | None, out: str | Path, *, task: str 
                     reporter.log("most harmful: " + ", ".join(f"{r['region']} ({r['harm']:.4f})" for r in ranking[:6] if r["harm"] is not None))
                 search.restore_ladder(cand, [r["region"] for r in ranking], str(ckpt.path))
         early = search_early_exit(search, plan=exits, ckpt=ckpt, recipes=recipes, seed=seed)
-        pruned = search_pruned(search, plan=pruning, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer,
+        pruner = pruned_search(search, plan=pruning, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer,
                                recipes=recipes, seed=seed)
+        if pruner is not None:  # with students, only the most aggressive budget before them: it can start one
+            pruner.run(count=1 if students or inits else None)
         found = search_students(search, ckpt=ckpt, teacher_model=torch_model, tokenizer=tokenizer, tok_dir=tok_dir, shapes=students,
                                 recipes=recipes, distill_data=distill_data, epochs=distill_epochs, seed=seed, inits=inits,
-                                device=device, pruned=pruned) if students or inits else {}  # pruned: missed ones distilled
+                                device=device, pruned=pruner.section() if pruner else None) if students or inits else {}
+        if pruner is not None:  # the larger budgets, each only if no passing candidate is already faster than it can be
+            pruner.run()
+        pruned = pruner.section() if pruner else None
 
         passing = sorted([t for t in search.trials if t.status == "passed"], key=lambda t: t.latency_ms)  # all confirmed
         anchor = next((t for t in search.trials if t.candidate.anchor and t.artifact), None)

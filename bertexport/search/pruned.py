@@ -15,9 +15,16 @@
   pruned checkpoint is built with the fastest int8 recipes measured on the original
   (``students.fastest_bases``) and judged by the search (``Search.try_candidate``) against
   the original like any candidate. Budgets go most aggressive first; once one passes (or is
-  measured slower than the best passing candidate), the larger (slower) ones are skipped,
-  and one that cannot finish in the time left (estimated from the previous budget) is
-  skipped with a reason.
+  measured slower than the best passing candidate), the larger (slower) ones are skipped;
+  so is one that cannot be faster than a candidate already passed (its build takes at least
+  the budget x the original's fastest int8 time), and one that cannot finish in the time
+  left (estimated from the previous budget), each with a reason.
+- With students, ``optimize`` runs the most aggressive budget before them (a pruned-and-distilled
+  student starts from it) and the others after them. Pruned candidates run at 0.7-0.9x of the
+  original's int8 time, students at 0.2-0.4x: before this order, two of three topic searches
+  spent 6-7 minutes of 28 on three budgets before any student trained (2026-12-05,
+  docs/measurements.md), and a 2-layer student that was still improving was stopped by the
+  budget.
 """
 
 from __future__ import annotations
@@ -96,6 +103,9 @@ class PrunedSearch:
         self.records: list[dict] = []
         self._calibration = None
         self._data: tuple[list[str], list[int] | None, str] | None = None
+        self._pending = sorted(plan.budgets)  # budgets not yet tried, most aggressive first
+        self._stop: str | None = None  # why every larger budget is pointless (one passed, or was measured slower)
+        self._estimate: float | None = None  # seconds the last budget pruned took (calibration excluded)
 
     @property
     def log(self):
@@ -152,32 +162,45 @@ class PrunedSearch:
             self.search.trials.append(t)
             self.search.log_board(t)
 
-    def run(self) -> list[dict]:
+    def run(self, count: int | None = None) -> list[dict]:
+        """Prune and judge the next ``count`` budgets not yet tried (all of them: None).
+        ``optimize`` tries the most aggressive one before its students (a pruned-and-distilled
+        student starts from it) and the rest after them, when a passing student has usually
+        made them pointless (``_faster_already``)."""
         from bertexport.core.staging import made_by_bertexport
         from bertexport.search.session import Trial
         from bertexport.search.student_builds import fastest_bases
 
         s = self.search
-        bases = [b for b, _ in fastest_bases(s.trials, self.recipes)]
+        if not self._pending:
+            return self.records
+        measured = fastest_bases(s.trials, self.recipes)
+        bases = [b for b, _ in measured]
         if not bases:
+            self._pending.clear()
             self.log("pruning: no int8 recipe to build pruned teachers with")
             return self.records
-        stop, estimate = None, None
-        for budget in sorted(self.plan.budgets):
+        original_ms = min((ms for _, ms in measured if ms is not None), default=None)
+        todo, self._pending = (self._pending, []) if count is None else (self._pending[:count], self._pending[count:])
+        for budget in todo:
             cands = pruned_candidates(budget, bases)
             rec = {"mac_budget": budget, "status": "", "reason": "", "shape": None, "mac_fraction": None, "agreement": None,
                    "accuracy": None, "tuned": None, "seconds": None, "calibration_seconds": None, "cached": False,
                    "checkpoint": None, "candidates": [c.name for c in cands]}
             self.records.append(rec)
-            cached = made_by_bertexport(self.folder(budget)) == "pruned"
-            if stop is not None:
-                self._skip(rec, cands, f"never pruned: {stop}, and a larger budget is slower")
+            faster = self._faster_already(budget, original_ms)
+            if self._stop is not None:
+                self._skip(rec, cands, f"never pruned: {self._stop}, and a larger budget is slower")
                 continue
+            if faster:
+                self._skip(rec, cands, f"never pruned: {faster}")
+                continue
+            cached = made_by_bertexport(self.folder(budget)) == "pruned"
             if s.remaining() <= 0 and not cached:
                 self._skip(rec, cands, "time budget used up before pruning")
                 continue
-            if estimate is not None and not cached and estimate > s.remaining():
-                self._skip(rec, cands, f"pruning needs ~{estimate:.0f} s (measured on the previous budget), "
+            if self._estimate is not None and not cached and self._estimate > s.remaining():
+                self._skip(rec, cands, f"pruning needs ~{self._estimate:.0f} s (measured on the previous budget), "
                                        f"{s.remaining():.0f} s left")
                 continue
             try:
@@ -191,7 +214,7 @@ class PrunedSearch:
                     s.log_board(trial)
                 continue
             if not rec["cached"]:  # this budget's own time: the calibration is shared, done once
-                estimate = float(report["seconds"])
+                self._estimate = float(report["seconds"])
             rec.update({"shape": report["student"]["name"], "mac_fraction": report["mac_fraction"],
                         "agreement": report["agreement"], "accuracy": report.get("accuracy"), "tuned": report["tuned"],
                         "seconds": report["seconds"], "calibration_seconds": report.get("calibration_seconds"),
@@ -200,18 +223,36 @@ class PrunedSearch:
             rec["status"] = "passed" if "passed" in statuses else "not passed"
             rec["reason"] = ", ".join(f"{cand.recipe}: {st}" for cand, st in zip(cands, statuses))
             if "passed" in statuses:
-                stop = f"pruning to {budget:g} of the MACs passed"
+                self._stop = f"pruning to {budget:g} of the MACs passed"
             elif "pruned" in statuses:  # met nothing yet, but already slower than the best passing candidate
-                stop = f"pruning to {budget:g} of the MACs was measured slower than the best passing candidate"
+                self._stop = f"pruning to {budget:g} of the MACs was measured slower than the best passing candidate"
         return self.records
 
+    def _faster_already(self, budget: float, original_ms: float | None) -> str | None:
+        """Why pruning to ``budget`` cannot beat the best passing candidate, or None. Its build
+        would take at least ``budget`` x the original's fastest int8 build: pruning removes
+        encoder MACs only, and measured builds fell less than their MACs (0.85 of the MACs ran
+        at 0.90 of the original's time, docs/measurements.md)."""
+        best = self.search.best
+        if best is None or best.latency_ms is None or original_ms is None:
+            return None
+        floor = budget * original_ms
+        if best.latency_ms > floor:
+            return None
+        return (f"{best.candidate.name} passed at {best.latency_ms:.2f} ms, faster than pruning to {budget:g} of the "
+                f"MACs can be (at least {budget:g} x the original's {original_ms:.2f} ms = {floor:.2f} ms)")
 
-def search_pruned(search, *, plan: PrunePlan, **kw) -> dict | None:
-    """Run the pruned-teacher search; the report's ``pruning`` section (None: ``--prune`` off)."""
+    def section(self) -> dict:
+        """The report's ``pruning`` section: what was asked, the budgets, and a record per budget tried."""
+        return {"asked": self.plan.asked, "budgets": self.plan.budgets, "skipped": self.plan.reason if not self.plan.budgets
+                else None, "records": self.records}
+
+
+def pruned_search(search, *, plan: PrunePlan, **kw) -> PrunedSearch | None:
+    """The pruned-teacher search of one ``optimize`` run (None: ``--prune`` off); ``run`` it,
+    then read the report's section from it. Budgets ``auto`` cannot use are logged here."""
     if not plan.on:
         return None
     if not plan.budgets:
         search.reporter.log(f"pruning skipped: {plan.reason}")
-        return {"asked": plan.asked, "budgets": [], "skipped": plan.reason, "records": []}
-    ps = PrunedSearch(search, plan=plan, **kw)
-    return {"asked": plan.asked, "budgets": plan.budgets, "skipped": None, "records": ps.run()}
+    return PrunedSearch(search, plan=plan, **kw)
