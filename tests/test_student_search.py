@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -263,6 +264,8 @@ class _Search:
         self.gates = Gates()  # no gate that bounds agreement: students train on their patience
         self.threads, self.clock, self.budget = 1, 0.0, budget
         self.tried = []
+        # the search slice students train on without --distill-data: too many texts to augment
+        self.search = SimpleNamespace(data=SimpleNamespace(texts=[f"text {i}" for i in range(5000)]), labels=None)
 
     def remaining(self):
         return self.budget - self.clock
@@ -849,3 +852,36 @@ def test_after_a_pass_with_room_to_spare_the_fastest_shape_that_could_win_trains
         assert trained == [three.name, two.name, fast.name]
         assert status == {three.name: "passed", two.name: "passed", fast.name: "passed", wide.name: "hopeless"}
     assert search.best.candidate.student == fast.name
+
+
+@pytest.mark.parametrize("times,expected", [(10, 8), (4.5, 4), (1.2, 1), (0.9, 0)])
+def test_augmentation_is_halved_until_its_variants_hold_at_most_the_searchs_tokens(keyword_model, monkeypatch, times,
+                                                                                   expected):
+    """Small data is augmented (8 variants a text) unless its variants would hold more than
+    ``AUGMENT_TOKENS`` tokens: halved until they fit (the teacher labels every variant before any
+    student trains, outside the deadline). Decided once: every student trains on the same rows."""
+    import bertexport.search.student_training as st_mod
+    from bertexport.building.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    from bertexport.core.progress import Reporter
+    from bertexport.students.distill_config import DistillConfig
+
+    ckpt = resolve_checkpoint(str(keyword_model), None)
+    tokenizer = load_tokenizer(ckpt)
+    texts = [f"alpha beta gamma {i}" for i in range(300)]
+    tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])  # short texts: none truncated
+    monkeypatch.setattr(st_mod, "AUGMENT_TOKENS", int(times * tokens))
+    reporter = Reporter()
+    st = st_mod.StudentTraining(SimpleNamespace(reporter=reporter), ckpt=ckpt, teacher_model=load_model(ckpt),
+                                tokenizer=tokenizer)
+    st._data = (texts, None, "digest")
+    cfg = DistillConfig(layers=1)
+    assert cfg.augment == 8 and cfg.augment_below > len(texts)
+    assert st.augment_count(cfg) == expected
+    (line,) = [m for kind, m, _ in reporter.events if kind == "log"]
+    assert line.startswith(f"augmentation: {expected} variant")
+    assert (f"8 variants of {tokens:,} tokens = {8 * tokens:,}" in line) == (expected < 8)
+    st._data = ([t * 50 for t in texts], None, "other")  # decided once per search
+    assert st.augment_count(cfg) == expected
+    st2 = st_mod.StudentTraining(SimpleNamespace(reporter=reporter), ckpt=ckpt, teacher_model=None, tokenizer=None)
+    st2._data = ([f"text {i}" for i in range(5000)], None, "digest")  # not small: never augmented, nothing counted
+    assert st2.augment_count(cfg) == 8

