@@ -480,7 +480,7 @@ def test_a_pruned_original_that_missed_the_gate_is_distilled_from_its_pruned_wei
     ``pruned 0.5 MACs + distilled``: initialised from the pruned checkpoint (its shape, and at step 0
     exactly the pruned model's held-out agreement), trained, judged against the original. Only
     the most aggressive budget is pruned before the students; 0.7 comes after them, and not at
-    all when a student passed faster than 0.7 of the original's int8 time."""
+    all when a student passed faster than a 0.7 pruning is predicted to run."""
     from transformers import AutoConfig
 
     from bertexport.search.optimize import optimize
@@ -507,7 +507,10 @@ def test_a_pruned_original_that_missed_the_gate_is_distilled_from_its_pruned_wei
     students_at = [i for i, c in enumerate(cands) if c["candidate"]["student"]]
     larger_at = [i for i, c in enumerate(cands) if c["candidate"]["pruned"] == 0.7]
     assert students_at and larger_at and min(larger_at) > max(students_at)  # 0.7: after every student
-    fast = [c for c in cands if c["candidate"]["student"] and c["status"] == "passed" and c["latency_ms"] <= 0.7]
+    from bertexport.search.pruned import PRUNED_SPEED_FLOOR
+
+    floor = PRUNED_SPEED_FLOOR * 0.7 * 1.0  # the original's fastest int8 build: 1 ms
+    fast = [c for c in cands if c["candidate"]["student"] and c["status"] == "passed" and c["latency_ms"] <= floor]
     if fast:  # no 0.7 pruning can beat it: skipped with the reason, never pruned
         assert larger["status"] == "skipped" and "faster than pruning to 0.7 of the MACs can be" in larger["reason"]
         assert larger["checkpoint"] is None
