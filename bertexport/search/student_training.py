@@ -150,10 +150,11 @@ class StudentTraining:
             texts, _, _ = self.data()
             k = cfg.augment
             if k > 0 and len(texts) < cfg.augment_below:
-                from bertexport.students.training_data import sequence_length
+                from bertexport.students.training_data import sequence_length, token_lengths
 
-                cap = sequence_length(self.tokenizer, texts, cfg, self.teacher_model.config)
-                tokens = sum(len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"])
+                lengths = token_lengths(self.tokenizer, texts, self.teacher_model.config)  # the texts tokenized once
+                cap = sequence_length(self.tokenizer, texts, cfg, self.teacher_model.config, lengths=lengths)
+                tokens = sum(min(n, cap) for n in lengths)
                 while k > 0 and k * tokens > AUGMENT_TOKENS:
                     k //= 2
                 self.log(f"augmentation: {k} variant{'s' if k != 1 else ''} per training text"

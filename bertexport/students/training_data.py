@@ -37,18 +37,27 @@ def training_rows(texts, labels, train_idx, eval_idx, cfg: DistillConfig) -> dic
             "originals": len(train_texts), "augmented": len(extra)}
 
 
-def sequence_length(tokenizer, texts: list[str], cfg: DistillConfig, model_config) -> int:
+def token_lengths(tokenizer, texts: list[str], model_config) -> list[int]:
+    """Each text's token count (special tokens included), cut at what the model accepts."""
+    from bertexport.building.checkpoint import model_max_length
+
+    cap = model_max_length(model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config), tokenizer)
+    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"]]
+
+
+def sequence_length(tokenizer, texts: list[str], cfg: DistillConfig, model_config, lengths: list[int] | None = None) -> int:
     """The longest sequence training pads to: ``cfg.max_length`` when given, else the data's
     ``cfg.length_percentile`` token length (special tokens included), never above what the
     model accepts (``checkpoint.model_max_length``). Short texts need no 128-token batches:
     the cost of a step grows with the padded length, and the bucketed batches only pad to
-    their longest row, which this cuts at the tail of the distribution."""
+    their longest row, which this cuts at the tail of the distribution. ``lengths``: the
+    texts' ``token_lengths`` when the caller has them."""
     from bertexport.building.checkpoint import model_max_length
 
     cap = model_max_length(model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config), tokenizer)
     if cfg.max_length is not None:
         return min(int(cfg.max_length), cap)
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=cap)["input_ids"]]
+    lengths = lengths if lengths is not None else token_lengths(tokenizer, texts, model_config)
     return max(8, min(cap, int(math.ceil(np.percentile(lengths, cfg.length_percentile)))))
 
 
